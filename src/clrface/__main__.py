@@ -1,0 +1,5 @@
+import sys
+
+from clrface.cli import main
+
+sys.exit(main())

@@ -1,0 +1,83 @@
+"""Checkpoints are folders: ``config.json`` (the model's config dataclass plus its kind) and
+``model.safetensors`` (weights). Never pickles modules."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from clrface.errors import CheckpointError
+
+C = TypeVar("C")
+
+
+def save_checkpoint(
+    folder: str | Path,
+    model: nn.Module,
+    config: Any,
+    kind: str,
+    *,
+    dtype: torch.dtype | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Writes ``folder/config.json`` and ``folder/model.safetensors``; ``dtype`` casts float tensors (fp16 to ship)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"kind": kind, "config": dataclasses.asdict(config), **(extra or {})}
+    state = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu()
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        state[k] = v.contiguous()
+    tmp = folder / "model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"kind": kind})
+    tmp.replace(folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return folder
+
+
+def read_config(folder: str | Path, kind: str, config_cls: type[C]) -> tuple[C, dict[str, Any]]:
+    """Reads ``config.json``; raises CheckpointError when it is missing or of another kind."""
+    folder = Path(folder)
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: not a checkpoint folder (no config.json)")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: unreadable config ({e})") from None
+    if meta.get("kind") != kind:
+        raise CheckpointError(f"{folder}: is a '{meta.get('kind')}' checkpoint, expected '{kind}'")
+    try:
+        cfg = config_cls(**meta["config"])
+    except TypeError as e:
+        raise CheckpointError(f"{path}: config does not match {config_cls.__name__} ({e})") from None
+    return cfg, meta
+
+
+def load_weights(folder: str | Path, model: nn.Module, *, strict: bool = True) -> nn.Module:
+    """Loads ``model.safetensors`` into ``model`` (cast to the model's dtype); shape mismatches raise CheckpointError."""
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no model.safetensors")
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated files
+        raise CheckpointError(f"{path}: unreadable weights ({e})") from None
+    own = model.state_dict()
+    bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if bad:
+        raise CheckpointError(f"{path}: shape mismatch for {bad[0]} ({tuple(state[bad[0]].shape)} vs {tuple(own[bad[0]].shape)})")
+    missing = [k for k in own if k not in state]
+    if strict and missing:
+        raise CheckpointError(f"{path}: missing tensors, e.g. {missing[0]} (wrong kind of checkpoint?)")
+    state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
+    model.load_state_dict(state, strict=strict)
+    return model

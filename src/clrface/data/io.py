@@ -1,0 +1,179 @@
+"""Image files in and out: every photo becomes uint8 HWC RGB, every failure an ``ImageError``.
+
+Real photos arrive as EXIF-rotated JPEGs, palette or 16-bit PNGs, CMYK JPEGs, RGBA with
+transparency, truncated downloads or decompression bombs. ``load_image`` normalises the
+readable ones and rejects the rest with a one-line reason naming the file, so the CLI can
+report it and move on to the next photo.
+
+Transparency is composited on **white**: a transparent background is what viewers show as
+white page, and a restoration model should see a plain background rather than the arbitrary
+colour that the hidden RGB channels carry under alpha 0.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from clrface.errors import ClrfaceError, ImageError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
+SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+#: Default pixel cap: a 60 MP photo is ~180 MB as uint8 RGB and already bigger than any camera
+#: output we expect; anything larger is almost certainly a decompression bomb or a scan at
+#: absurd dpi, which would exhaust memory in detection and paste-back.
+MAX_PIXELS = 60_000_000
+#: Smaller than this no face can be found or restored.
+MIN_SIDE = 16
+
+
+def load_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE) -> np.ndarray:
+    """Reads an image file as ``uint8 [H, W, 3]`` RGB, upright (EXIF orientation applied).
+
+    Grey, palette, CMYK, 16-bit and float images are converted; transparency is composited on
+    white; 16-bit samples are scaled by 255/65535 (not truncated). Multi-frame files give their
+    first frame. Raises ``ImageError(path, reason)`` for a missing path, a directory, an empty,
+    truncated or non-image file, more than ``max_pixels`` pixels, or a side below ``min_side``.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ImageError(p, "no such file")
+    if p.is_dir():
+        raise ImageError(p, "is a directory, not an image file")
+    try:
+        size = p.stat().st_size
+    except OSError as e:
+        raise ImageError(p, f"cannot read ({e.strerror or e})") from e
+    if size == 0:
+        raise ImageError(p, "empty file (0 bytes)")
+    # PIL warns above MAX_IMAGE_PIXELS and raises above twice that; we apply our own cap instead,
+    # checked from the header before any pixel is decoded.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(p) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise ImageError(p, f"too large: {w}x{h} = {w * h / 1e6:.0f} MP exceeds the {max_pixels / 1e6:.0f} MP cap")
+                if min(w, h) < min_side:
+                    raise ImageError(p, f"too small: {w}x{h}, need at least {min_side} px on each side")
+                im.load()
+                return _to_rgb_uint8(ImageOps.exif_transpose(im))
+        except ImageError:
+            raise
+        except Image.DecompressionBombError as e:
+            raise ImageError(p, f"too large: {e}") from e
+        except UnidentifiedImageError as e:
+            raise ImageError(p, "not an image (unrecognised file format)") from e
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            # Truncated JPEG/PNG data surfaces as OSError("image file is truncated ...") or a
+            # decoder error; keep PIL's first line as the reason.
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ImageError(p, f"unreadable or corrupt image ({reason})") from e
+
+
+def _to_rgb_uint8(im: Image.Image) -> np.ndarray:
+    """Any PIL mode -> uint8 [H, W, 3] RGB."""
+    mode = im.mode
+    if mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif mode == "PA":
+        im = im.convert("RGBA")
+    elif mode in ("L", "1") and "transparency" in im.info:
+        im = im.convert("LA")
+    elif mode == "RGB" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(im).astype(np.float64)
+        if mode.startswith("I;16"):
+            a = a * (255.0 / 65535.0)
+        elif mode == "I" and a.max(initial=0) > 255:
+            # 32-bit integer mode holds 16-bit PNG/TIFF samples in some PIL versions.
+            a = a * (255.0 / 65535.0)
+        elif mode == "F" and a.max(initial=0) <= 1.0:
+            a = a * 255.0
+        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(a[..., None], 3, axis=2))
+    if mode in ("RGBA", "LA", "RGBa", "La"):
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.float32)
+        alpha = rgba[..., 3:4] / 255.0
+        out = rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    if mode != "RGB":
+        im = im.convert("RGB")
+    return np.array(im, dtype=np.uint8)
+
+
+def ensure_not_input(out_path: str | os.PathLike, input_paths: Iterable[str | os.PathLike]) -> None:
+    """Raises ``ClrfaceError`` if writing ``out_path`` would overwrite one of ``input_paths``.
+
+    Compares resolved paths, and for existing files the inode too (hard links, symlinks, case-
+    insensitive file systems).
+    """
+    out = Path(out_path)
+    out_res = out.resolve()
+    for inp in input_paths:
+        ip = Path(inp)
+        same = ip.resolve() == out_res
+        if not same and out.exists() and ip.exists():
+            try:
+                same = os.path.samefile(out, ip)
+            except OSError:
+                same = False
+        if same:
+            raise ClrfaceError(f"{out}: refusing to overwrite the input file {ip}; choose another output path")
+
+
+def save_image(path: str | os.PathLike, img: np.ndarray, *, inputs: Iterable[str | os.PathLike] = (),
+               quality: int = 95) -> Path:
+    """Writes ``img: uint8 [H, W, 3]`` (or ``[H, W]``) as PNG or JPEG, chosen by the extension.
+
+    Parent folders are created. Never overwrites a file listed in ``inputs``. JPEG uses
+    4:4:4 chroma (no subsampling), like the shared data. Returns the path written.
+    """
+    p = Path(path)
+    fmt = SAVE_FORMATS.get(p.suffix.lower())
+    if fmt is None:
+        raise ClrfaceError(f"{p}: unsupported output extension {p.suffix!r}; use .png, .jpg or .jpeg")
+    a = np.asarray(img)
+    if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)):
+        raise ClrfaceError(f"{p}: save_image needs uint8 [H, W, 3] or [H, W], got {a.dtype} {a.shape}")
+    ensure_not_input(p, inputs)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(np.ascontiguousarray(a))
+    try:
+        if fmt == "JPEG":
+            im.save(p, fmt, quality=quality, subsampling=0)
+        else:
+            im.save(p, fmt)
+    except OSError as e:
+        raise ClrfaceError(f"{p}: cannot write ({e})") from e
+    return p
+
+
+def list_images(path: str | os.PathLike, *, recursive: bool = False) -> list[Path]:
+    """The image files named by ``path``: the file itself, or a folder's images sorted by path.
+
+    Folders are filtered by extension (``IMAGE_EXTENSIONS``, case-insensitive); hidden files are
+    skipped. A file given explicitly is returned whatever its extension, so ``load_image`` can
+    say what is wrong with it.
+    """
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        raise ClrfaceError(f"{p}: no such file or folder")
+    it = p.rglob("*") if recursive else p.iterdir()
+    files = [
+        f for f in it
+        if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in f.relative_to(p).parts)
+    ]
+    return sorted(files)

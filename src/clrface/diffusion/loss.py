@@ -1,0 +1,34 @@
+"""Denoising score matching for the conditional prior (paper Eq. 9, in the EDM form of Karras et al. 2022, Eq. 8)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from clrface.diffusion.schedule import loss_weight
+
+# (x [B,C,H,W], sigma [B], cond [B,Cc,H,W]) -> D(x; sigma | cond); a ``Precond`` is one.
+CondDenoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def edm_loss(precond: CondDenoiser, z0: Tensor, cond: Tensor, sigma: Tensor, noise: Tensor) -> Tensor:
+    """Per-sample weighted denoising loss ``lambda(sigma) * mean_chw |D(z0 + sigma*noise; sigma, cond) - z0|^2`` -> [B].
+
+    z0: [B,C,H,W] clean (normalised) latents; cond: [B,Cc,H,W] the degraded latent z^d, passed to the
+    net unnoised; sigma: [B] (e.g. ``sample_train_sigma``); noise: [B,C,H,W] standard normal.
+    Pure: the caller supplies sigma and noise. lambda = 1/c_out^2 (``loss_weight``), read from
+    ``precond.sigma_data`` (1.0 if absent), so the loss is the MSE of the raw net output against its
+    target (z0 - c_skip x)/c_out and sits near 1 for an untrained net on unit-variance data.
+    Computed in fp32 (fp64 for fp64 inputs) whatever autocast the net runs under.
+    """
+    dtype = torch.promote_types(z0.dtype, torch.float32)
+    z0 = z0.to(dtype)
+    sigma = sigma.to(device=z0.device, dtype=dtype).reshape(-1)
+    s = sigma.view(-1, *([1] * (z0.ndim - 1)))
+    x = z0 + s * noise.to(dtype)
+    denoised = precond(x, sigma, cond).to(dtype)
+    sigma_data = float(getattr(precond, "sigma_data", 1.0))
+    err = (denoised - z0).square().flatten(1).mean(1)
+    return loss_weight(sigma, sigma_data) * err

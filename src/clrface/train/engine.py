@@ -1,0 +1,221 @@
+"""The one training loop shared by every stage: Accelerate (CPU, one GPU or N processes), mixed precision,
+gradient accumulation, EMA, periodic validation, checkpoints and exact resume.
+
+A stage supplies modules, objectives (one optimiser each: VQGAN has one for G and one for D) and a
+deterministic `batch(micro_step, rank, world)`; because batches depend only on the step, a resumed run
+sees exactly the batches an uninterrupted run would have seen (no lost or repeated step).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    out_dir: str = "runs/default"
+    steps: int = 10_000
+    batch_size: int = 16  # per process and micro-step
+    grad_accum: int = 1
+    mixed_precision: str = "bf16"  # accelerate's values: "no" | "bf16" | "fp16"
+    ema_decay: float = 0.999
+    log_every: int = 25
+    val_every: int = 1000
+    ckpt_every: int = 250
+    seed: int = 0
+    threads: int = 0  # torch threads per process; 0 keeps torch's default
+    max_minutes: float = 0.0  # checkpoint and stop after this much wall time (0: no limit)
+
+
+@dataclass
+class Objective:
+    """Minimise `loss_fn(batch, step, cache) -> (loss, logs)` over `params` with AdamW.
+    `cache` is shared by the objectives of one step (e.g. the G reconstruction that D reuses)."""
+
+    name: str
+    params: list[nn.Parameter]
+    loss_fn: Callable[[dict[str, Tensor], int, dict[str, Any]], tuple[Tensor, dict[str, float]]]
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    warmup: int = 0
+    final_lr_ratio: float = 0.1  # cosine decay from lr to lr * ratio at the last step
+    start_step: int = 0  # e.g. the discriminator starts late
+    max_grad_norm: float = 1.0
+
+
+class Stage(Protocol):
+    modules: dict[str, nn.Module]  # trainable modules; the engine wraps them for Accelerate
+    ema_name: str  # the module whose EMA weights are exported
+
+    def objectives(self, modules: dict[str, nn.Module]) -> list[Objective]: ...
+    def batch(self, micro_step: int, rank: int, world: int) -> dict[str, Tensor]: ...
+    def validate(self, ema: nn.Module, step: int, out_dir: Path) -> dict[str, float]: ...
+    def export(self, ema: nn.Module, folder: Path) -> None: ...
+
+
+def step_indices(micro_step: int, n: int, batch: int, seed: int, rank: int = 0, world: int = 1) -> Tensor:
+    """Dataset indices of one process's share of a global batch, a pure function of the step:
+    epochs are seeded permutations, consumed in order."""
+    global_batch = batch * world
+    start = micro_step * global_batch + rank * batch
+    out = []
+    while len(out) < batch:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.extend(perm[offset : offset + batch - len(out)].tolist())
+    return torch.tensor(out)
+
+
+def lr_at(step: int, total: int, obj: Objective) -> float:
+    """Linear warm-up then cosine decay to `final_lr_ratio`; stateless so resume needs no scheduler state."""
+    if step < obj.start_step:
+        return 0.0
+    s = step - obj.start_step
+    if s < obj.warmup:
+        return obj.lr * (s + 1) / obj.warmup
+    t = min(1.0, (s - obj.warmup) / max(1, total - obj.start_step - obj.warmup))
+    return obj.lr * (obj.final_lr_ratio + (1 - obj.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """Parameters are averaged; buffers (e.g. the EMA codebook, norm statistics) are copied."""
+    ep = [p for p in ema.parameters()]
+    mp = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ep, mp, 1.0 - decay)
+    for eb, mb in zip(ema.buffers(), model.buffers()):
+        eb.copy_(mb)
+
+
+class _Logger:
+    def __init__(self, path: Path):
+        self.path = path
+        new = not path.exists()
+        self.f = path.open("a", newline="")
+        self.w = csv.writer(self.f)
+        if new:
+            self.w.writerow(["step", "elapsed_s", "name", "value"])
+
+    def log(self, step: int, elapsed: float, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self.w.writerow([step, f"{elapsed:.1f}", k, f"{v:.6g}"])
+        self.f.flush()
+
+
+def train(stage: Stage, cfg: EngineConfig, *, resume: bool = False, config_dump: dict | None = None) -> int:
+    """Runs `stage` to `cfg.steps` (or `max_minutes`); returns the last completed step."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    set_seed(cfg.seed + acc.process_index)
+    out = Path(cfg.out_dir)
+    state_dir = out / "train_state"
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if config_dump is not None:
+            (out / "run_config.json").write_text(json.dumps(config_dump, indent=2, default=str))
+    names = list(stage.modules)
+    prepared = acc.prepare(*[stage.modules[n] for n in names])
+    prepared = prepared if isinstance(prepared, (tuple, list)) else [prepared]
+    mods = dict(zip(names, prepared))
+    ema = copy.deepcopy(acc.unwrap_model(mods[stage.ema_name])).eval().requires_grad_(False)
+    objectives = stage.objectives(mods)
+    opts = [torch.optim.AdamW(o.params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay) for o in objectives]
+    opts = [acc.prepare(o) for o in opts]
+    acc.register_for_checkpointing(ema)
+
+    step = 0
+    if resume and (state_dir / "progress.json").exists():
+        acc.load_state(str(state_dir))
+        step = json.loads((state_dir / "progress.json").read_text())["step"]
+        acc.print(f"resumed from {state_dir} at step {step}")
+    elif resume:
+        acc.print(f"no training state in {state_dir}; starting at step 0")
+
+    stop = {"flag": False}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop["flag"] = True
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if acc.is_main_process else {}
+
+    def save() -> None:
+        tmp = out / "train_state.tmp"
+        acc.save_state(str(tmp))
+        if acc.is_main_process:
+            (tmp / "progress.json").write_text(json.dumps({"step": step}))
+            old = out / "train_state.old"
+            if state_dir.exists():
+                state_dir.rename(old)
+            tmp.rename(state_dir)
+            shutil.rmtree(old, ignore_errors=True)
+            stage.export(ema, out / "model")
+        acc.wait_for_everyone()
+
+    logger = _Logger(out / "log.csv") if acc.is_main_process else None
+    t0 = time.time()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not acc.is_main_process, dynamic_ncols=True, desc=out.name)
+    last_logs: dict[str, float] = {}
+    try:
+        while step < cfg.steps:
+            cache: dict[str, Any] = {}
+            logs: dict[str, float] = {}
+            for obj, opt in zip(objectives, opts):
+                if step < obj.start_step:
+                    continue
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step, cfg.steps, obj)
+                opt.zero_grad(set_to_none=True)
+                for k in range(cfg.grad_accum):
+                    micro = step * cfg.grad_accum + k
+                    batch = stage.batch(micro, acc.process_index, acc.num_processes)
+                    sub_cache = cache.setdefault(k, {})
+                    with acc.autocast():
+                        loss, part = obj.loss_fn(batch, step, sub_cache)
+                    acc.backward(loss / cfg.grad_accum)
+                    for key, v in part.items():
+                        logs[key] = logs.get(key, 0.0) + v / cfg.grad_accum
+                if obj.max_grad_norm:
+                    acc.clip_grad_norm_(obj.params, obj.max_grad_norm)
+                opt.step()
+            ema_update(ema, acc.unwrap_model(mods[stage.ema_name]), min(cfg.ema_decay, (1 + step) / (10 + step)))
+            step += 1
+            bar.update(1)
+            last_logs = logs
+            if acc.is_main_process and (step % cfg.log_every == 0 or step == cfg.steps):
+                bar.set_postfix({k: f"{v:.3g}" for k, v in list(logs.items())[:4]})
+                logger.log(step, time.time() - t0, logs)
+            if acc.is_main_process and cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
+                vals = stage.validate(ema, step, out)
+                logger.log(step, time.time() - t0, {f"val/{k}": v for k, v in vals.items()})
+                bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in vals.items()))
+            timed_out = cfg.max_minutes and (time.time() - t0) > cfg.max_minutes * 60
+            stop_now = torch.tensor(float(stop["flag"] or bool(timed_out)))
+            stop_now = acc.reduce(stop_now, "max") if acc.num_processes > 1 else stop_now
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop_now.item():
+                save()
+            if stop_now.item():
+                acc.print(f"stopping at step {step} (checkpoint saved; continue with --resume)")
+                break
+    finally:
+        bar.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    del last_logs
+    return step

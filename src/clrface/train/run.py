@@ -1,0 +1,64 @@
+"""`clrface train STAGE --config FILE`: YAML -> config dataclasses -> a stage -> the engine."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from clrface.errors import ClrfaceError
+from clrface.train.engine import EngineConfig, train
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """Reads a YAML config and applies `section.key=value` overrides (values parsed as YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ClrfaceError(f"{path}: config file not found")
+    cfg = yaml.safe_load(path.read_text()) or {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ClrfaceError(f"--set {item}: expected KEY=VALUE")
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    return cfg
+
+
+def build(cls: type, section: dict[str, Any] | None, name: str) -> Any:
+    """A config dataclass from a YAML section; unknown keys raise (typos must not pass silently)."""
+    section = section or {}
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise ClrfaceError(f"config section '{name}': unknown keys {unknown} for {cls.__name__}")
+    return cls(**section)
+
+
+def run_stage(stage: str, config: str | Path, overrides: list[str] = (), out: str | None = None,
+              resume: bool = False) -> int:
+    raw = load_config(config, overrides)
+    if out:
+        raw.setdefault("train", {})["out_dir"] = out
+    engine_cfg = build(EngineConfig, raw.get("train"), "train")
+    if stage == "vqgan":
+        from clrface.train.vqgan import VQGANStage, VQGANTrainConfig
+        from clrface.vqgan.model import VQGANConfig
+
+        model_cfg = build(VQGANConfig, raw.get("model"), "model")
+        stage_cfg = build(VQGANTrainConfig, raw.get("stage"), "stage")
+        perceptual = None
+        if stage_cfg.perceptual == "facerec" and stage_cfg.perceptual_weight > 0:
+            from clrface.identity.facerec import load_facerec, perceptual_distance
+
+            fr = load_facerec()
+            perceptual = lambda a, b: perceptual_distance(fr, a, b)  # noqa: E731
+        st = VQGANStage(model_cfg, stage_cfg, engine_cfg.seed, engine_cfg.batch_size, perceptual)
+    else:
+        raise ClrfaceError(f"stage '{stage}' is not implemented yet")
+    return train(st, engine_cfg, resume=resume, config_dump=raw)

@@ -1,0 +1,210 @@
+"""load_image / save_image / list_images on every kind of real-world file, good and bad."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clrface.data.io import ensure_not_input, list_images, load_image, save_image
+from clrface.errors import ClrfaceError, ImageError
+
+
+def _rgb(h: int = 32, w: int = 48) -> np.ndarray:
+    y, x = np.mgrid[:h, :w]
+    return np.stack([x * 5 % 256, y * 7 % 256, (x + y) * 3 % 256], -1).astype(np.uint8)
+
+
+def test_rgb_png_round_trip_exact(tmp_path):
+    a = _rgb()
+    save_image(tmp_path / "sub" / "deeper" / "a.png", a)  # creates folders
+    np.testing.assert_array_equal(load_image(tmp_path / "sub" / "deeper" / "a.png"), a)
+
+
+def test_jpeg_save_is_close(tmp_path):
+    a = np.full((32, 32, 3), (200, 100, 50), np.uint8)
+    save_image(tmp_path / "a.JPG", a)
+    b = load_image(tmp_path / "a.JPG")
+    assert b.dtype == np.uint8 and b.shape == (32, 32, 3)
+    assert np.abs(b.astype(int) - a).max() <= 2
+
+
+def test_exif_orientation_applied(tmp_path):
+    # Stored 20 high x 40 wide: left half red, right half blue. Orientation 6 means "rotate 90
+    # degrees clockwise to display", so the stored left column becomes the displayed top row.
+    a = np.zeros((20, 40, 3), np.uint8)
+    a[:, :20] = (255, 0, 0)
+    a[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(a).save(tmp_path / "r.jpg", exif=exif.tobytes(), quality=98)
+    b = load_image(tmp_path / "r.jpg").astype(int)
+    assert b.shape == (40, 20, 3)
+    assert b[:15, :, 0].mean() > 240 and b[:15, :, 2].mean() < 15  # top is red
+    assert b[25:, :, 2].mean() > 240 and b[25:, :, 0].mean() < 15  # bottom is blue
+
+
+def test_grayscale_and_bilevel(tmp_path):
+    g = (np.arange(32 * 32).reshape(32, 32) % 256).astype(np.uint8)
+    Image.fromarray(g, "L").save(tmp_path / "g.png")
+    b = load_image(tmp_path / "g.png")
+    assert b.shape == (32, 32, 3)
+    for c in range(3):
+        np.testing.assert_array_equal(b[..., c], g)
+    Image.fromarray(g > 127).convert("1").save(tmp_path / "bw.png")
+    bw = load_image(tmp_path / "bw.png")
+    np.testing.assert_array_equal(bw[..., 1], np.where(g > 127, 255, 0))
+
+
+def test_rgba_and_la_composited_on_white(tmp_path):
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., 0] = 200  # red 200, hidden green/blue 0
+    rgba[..., 3] = 0
+    rgba[:8, :, 3] = 255
+    rgba[8:12, :, 3] = 128
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    b = load_image(tmp_path / "a.png").astype(int)
+    np.testing.assert_array_equal(b[0, 0], [200, 0, 0])     # opaque: own colour
+    np.testing.assert_array_equal(b[15, 0], [255, 255, 255])  # transparent: white
+    a = 128 / 255
+    np.testing.assert_allclose(b[9, 0], np.rint([200 * a + 255 * (1 - a), 255 * (1 - a), 255 * (1 - a)]), atol=1)
+    la = np.stack([np.full((16, 16), 40, np.uint8), np.where(np.arange(16)[:, None] < 8, 255, 0).repeat(16, 1).astype(np.uint8)], -1)
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    c = load_image(tmp_path / "la.png")
+    np.testing.assert_array_equal(c[0, 0], [40, 40, 40])
+    np.testing.assert_array_equal(c[15, 0], [255, 255, 255])
+
+
+def test_palette_with_and_without_transparency(tmp_path):
+    p = Image.new("P", (16, 16))
+    p.putpalette([10, 20, 30, 250, 0, 0] + [0] * 762)
+    px = np.zeros((16, 16), np.uint8)
+    px[:, 8:] = 1
+    p.putdata(px.ravel().tolist())
+    p.save(tmp_path / "p.png")
+    b = load_image(tmp_path / "p.png")
+    np.testing.assert_array_equal(b[0, 0], [10, 20, 30])
+    np.testing.assert_array_equal(b[0, 15], [250, 0, 0])
+    p.info["transparency"] = 0
+    p.save(tmp_path / "pt.png", transparency=0)
+    c = load_image(tmp_path / "pt.png")
+    np.testing.assert_array_equal(c[0, 0], [255, 255, 255])  # transparent index -> white
+    np.testing.assert_array_equal(c[0, 15], [250, 0, 0])
+    p.save(tmp_path / "p.gif", transparency=0)
+    np.testing.assert_array_equal(load_image(tmp_path / "p.gif")[0, 0], [255, 255, 255])
+
+
+def test_16bit_png_scaled_not_truncated(tmp_path):
+    v = np.array([0, 257, 128 * 257, 65535, 1000, 40000], np.uint16)
+    a = np.tile(v, (16, 3))  # 16 x 18
+    Image.fromarray(a).save(tmp_path / "d.png")
+    assert Image.open(tmp_path / "d.png").mode.startswith("I")
+    b = load_image(tmp_path / "d.png")
+    np.testing.assert_array_equal(b[0, :6, 0], np.rint(v / 257.0).astype(np.uint8))  # 0 1 128 255 4 156
+    np.testing.assert_array_equal(b[..., 0], b[..., 2])
+
+
+def test_cmyk_jpeg(tmp_path):
+    a = np.zeros((32, 32, 3), np.uint8)
+    a[:, :16] = (255, 0, 0)
+    a[:, 16:] = (30, 160, 90)
+    Image.fromarray(a).convert("CMYK").save(tmp_path / "c.jpg", quality=98)
+    assert Image.open(tmp_path / "c.jpg").mode == "CMYK"
+    b = load_image(tmp_path / "c.jpg").astype(int)
+    assert np.abs(b[8, 4] - [255, 0, 0]).max() <= 6
+    assert np.abs(b[8, 28] - [30, 160, 90]).max() <= 6
+
+
+def test_missing_directory_empty_and_non_image(tmp_path):
+    with pytest.raises(ImageError, match="no such file"):
+        load_image(tmp_path / "nope.jpg")
+    with pytest.raises(ImageError, match="directory"):
+        load_image(tmp_path)
+    (tmp_path / "z.png").write_bytes(b"")
+    with pytest.raises(ImageError, match="empty"):
+        load_image(tmp_path / "z.png")
+    (tmp_path / "t.jpg").write_text("this is not a picture\n")
+    with pytest.raises(ImageError, match="not an image") as ei:
+        load_image(tmp_path / "t.jpg")
+    assert ei.value.path == tmp_path / "t.jpg"
+    assert "\n" not in str(ei.value)
+
+
+def test_truncated_files(tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(_rgb(64, 64)).save(buf, "JPEG", quality=90)
+    (tmp_path / "t.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ImageError, match="corrupt|truncated") as ei:
+        load_image(tmp_path / "t.jpg")
+    assert "\n" not in str(ei.value)
+    buf = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buf, "PNG")
+    assert len(buf.getvalue()) > 10_000
+    (tmp_path / "t.png").write_bytes(buf.getvalue()[:5_000])
+    with pytest.raises(ImageError, match="corrupt|truncated"):
+        load_image(tmp_path / "t.png")
+
+
+def _png_header_only(w: int, h: int) -> bytes:
+    """A PNG that claims w x h pixels but carries a single tiny IDAT: a decompression bomb's header."""
+    def chunk(t: bytes, d: bytes) -> bytes:
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_refused_before_decoding(tmp_path):
+    (tmp_path / "bomb.png").write_bytes(_png_header_only(100_000, 100_000))  # 10 GP, beyond PIL's own limit
+    with pytest.raises(ImageError, match="too large"):
+        load_image(tmp_path / "bomb.png")
+    (tmp_path / "big.png").write_bytes(_png_header_only(9_000, 9_000))  # 81 MP: under PIL's error, over our cap
+    with pytest.raises(ImageError, match="81 MP exceeds the 60 MP cap"):
+        load_image(tmp_path / "big.png")
+    save_image(tmp_path / "ok.png", _rgb(40, 40))
+    with pytest.raises(ImageError, match="too large"):
+        load_image(tmp_path / "ok.png", max_pixels=1000)
+
+
+def test_tiny_image_refused(tmp_path):
+    save_image(tmp_path / "tiny.png", _rgb(10, 40))
+    with pytest.raises(ImageError, match="too small: 40x10"):
+        load_image(tmp_path / "tiny.png")
+    assert load_image(tmp_path / "tiny.png", min_side=8).shape == (10, 40, 3)
+
+
+def test_save_refuses_to_overwrite_inputs(tmp_path):
+    src = tmp_path / "in.png"
+    save_image(src, _rgb())
+    before = src.read_bytes()
+    with pytest.raises(ClrfaceError, match="refusing to overwrite"):
+        save_image(tmp_path / "." / "in.png", _rgb()[::-1].copy(), inputs=[src])
+    link = tmp_path / "alias.png"
+    link.symlink_to(src)
+    with pytest.raises(ClrfaceError, match="refusing to overwrite"):
+        ensure_not_input(link, [src])
+    assert src.read_bytes() == before
+    ensure_not_input(tmp_path / "other.png", [src])  # a different file is fine
+
+
+def test_save_rejects_bad_extension_and_array(tmp_path):
+    with pytest.raises(ClrfaceError, match="unsupported output extension"):
+        save_image(tmp_path / "a.gif", _rgb())
+    with pytest.raises(ClrfaceError, match="uint8"):
+        save_image(tmp_path / "a.png", _rgb().astype(np.float32))
+
+
+def test_list_images(tmp_path):
+    for name in ["b.PNG", "a.jpg", "c.txt", ".hidden.png", "sub/d.jpeg"]:
+        f = tmp_path / name
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"x")
+    assert [p.name for p in list_images(tmp_path)] == ["a.jpg", "b.PNG"]
+    assert [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path, recursive=True)] == ["a.jpg", "b.PNG", "sub/d.jpeg"]
+    assert list_images(tmp_path / "c.txt") == [tmp_path / "c.txt"]
+    with pytest.raises(ClrfaceError, match="no such file or folder"):
+        list_images(tmp_path / "missing")
