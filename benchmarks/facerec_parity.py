@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clrface.identity.facerec import (
-    warp_chip,
     DlibFaceRecognizer,
     dlib_models_dir,
     identity_loss,

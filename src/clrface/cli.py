@@ -100,8 +100,39 @@ def _add_align(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="PSNR/SSIM/LPIPS/IDS/LMD/FID of restored faces vs ground truth; LFW verification")
+    p.add_argument("--pred", required=True, help="folder of restored faces (files matched to --gt by name, any extension)")
+    p.add_argument("--gt", help="folder of ground-truth faces, same size as the restored ones")
+    p.add_argument("--pairs", help="LFW pairs.txt: 10-fold verification on --pred laid out as <Name>/<Name>_NNNN.*")
+    p.add_argument("--fid-ref", help="reference folder for FID (statistics cached) or a stats .npz")
+    p.add_argument("--metrics", default=None,
+                   help="comma-separated subset of psnr,ssim,psnr_y,ssim_y,lpips,facerec_perceptual,ids,lmd,fid (default: all)")
+    p.add_argument("--lpips-weights", help="folder holding alexnet-owt-7be5be79.pth and alex.pth for LPIPS")
+    p.add_argument("--json", help="also write the result rows (with protocols and timings) to this JSON file")
+    p.add_argument("--device", default="cpu", help="torch device for the networks (default cpu)")
+    p.add_argument("--batch-size", type=int, default=25, help="faces per chunk (default 25)")
+
+    def run(args: argparse.Namespace) -> int:
+        import json
+
+        from clrface.metrics.evaluate import ALL_METRICS, evaluate_folders, format_table
+
+        metrics = ALL_METRICS if args.metrics is None else [m.strip() for m in args.metrics.split(",") if m.strip()]
+        res = evaluate_folders(args.pred, args.gt, metrics=metrics, fid_ref=args.fid_ref, device=args.device,
+                               batch_size=args.batch_size, lpips_dir=args.lpips_weights, pairs=args.pairs,
+                               log=lambda s: print(s, file=sys.stderr))
+        print(format_table(res))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=2)
+        return 0
+
+    p.set_defaults(func=run)
+
+
 # Subcommands are added by one function each; keep each block self-contained.
-_COMMANDS = [_add_train, _add_degrade, _add_make_testset, _add_align]
+_COMMANDS = [_add_train, _add_degrade, _add_make_testset, _add_align, _add_evaluate]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -68,7 +68,7 @@ def test_reader_decodes_dlib_scalars():
 
 
 @needs_models
-def test_cache_round_trip(fr: DlibFaceRecognizer, tmp_path_factory, monkeypatch):
+def test_cache_round_trip(fr: DlibFaceRecognizer):
     import os
 
     cached = Path(os.environ["CLRFACE_CACHE"]) / "facerec" / "dlib_resnet_v1.safetensors"

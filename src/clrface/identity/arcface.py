@@ -32,15 +32,17 @@ ARCFACE_TEMPLATE5 = (
 )
 
 # The same five points (eye centres = mean of dlib 68-point eye contours, nose tip = point 30, mouth corners
-# = points 48/54) measured on FFHQ-aligned crops, unit coordinates (pixel i of an S-px crop at (i+0.5)/S):
-# 950 detected faces of 1,000 random faces128/train crops upsampled x4, ``benchmarks/facerec_parity.py
-# --fit-landmarks 1000``. Consistent with the FFHQ recipe (eye_avg + 0.1 * eye_to_mouth lands at y = 0.4998).
+# = points 48/54) on FFHQ-aligned crops, unit coordinates (pixel i of an S-px crop at (i+0.5)/S): mean over
+# the 950 detected faces of 1,000 random faces128/train crops upsampled x4, mirror-symmetrised
+# (``benchmarks/facerec_parity.py --fit-landmarks 1000``). The raw mean has the nose tip at x = 0.442 (the
+# CelebA crops lean to one side); the FFHQ recipe itself is mirror-symmetric, and it puts eye_avg +
+# 0.1 * eye_to_mouth at the crop centre, as here (y = 0.4725 + 0.1 * 0.2724 = 0.4997).
 FFHQ_ARCFACE5 = (
-    (0.3880, 0.4721),  # std over faces (0.0149, 0.0100)
-    (0.6143, 0.4730),  # (0.0121, 0.0076)
-    (0.4423, 0.6099),  # (0.0414, 0.0277)
-    (0.4029, 0.7437),  # (0.0213, 0.0153)
-    (0.6023, 0.7462),  # (0.0234, 0.0143)
+    (0.3868, 0.4725),
+    (0.6132, 0.4725),
+    (0.5000, 0.6099),
+    (0.4003, 0.7449),
+    (0.5997, 0.7449),
 )
 
 

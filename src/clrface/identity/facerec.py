@@ -342,7 +342,9 @@ def perceptual_distance(fr: DlibFaceRecognizer, a: Tensor, b: Tensor, eps: float
 
     For every layer l of ``fr.features``: unit-normalise each spatial position over channels, take the squared
     difference summed over channels and averaged over positions; the result is the mean over layers.
-    Our offline substitute for LPIPS/VGG (Zhang et al. 2018, Eq. 1 with w_l = 1). a, b: [B,3,H,W] in [-1,1].
+    Our offline substitute for LPIPS/VGG (Zhang et al. 2018, Eq. 1 with w_l = 1). It sees what the network
+    sees: the 150 px dlib chip, i.e. the central face region (not the hair/background border of the crop).
+    a, b: [B,3,H,W] in [-1,1], FFHQ-aligned.
     Returns [B], 0 for identical inputs, at most 2 (features are non-negative after ReLU).
     """
     fa, fb = fr.features(a), fr.features(b)

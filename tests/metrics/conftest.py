@@ -1,0 +1,30 @@
+"""Real faces for the metric tests (skipped when the shared data is absent)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+DATA = Path(os.environ.get("CLRFACE_DATA", "/work/shared/data"))
+
+
+@pytest.fixture(scope="session")
+def val_dir() -> Path:
+    d = DATA / "faces128" / "val"
+    if not d.is_dir():
+        pytest.skip(f"shared data not found at {DATA} (set CLRFACE_DATA)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def real_val_faces(val_dir) -> torch.Tensor:
+    """[8,3,128,128] in [-1,1]: the first 8 val faces."""
+    from PIL import Image
+
+    files = sorted(val_dir.glob("*.jpg"))[:8]
+    a = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    return torch.from_numpy(a).permute(0, 3, 1, 2).float() / 127.5 - 1

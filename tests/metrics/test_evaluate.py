@@ -1,0 +1,124 @@
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clrface.cli import main
+from clrface.errors import ClrfaceError
+from clrface.metrics.evaluate import evaluate_folders, evaluate_tensors, lfw_verification, match_files, read_pairs
+
+
+def _degrade(src, dst):
+    im = Image.open(src).convert("RGB")
+    lo = im.resize((32, 32), Image.Resampling.BICUBIC).resize((128, 128), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    lo.save(buf, "JPEG", quality=30)
+    Image.open(buf).convert("RGB").save(dst)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, val_dir):
+    root = tmp_path_factory.mktemp("eval")
+    for d in ("gt", "same", "deg"):
+        (root / d).mkdir()
+    for f in sorted(val_dir.glob("*.jpg"))[:3]:
+        shutil.copy(f, root / "gt" / f.name)
+        shutil.copy(f, root / "same" / f.name)
+        _degrade(f, root / "deg" / (f.stem + ".png"))  # another extension: matched by stem
+    return root
+
+
+def _values(res):
+    return {r["metric"]: r["value"] for r in res["rows"]}
+
+
+FAST = ("psnr", "ssim", "psnr_y", "ssim_y", "ids", "lmd", "facerec_perceptual", "lpips", "fid")
+
+
+def test_identical_folders_give_ideal_values(folders, monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no LPIPS weights anywhere
+    res = evaluate_folders(folders / "same", folders / "gt", metrics=FAST)
+    v = _values(res)
+    assert res["n_pairs"] == 3
+    assert v["psnr"] == 100.0 and v["psnr_y"] == 100.0
+    assert v["ssim"] == pytest.approx(1.0, abs=1e-12) and v["ssim_y"] == pytest.approx(1.0, abs=1e-12)
+    assert v["ids"] == pytest.approx(1.0, abs=1e-5)
+    assert v["lmd"] == 0.0 and v["facerec_perceptual"] == 0.0
+    rows = {r["metric"]: r for r in res["rows"]}
+    assert rows["lpips"]["value"] is None and "alexnet-owt-7be5be79.pth" in rows["lpips"]["status"]
+    assert rows["fid"]["status"].startswith("skipped")
+    assert "dlib" in rows["ids"]["protocol"] and "512" in rows["lmd"]["protocol"]
+
+
+def test_degraded_folder_is_worse(folders):
+    v = _values(evaluate_folders(folders / "deg", folders / "gt", metrics=FAST[:7]))
+    assert 20 < v["psnr"] < 40 and 0.5 < v["ssim"] < 0.99 and v["psnr_y"] > v["psnr"]
+    assert 0.8 < v["ids"] < 0.999 and v["lmd"] > 0 and v["facerec_perceptual"] > 0
+
+
+def test_match_files_by_stem(folders, tmp_path):
+    pairs, missing, extra = match_files(folders / "deg", folders / "gt")
+    assert [p.stem for p, _ in pairs] == [g.stem for _, g in pairs] and len(pairs) == 3
+    (tmp_path / "p").mkdir()
+    shutil.copy(pairs[0][0], tmp_path / "p" / "zzz.png")
+    shutil.copy(pairs[1][0], tmp_path / "p" / pairs[1][0].name)
+    pairs, missing, extra = match_files(tmp_path / "p", folders / "gt")
+    assert len(pairs) == 1 and len(missing) == 2 and extra == ["zzz"]
+
+
+def test_evaluate_tensors_matches_folders(real_val_faces):
+    x = real_val_faces[:2]
+    out = evaluate_tensors(x, x, metrics=("psnr", "ssim", "ids"))
+    assert out["psnr"] == 100.0 and out["ssim"] == pytest.approx(1.0) and out["ids"] == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ClrfaceError):
+        evaluate_tensors(x, x, metrics=("fid",))
+    with pytest.raises(ClrfaceError):
+        evaluate_tensors(x, x, metrics=("psnrr",))
+
+
+def test_cli_writes_json_and_reports_errors(folders, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    rc = main(["evaluate", "--pred", str(folders / "same"), "--gt", str(folders / "gt"),
+               "--metrics", "psnr,ssim", "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "PSNR" in printed and "100.0000" in printed
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["metric"] for r in rows] == ["psnr", "ssim"]
+    (tmp_path / "empty").mkdir()
+    assert main(["evaluate", "--pred", str(tmp_path / "empty"), "--gt", str(folders / "gt")]) == 1
+    assert "namesake" in capsys.readouterr().err
+
+
+class _ColourNet(torch.nn.Module):
+    """Fake recognizer: the embedding is the mean colour, so identities (one colour each) separate perfectly."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros(1))
+
+    def embed(self, x):
+        return torch.nn.functional.normalize(x.mean((2, 3)) + 1.0001, dim=-1)
+
+
+def test_lfw_verification_protocol(tmp_path):
+    rng = np.random.default_rng(0)
+    names = [f"P{i}" for i in range(8)]
+    lines = ["10\t2"]
+    for i, n in enumerate(names):
+        (tmp_path / n).mkdir()
+        colour = rng.integers(0, 256, 3)
+        for k in (1, 2):
+            a = np.clip(colour + rng.integers(-3, 4, (16, 16, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(a).save(tmp_path / n / f"{n}_{k:04d}.png")
+        lines.append(f"{n}\t1\t2")
+        lines.append(f"{n}\t1\t{names[(i + 1) % 8]}\t2")
+    lines.append("Nobody\t1\t2")  # a pair whose images are absent
+    (tmp_path / "pairs.txt").write_text("\n".join(lines) + "\n")
+    assert read_pairs(tmp_path / "pairs.txt")[1] == ("P0", 1, "P1", 2, False)
+    v = lfw_verification(tmp_path, tmp_path / "pairs.txt", facerec=_ColourNet())
+    assert v["accuracy"] == 1.0 and v["n_pairs"] == 16 and v["n_missing"] == 1 and v["n_images"] == 16

@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clrface.metrics.fid import (FID, feature_stats, fid, fid_weights_path, folder_stats, frechet_distance,
+                                 inception_features, load_inception, resize_tf_bilinear)
+from clrface.metrics.lpips import MetricUnavailable
+
+
+def test_frechet_distance_diagonal_closed_form():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    v1, v2 = rng.uniform(0.5, 2, 5), rng.uniform(0.5, 2, 5)
+    ref = ((mu1 - mu2) ** 2).sum() + (v1 + v2 - 2 * np.sqrt(v1 * v2)).sum()
+    assert frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(ref, rel=1e-9)
+    assert frechet_distance(mu1, np.diag(v1), mu1, np.diag(v1)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_frechet_distance_matches_scipy_sqrtm():
+    from scipy import linalg
+
+    rng = np.random.default_rng(1)
+    f1, f2 = rng.normal(size=(30, 8)), rng.normal(size=(25, 8)) * 1.3 + 0.2
+    (m1, s1), (m2, s2) = feature_stats(f1), feature_stats(f2)
+    ref = ((m1 - m2) ** 2).sum() + np.trace(s1 + s2) - 2 * np.trace(linalg.sqrtm(s1 @ s2)).real
+    assert frechet_distance(m1, s1, m2, s2) == pytest.approx(ref, rel=1e-9)
+
+
+def test_feature_stats_unbiased():
+    f = np.array([[0.0, 1.0], [2.0, 1.0], [4.0, 4.0]])
+    mu, s = feature_stats(f)
+    assert mu.tolist() == [2.0, 2.0]
+    assert s[0, 0] == pytest.approx(4.0) and s[1, 1] == pytest.approx(3.0) and s[0, 1] == pytest.approx(3.0)
+
+
+def test_resize_tf1_bilinear_closed_form():
+    # TF1 resize_bilinear (no half-pixel centres): out j samples in j * in/out, clamped at the edge
+    x = torch.tensor([0.0, 10.0]).view(1, 1, 1, 2).expand(1, 1, 2, 2).contiguous()
+    y = resize_tf_bilinear(x, 4)
+    assert y[0, 0, 0].tolist() == pytest.approx([0.0, 5.0, 10.0, 10.0], abs=1e-5)
+    assert y[0, 0, :, 1].tolist() == pytest.approx([5.0] * 4, abs=1e-5)
+
+
+class _MeanColour(torch.nn.Module):
+    """Stands in for Inception: 4 features per image, counts its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros(1))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        assert x.shape[-2:] == (299, 299) and x.min() >= -1 and x.max() <= 1 - 1 / 128 + 1e-6
+        return torch.cat([x.mean((2, 3)), x.std((2, 3)).mean(1, keepdim=True)], 1)
+
+
+def _write_folder(d, n, seed):
+    d.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(d / f"{i:03d}.png")
+
+
+def test_folder_stats_cached_and_fid_of_same_set_zero(tmp_path):
+    _write_folder(tmp_path / "a", 6, 0)
+    net = _MeanColour()
+    s1 = folder_stats(tmp_path / "a", net, weights=__file__, cache_dir=tmp_path / "cache")
+    calls = net.calls
+    s2 = folder_stats(tmp_path / "a", net, weights=__file__, cache_dir=tmp_path / "cache")
+    assert net.calls == calls and "cache" in s2 and len(list((tmp_path / "cache").glob("*.npz"))) == 1
+    np.testing.assert_allclose(s1["mu"], s2["mu"])
+    assert fid(tmp_path / "a", s1, model=net) == pytest.approx(0.0, abs=1e-9)
+    # a stats .npz is accepted as the reference too
+    assert fid(tmp_path / "a", s2["cache"], model=net, weights=__file__) == pytest.approx(0.0, abs=1e-9)
+    # tensors and the accumulator agree with the folder path
+    imgs = torch.from_numpy(np.stack([np.asarray(Image.open(f)) for f in sorted((tmp_path / "a").glob("*.png"))]))
+    imgs = imgs.permute(0, 3, 1, 2)
+    m = FID(net)
+    m.update(imgs[:3])
+    m.update(imgs[3:])
+    assert m.n == 6 and m.compute(s1) == pytest.approx(0.0, abs=1e-9)
+    # float [-1,1] input is rounded to 8 bit first, so it gives the same features
+    f8 = inception_features(net, imgs)
+    ff = inception_features(net, imgs.float() / 127.5 - 1)
+    np.testing.assert_allclose(f8, ff, atol=1e-6)
+
+
+def test_missing_weights_raise(tmp_path):
+    with pytest.raises(MetricUnavailable, match="nope.pt"):
+        fid_weights_path(tmp_path / "nope.pt")
+
+
+def test_real_inception_self_fid_near_zero(real_val_faces):
+    try:
+        net = load_inception()
+    except MetricUnavailable as e:
+        pytest.skip(str(e))
+    f = inception_features(net, real_val_faces[:4])
+    assert f.shape == (4, 2048) and (f >= 0).all()  # pool3 after ReLU
+    mu, s = feature_stats(f)
+    assert frechet_distance(mu, s, mu, s) == pytest.approx(0.0, abs=1e-3)
