@@ -59,6 +59,14 @@ def run_stage(stage: str, config: str | Path, overrides: list[str] = (), out: st
             fr = load_facerec()
             perceptual = lambda a, b: perceptual_distance(fr, a, b)  # noqa: E731
         st = VQGANStage(model_cfg, stage_cfg, engine_cfg.seed, engine_cfg.batch_size, perceptual)
+    elif stage == "prior":
+        from clrface.diffusion.schedule import ScheduleConfig
+        from clrface.diffusion.unet import UNetConfig
+        from clrface.train.diffusion import PriorStage, PriorTrainConfig
+
+        st = PriorStage(build(UNetConfig, raw.get("unet"), "unet"), float((raw.get("precond") or {}).get("sigma_data", 1.0)),
+                        build(ScheduleConfig, raw.get("schedule"), "schedule"), build(PriorTrainConfig, raw.get("stage"), "stage"),
+                        engine_cfg.seed, engine_cfg.batch_size, Path(engine_cfg.out_dir))
     else:
         raise ClrfaceError(f"stage '{stage}' is not implemented yet")
     return train(st, engine_cfg, resume=resume, config_dump=raw)

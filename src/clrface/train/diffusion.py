@@ -1,0 +1,139 @@
+"""Training stage of the conditional latent prior (paper Sec. 3.2, Eq. 9): pairs (z_0, z^d) = (E(x), E(x^d))
+from the frozen VQGAN, x^d degraded on the fly (fresh degradations every step), latents normalised per channel."""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from clrface.checkpoint import save_checkpoint
+from clrface.data.datasets import load_face_folder, to_model_range
+from clrface.data.degradation import degrade_batch, get_preset
+from clrface.diffusion.loss import edm_loss
+from clrface.diffusion.prior import LatentPrior, PriorConfig
+from clrface.diffusion.sampler import heun, sample
+from clrface.diffusion.schedule import ScheduleConfig, sample_train_sigma
+from clrface.diffusion.unet import UNetConfig
+from clrface.train.engine import Objective, step_indices
+from clrface.train.vqgan import load_vqgan, psnr, save_grid
+from clrface.vqgan.model import VQGAN
+
+
+@dataclass(frozen=True)
+class PriorTrainConfig:
+    vqgan: str = "runs/vqgan-128/model"
+    train_dir: str = "../shared/data/faces128/train"
+    val_dir: str = "../shared/data/faces128/val"
+    val_count: int = 16
+    preset: str = "bfr"
+    lr: float = 2e-4
+    warmup: int = 200
+    encode_batch: int = 64
+    hflip: bool = True
+    val_steps: int = 10  # Heun steps of the validation samples
+    val_sigma_start: float = 2.0  # validation also samples from z^d + sigma_start * eps
+
+
+@torch.no_grad()
+def encode_all(vq: VQGAN, faces_u8: Tensor, batch: int = 64, flip: bool = False) -> Tensor:
+    """E(x) of uint8 faces [N,S,S,3] -> [N,d,h,w] fp32 (the clean targets; encoded once, in fp32)."""
+    out = []
+    for chunk in faces_u8.split(batch):
+        x = to_model_range(chunk)
+        out.append(vq.encode(x.flip(-1) if flip else x))
+    return torch.cat(out)
+
+
+def latent_stats(latents: Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of latents [N,d,h,w]: the normalisation stored in the prior's config."""
+    return latents.mean((0, 2, 3)).tolist(), latents.std((0, 2, 3)).tolist()
+
+
+class PriorStage:
+    ema_name = "prior"
+
+    def __init__(self, unet_cfg: UNetConfig, sigma_data: float, schedule: ScheduleConfig, cfg: PriorTrainConfig,
+                 seed: int, batch_size: int, out_dir: Path):
+        self.cfg, self.seed, self.batch_size, self.schedule = cfg, seed, batch_size, schedule
+        self.vq = load_vqgan(cfg.vqgan)
+        size = self.vq.config.resolution
+        self.degradation = get_preset(cfg.preset, size)
+        faces = load_face_folder(cfg.train_dir, size=size)
+        self.faces = faces
+        cache = out_dir / "latents.pt"  # clean latents of the frozen encoder (plain and mirrored)
+        if cache.exists():
+            self.z0 = torch.load(cache)
+        else:
+            self.z0 = torch.stack([encode_all(self.vq, faces, cfg.encode_batch),
+                                   encode_all(self.vq, faces, cfg.encode_batch, flip=True)], 1)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(self.z0, cache)
+        mean, std = latent_stats(self.z0[:, 0])
+        self.prior_cfg = PriorConfig(unet=unet_cfg, sigma_data=sigma_data, latent_mean=mean, latent_std=std,
+                                     schedule=schedule)
+        (out_dir / "latent_stats.json").write_text(json.dumps({"mean": mean, "std": std}))
+        self.modules: dict[str, nn.Module] = {"prior": LatentPrior(self.prior_cfg)}
+        val = load_face_folder(cfg.val_dir, size=size, limit=cfg.val_count)
+        self.val_gt = to_model_range(val)
+        self.val_lq, _ = degrade_batch(self.val_gt, self.degradation, generator=12345)
+
+    @torch.no_grad()
+    def _encode_cond(self, x_d: Tensor) -> Tensor:
+        with torch.autocast(x_d.device.type, dtype=torch.bfloat16):
+            return self.vq.encode(x_d)
+
+    def batch(self, micro_step: int, rank: int, world: int) -> dict[str, Tensor]:
+        idx = step_indices(micro_step, len(self.faces), self.batch_size, self.seed, rank, world)
+        g = torch.Generator().manual_seed(self.seed * 7919 + micro_step * 31 + rank)
+        flip = (torch.rand(len(idx), generator=g) < 0.5) if self.cfg.hflip else torch.zeros(len(idx), dtype=torch.bool)
+        x = to_model_range(self.faces[idx])
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        x_d, _ = degrade_batch(x, self.degradation, generator=int(torch.randint(0, 2**31, (1,), generator=g)))
+        prior = self.modules["prior"]
+        z0 = self.z0[idx, flip.long()]
+        sigma = sample_train_sigma(len(idx), self.schedule.p_mean, self.schedule.p_std, g)
+        noise = torch.randn(z0.shape, generator=g)
+        return {"z0": prior.normalize(z0), "zd": prior.normalize(self._encode_cond(x_d)), "sigma": sigma, "noise": noise}
+
+    def objectives(self, m: dict[str, nn.Module]) -> list[Objective]:
+        prior = m["prior"]
+        inner = prior.module if hasattr(prior, "module") else prior
+
+        def loss_fn(batch, step, cache):
+            per_sample = edm_loss(lambda x, s, c: inner.precond(x, s, c), batch["z0"], batch["zd"],
+                                  batch["sigma"], batch["noise"])
+            loss = per_sample.mean()
+            return loss, {"loss": loss.item()}
+
+        return [Objective("prior", list(prior.parameters()), loss_fn, self.cfg.lr, warmup=self.cfg.warmup)]
+
+    @torch.no_grad()
+    def validate(self, ema: nn.Module, step: int, out_dir: Path) -> dict[str, float]:
+        zd = ema.normalize(self._encode_cond(self.val_lq))
+        z0 = ema.normalize(self.vq.encode(self.val_gt))
+        g = torch.Generator().manual_seed(0)
+        noise = torch.randn(z0.shape, generator=g)
+        logs = {}
+        for s in (0.5, 2.0, 10.0):  # val loss at fixed sigmas with fixed noise: comparable across runs
+            sig = torch.full((len(z0),), s)
+            logs[f"loss@{s:g}"] = edm_loss(ema.precond, z0, zd, sig, noise).mean().item()
+        denoise = functools.partial(ema.precond, cond=zd)
+        sigmas = self.schedule.sigmas(self.cfg.val_steps)
+        from_noise = sample(heun, denoise, torch.zeros_like(zd), sigmas, noise=noise)
+        from_zd = sample(heun, denoise, zd, sigmas, sigma_start=self.cfg.val_sigma_start, noise=noise)
+        direct = self.vq.decode(ema.denormalize(zd)).float()
+        rec_noise = self.vq.decode(ema.denormalize(from_noise)).float()
+        rec_zd = self.vq.decode(ema.denormalize(from_zd)).float()
+        save_grid(out_dir / "val" / f"{step:07d}.png", [self.val_lq[:8], direct[:8], rec_noise[:8], rec_zd[:8], self.val_gt[:8]])
+        logs.update({"psnr_direct": psnr(direct, self.val_gt).mean().item(),
+                     "psnr_noise": psnr(rec_noise, self.val_gt).mean().item(),
+                     "psnr_zd": psnr(rec_zd, self.val_gt).mean().item()})
+        return logs
+
+    def export(self, ema: nn.Module, folder: Path) -> None:
+        save_checkpoint(folder, ema, self.prior_cfg, "prior")
