@@ -200,7 +200,7 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path | None, *, metrics
     ctx = _Context(device, lpips_dir=lpips_dir)
     rows: list[dict] = []
     result: dict = {"pred_dir": str(pred_dir), "gt_dir": None if gt_dir is None else str(gt_dir)}
-    size_str = "?"
+    size_str = "n/a"
     if gt_dir is not None:
         pairs_, missing, extra = match_files(pred_dir, gt_dir)
         if not pairs_:
@@ -240,7 +240,7 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path | None, *, metrics
             rows.append(row)
     if "fid" in metrics and fid_ref is not None:
         rows.append(_fid_row(pred_dir, fid_ref, ctx, log))
-    elif "fid" in metrics:
+    elif "fid" in metrics and gt_dir is not None:
         rows.append({"metric": "fid", "label": LABELS["fid"], "value": None, "n": 0,
                      "protocol": "needs --fid-ref", "status": "skipped: no FID reference given (--fid-ref DIR|NPZ)"})
     if pairs is not None:

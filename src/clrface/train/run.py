@@ -67,6 +67,19 @@ def run_stage(stage: str, config: str | Path, overrides: list[str] = (), out: st
         st = PriorStage(build(UNetConfig, raw.get("unet"), "unet"), float((raw.get("precond") or {}).get("sigma_data", 1.0)),
                         build(ScheduleConfig, raw.get("schedule"), "schedule"), build(PriorTrainConfig, raw.get("stage"), "stage"),
                         engine_cfg.seed, engine_cfg.batch_size, Path(engine_cfg.out_dir))
+    elif stage == "irn":
+        from clrface.identity.facerec import load_facerec
+        from clrface.identity.irn import IRNConfig
+        from clrface.train.irn import IRNStage, IRNTrainConfig
+
+        st = IRNStage(build(IRNConfig, raw.get("model"), "model"), build(IRNTrainConfig, raw.get("stage"), "stage"),
+                      engine_cfg.seed, engine_cfg.batch_size, load_facerec())
+    elif stage == "mask":
+        from clrface.identity.guidance import MaskConfig
+        from clrface.train.mask import MaskStage, MaskTrainConfig
+
+        st = MaskStage(build(MaskConfig, raw.get("model"), "model"), build(MaskTrainConfig, raw.get("stage"), "stage"),
+                       engine_cfg.seed, engine_cfg.batch_size)
     else:
         raise ClrfaceError(f"stage '{stage}' is not implemented yet")
     return train(st, engine_cfg, resume=resume, config_dump=raw)
