@@ -81,3 +81,17 @@ def load_weights(folder: str | Path, model: nn.Module, *, strict: bool = True) -
     state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
     model.load_state_dict(state, strict=strict)
     return model
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Copies a checkpoint folder with its float tensors cast to ``dtype`` (fp16 to ship: half the size;
+    loading casts back to the model's dtype)."""
+    src, dst = Path(src), Path(dst)
+    if not (src / "config.json").is_file() or not (src / "model.safetensors").is_file():
+        raise CheckpointError(f"{src}: not a checkpoint folder (needs config.json and model.safetensors)")
+    meta = json.loads((src / "config.json").read_text())
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in load_file(str(src / "model.safetensors")).items()}
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(dst / "model.safetensors"), metadata={"kind": str(meta.get("kind"))})
+    (dst / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return dst

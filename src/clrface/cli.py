@@ -124,8 +124,11 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                                log=lambda s: print(s, file=sys.stderr))
         print(format_table(res))
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=2)
+            try:
+                with open(args.json, "w") as f:
+                    json.dump(res, f, indent=2)
+            except OSError as e:
+                raise ClrfaceError(f"{args.json}: cannot write ({e.strerror})") from None
         return 0
 
     p.set_defaults(func=run)
@@ -235,8 +238,35 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _add_pack(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pack", help="assemble trained stages into one model folder for `clrface restore --model` (fp16 by default)")
+    p.add_argument("-o", "--out", required=True, help="model folder to write (gets vqgan/, prior/, irn/, mask/)")
+    for stage in ("vqgan", "prior", "irn", "mask"):
+        p.add_argument(f"--{stage}", required=stage in ("vqgan", "prior"),
+                       help=f"checkpoint folder of the {stage} stage (e.g. runs/{stage}-128/model)"
+                       + ("" if stage in ("vqgan", "prior") else "; optional"))
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage dtype of the weights")
+
+    def run(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        import torch
+
+        from clrface.checkpoint import convert_checkpoint
+
+        for stage in ("vqgan", "prior", "irn", "mask"):
+            src = getattr(args, stage)
+            if src:
+                dst = convert_checkpoint(src, Path(args.out) / stage, getattr(torch, args.dtype))
+                size = (dst / "model.safetensors").stat().st_size / 2**20
+                print(f"{stage}: {src} -> {dst} ({size:.1f} MiB)")
+        return 0
+
+    p.set_defaults(func=run)
+
+
 # Subcommands are added by one function each; keep each block self-contained.
-_COMMANDS = [_add_train, _add_degrade, _add_make_testset, _add_align, _add_evaluate, _add_restore, _add_demo]
+_COMMANDS = [_add_train, _add_degrade, _add_make_testset, _add_align, _add_evaluate, _add_restore, _add_demo, _add_pack]
 
 
 def build_parser() -> argparse.ArgumentParser:

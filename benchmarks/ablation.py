@@ -1,0 +1,116 @@
+"""Quality tables on the fixed synthetic test set (paper Tables 4 and the NFE study, at 128 px).
+
+    python benchmarks/ablation.py --model runs/pack --testset runs/testset-val-bfr --rows prior-table --out runs/ablation
+
+Each row restores every LQ face of the test set with one configuration, writes the faces to
+``OUT/<row>/`` and evaluates them against ``gt/`` with `clrface.metrics.evaluate` (PSNR/SSIM RGB,
+facerec-perceptual (the stated LPIPS substitute), IDS and LMD with the dlib networks). Prints a markdown table
+(with seconds per face on this machine) and writes ``OUT/<table>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from clrface.data.datasets import load_face_folder, to_model_range, to_uint8
+from clrface.data.io import save_image
+from clrface.metrics.evaluate import evaluate_folders
+from clrface.pipeline import RestoreOptions, Restorer
+
+# name -> (RestoreOptions kwargs, use the learned mask)
+TABLES: dict[str, dict[str, tuple[dict, bool]]] = {
+    # Issue 5: the prior alone, from pure noise and from z_d at a few sigma_start, vs VQVAE-direct.
+    "prior-table": {
+        "VQVAE-direct G(Q(E(x_d)))": ({"mode": "direct"}, False),
+        "prior, Heun-40 from noise": ({"mode": "prior", "steps": 40, "sigma_start": 20.0}, False),
+        "prior, Heun-40 from z_d, s=0.5": ({"mode": "prior", "steps": 40, "sigma_start": 0.5}, False),
+        "prior, Heun-40 from z_d, s=2": ({"mode": "prior", "steps": 40, "sigma_start": 2.0}, False),
+        "prior, Heun-40 from z_d, s=5": ({"mode": "prior", "steps": 40, "sigma_start": 5.0}, False),
+    },
+    # Issue 5: NFE vs quality, from noise (the prior's own job).
+    "nfe-table": {
+        **{f"Heun-{n} from noise": ({"mode": "prior", "steps": n, "sigma_start": 20.0}, False) for n in (5, 10, 20, 40)},
+        **{f"DPM++2M-{n} from noise": ({"mode": "prior", "steps": n, "sigma_start": 20.0, "sampler": "dpmpp_2m"}, False)
+           for n in (5, 10, 20)},
+    },
+    # Issue 6 / paper Table 4: the ablation of the full method.
+    "ablation": {
+        "VQVAE-direct": ({"mode": "direct"}, False),
+        "IRN": ({"mode": "irn"}, False),
+        "Diff. Prior (from z_d, s=2, Heun-20)": ({"mode": "prior", "steps": 20, "sigma_start": 2.0}, False),
+        "IRN + Diff. Prior (s=0.5, Heun-10)": ({"mode": "full", "steps": 10, "sigma_start": 0.5, "guidance_scale": 0.0}, False),
+        "IRN + Diff. Prior + ID guidance (no mask)": ({"mode": "full", "steps": 10, "sigma_start": 0.5, "guidance_scale": 1.0}, False),
+        "IRN + Diff. Prior + ID guidance + M_l": ({"mode": "full", "steps": 10, "sigma_start": 0.5, "guidance_scale": 1.0}, True),
+    },
+}
+METRICS = ("psnr", "ssim", "facerec_perceptual", "ids", "lmd")
+
+
+def run_row(restorer: Restorer, lq: torch.Tensor, names: list[str], out: Path, opts: RestoreOptions, use_mask: bool) -> float:
+    """Restores all faces into ``out``; returns seconds per face (restoration only)."""
+    mask = restorer.mask
+    restorer.mask = mask if use_mask else None
+    t0 = time.perf_counter()
+    try:
+        faces = []
+        for i in range(0, len(lq), opts.batch_size):
+            r = restorer.restore_faces(lq[i : i + opts.batch_size], opts, first_index=i)
+            faces.append(r["restored"][:, 0])
+    finally:
+        restorer.mask = mask
+    dt = (time.perf_counter() - t0) / len(lq)
+    for name, face in zip(names, to_uint8(torch.cat(faces))):
+        save_image(out / f"{name}.png", face.numpy())
+    return dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="packed model folder (clrface pack)")
+    ap.add_argument("--testset", required=True, help="folder from `clrface make-testset` (lq/, gt/)")
+    ap.add_argument("--rows", default="ablation", choices=sorted(TABLES), help="which table")
+    ap.add_argument("--only", nargs="*", help="run only these row names")
+    ap.add_argument("--limit", type=int, default=None, help="first N faces of the test set")
+    ap.add_argument("--out", default="runs/ablation")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=16)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    testset, out = Path(args.testset), Path(args.out)
+    names = sorted(p.stem for p in (testset / "lq").iterdir())[: args.limit]
+    lq = to_model_range(load_face_folder(testset / "lq", limit=args.limit))
+    gt_dir = testset / "gt"  # files are matched by name, so a --limit subset is evaluated on its own GT
+    restorer = Restorer.from_pretrained(args.model)
+    rows = []
+    table = {"LQ input (bicubic up, as degraded)": None, **TABLES[args.rows]}
+    for row, spec in table.items():
+        if args.only and row not in args.only:
+            continue
+        if spec is None:
+            pred, dt = testset / "lq", 0.0
+        else:
+            kwargs, use_mask = spec
+            pred = out / row.replace(" ", "_").replace("/", "-")
+            dt = run_row(restorer, lq, names, pred, RestoreOptions(batch_size=args.batch_size, **kwargs), use_mask)
+        res = evaluate_folders(pred, gt_dir, metrics=METRICS)
+        vals = {r["metric"]: r["value"] for r in res["rows"]}
+        rows.append({"row": row, "s_per_face": dt, **vals})
+        print(f"| {row} | " + " | ".join(f"{vals.get(m, float('nan')):.4g}" for m in METRICS) + f" | {dt:.3f} |", flush=True)
+    meta = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "model": args.model,
+            "testset": str(testset), "n": len(names), "metrics": METRICS}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.rows}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print("\n| row | " + " | ".join(METRICS) + " | s/face |\n|---|" + "---|" * (len(METRICS) + 1))
+    for r in rows:
+        print(f"| {r['row']} | " + " | ".join(f"{r.get(m) if r.get(m) is None else round(r[m], 4)}" for m in METRICS)
+              + f" | {r['s_per_face']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
