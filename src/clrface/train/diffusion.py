@@ -19,8 +19,9 @@ from clrface.diffusion.prior import LatentPrior, PriorConfig
 from clrface.diffusion.sampler import heun, sample
 from clrface.diffusion.schedule import ScheduleConfig, sample_train_sigma
 from clrface.diffusion.unet import UNetConfig
+from clrface.metrics.psnr_ssim import psnr
 from clrface.train.engine import Objective, step_indices
-from clrface.train.vqgan import load_vqgan, psnr, save_grid
+from clrface.train.vqgan import load_vqgan, save_grid
 from clrface.vqgan.model import VQGAN
 
 

@@ -21,8 +21,9 @@ from clrface.data.datasets import load_face_folder, to_model_range
 from clrface.data.degradation import degrade_batch, get_preset
 from clrface.identity.facerec import DlibFaceRecognizer, identity_loss
 from clrface.identity.irn import IRN, IRNConfig
+from clrface.metrics.psnr_ssim import psnr
 from clrface.train.engine import Objective, step_indices
-from clrface.train.vqgan import psnr, save_grid
+from clrface.train.vqgan import save_grid
 
 
 @dataclass(frozen=True)

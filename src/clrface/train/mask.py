@@ -25,8 +25,9 @@ from clrface.diffusion.prior import load_prior
 from clrface.identity.facerec import identity_loss, load_facerec, perceptual_distance
 from clrface.identity.guidance import LatentMask, MaskConfig, identity_guided
 from clrface.identity.irn import load_irn
+from clrface.metrics.psnr_ssim import psnr
 from clrface.train.engine import Objective, step_indices
-from clrface.train.vqgan import load_vqgan, psnr, save_grid
+from clrface.train.vqgan import load_vqgan, save_grid
 
 
 @dataclass(frozen=True)

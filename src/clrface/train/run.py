@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from clrface.errors import ClrfaceError
@@ -46,6 +47,7 @@ def run_stage(stage: str, config: str | Path, overrides: list[str] = (), out: st
     if out:
         raw.setdefault("train", {})["out_dir"] = out
     engine_cfg = build(EngineConfig, raw.get("train"), "train")
+    torch.manual_seed(engine_cfg.seed)  # stages build their networks here, before the engine seeds its loop
     if stage == "vqgan":
         from clrface.train.vqgan import VQGANStage, VQGANTrainConfig
         from clrface.vqgan.model import VQGANConfig

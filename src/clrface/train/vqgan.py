@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from clrface.checkpoint import load_weights, read_config, save_checkpoint
 from clrface.data.datasets import load_face_folder, to_model_range, to_uint8
+from clrface.metrics.psnr_ssim import psnr
 from clrface.train.engine import Objective, step_indices
 from clrface.vqgan.losses import adaptive_weight, generator_adv_loss, gradient_l1, hinge_d_loss
 from clrface.vqgan.model import VQGAN, PatchDiscriminator, VQGANConfig
@@ -39,12 +40,6 @@ class VQGANTrainConfig:
     init_from: str | None = None  # a vqgan checkpoint folder to start from
     train_decoder_only: bool = False  # keeps E and the codebook (the prior's latent space) fixed
     hflip: bool = True
-
-
-def psnr(a: Tensor, b: Tensor) -> Tensor:
-    """Per-image PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
-    mse = (a.float().clamp(-1, 1) - b.float().clamp(-1, 1)).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
 
 
 def save_grid(path: Path, rows: list[Tensor]) -> None:
