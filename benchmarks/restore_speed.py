@@ -1,0 +1,301 @@
+"""Time each stage of a restore (issue 10, item 1): detect, align, IRN, encode, denoiser, refine, decode, paste.
+
+    python benchmarks/restore_speed.py --model runs/pack --threads 2 --reps 5 [--md docs/RESULTS.md]
+    python benchmarks/restore_speed.py --model runs/pack --device cuda --dtype float32 bfloat16 --reps 10
+
+For 1 face and for a batch of ``--batch`` (16) faces at the model's resolution S, each stage is run once to
+warm up and then ``--reps`` times; the table gives the median in ms (for the batch: ms per face). The faces
+are the first aligned face of ``--photo`` (a whole photo from shared/data/real_lq/whole), repeated; content
+does not change the cost of any stage except detection. Photo stages (dlib detect + landmarks, FFHQ warp,
+bicubic paste-back) run on the CPU with dlib's / numpy's own threading whatever ``--device`` is; detection is
+per photo, so its batch column is empty. One table per ``--dtype`` (bf16/fp16: the nets under autocast, as
+``Restorer``). The table is printed and, with ``--md``, appended to that file under a header naming the
+machine (CPU model, threads, GPU, torch version, date) and the exact command.
+
+Rows "refine" run the whole reverse ODE with the model's default RestoreOptions (fidelity 0.5: sigma_start and
+guidance scale from its fidelity map) and with ``--steps`` other step counts; "identity gradient" is the
+part of a guided denoiser call that guidance adds (decode G(Q(.)) + face recogniser forward and backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from clrface.diffusion.sampler import nfe
+from clrface.pipeline import DTYPES, Restorer, RestoreOptions, resolve_device
+
+DEFAULT_PHOTO = Path("/work/shared/data/real_lq/whole/gfpgan_00.jpg")
+NA = float("nan")  # a stage with no batch figure (detection is per photo)
+
+
+# ------------------------------------------------------------------------------------------ timing
+
+
+def sync(device: torch.device) -> None:
+    """Waits for queued kernels, so wall time covers the work (CUDA launches are asynchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], reps: int, device: torch.device = torch.device("cpu")) -> float:
+    """Median wall time of ``fn()`` in ms over ``reps`` runs after one warm-up run (allocator, autotune, caches)."""
+    fn()
+    sync(device)
+    ts = []
+    for _ in range(max(int(reps), 1)):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        ts.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(ts)
+
+
+# ------------------------------------------------------------------------------------------ stages
+
+
+@dataclasses.dataclass
+class PhotoFace:
+    """The face the model stages run on: crop uint8 [S,S,3], its affine [2,3] and the dlib Face it came from."""
+
+    photo: np.ndarray
+    face: object
+    crop: np.ndarray
+    affine: np.ndarray
+    n_faces: int
+
+
+def first_face(photo: np.ndarray, size: int) -> PhotoFace:
+    """Detects and aligns ``photo`` uint8 [H,W,3]; the largest face. Raises ClrfaceError when none is found."""
+    from clrface.errors import ClrfaceError
+    from clrface.faces.align import align_face
+    from clrface.faces.detect import detect_faces
+
+    faces = detect_faces(photo)
+    if not faces:
+        raise ClrfaceError("restore_speed: no face found in the photo; pass another --photo")
+    crop, info = align_face(photo, faces[0], size)
+    return PhotoFace(photo, faces[0], crop, info.affine, len(faces))
+
+
+def photo_stage_times(pf: PhotoFace, size: int, n: int, reps: int) -> dict[str, tuple[float, float]]:
+    """{stage: (ms for 1 face, total ms for n faces)} of detect (per photo: NaN for n), align and paste-back.
+
+    align/paste of n faces repeat the same face n times: both cost per face and are independent of the others.
+    """
+    from clrface.faces.align import align_face
+    from clrface.faces.detect import detect_faces
+    from clrface.faces.paste import paste_face
+
+    canvas = pf.photo.copy()
+
+    def align(k: int) -> None:
+        for _ in range(k):
+            align_face(pf.photo, pf.face, size)
+
+    def paste(k: int) -> None:
+        for _ in range(k):
+            paste_face(canvas, pf.crop, pf.affine, affine_size=size, interpolation="bicubic", out=canvas)
+
+    return {
+        "detect": (time_ms(lambda: detect_faces(pf.photo), reps), NA),
+        "align": (time_ms(lambda: align(1), reps), time_ms(lambda: align(n), reps)),
+        "paste": (time_ms(lambda: paste(1), reps), time_ms(lambda: paste(n), reps)),
+    }
+
+
+def default_refine(restorer: Restorer, options: RestoreOptions) -> tuple[float, float, int]:
+    """(sigma_start, guidance_scale, nfe) the restorer uses for ``options``."""
+    s, g = options.resolve(restorer.fidelity_map)
+    return s, g, nfe(options.sampler, options.steps) if s > 0 else 0
+
+
+def model_stage_times(restorer: Restorer, x: Tensor, reps: int, options: RestoreOptions | None = None,
+                      steps: tuple[int, ...] = ()) -> dict[str, float]:
+    """{stage: total ms} of every model stage for the batch x [B,3,S,S] in [-1,1] on ``restorer``'s device/dtype.
+
+    Stages (keys): irn, encode, embed, denoise, denoise_guided, id_grad, refine (``options``), refine_<k>
+    (``options`` with k steps, for k in ``steps``), decode, restore_faces (the whole of ``restore_faces``).
+    The guided rows use scale = max(the options' scale, 1), so guidance is timed even where the default is 0.
+    """
+    o = options or RestoreOptions()
+    dev = restorer.device
+    x = x.to(dev, torch.float32)
+    sigma_start, scale, _ = default_refine(restorer, o)
+    g_scale = max(scale, 1.0)
+    t: dict[str, float] = {}
+    with torch.no_grad(), restorer.autocast():  # as restore_faces: no_grad (not inference_mode), autocast
+        t["irn"] = time_ms(lambda: restorer.run_irn(x), reps, dev)
+        t["encode"] = time_ms(lambda: restorer.encode(x), reps, dev)
+        x_id = restorer.run_irn(x)
+        t["embed"] = time_ms(lambda: restorer.embed(x_id), reps, dev)
+        z_d, z_init, e_id = restorer.encode(x), restorer.encode(x_id), restorer.embed(x_id)
+        gen = torch.Generator().manual_seed(0)
+        noise = torch.randn(z_d.shape, generator=gen)
+        sig = torch.full((x.shape[0],), max(sigma_start, 1e-3), device=dev)  # a mid-schedule noise level
+        z_t = z_init + sig.view(-1, 1, 1, 1) * noise.to(dev)
+        plain = restorer.denoiser(z_d, None, 0.0)
+        guided = restorer.denoiser(z_d, e_id, g_scale)
+        t["denoise"] = time_ms(lambda: plain(z_t, sig), reps, dev)
+        t["denoise_guided"] = time_ms(lambda: guided(z_t, sig), reps, dev)
+        z0 = plain(z_t, sig)
+
+        def id_grad() -> Tensor:
+            with torch.enable_grad():
+                z = z0.detach().requires_grad_(True)
+                e = torch.nn.functional.normalize(restorer.embed(restorer.decode(z)), dim=-1)
+                return torch.autograd.grad((1 - (e * e_id).sum(-1)).sum(), z)[0]
+
+        t["id_grad"] = time_ms(id_grad, reps, dev)
+        den = restorer.denoiser(z_d, e_id, scale)
+        t["refine"] = time_ms(lambda: restorer.refine(z_init, den, sigma_start, o, noise), reps, dev)
+        for k in steps:
+            ok = dataclasses.replace(o, steps=k)
+            t[f"refine_{k}"] = time_ms(lambda: restorer.refine(z_init, den, sigma_start, ok, noise), reps, dev)
+        t["decode"] = time_ms(lambda: restorer.decode(z_init), reps, dev)
+    ob = dataclasses.replace(o, batch_size=x.shape[0])
+    t["restore_faces"] = time_ms(lambda: restorer.restore_faces(x, ob), reps, dev)
+    return t
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def stage_labels(restorer: Restorer, options: RestoreOptions, steps: tuple[int, ...], photo_desc: str
+                 ) -> list[tuple[str, str]]:
+    """[(key, table label)] in pipeline order."""
+    s = restorer.resolution
+    sigma, scale, calls = default_refine(restorer, options)
+    g = max(scale, 1.0)
+
+    def ref(k: int) -> str:
+        return (f"refine, {options.sampler} {k} steps ({nfe(options.sampler, k) if sigma > 0 else 0} NFE, "
+                f"sigma_start {sigma:.3g}, guidance {scale:.3g})")
+
+    rows = [
+        ("detect", f"detect: dlib HOG + 68 landmarks, whole photo {photo_desc} (per photo)"),
+        ("align", f"align: FFHQ warp to {s} px"),
+        ("irn", "IRN"),
+        ("encode", "VQGAN encode (done twice per restore: x_d and x_id)"),
+        ("embed", "face recogniser embed (forward)"),
+        ("denoise", "denoiser call, no guidance"),
+        ("denoise_guided", f"denoiser call, identity-guided (scale {g:.3g})"),
+        ("id_grad", "  of which identity gradient: decode + facerec fwd + bwd"),
+        ("refine", ref(options.steps) + " [default]"),
+    ]
+    rows += [(f"refine_{k}", ref(k)) for k in steps]
+    rows += [
+        ("decode", "VQGAN decode G(Q(z))"),
+        ("paste", "paste-back (bicubic) into the photo"),
+        ("restore_faces", f"restore_faces total, default options (fidelity {options.fidelity}, {calls} NFE)"),
+    ]
+    return rows
+
+
+def markdown_table(rows: list[tuple[str, str]], one: dict[str, float], many: dict[str, float], n: int) -> str:
+    """| stage | 1 face ms | n faces ms per face |; ``many`` holds totals for the n-face batch (NaN: not applicable)."""
+    lines = [f"| stage | 1 face (ms) | {n} faces (ms per face) |", "|---|---:|---:|"]
+    for key, label in rows:
+        a, b = one.get(key, NA), many.get(key, NA)
+        fa = "—" if a != a else f"{a:.1f}"
+        fb = "—" if b != b else f"{b / n:.1f}"
+        lines.append(f"| {label} | {fa} | {fb} |")
+    return "\n".join(lines)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def cpu_bf16_flags() -> str:
+    """The bf16-relevant ISA flags of this CPU (bf16 autocast is only fast with them)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return "unknown"
+    return ", ".join(f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags) or "none"
+
+
+def machine_header(device: torch.device, threads: int, command: str) -> str:
+    gpu = f"; GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    return (f"CPU {cpu_name()} (bf16 flags: {cpu_bf16_flags()}), torch threads {threads}{gpu}; "
+            f"torch {torch.__version__}; {datetime.datetime.now().isoformat(timespec='seconds')}\n"
+            f"command: `{command}`")
+
+
+def run_benchmark(model: str | Path, photo: np.ndarray, *, device: str = "cpu", dtype: str = "float32",
+                  reps: int = 5, batch: int = 16, steps: tuple[int, ...] = (), options: RestoreOptions | None = None,
+                  facerec: torch.nn.Module | None = None, photo_name: str = "photo") -> str:
+    """Times every stage for 1 face and for ``batch`` faces; returns the markdown section (title + table)."""
+    o = options or RestoreOptions()
+    dev = resolve_device(device)
+    r = Restorer.from_pretrained(model, dev, DTYPES[dtype], facerec=facerec)
+    s = r.resolution
+    pf = first_face(photo, s)
+    x1 = torch.from_numpy(pf.crop).permute(2, 0, 1)[None].float().div(127.5).sub(1)
+    xn = x1.expand(batch, -1, -1, -1).contiguous()
+    photo_t = photo_stage_times(pf, s, batch, reps)
+    one = {k: v[0] for k, v in photo_t.items()} | model_stage_times(r, x1, reps, o, steps)
+    many = {k: v[1] for k, v in photo_t.items()} | model_stage_times(r, xn, reps, o, steps)
+    h, w = photo.shape[:2]
+    rows = stage_labels(r, o, steps, f"{photo_name} {w}x{h}, {pf.n_faces} faces")
+    title = (f"#### Restore speed: {r.source}, {dev}, {dtype}, S = {s} px, median of {reps} after 1 warm-up")
+    return title + "\n\n" + markdown_table(rows, one, many, batch)
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="model folder (vqgan/ prior/ [irn/ mask/]) or installed name")
+    ap.add_argument("--photo", default=str(DEFAULT_PHOTO), help="a whole photo with at least one face")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", nargs="+", default=["float32"], choices=sorted(DTYPES))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, nargs="*", default=[5, 10], help="extra refine step counts")
+    ap.add_argument("--default-steps", type=int, default=RestoreOptions.steps,
+                    help="steps of the [default] refine and restore_faces rows (default: RestoreOptions')")
+    ap.add_argument("--md", help="append the report to this markdown file")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from clrface.data.io import load_image
+    from clrface.identity.facerec import load_facerec
+
+    dev = resolve_device(args.device)
+    photo = load_image(args.photo)
+    facerec = load_facerec(dev)
+    script = sys.argv[0] if argv is None else __file__  # called from a test: name the script, not pytest
+    cmd = " ".join(shlex.quote(a) for a in (["python", script] + (sys.argv[1:] if argv is None else argv)))
+    parts = [f"### Restore speed by stage ({datetime.date.today().isoformat()})",
+             machine_header(dev, args.threads, cmd)]
+    for dt in args.dtype:
+        parts.append(run_benchmark(args.model, photo, device=args.device, dtype=dt, reps=args.reps, batch=args.batch,
+                                   steps=tuple(args.steps), options=RestoreOptions(steps=args.default_steps),
+                                   facerec=facerec, photo_name=Path(args.photo).name))
+    report = "\n\n".join(parts) + "\n"
+    print(report)
+    if args.md:
+        with open(args.md, "a") as f:
+            f.write("\n" + report)
+    return report
+
+
+if __name__ == "__main__":
+    main()

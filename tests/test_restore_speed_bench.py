@@ -1,0 +1,91 @@
+"""Smoke test of benchmarks/restore_speed.py on a tiny random model (1 repetition); no figures are checked."""
+
+import importlib.util
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clrface.pipeline import Restorer, RestoreOptions
+from test_pipeline import WHOLE, build_tiny_model
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "restore_speed.py"
+PHOTO = WHOLE / "codeformer_01.jpg"  # 248 x 189, four small faces: the fastest real photo to detect
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("restore_speed", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclass resolves annotations through sys.modules
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load_bench()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("bench") / "model")
+
+
+def test_time_ms_is_median_after_warm_up(bench):
+    calls = []
+    delays = iter([0.0, 0.03, 0.001, 0.001])  # warm-up, then 30 ms once and 1 ms twice: median 1 ms
+
+    def fn():
+        calls.append(1)
+        d = next(delays)
+        t = time.perf_counter()
+        while time.perf_counter() - t < d:
+            pass
+
+    ms = bench.time_ms(fn, 3)
+    assert len(calls) == 4 and 0.9 <= ms < 10
+
+
+def test_model_stages_on_tiny_model(bench, model_dir):
+    torch.set_num_threads(1)
+    r = Restorer.from_pretrained(model_dir)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    o = RestoreOptions(steps=2)
+    t = bench.model_stage_times(r, x, 1, o, steps=(1,))
+    assert set(t) == {"irn", "encode", "embed", "denoise", "denoise_guided", "id_grad", "refine", "refine_1",
+                      "decode", "restore_faces"}
+    assert all(math.isfinite(v) and v > 0 for v in t.values())
+    # fidelity 0.5 with the default map: sigma_start = sqrt(4 * 0.05), guidance 0.5, heun 2 steps = 3 NFE
+    sigma, scale, calls = bench.default_refine(r, o)
+    assert sigma == pytest.approx(0.2**0.5) and scale == pytest.approx(0.5) and calls == 3
+    rows = bench.stage_labels(r, o, (1,), "p.jpg 10x10, 1 faces")
+    one = {k: 2.0 for k, _ in rows}
+    many = {k: 8.0 for k, _ in rows} | {"detect": float("nan")}
+    table = bench.markdown_table(rows, one, many, 4)
+    lines = table.splitlines()
+    assert lines[0] == "| stage | 1 face (ms) | 4 faces (ms per face) |" and len(lines) == 2 + len(rows)
+    assert lines[2].endswith("| 2.0 | — |") and lines[3].endswith("| 2.0 | 2.0 |")  # 8 ms / 4 faces
+    assert "heun 2 steps (3 NFE, sigma_start 0.447, guidance 0.5) [default]" in table
+    assert "heun 1 steps (1 NFE" in table
+
+
+@pytest.mark.skipif(not PHOTO.is_file(), reason="shared real_lq data absent")
+def test_main_writes_markdown(bench, model_dir, tmp_path):
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Results\n")
+    report = bench.main(["--model", str(model_dir), "--photo", str(PHOTO), "--threads", "1", "--reps", "1",
+                         "--batch", "2", "--steps", "1", "--default-steps", "2", "--dtype", "float32", "bfloat16", "--md", str(md)])
+    text = md.read_text()
+    assert text.startswith("# Results\n") and text.endswith(report)
+    assert "command: `python " in report and "restore_speed.py --model" in report and "--reps 1" in report and f"torch {torch.__version__}" in report
+    assert report.count("| stage | 1 face (ms) | 2 faces (ms per face) |") == 2  # one table per dtype
+    assert "codeformer_01.jpg 248x189, 4 faces (per photo) |" in report
+    assert "heun 2 steps (3 NFE, sigma_start 0.447, guidance 0.5) [default]" in report
+    for line in report.splitlines():
+        if line.startswith("| ") and "stage" not in line:
+            cells = [c.strip() for c in line.strip("|").split("|")[1:]]
+            assert all(c == "—" or float(c) > 0 for c in cells), line
