@@ -36,7 +36,6 @@ import hashlib
 import json
 import platform
 import sys
-import time
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -139,7 +138,7 @@ class EmbeddingCache:
                 self.seconds, self.n_timed = float(d["seconds"]), int(d["n_timed"])
 
     def add(self, keys: Sequence[str], emb: np.ndarray, seconds: float = 0.0, timed: bool = False) -> None:
-        self.emb.update(zip(keys, emb))
+        self.emb.update(zip(keys, np.asarray(emb, np.float32)))  # as stored: cached and fresh runs agree
         if timed:
             self.seconds += seconds
             self.n_timed += len(keys)

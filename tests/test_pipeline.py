@@ -221,3 +221,22 @@ def test_reduced_precision_runs_under_autocast(model_dir, restorer):
     assert 0 < err < 0.1  # bf16 differs, but only by rounding (measured 0.035)
     # guided: the random tiny nets' identity gradient is chaotic, so only check it runs and stays finite
     assert torch.isfinite(bf.restore_faces(x, RestoreOptions(steps=2, guidance_scale=5.0))["restored"]).all()
+
+
+def test_restore_json_defaults_are_the_model_default_and_flags_override(tmp_path):
+    import json
+    import shutil
+
+    from clrface.errors import CheckpointError
+
+    folder = build_tiny_model(tmp_path / "m")
+    (folder / "restore.json").write_text(json.dumps({"defaults": {"mode": "irn", "steps": 7, "sampler": "euler"}}))
+    r = Restorer.from_pretrained(folder)
+    o = r.options()
+    assert (o.mode, o.steps, o.sampler, o.fidelity) == ("irn", 7, "euler", 0.5)
+    o = r.options(mode="direct", steps=None)
+    assert (o.mode, o.steps) == ("direct", 7)
+    (folder / "restore.json").write_text(json.dumps({"defaults": {"mode": "nonsense"}}))
+    with pytest.raises(CheckpointError, match="restore.json"):
+        Restorer.from_pretrained(folder)
+    shutil.rmtree(folder)

@@ -139,22 +139,25 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default",
                    help="model folder (with vqgan/, prior/ and optional irn/, mask/, restore.json) or the name of an "
                         "installed model under clrface/weights/ (default: %(default)s)")
-    p.add_argument("--fidelity", type=float, default=0.5,
-                   help="0..1, one knob for realism vs faithfulness (default %(default)s). High fidelity starts the "
+    p.add_argument("--fidelity", type=float, default=None,
+                   help="0..1, one knob for realism vs faithfulness (default: the model's, else 0.5). High fidelity starts the "
                         "sampler close to the IRN output (small sigma_start) with stronger identity guidance; low "
                         "fidelity lets the prior regenerate more. Default map: sigma_start = 4.0^(1-f) * 0.05^f, "
                         "guidance scale = 1.0 * f (a model's restore.json may recalibrate it)")
     p.add_argument("--sigma-start", type=float, default=None,
                    help="override the noise level the sampler starts from (0: no sampling, decode the start latent)")
     p.add_argument("--guidance-scale", type=float, default=None, help="override the identity-guidance scale (0: off)")
-    p.add_argument("--steps", type=int, default=20, help="sampler steps from sigma_start to 0 (default %(default)s)")
-    p.add_argument("--sampler", default="heun", choices=["heun", "euler", "dpmpp_2m"],
-                   help="ODE solver: heun (2 evaluations per step, the paper's), euler or dpmpp_2m (1 each)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampler steps from sigma_start to 0 (default: the model's, else 20)")
+    p.add_argument("--sampler", default=None, choices=["heun", "euler", "dpmpp_2m"],
+                   help="ODE solver: heun (2 evaluations per step, the paper's), euler or dpmpp_2m (1 each); "
+                        "default: the model's, else heun")
     p.add_argument("--seed", type=int, default=0, help="noise seed; face i, sample k always get the same noise")
     p.add_argument("--samples", type=int, default=1,
                    help="N results per face, written as <name>_<k>_s0 .. _s<N-1> (default 1)")
-    p.add_argument("--mode", default="full", choices=["full", "prior", "irn", "direct"],
-                   help="ablations: full = IRN + prior + masked identity guidance; prior = the prior alone from the "
+    p.add_argument("--mode", default=None, choices=["full", "prior", "irn", "direct"],
+                   help="default: the model's measured-best configuration (its restore.json; see docs/RESULTS.md), "
+                        "else full. full = IRN + prior + masked identity guidance; prior = the prior alone from the "
                         "degraded latent (from pure noise at --sigma-start >= sigma_max); irn = the IRN output alone; "
                         "direct = the VQGAN reconstruction G(Q(E(x)))")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"], help="torch device (default cpu)")
@@ -169,13 +172,13 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _restore_setup(args: argparse.Namespace):
-    from clrface.pipeline import DTYPES, Restorer, RestoreOptions, resolve_device
+    from clrface.pipeline import DTYPES, Restorer, resolve_device
 
-    options = RestoreOptions(fidelity=args.fidelity, steps=args.steps, sampler=args.sampler,
-                             sigma_start=args.sigma_start, guidance_scale=args.guidance_scale, seed=args.seed,
-                             samples=args.samples, mode=args.mode, batch_size=args.batch_size,
-                             upscale=args.upscale, max_faces=args.max_faces)
     restorer = Restorer.from_pretrained(args.model, resolve_device(args.device), DTYPES[args.dtype])
+    options = restorer.options(fidelity=args.fidelity, steps=args.steps, sampler=args.sampler,
+                               sigma_start=args.sigma_start, guidance_scale=args.guidance_scale, seed=args.seed,
+                               samples=args.samples, mode=args.mode, batch_size=args.batch_size,
+                               upscale=args.upscale, max_faces=args.max_faces)
     return restorer, options
 
 

@@ -224,9 +224,11 @@ class Restorer:
 
     def __init__(self, vqgan: VQGAN, prior: LatentPrior, irn: nn.Module | None = None, mask: LatentMask | None = None,
                  facerec: nn.Module | None = None, *, fidelity_map: FidelityMap = FidelityMap(),
-                 source: str | None = None, dtype: torch.dtype | None = None):
+                 source: str | None = None, dtype: torch.dtype | None = None, defaults: dict[str, Any] | None = None):
         self.vqgan, self.prior, self.irn, self.mask = vqgan, prior, irn, mask
         self.fidelity_map = fidelity_map
+        # The model's measured-best RestoreOptions (restore.json "defaults"); explicit options override them.
+        self.defaults: dict[str, Any] = dict(defaults or {})
         self.source = source
         p = next(vqgan.parameters())
         self.device, self.dtype = p.device, dtype or p.dtype
@@ -269,13 +271,21 @@ class Restorer:
             irn = load_irn(folder / "irn", device)
         if (folder / "mask").is_dir():
             mask = load_mask(folder / "mask", device)
-        fmap = FidelityMap()
+        fmap, defaults = FidelityMap(), {}
         if (folder / "restore.json").is_file():
             try:
-                fmap = FidelityMap(**json.loads((folder / "restore.json").read_text()).get("fidelity_map", {}))
-            except (ValueError, TypeError) as e:
+                spec = json.loads((folder / "restore.json").read_text())
+                fmap = FidelityMap(**spec.get("fidelity_map", {}))
+                defaults = spec.get("defaults", {})
+                RestoreOptions(**defaults)  # validate now, not at the first restore
+            except (ValueError, TypeError, ClrfaceError) as e:
                 raise CheckpointError(f"{folder / 'restore.json'}: invalid ({e})") from None
-        return cls(vqgan, prior, irn, mask, facerec, fidelity_map=fmap, source=str(folder), dtype=dtype)
+        return cls(vqgan, prior, irn, mask, facerec, fidelity_map=fmap, source=str(folder), dtype=dtype,
+                   defaults=defaults)
+
+    def options(self, **overrides: Any) -> RestoreOptions:
+        """RestoreOptions: the model's defaults (restore.json), then ``overrides`` that are not None."""
+        return RestoreOptions(**{**self.defaults, **{k: v for k, v in overrides.items() if v is not None}})
 
     # ------------------------------------------------------------------------------------------ steps
 
