@@ -45,8 +45,8 @@ TABLES: dict[str, dict[str, tuple[dict, bool]]] = {
         "IRN": ({"mode": "irn"}, False),
         "Diff. Prior (from z_d, s=2, Heun-20)": ({"mode": "prior", "steps": 20, "sigma_start": 2.0}, False),
         "IRN + Diff. Prior (s=0.5, Heun-10)": ({"mode": "full", "steps": 10, "sigma_start": 0.5, "guidance_scale": 0.0}, False),
-        "IRN + Diff. Prior + ID guidance (no mask)": ({"mode": "full", "steps": 10, "sigma_start": 0.5, "guidance_scale": 1.0}, False),
-        "IRN + Diff. Prior + ID guidance + M_l": ({"mode": "full", "steps": 10, "sigma_start": 0.5, "guidance_scale": 1.0}, True),
+        "IRN + Diff. Prior + ID guidance (no mask)": ({"mode": "full", "steps": 10, "sigma_start": 0.5, "guidance_scale": 10.0}, False),
+        "IRN + Diff. Prior + ID guidance + M_l": ({"mode": "full", "steps": 10, "sigma_start": 0.5, "guidance_scale": 10.0}, True),
     },
 }
 METRICS = ("psnr", "ssim", "facerec_perceptual", "ids", "lmd")

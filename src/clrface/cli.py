@@ -143,7 +143,7 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
                    help="0..1, one knob for realism vs faithfulness (default: the model's, else 0.5). High fidelity starts the "
                         "sampler close to the IRN output (small sigma_start) with stronger identity guidance; low "
                         "fidelity lets the prior regenerate more. Default map: sigma_start = 4.0^(1-f) * 0.05^f, "
-                        "guidance scale = 1.0 * f (a model's restore.json may recalibrate it)")
+                        "guidance scale = 10.0 * f (a model's restore.json may recalibrate it)")
     p.add_argument("--sigma-start", type=float, default=None,
                    help="override the noise level the sampler starts from (0: no sampling, decode the start latent)")
     p.add_argument("--guidance-scale", type=float, default=None, help="override the identity-guidance scale (0: off)")

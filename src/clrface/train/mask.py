@@ -39,7 +39,7 @@ class MaskTrainConfig:
     val_dir: str = "../shared/data/faces128/val"
     val_count: int = 16
     preset: str = "bfr"
-    guidance_scale: float = 1.0  # s in x0' = x0 - s * M_l * g, held fixed while f_M learns where to apply it
+    guidance_scale: float = 10.0  # s in x0' = x0 - s * M_l * g, held fixed while f_M learns where to apply it
     sigma_lo: float = 0.05
     sigma_hi: float = 2.0
     perceptual_weight: float = 1.0
