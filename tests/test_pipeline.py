@@ -72,7 +72,7 @@ def test_prior_config_round_trip(model_dir):
 def test_fidelity_mapping_end_points_and_monotone():
     fm = FidelityMap()
     assert RestoreOptions(fidelity=0.0).resolve(fm) == pytest.approx((4.0, 0.0))
-    assert RestoreOptions(fidelity=1.0).resolve(fm) == pytest.approx((0.05, 1.0))
+    assert RestoreOptions(fidelity=1.0).resolve(fm) == pytest.approx((0.05, fm.guidance_at_1))
     assert RestoreOptions(fidelity=0.5).resolve(fm)[0] == pytest.approx((4.0 * 0.05) ** 0.5)
     sig = [RestoreOptions(fidelity=f).resolve(fm) for f in np.linspace(0, 1, 6)]
     assert all(a[0] > b[0] and a[1] < b[1] for a, b in zip(sig, sig[1:]))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from clrface.pipeline import Restorer, RestoreOptions
+from clrface.pipeline import FidelityMap, Restorer, RestoreOptions
 from test_pipeline import WHOLE, build_tiny_model
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "restore_speed.py"
@@ -61,7 +61,7 @@ def test_model_stages_on_tiny_model(bench, model_dir):
     assert all(math.isfinite(v) and v > 0 for v in t.values())
     # fidelity 0.5 with the default map: sigma_start = sqrt(4 * 0.05), guidance 0.5, heun 2 steps = 3 NFE
     sigma, scale, calls = bench.default_refine(r, o)
-    assert sigma == pytest.approx(0.2**0.5) and scale == pytest.approx(0.5) and calls == 3
+    assert sigma == pytest.approx(0.2**0.5) and scale == pytest.approx(0.5 * FidelityMap().guidance_at_1) and calls == 3
     rows = bench.stage_labels(r, o, (1,), "p.jpg 10x10, 1 faces")
     one = {k: 2.0 for k, _ in rows}
     many = {k: 8.0 for k, _ in rows} | {"detect": float("nan")}
@@ -69,7 +69,7 @@ def test_model_stages_on_tiny_model(bench, model_dir):
     lines = table.splitlines()
     assert lines[0] == "| stage | 1 face (ms) | 4 faces (ms per face) |" and len(lines) == 2 + len(rows)
     assert lines[2].endswith("| 2.0 | — |") and lines[3].endswith("| 2.0 | 2.0 |")  # 8 ms / 4 faces
-    assert "heun 2 steps (3 NFE, sigma_start 0.447, guidance 0.5) [default]" in table
+    assert "heun 2 steps (3 NFE, sigma_start 0.447, guidance 5) [default]" in table
     assert "heun 1 steps (1 NFE" in table
 
 
@@ -84,7 +84,7 @@ def test_main_writes_markdown(bench, model_dir, tmp_path):
     assert "command: `python " in report and "restore_speed.py --model" in report and "--reps 1" in report and f"torch {torch.__version__}" in report
     assert report.count("| stage | 1 face (ms) | 2 faces (ms per face) |") == 2  # one table per dtype
     assert "codeformer_01.jpg 248x189, 4 faces (per photo) |" in report
-    assert "heun 2 steps (3 NFE, sigma_start 0.447, guidance 0.5) [default]" in report
+    assert "heun 2 steps (3 NFE, sigma_start 0.447, guidance 5) [default]" in report
     for line in report.splitlines():
         if line.startswith("| ") and "stage" not in line:
             cells = [c.strip() for c in line.strip("|").split("|")[1:]]
