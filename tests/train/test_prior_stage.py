@@ -30,3 +30,12 @@ def test_prior_stage_trains_and_exports_with_stats(tiny_models, tmp_path):
     stats = json.loads((out / "latent_stats.json").read_text())
     assert list(prior.config.latent_mean) == stats["mean"] and list(prior.config.latent_std) == stats["std"]
     assert "val/psnr_direct" in (out / "log.csv").read_text()
+
+
+def test_prior_stage_init_from_checkpoint(tiny_models, tmp_path):
+    cfg = PriorTrainConfig(vqgan=str(tiny_models["vqgan"]), train_dir=str(tiny_models["faces"]),
+                           val_dir=str(tiny_models["faces"]), val_count=4, init_from=str(tiny_models["prior"]))
+    stage = PriorStage(tiny_models["unet_cfg"], 1.0, ScheduleConfig(), cfg, seed=0, batch_size=4, out_dir=tmp_path)
+    ref = load_prior(tiny_models["prior"])
+    for a, b in zip(stage.modules["prior"].parameters(), ref.parameters()):
+        assert torch.equal(a, b)

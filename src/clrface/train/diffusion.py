@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from clrface.checkpoint import save_checkpoint
+from clrface.checkpoint import load_weights, save_checkpoint
 from clrface.data.datasets import load_face_folder, to_model_range
 from clrface.data.degradation import degrade_batch, get_preset
 from clrface.diffusion.loss import edm_loss
@@ -38,6 +38,9 @@ class PriorTrainConfig:
     hflip: bool = True
     val_steps: int = 10  # Heun steps of the validation samples
     val_sigma_start: float = 2.0  # validation also samples from z^d + sigma_start * eps
+    # A prior checkpoint to continue from (e.g. the shipped src/clrface/weights/default/prior) when the
+    # resumable train_state of an earlier run is not available; optimiser moments start afresh.
+    init_from: str | None = None
 
 
 @torch.no_grad()
@@ -78,7 +81,10 @@ class PriorStage:
         self.prior_cfg = PriorConfig(unet=unet_cfg, sigma_data=sigma_data, latent_mean=mean, latent_std=std,
                                      schedule=schedule)
         (out_dir / "latent_stats.json").write_text(json.dumps({"mean": mean, "std": std}))
-        self.modules: dict[str, nn.Module] = {"prior": LatentPrior(self.prior_cfg)}
+        prior = LatentPrior(self.prior_cfg)
+        if cfg.init_from:
+            load_weights(cfg.init_from, prior)
+        self.modules: dict[str, nn.Module] = {"prior": prior}
         val = load_face_folder(cfg.val_dir, size=size, limit=cfg.val_count)
         self.val_gt = to_model_range(val)
         self.val_lq, _ = degrade_batch(self.val_gt, self.degradation, generator=12345)
