@@ -50,7 +50,7 @@ from clrface.errors import ClrfaceError
 from clrface.metrics.evaluate import read_pairs
 from clrface.metrics.verification import rank_k_accuracy, verification_accuracy
 from clrface.pipeline import Restorer, resolve_device
-from real_world import embed_faces, parse_row, resize_square, restore_row, row_options, slug
+from real_world import embed_faces, select_rows, resize_square, restore_row, row_options, slug
 
 DATA = Path("/work/shared/data")
 PRESETS = ("bfr", "x8", "x16")
@@ -337,15 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
-        rows = dict(DEFAULT_ROWS)
-        for spec in args.row:
-            name, kw = parse_row(spec)
-            rows[name] = kw
-        if args.only:
-            missing = sorted(set(args.only) - set(rows))
-            if missing:
-                raise ClrfaceError(f"--only: no row named {', '.join(missing)}; rows are {', '.join(rows)}")
-            rows = {k: v for k, v in rows.items() if k in args.only}
+        rows = select_rows(DEFAULT_ROWS, args.row, args.only)
         result = run(args.model, args.out, preset=args.preset, lfw=args.lfw, pairs=args.pairs, rows=rows,
                      limit_pairs=args.limit_pairs, seed=args.seed, device=args.device, batch_size=args.batch_size,
                      save_examples=args.save_examples)

@@ -75,6 +75,20 @@ def _value(s: str) -> Any:
     return s
 
 
+def select_rows(defaults: dict[str, Any], specs: Sequence[str], only: Sequence[str] | None) -> dict[str, Any]:
+    """The default rows plus ``--row`` specs, restricted to ``--only`` names (an unknown name raises)."""
+    rows = dict(defaults)
+    for spec in specs:
+        name, kw = parse_row(spec)
+        rows[name] = kw
+    if only:
+        missing = sorted(set(only) - set(rows))
+        if missing:
+            raise ClrfaceError(f"--only: no row named {', '.join(missing)}; rows are {', '.join(rows)}")
+        rows = {k: v for k, v in rows.items() if k in only}
+    return rows
+
+
 def parse_row(spec: str) -> tuple[str, dict[str, Any]]:
     """``NAME=MODE[:key=val,key=val]`` -> (NAME, {"mode": MODE, key: val, ...}); values become int/float/None
     where they parse, ``mask=off|on`` is kept for :func:`row_options`. Raises ClrfaceError on a malformed spec."""
@@ -382,15 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
-        rows = dict(DEFAULT_ROWS)
-        for spec in args.row:
-            name, kw = parse_row(spec)
-            rows[name] = kw
-        if args.only:
-            missing = sorted(set(args.only) - set(rows))
-            if missing:
-                raise ClrfaceError(f"--only: no row named {', '.join(missing)}; rows are {', '.join(rows)}")
-            rows = {k: v for k, v in rows.items() if k in args.only}
+        rows = select_rows(DEFAULT_ROWS, args.row, args.only)
         result = run(args.model, args.out, cropped=args.cropped or None, whole=args.whole or None, rows=rows,
                      fid_ref=args.fid_ref or None, device=args.device, batch_size=args.batch_size, limit=args.limit)
     except ClrfaceError as e:
