@@ -14,45 +14,75 @@ import argparse
 import json
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from clrface.data.datasets import load_face_folder, to_model_range, to_uint8
-from clrface.data.io import save_image
+from clrface.data.io import load_image, save_image
 from clrface.metrics.evaluate import evaluate_folders
+from clrface.metrics.noref import colorfulness
 from clrface.pipeline import RestoreOptions, Restorer
 
-# name -> (RestoreOptions kwargs, use the learned mask)
-TABLES: dict[str, dict[str, tuple[dict, bool]]] = {
+@dataclass(frozen=True)
+class Row:
+    """One configuration: RestoreOptions kwargs, whether the learned mask is used, and a model folder that
+    replaces --model for this row (e.g. a fine-tuned or ablated model packed with `clrface pack`)."""
+
+    options: dict
+    mask: bool = False
+    model: str | None = None
+
+
+TABLES: dict[str, dict[str, Row]] = {
     # Issue 5: the prior alone, from pure noise and from z_d at a few sigma_start, vs VQVAE-direct.
     "prior-table": {
-        "VQVAE-direct G(Q(E(x_d)))": ({"mode": "direct"}, False),
-        "prior, Heun-40 from noise": ({"mode": "prior", "steps": 40, "sigma_start": 20.0}, False),
-        "prior, Heun-40 from z_d, s=0.5": ({"mode": "prior", "steps": 40, "sigma_start": 0.5}, False),
-        "prior, Heun-40 from z_d, s=2": ({"mode": "prior", "steps": 40, "sigma_start": 2.0}, False),
-        "prior, Heun-40 from z_d, s=5": ({"mode": "prior", "steps": 40, "sigma_start": 5.0}, False),
+        "VQVAE-direct G(Q(E(x_d)))": Row({"mode": "direct"}),
+        "prior, Heun-40 from noise": Row({"mode": "prior", "steps": 40, "sigma_start": 20.0}),
+        "prior, Heun-40 from z_d, s=0.5": Row({"mode": "prior", "steps": 40, "sigma_start": 0.5}),
+        "prior, Heun-40 from z_d, s=2": Row({"mode": "prior", "steps": 40, "sigma_start": 2.0}),
+        "prior, Heun-40 from z_d, s=5": Row({"mode": "prior", "steps": 40, "sigma_start": 5.0}),
     },
     # Issue 5: NFE vs quality, from noise (the prior's own job).
     "nfe-table": {
-        **{f"Heun-{n} from noise": ({"mode": "prior", "steps": n, "sigma_start": 20.0}, False) for n in (5, 10, 20, 40)},
-        **{f"DPM++2M-{n} from noise": ({"mode": "prior", "steps": n, "sigma_start": 20.0, "sampler": "dpmpp_2m"}, False)
+        **{f"Heun-{n} from noise": Row({"mode": "prior", "steps": n, "sigma_start": 20.0}) for n in (5, 10, 20, 40)},
+        **{f"DPM++2M-{n} from noise": Row({"mode": "prior", "steps": n, "sigma_start": 20.0, "sampler": "dpmpp_2m"})
            for n in (5, 10, 20)},
     },
     # Issue 6 / paper Table 4: the ablation of the full method.
     "ablation": {
-        "VQVAE-direct": ({"mode": "direct"}, False),
-        "IRN": ({"mode": "irn"}, False),
-        "Diff. Prior (from z_d, s=2, Heun-20)": ({"mode": "prior", "steps": 20, "sigma_start": 2.0}, False),
-        "IRN + Diff. Prior (s=0.5, Heun-10)": ({"mode": "full", "steps": 10, "sigma_start": 0.5, "guidance_scale": 0.0}, False),
-        "IRN + Diff. Prior + ID guidance (no mask)": ({"mode": "full", "steps": 10, "sigma_start": 0.5, "guidance_scale": 10.0}, False),
-        "IRN + Diff. Prior + ID guidance + M_l": ({"mode": "full", "steps": 10, "sigma_start": 0.5, "guidance_scale": 10.0}, True),
+        "VQVAE-direct": Row({"mode": "direct"}),
+        "IRN (L1 only)": Row({"mode": "irn"}, model="runs/pack-noid"),
+        "IRN^ID": Row({"mode": "irn"}),
+        "Diff. Prior (from z_d, s=2, Heun-20)": Row({"mode": "prior", "steps": 20, "sigma_start": 2.0}),
+        "IRN^ID + Diff. Prior (s=0.5, Heun-10)": Row({"mode": "full", "steps": 10, "sigma_start": 0.5,
+                                                      "guidance_scale": 0.0}),
+        "IRN^ID + Diff. Prior + ID guidance (no mask)": Row({"mode": "full", "steps": 10, "sigma_start": 0.5,
+                                                             "guidance_scale": 10.0}),
+        "IRN^ID + Diff. Prior + ID guidance + M_l": Row({"mode": "full", "steps": 10, "sigma_start": 0.5,
+                                                        "guidance_scale": 10.0}, mask=True),
+    },
+    # Issue 8 / paper Table 2 at our scale: extreme upsampling (run on the x32 and x64 test sets).
+    "extreme": {
+        "VQVAE-direct": Row({"mode": "direct"}),
+        "default model (IRN^ID)": Row({"mode": "irn"}),
+        "extreme model (IRN^ID fine-tuned)": Row({"mode": "irn"}, model="src/clrface/weights/extreme"),
+        "extreme model + Diff. Prior (s=0.5, Heun-10)": Row({"mode": "full", "steps": 10, "sigma_start": 0.5,
+                                                             "guidance_scale": 0.0}, model="src/clrface/weights/extreme"),
+    },
+    # Issue 8: colorization (run on the gray test set).
+    "colorize": {
+        "VQVAE-direct": Row({"mode": "direct"}),
+        "default model (IRN^ID)": Row({"mode": "irn"}),
+        "colorize model (IRN^ID fine-tuned)": Row({"mode": "irn"}, model="src/clrface/weights/colorize"),
     },
 }
 METRICS = ("psnr", "ssim", "facerec_perceptual", "ids", "lmd")
 
 
-def run_row(restorer: Restorer, lq: torch.Tensor, names: list[str], out: Path, opts: RestoreOptions, use_mask: bool) -> float:
+def run_row(restorer: Restorer, lq: torch.Tensor, names: list[str], out: Path, opts: RestoreOptions, use_mask: bool
+            ) -> float:
     """Restores all faces into ``out``; returns seconds per face (restoration only)."""
     mask = restorer.mask
     restorer.mask = mask if use_mask else None
@@ -80,35 +110,51 @@ def main() -> None:
     ap.add_argument("--out", default="runs/ablation")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--fid", action="store_true", help="add FID against the test set's GT (noisy below ~1000 faces)")
+    ap.add_argument("--colorfulness", action="store_true",
+                    help="add the mean Hasler-Suesstrunk colourfulness of the face centre (and a GT row to compare)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     testset, out = Path(args.testset), Path(args.out)
     names = sorted(p.stem for p in (testset / "lq").iterdir())[: args.limit]
     lq = to_model_range(load_face_folder(testset / "lq", limit=args.limit))
     gt_dir = testset / "gt"  # files are matched by name, so a --limit subset is evaluated on its own GT
-    restorer = Restorer.from_pretrained(args.model)
+    restorers: dict[str, Restorer] = {}
+
+    def restorer_for(model: str) -> Restorer:
+        if model not in restorers:
+            facerec = next(iter(restorers.values())).facerec if restorers else None
+            restorers[model] = Restorer.from_pretrained(model, facerec=facerec)
+        return restorers[model]
+
+    metrics = METRICS + (("fid",) if args.fid else ()) + (("colorfulness",) if args.colorfulness else ())
     rows = []
     table = {"LQ input (bicubic up, as degraded)": None, **TABLES[args.rows]}
+    if args.colorfulness:
+        table = {"GT": "gt", **table}
     for row, spec in table.items():
         if args.only and row not in args.only:
             continue
-        if spec is None:
-            pred, dt = testset / "lq", 0.0
+        if spec is None or spec == "gt":
+            pred, dt = testset / ("gt" if spec else "lq"), 0.0
         else:
-            kwargs, use_mask = spec
-            pred = out / row.replace(" ", "_").replace("/", "-")
-            dt = run_row(restorer, lq, names, pred, RestoreOptions(batch_size=args.batch_size, **kwargs), use_mask)
-        res = evaluate_folders(pred, gt_dir, metrics=METRICS)
+            pred = out / row.replace(" ", "_").replace("/", "-").replace("^", "")
+            dt = run_row(restorer_for(spec.model or args.model), lq, names, pred,
+                         RestoreOptions(batch_size=args.batch_size, **spec.options), spec.mask)
+        res = evaluate_folders(pred, gt_dir, metrics=[m for m in metrics if m != "colorfulness"])
         vals = {r["metric"]: r["value"] for r in res["rows"]}
+        if args.colorfulness:
+            faces = torch.stack([torch.from_numpy(load_image(pred / f"{n}.png")) for n in names])
+            vals["colorfulness"] = colorfulness(faces.permute(0, 3, 1, 2)).mean().item()
         rows.append({"row": row, "s_per_face": dt, **vals})
-        print(f"| {row} | " + " | ".join(f"{vals.get(m, float('nan')):.4g}" for m in METRICS) + f" | {dt:.3f} |", flush=True)
+        print(f"| {row} | " + " | ".join(f"{vals.get(m, float('nan')):.4g}" for m in metrics) + f" | {dt:.3f} |", flush=True)
     meta = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "model": args.model,
-            "testset": str(testset), "n": len(names), "metrics": METRICS}
+            "testset": str(testset), "n": len(names), "metrics": metrics}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.rows}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print("\n| row | " + " | ".join(METRICS) + " | s/face |\n|---|" + "---|" * (len(METRICS) + 1))
+    print("\n| row | " + " | ".join(metrics) + " | s/face |\n|---|" + "---|" * (len(metrics) + 1))
     for r in rows:
-        print(f"| {r['row']} | " + " | ".join(f"{r.get(m) if r.get(m) is None else round(r[m], 4)}" for m in METRICS)
+        print(f"| {r['row']} | " + " | ".join(f"{r.get(m) if r.get(m) is None else round(r[m], 4)}" for m in metrics)
               + f" | {r['s_per_face']:.3f} |")
 
 

@@ -30,7 +30,9 @@ def _add_degrade(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("degrade", help="apply the synthetic BFR degradation (blur, downscale, noise, JPEG) to images")
     p.add_argument("input", help="an image file or a folder of images")
     p.add_argument("output", help="output image (for a file input, .png/.jpg) or folder; manifest.json records the parameters")
-    p.add_argument("--preset", default="bfr", choices=["bfr", "x32", "gray"], help="degradation preset (paper Sec. 4.1)")
+    p.add_argument("--preset", default="bfr", choices=["bfr", "x32", "x64", "extreme", "gray"],
+                   help="degradation preset (paper Sec. 4.1; x32/x64: fixed x32/x64 at 512 px, i.e. x8/x16 at 128 px; "
+                        "extreme: x32..x64)")
     p.add_argument("--seed", type=int, default=0, help="image i of the sorted input gets seed SEED+i")
     p.add_argument("--size", type=int, help="resize to SIZE x SIZE first; the preset's 512-px ranges scale to SIZE "
                    "(default: to each image's shorter side)")
@@ -51,7 +53,8 @@ def _add_make_testset(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("make-testset", help="build a fixed synthetic test set (gt/, lq/, manifest.json) from aligned faces")
     p.add_argument("src", help="folder of aligned square faces")
     p.add_argument("out", help="output folder")
-    p.add_argument("--preset", default="bfr", choices=["bfr", "x32", "gray"], help="degradation preset")
+    p.add_argument("--preset", default="bfr", choices=["bfr", "x32", "x64", "extreme", "gray"],
+                   help="degradation preset (see `clrface degrade --help`)")
     p.add_argument("--seed", type=int, default=0, help="face i of the sorted folder gets seed SEED+i")
     p.add_argument("--size", type=int, help="resize faces to SIZE x SIZE (ranges scale to SIZE)")
     p.add_argument("--limit", type=int, help="use only the first LIMIT faces")
@@ -165,55 +168,103 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
                    help="compute precision: below float32 the nets run under torch autocast (weights, latents "
                         "and sampler steps stay float32); default float32")
     p.add_argument("--batch-size", type=int, default=8, help="faces per forward pass (x samples; default 8)")
-    p.add_argument("--upscale", type=int, default=1,
-                   help="integer factor: the output photo is the input resized by N (Lanczos) with the faces pasted "
-                        "at that resolution (aligned crops: the crop size x N); default 1")
+    p.add_argument("--bg-upscale", "--upscale", dest="upscale", type=int, default=1, metavar="N",
+                   help="integer factor: the whole photo is enlarged by N (Lanczos, or Real-ESRGAN with --bg-model) "
+                        "before the restored faces are pasted at that resolution (aligned crops: the crop size x N); "
+                        "default 1")
+    p.add_argument("--bg-model", default=None, metavar="WEIGHTS",
+                   help="Real-ESRGAN RRDBNet weights for the background (e.g. RealESRGAN_x4plus.pth or x2plus, placed by "
+                        "you; nothing is downloaded); run on tiles, then resampled to --bg-upscale")
+    p.add_argument("--bg-tile", type=int, default=192,
+                   help="tile size in input pixels for --bg-model (smaller: less memory; default 192)")
     p.add_argument("--max-faces", type=int, default=None, help="restore only the N largest faces of each photo")
+    p.add_argument("--color", default=None, choices=["auto", "keep", "full"],
+                   help="full: paste the restored colours; keep: paste only the restored luminance, keeping the photo's "
+                        "tone (grayscale/sepia stay so, no colour cast at the seam); auto (default): keep for monochrome "
+                        "photos, else full. --model colorize defaults to full: it colours the faces of gray photos")
 
 
 def _restore_setup(args: argparse.Namespace):
+    from clrface.background import RealESRGANUpscaler, lanczos_upscale, load_rrdbnet
     from clrface.pipeline import DTYPES, Restorer, resolve_device
 
-    restorer = Restorer.from_pretrained(args.model, resolve_device(args.device), DTYPES[args.dtype])
+    device = resolve_device(args.device)
+    background = lanczos_upscale
+    if args.bg_model:
+        background = RealESRGANUpscaler(load_rrdbnet(args.bg_model, device), tile=args.bg_tile)
+    restorer = Restorer.from_pretrained(args.model, device, DTYPES[args.dtype], background=background)
     options = restorer.options(fidelity=args.fidelity, steps=args.steps, sampler=args.sampler,
                                sigma_start=args.sigma_start, guidance_scale=args.guidance_scale, seed=args.seed,
                                samples=args.samples, mode=args.mode, batch_size=args.batch_size,
-                               upscale=args.upscale, max_faces=args.max_faces)
+                               upscale=args.upscale, max_faces=args.max_faces, color=args.color)
     return restorer, options
+
+
+def _process_group(args: argparse.Namespace):
+    """(rank, world, barrier): one process, or the process group of `accelerate launch -m clrface restore ...`
+    (each process then restores every world-th input, on its own GPU when --device cuda)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, lambda: None
+    from accelerate import PartialState
+
+    state = PartialState(cpu=args.device == "cpu")
+    if args.device == "cuda":
+        args.device = str(state.device)
+    return state.process_index, state.num_processes, state.wait_for_everyone
 
 
 def _add_restore(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "restore", help="restore the faces of photos (or of aligned face crops) with CLR-Face",
+        "restore", help="restore the faces of photos, videos (or of aligned face crops) with CLR-Face",
         description="Detects and aligns every face, restores it (IRN -> conditional latent prior with masked identity "
                     "guidance -> VQGAN decoder) and pastes it back. Writes OUTPUT/cropped_faces/, restored_faces/, "
                     "cmp/ (input crop | restored), final/ (whole photos) and report.json (boxes, identity cosines "
-                    "restored-vs-IRN and restored-vs-input, timings, failures). Inputs are never overwritten.")
-    p.add_argument("input", help="a photo or a folder of photos")
+                    "restored-vs-IRN and restored-vs-input, timings, failures). Inputs are never overwritten. "
+                    "Videos (.mp4 .mov .mkv .avi .webm) go to final/<name>.mp4 with their audio: every face of every "
+                    "frame is restored, tracked across frames and stabilised (see --no-stabilize).")
+    p.add_argument("input", help="a photo, a video or a folder of them")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--aligned", action="store_true",
                    help="inputs are already FFHQ-aligned face crops (any size): no detection, restored at their size")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo inputs that an earlier run into OUTPUT finished with the same model and options "
+                        "(by default they are skipped, so a killed run resumes where it stopped)")
+    p.add_argument("--no-stabilize", action="store_true",
+                   help="videos: restore every frame as an independent photo (no face tracking, landmark smoothing, "
+                        "per-track noise or temporal blending); for comparison, it flickers more")
     _add_restore_model_args(p)
 
     def run(args: argparse.Namespace) -> int:
         from pathlib import Path
 
-        from clrface.data.io import list_images, load_image
+        from clrface.data.io import load_image
         from clrface.pipeline import restore_files
+        from clrface.video import is_video, list_media, probe_video
 
-        inputs = list_images(args.input)
-        if Path(args.input).is_file():
-            load_image(inputs[0])  # a single bad file is the command's error, before any model is loaded
+        inputs = list_media(args.input)
+        if Path(args.input).is_file():  # a single bad file is the command's error, before any model is loaded
+            probe_video(inputs[0]) if is_video(inputs[0]) else load_image(inputs[0])
         elif not inputs:
-            raise ClrfaceError(f"{args.input}: no image files in this folder")
+            raise ClrfaceError(f"{args.input}: no image or video files in this folder")
         if Path(args.output).is_file():
             raise ClrfaceError(f"{args.output}: is a file; --output must be a folder")
+        rank, world, barrier = _process_group(args)
         restorer, options = _restore_setup(args)
-        report = restore_files(inputs, args.output, restorer, options, aligned=args.aligned)
+        report = restore_files(inputs, args.output, restorer, options, aligned=args.aligned, rank=rank, world=world,
+                               barrier=barrier, overwrite=args.overwrite, stabilize=not args.no_stabilize)
         n_ok, n_bad = len(report["images"]), len(report["failures"])
-        no_face = sum(r["no_face"] for r in report["images"])
-        print(f"restored {report['faces_total']} face(s) in {n_ok} image(s) into {args.output} "
-              f"({no_face} without a face, {n_bad} failed) in {report['seconds']:.1f} s")
+        if rank == 0:
+            no_face = sum(r["no_face"] for r in report["images"])
+            skipped = f", {report['skipped']} already done" if report["skipped"] else ""
+            procs = f" by {world} processes" if world > 1 else ""
+            vids = [r for r in report["images"] if r.get("video")]
+            of_videos = (f" and {sum(r['face_frames'] for r in vids)} face(s) in {sum(r['frames'] for r in vids)} "
+                         f"frame(s) of {len(vids)} video(s)") if vids else ""
+            print(f"restored {report['faces_total']} face(s) in {n_ok - len(vids)} image(s){of_videos} into "
+                  f"{args.output}{procs} ({no_face} without a face, {n_bad} failed{skipped}) in "
+                  f"{report['seconds']:.1f} s")
         return 1 if n_bad else 0
 
     p.set_defaults(func=run)
@@ -245,17 +296,31 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pack", help="assemble trained stages into one model folder for `clrface restore --model` (fp16 by default)")
     p.add_argument("-o", "--out", required=True, help="model folder to write (gets vqgan/, prior/, irn/, mask/)")
     for stage in ("vqgan", "prior", "irn", "mask"):
-        p.add_argument(f"--{stage}", required=stage in ("vqgan", "prior"),
+        p.add_argument(f"--{stage}",
                        help=f"checkpoint folder of the {stage} stage (e.g. runs/{stage}-128/model)"
-                       + ("" if stage in ("vqgan", "prior") else "; optional"))
+                       + ("; required unless --base" if stage in ("vqgan", "prior") else "; optional"))
+    p.add_argument("--base", help="an installed model (e.g. default) that supplies the stages not given here: "
+                                  "a fine-tuned model ships only what it changed (written to restore.json)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage dtype of the weights")
 
     def run(args: argparse.Namespace) -> int:
+        import json
         from pathlib import Path
 
         import torch
 
         from clrface.checkpoint import convert_checkpoint
+
+        if not args.base and not (args.vqgan and args.prior):
+            raise ClrfaceError("pack needs --vqgan and --prior, or --base NAME to take the missing stages from")
+        if args.base:
+            from clrface.pipeline import resolve_model
+
+            resolve_model(args.base)  # fail now on a name that does not resolve
+            spec_path = Path(args.out) / "restore.json"
+            spec = json.loads(spec_path.read_text()) if spec_path.is_file() else {}
+            spec_path.parent.mkdir(parents=True, exist_ok=True)
+            spec_path.write_text(json.dumps({**spec, "base": args.base}, indent=1) + "\n")
 
         for stage in ("vqgan", "prior", "irn", "mask"):
             src = getattr(args, stage)
@@ -268,8 +333,71 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="a local web page: upload a photo, pick fidelity/steps/seed/mode, compare and download",
+        description="Serves a page on http://HOST:PORT/ (standard library HTTP server, no extra dependency): upload a "
+                    "photo, restore it with the options chosen, see input and result side by side with each face's "
+                    "identity scores, download the PNG. The model is loaded once; restores run one at a time. "
+                    "Nothing is written to disk except each upload, briefly, in a temporary folder.")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default %(default)s: this machine only; 0.0.0.0 exposes it, "
+                        "without authentication)")
+    p.add_argument("--port", type=int, default=7860, help="TCP port (default %(default)s; 0: any free port)")
+    p.add_argument("--model", default="default", help="model folder or installed model name (default: %(default)s)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"], help="torch device (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="compute precision (see `clrface restore --help`)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="refuse larger uploads (default %(default)s)")
+    p.add_argument("--max-megapixels", type=float, default=16.0,
+                   help="refuse photos with more pixels, read from the header before decoding (default %(default)s)")
+
+    def run(args: argparse.Namespace) -> int:
+        from clrface.pipeline import DTYPES, Restorer, resolve_device
+        from clrface.serve import ServeLimits, serve
+
+        if args.max_upload_mb <= 0 or args.max_megapixels <= 0:
+            raise ClrfaceError("--max-upload-mb and --max-megapixels must be > 0")
+        limits = ServeLimits(max_bytes=int(args.max_upload_mb * 2**20), max_pixels=int(args.max_megapixels * 1e6))
+        restorer = Restorer.from_pretrained(args.model, resolve_device(args.device), DTYPES[args.dtype])
+        serve(restorer, args.host, args.port, limits)
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a model for other runtimes (onnx: torch-free restore with onnxruntime)")
+    fmt = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    o = fmt.add_parser(
+        "onnx", help="write encoder/decoder/denoiser/irn .onnx graphs and runtime.json into a folder",
+        description="Exports the VQGAN encoder (with the latent normalisation), the decoder G(Q(z)) (nearest-code "
+                    "lookup inside), the preconditioned prior denoiser D(x; sigma, z_d) and the IRN as ONNX graphs "
+                    "with a dynamic batch axis, plus runtime.json (resolution, schedule, latent mean/std, default "
+                    "options) for clrface.onnx_runtime.OnnxRestorer (numpy + onnxruntime, no torch). Identity "
+                    "guidance needs autograd and stays torch-only.")
+    o.add_argument("--model", default="default", help="model folder or installed model name (default: %(default)s)")
+    o.add_argument("-o", "--output", required=True, help="output folder")
+    o.add_argument("--opset", type=int, default=18, help="ONNX opset, >= 17 (default %(default)s)")
+    o.add_argument("--torchscript", action="store_true",
+                   help="use torch's legacy TorchScript exporter (deprecated; faster, needs no onnxscript)")
+
+    def run(args: argparse.Namespace) -> int:
+        from clrface.export import export_onnx
+
+        import json
+
+        path = export_onnx(args.model, args.output, opset=args.opset, dynamo=not args.torchscript)
+        graphs = json.loads(path.read_text())["graphs"].values()
+        print(f"exported {args.model} to {path.parent}: {', '.join(graphs)}, {path.name}")
+        return 0
+
+    o.set_defaults(func=run)
+
+
 # Subcommands are added by one function each; keep each block self-contained.
-_COMMANDS = [_add_train, _add_degrade, _add_make_testset, _add_align, _add_evaluate, _add_restore, _add_demo, _add_pack]
+_COMMANDS = [_add_train, _add_degrade, _add_make_testset, _add_align, _add_evaluate, _add_restore, _add_demo, _add_pack,
+             _add_serve, _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

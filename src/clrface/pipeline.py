@@ -29,18 +29,20 @@ import functools
 import importlib.resources
 import json
 import math
+import os
 import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from clrface.background import Upscaler, lanczos_upscale
 from clrface.diffusion.prior import LatentPrior, load_prior
 from clrface.diffusion.sampler import SAMPLERS, Denoise, nfe, sample
 from clrface.diffusion.schedule import sigmas_from
@@ -53,6 +55,7 @@ MODES = ("full", "prior", "irn", "direct")
 when sigma_start >= the schedule's sigma_max), no IRN, no guidance; irn: the IRN output x_id alone;
 direct: G(Q(E(x_d))), the VQGAN's reconstruction of the input."""
 
+COLOR_MODES = ("auto", "keep", "full")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_UPSCALE = 8
 
@@ -90,6 +93,10 @@ class RestoreOptions:
     seed: face i, sample k draws its start noise from its own generator seeded by (seed, k, i), so results do
     not depend on batch_size or the device. samples: independent results per face. batch_size: faces per
     forward pass (times ``samples``). upscale: integer factor of the output photo/crop over the input.
+    color: what the pasted face takes from the restored crop. "full": its colours; "keep": its luminance only,
+    with the chroma of the photo under it, so grayscale and sepia photos keep their tone; "auto": "keep" for
+    monochrome photos (see :func:`is_monochrome`), else "full". A colorization model sets "full" in its
+    restore.json.
     """
 
     fidelity: float = 0.5
@@ -103,8 +110,11 @@ class RestoreOptions:
     batch_size: int = 8
     upscale: int = 1
     max_faces: int | None = None
+    color: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.color not in COLOR_MODES:
+            raise ClrfaceError(f"unknown color {self.color!r}; choose from {', '.join(COLOR_MODES)}")
         if not 0.0 <= float(self.fidelity) <= 1.0:
             raise ClrfaceError(f"fidelity must be in [0, 1], got {self.fidelity}")
         if self.steps < 1:
@@ -186,6 +196,34 @@ def _resize(img: np.ndarray, w: int, h: int) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize((w, h), Image.Resampling.LANCZOS))
 
 
+def _ycbcr(img: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.fromarray(img).convert("YCbCr"), dtype=np.float32)
+
+
+def is_monochrome(photo: np.ndarray, tol: float = 1.5) -> bool:
+    """True for grayscale and single-hue (sepia, cyanotype) photos: the chroma vectors (Cb-128, Cr-128) of the
+    pixels lie on one ray from neutral gray, within ``tol`` (0-255 scale, rms distance off the ray; colour photos
+    of ../shared/data/real_lq measure 2.6 to 9.3, a warm film still the lowest)."""
+    c = _ycbcr(photo)[..., 1:].reshape(-1, 2).astype(np.float64) - 128.0
+    if len(c) > 65536:  # a fixed subsample is plenty for a 2-D direction
+        c = c[:: len(c) // 65536]
+    _, _, vt = np.linalg.svd(c, full_matrices=False)
+    d = vt[0]
+    along = c @ d
+    if along.mean() < 0:
+        d, along = -d, -along
+    off = c - along[:, None] * d
+    return bool(np.sqrt((off ** 2).sum(1).mean()) <= tol and np.quantile(along, 0.01) >= -tol)
+
+
+def keep_tone(restored: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """The luminance of ``restored`` with the chroma of ``reference`` (same size, uint8 [S,S,3])."""
+    y = _ycbcr(restored)[..., :1]
+    cbcr = _ycbcr(reference)[..., 1:]
+    ycc = np.clip(np.rint(np.concatenate([y, cbcr], -1)), 0, 255).astype(np.uint8)
+    return np.asarray(Image.fromarray(ycc, "YCbCr").convert("RGB"))
+
+
 def resolve_device(name: str | torch.device) -> torch.device:
     """A torch device that exists here; raises ClrfaceError (one line) for cuda/mps when unavailable."""
     dev = torch.device(name)
@@ -226,8 +264,10 @@ class Restorer:
 
     def __init__(self, vqgan: VQGAN, prior: LatentPrior, irn: nn.Module | None = None, mask: LatentMask | None = None,
                  facerec: nn.Module | None = None, *, fidelity_map: FidelityMap = FidelityMap(),
-                 source: str | None = None, dtype: torch.dtype | None = None, defaults: dict[str, Any] | None = None):
+                 source: str | None = None, dtype: torch.dtype | None = None, defaults: dict[str, Any] | None = None,
+                 background: Upscaler = lanczos_upscale):
         self.vqgan, self.prior, self.irn, self.mask = vqgan, prior, irn, mask
+        self.background = background  # enlarges the whole photo by options.upscale before faces are pasted
         self.fidelity_map = fidelity_map
         # The model's measured-best RestoreOptions (restore.json "defaults"); explicit options override them.
         self.defaults: dict[str, Any] = dict(defaults or {})
@@ -250,40 +290,53 @@ class Restorer:
 
     @classmethod
     def from_pretrained(cls, path_or_name: str | Path | None = None, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, *, facerec: nn.Module | None = None) -> "Restorer":
+                        dtype: torch.dtype = torch.float32, *, facerec: nn.Module | None = None,
+                        background: Upscaler = lanczos_upscale) -> "Restorer":
         """Loads ``vqgan/``, ``prior/`` (required), ``irn/``, ``mask/`` (optional) and ``restore.json`` (optional)
         from a model folder, or from ``clrface/weights/<name>`` for a name (None or "default": the shipped
-        default). Weights load in fp32 on ``device``; ``dtype`` is the compute precision (autocast). A missing or
-        incomplete folder or a checkpoint of the wrong kind/shape raises CheckpointError."""
+        default). A restore.json ``"base": NAME`` supplies the stages the folder lacks from the installed model NAME
+        (a fine-tuned model ships only what it changed). Weights load in fp32 on ``device``; ``dtype`` is the
+        compute precision (autocast). A missing or incomplete folder or a checkpoint of the wrong kind/shape raises
+        CheckpointError."""
         from clrface.train.vqgan import load_vqgan
 
         folder = resolve_model(path_or_name)
-        missing = [sub for sub in ("vqgan", "prior") if not (folder / sub / "config.json").is_file()
-                   or not (folder / sub / "model.safetensors").is_file()]
+        spec: dict[str, Any] = {}
+        if (folder / "restore.json").is_file():
+            try:
+                spec = json.loads((folder / "restore.json").read_text())
+            except ValueError as e:
+                raise CheckpointError(f"{folder / 'restore.json'}: invalid ({e})") from None
+        # A fine-tuned model ships only the stages it changed; "base" names the model that supplies the rest.
+        base = resolve_model(spec["base"]) if spec.get("base") else None
+
+        def stage(sub: str) -> Path:
+            own = folder / sub
+            return base / sub if base is not None and not own.is_dir() else own
+
+        missing = [sub for sub in ("vqgan", "prior") if not (stage(sub) / "config.json").is_file()
+                   or not (stage(sub) / "model.safetensors").is_file()]
         if missing:
             raise CheckpointError(f"{folder}: incomplete model folder, missing {' and '.join(s + '/' for s in missing)}"
                                   " (need vqgan/ and prior/ checkpoints; irn/ and mask/ are optional)")
         device = torch.device(device)
-        vqgan = load_vqgan(folder / "vqgan", device)
-        prior = load_prior(folder / "prior", device)
+        vqgan = load_vqgan(stage("vqgan"), device)
+        prior = load_prior(stage("prior"), device)
         irn = mask = None
-        if (folder / "irn").is_dir():
+        if stage("irn").is_dir():
             from clrface.identity.irn import load_irn
 
-            irn = load_irn(folder / "irn", device)
-        if (folder / "mask").is_dir():
-            mask = load_mask(folder / "mask", device)
-        fmap, defaults = FidelityMap(), {}
-        if (folder / "restore.json").is_file():
-            try:
-                spec = json.loads((folder / "restore.json").read_text())
-                fmap = FidelityMap(**spec.get("fidelity_map", {}))
-                defaults = spec.get("defaults", {})
-                RestoreOptions(**defaults)  # validate now, not at the first restore
-            except (ValueError, TypeError, ClrfaceError) as e:
-                raise CheckpointError(f"{folder / 'restore.json'}: invalid ({e})") from None
+            irn = load_irn(stage("irn"), device)
+        if stage("mask").is_dir():
+            mask = load_mask(stage("mask"), device)
+        try:
+            fmap = FidelityMap(**spec.get("fidelity_map", {}))
+            defaults = spec.get("defaults", {})
+            RestoreOptions(**defaults)  # validate now, not at the first restore
+        except (ValueError, TypeError, ClrfaceError) as e:
+            raise CheckpointError(f"{folder / 'restore.json'}: invalid ({e})") from None
         return cls(vqgan, prior, irn, mask, facerec, fidelity_map=fmap, source=str(folder), dtype=dtype,
-                   defaults=defaults)
+                   defaults=defaults, background=background)
 
     def options(self, **overrides: Any) -> RestoreOptions:
         """RestoreOptions: the model's defaults (restore.json), then ``overrides`` that are not None."""
@@ -332,28 +385,34 @@ class Restorer:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     @torch.no_grad()  # guided sampling needs autograd islands, so no inference_mode
-    def restore_faces(self, x_d: Tensor, options: RestoreOptions | None = None, *, first_index: int = 0
+    def restore_faces(self, x_d: Tensor, options: RestoreOptions | None = None, *, first_index: int = 0,
+                      face_ids: Sequence[int] | None = None, start: Callable[[Tensor], Tensor] | None = None
                       ) -> dict[str, Any]:
         """Restores aligned faces x_d [B,3,S,S] in [-1,1].
 
         Returns a dict: ``restored`` [B,N,3,S,S] fp32 in [-1,1] (N = options.samples), ``x_id`` [B,3,S,S] (the
         IRN output; x_d when there is none or mode is not "full"/"irn"), ``id_vs_irn`` / ``id_vs_input`` [B,N]
         cosine similarities of the restored faces' embeddings with those of x_id and x_d, ``sigma_start``,
-        ``guidance_scale`` and ``nfe`` (denoiser calls per face and sample). ``first_index`` numbers the faces
-        for the per-face noise seeds (see RestoreOptions).
+        ``guidance_scale`` and ``nfe`` (denoiser calls per face and sample), ``latent`` [B,N,d,h,w] (the sampled
+        latent; None in modes irn/direct). ``first_index`` numbers the faces for the per-face noise seeds (see
+        RestoreOptions); ``face_ids`` [B] numbers them explicitly instead (video: a face track keeps its noise).
+        ``start`` maps the start latent z_init [B,d,h,w] to the one the sampler starts from (video: blends in the
+        previous frame's latent); diffusion modes only.
         """
         o = options or RestoreOptions()
         s = self.resolution
         if x_d.ndim != 4 or x_d.shape[1] != 3 or tuple(x_d.shape[2:]) != (s, s):
             raise ClrfaceError(f"restore_faces needs faces [B,3,{s},{s}], got {tuple(x_d.shape)}")
         with self.autocast():
-            return self._restore_faces(x_d.to(self.device, torch.float32), o, first_index)
+            return self._restore_faces(x_d.to(self.device, torch.float32), o, first_index, face_ids, start)
 
-    def _restore_faces(self, x_d: Tensor, o: RestoreOptions, first_index: int) -> dict[str, Any]:
+    def _restore_faces(self, x_d: Tensor, o: RestoreOptions, first_index: int,
+                       face_ids: Sequence[int] | None = None, start: Callable[[Tensor], Tensor] | None = None
+                       ) -> dict[str, Any]:
         s = self.resolution
         b, n = x_d.shape[0], o.samples
         sigma_start, scale = o.resolve(self.fidelity_map)
-        calls = 0
+        calls, z = 0, None
         x_id, has_id = x_d, False
         if o.mode == "direct":
             restored = self.vqgan.decode(self.vqgan.encode(x_d)).float()
@@ -375,7 +434,11 @@ class Restorer:
                 scale, e_id = 0.0, None
                 z_init = torch.zeros_like(z_d) if sigma_start >= self.prior.config.schedule.sigma_max else z_d
             rep = lambda t: t.repeat_interleave(n, 0)  # noqa: E731  [B,...] -> [B*N,...], samples of a face adjacent
-            noise = torch.stack([face_noise(tuple(z_d.shape), o.seed, k, first_index) for k in range(n)], 1)
+            ids = range(first_index, first_index + b) if face_ids is None else face_ids
+            noise = torch.stack([torch.cat([face_noise((1, *z_d.shape[1:]), o.seed, k, i) for i in ids])
+                                 for k in range(n)], 1)
+            if start is not None:
+                z_init = start(z_init)
             denoise = self.denoiser(rep(z_d), None if e_id is None else rep(e_id), scale)
             z = self.refine(rep(z_init), denoise, sigma_start, o, noise.flatten(0, 1))
             restored = self.decode(z).clamp(-1, 1).view(b, n, 3, s, s)
@@ -393,6 +456,7 @@ class Restorer:
             "sigma_start": sigma_start,
             "guidance_scale": scale if o.mode == "full" else 0.0,
             "nfe": calls,
+            "latent": None if z is None else z.view(b, n, *z.shape[1:]),
         }
 
     def restore_crops(self, crops: np.ndarray, options: RestoreOptions) -> dict[str, Any]:
@@ -402,6 +466,28 @@ class Restorer:
         out = {k: torch.cat([p[k].cpu() for p in parts]) for k in ("restored", "x_id", "id_vs_irn", "id_vs_input")}
         out.update({k: parts[0][k] for k in ("sigma_start", "guidance_scale", "nfe")})
         return out
+
+    def restore(self, image: str | Path | np.ndarray | Image.Image, *, aligned: bool = False, **options: Any
+                ) -> RestoreResult:
+        """The Python API: restores a photo given as a path, a PIL image or a uint8 [H,W,3] array.
+
+        ``options`` are RestoreOptions fields (fidelity, steps, sampler, seed, samples, mode, upscale, ...); those
+        not given take the model's measured-best defaults. The result holds the whole restored photo
+        (``.image``), and per face its input crop, restored crops, box and identity cosines (``.faces``).
+        """
+        if isinstance(image, (str, Path)):
+            from clrface.data.io import load_image
+
+            photo = load_image(image)
+        elif isinstance(image, Image.Image):
+            from PIL import ImageOps
+
+            from clrface.data.io import to_rgb_uint8
+
+            photo = to_rgb_uint8(ImageOps.exif_transpose(image))
+        else:
+            photo = np.asarray(image)
+        return self.restore_image(photo, self.options(**options), aligned=aligned)
 
     def restore_image(self, photo: np.ndarray, options: RestoreOptions | None = None, *, aligned: bool = False
                       ) -> RestoreResult:
@@ -420,10 +506,13 @@ class Restorer:
             raise ClrfaceError(f"restore_image needs uint8 [H, W, 3], got {img.dtype} {img.shape}")
         h, w = img.shape[:2]
         s, u = self.resolution, o.upscale
+        keep = o.color == "keep" or (o.color == "auto" and is_monochrome(img))
         if aligned:
             crop = _resize(img, s, s)
             out = self.restore_crops(crop[None], o)
             crops_out = list(_u8(out["restored"][0]))
+            if keep:
+                crops_out = [keep_tone(c, crop) for c in crops_out]
             images = [_resize(c, w * u, h * u) for c in crops_out]
             affine = np.array([[s / w, 0, 0.5 * s / w - 0.5], [0, s / h, 0.5 * s / h - 0.5]])
             face = FaceResult(crop, crops_out, np.array([0.0, 0.0, w, h]), affine,
@@ -434,13 +523,15 @@ class Restorer:
 
         # bicubic warp + bicubic paste: the round trip keeps > 47 dB on every real_lq photo (docs/RESULTS.md)
         found = align_faces(img, s, max_faces=o.max_faces, resample="bicubic")
-        base = _resize(img, w * u, h * u)
+        base = self.background(img, u)
         if not found:
             return RestoreResult([base.copy() for _ in range(o.samples)], [], no_face=True,
                                  warnings=["no face found; returned unchanged"])
         crops = np.stack([c for c, _ in found])
         out = self.restore_crops(crops, o)
         restored = [_u8(out["restored"][i]) for i in range(len(found))]  # per face: [N,S,S,3]
+        if keep:  # the aligned input crop is the photo under the face: its chroma is the photo's tone there
+            restored = [np.stack([keep_tone(c, crops[i]) for c in r]) for i, r in enumerate(restored)]
         faces = [FaceResult(crops[i], list(restored[i]), info.box, info.affine, out["id_vs_irn"][i].tolist(),
                             out["id_vs_input"][i].tolist()) for i, (_, info) in enumerate(found)]
         images = []
@@ -482,62 +573,135 @@ def _side_by_side(*imgs: np.ndarray) -> np.ndarray:
     return np.concatenate([_resize(i, round(i.shape[1] * h / i.shape[0]), h) for i in imgs], axis=1)
 
 
+DONE_DIR = ".clrface-done"
+"""Per-input completion records under the output folder: a rerun with the same model and options skips inputs
+whose record exists (resumable after a kill); records are written only after all of an input's files."""
+
+
+def _run_key(restorer: Restorer, options: RestoreOptions, aligned: bool) -> str:
+    """What must match for an earlier result to be reused: model folder, options, aligned."""
+    spec = {"model": restorer.source, "options": asdict(options), "aligned": aligned,
+            "dtype": str(restorer.dtype), "background": getattr(restorer.background, "__name__",
+                                                                type(restorer.background).__name__)}
+    return json.dumps(spec, sort_keys=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _restore_one(path: Path, name: str, out: Path, restorer: Restorer, options: RestoreOptions, aligned: bool,
+                 inputs: list[Path], emit: Callable[[str], None], stabilize: bool = True) -> dict[str, Any]:
+    from clrface.data.io import load_image, save_image
+    from clrface.video import is_video, restore_video
+
+    t0 = time.perf_counter()
+    if is_video(path):  # final/<name>.mp4; faces are detected per frame, so --aligned does not apply
+        rec = restore_video(path, out / "final" / f"{name}.mp4", restorer, options, stabilize=stabilize,
+                            inputs=inputs, progress=False)
+        rec.update(video=True, no_face=rec["frames_without_face"] == rec["frames"], faces=[])
+        rec["warnings"] += ["--aligned does not apply to videos: faces are detected per frame"] if aligned else []
+        for wmsg in rec["warnings"]:
+            emit(f"clrface: warning: {path}: {wmsg}")
+        return rec
+    photo = load_image(path)
+    res = restorer.restore_image(photo, options, aligned=aligned)
+    sfx = (lambda j: f"_s{j}") if options.samples > 1 else (lambda j: "")
+    rec: dict[str, Any] = {"input": str(path), "size": [int(photo.shape[1]), int(photo.shape[0])],
+                           "no_face": res.no_face, "sampling": res.sampling, "faces": [], "final": []}
+    for j, im in enumerate(res.images):
+        rec["final"].append(str(save_image(out / "final" / f"{name}{sfx(j)}.png", im, inputs=inputs)))
+    for k, f in enumerate(res.faces):
+        fr: dict[str, Any] = {"index": k, "box": [round(float(v), 2) for v in f.box],
+                              "id_vs_irn": [round(v, 4) for v in f.id_vs_irn],
+                              "id_vs_input": [round(v, 4) for v in f.id_vs_input]}
+        save_image(out / "cropped_faces" / f"{name}_{k}.png", f.crop_in, inputs=inputs)
+        for j, c in enumerate(f.crops_out):
+            save_image(out / "restored_faces" / f"{name}_{k}{sfx(j)}.png", c, inputs=inputs)
+            save_image(out / "cmp" / f"{name}_{k}{sfx(j)}.png", _side_by_side(f.crop_in, c), inputs=inputs)
+        rec["faces"].append(fr)
+    for wmsg in res.warnings:
+        rec.setdefault("warnings", []).append(wmsg)
+        emit(f"clrface: warning: {path}: {wmsg}")
+    rec["seconds"] = round(time.perf_counter() - t0, 3)
+    return rec
+
+
 def restore_files(inputs: list[Path], out_dir: str | Path, restorer: Restorer, options: RestoreOptions, *,
-                  aligned: bool = False, log: Callable[[str], None] | None = None, progress: bool = True
-                  ) -> dict[str, Any]:
+                  aligned: bool = False, log: Callable[[str], None] | None = None, progress: bool = True,
+                  rank: int = 0, world: int = 1, barrier: Callable[[], None] = lambda: None,
+                  overwrite: bool = False, stabilize: bool = True) -> dict[str, Any]:
     """Restores each input photo into ``out_dir``: cropped_faces/, restored_faces/, cmp/, final/, report.json.
+
+    Videos (``clrface.video.VIDEO_EXTENSIONS``) go to ``final/<name>.mp4`` with their audio, every face of every
+    frame restored; ``stabilize`` turns their temporal stabilisation on (see clrface.video).
 
     Files: ``<name>_<k>.png`` per face k (``_s<j>`` appended per sample when samples > 1), ``final/<name>.png``.
     Unreadable inputs are reported through ``log`` and recorded under ``failures``; photos without a face go to
-    final/ unchanged (resized by upscale) with a warning. Never writes over an input. Returns the report.
+    final/ unchanged (resized by upscale) with a warning. Never writes over an input.
+
+    Distributed: process ``rank`` of ``world`` restores inputs rank, rank+world, ... (names are fixed on the
+    whole list, so every output has one writer); ``barrier`` waits for all processes, then rank 0 merges the
+    completion records of all inputs into report.json. Inputs finished by an earlier run with the same model and
+    options are skipped (``skipped`` in the report) unless ``overwrite``. Returns the report (rank 0: all
+    inputs; other ranks: their own).
     """
     from tqdm import tqdm
 
-    from clrface.data.io import ensure_not_input, load_image, save_image
+    from clrface.data.io import ensure_not_input
 
     out = Path(out_dir)
     inputs = [Path(p) for p in inputs]
     emit = log or (lambda line: tqdm.write(line, file=sys.stderr))
-    multi = options.samples > 1
-    report: dict[str, Any] = {"model": restorer.source, "device": str(restorer.device),
-                              "dtype": str(restorer.dtype).removeprefix("torch."), "aligned": aligned,
-                              "options": asdict(options), "images": [], "failures": []}
-    t_all = time.perf_counter()
-    bar = tqdm(list(zip(inputs, _names(inputs))), desc="restore", unit="img", disable=not progress or len(inputs) < 2,
-               file=sys.stderr)
-    for path, name in bar:
-        t0 = time.perf_counter()
+    key = _run_key(restorer, options, aligned) + ("" if stabilize else " no-stabilize")
+    done = out / DONE_DIR
+    done.mkdir(parents=True, exist_ok=True)
+    named = list(zip(inputs, _names(inputs)))
+
+    def finished(name: str) -> dict[str, Any] | None:
         try:
-            photo = load_image(path)
-            res = restorer.restore_image(photo, options, aligned=aligned)
-            sfx = (lambda j: f"_s{j}") if multi else (lambda j: "")
-            rec: dict[str, Any] = {"input": str(path), "size": [int(photo.shape[1]), int(photo.shape[0])],
-                                   "no_face": res.no_face, "sampling": res.sampling, "faces": [], "final": []}
-            for j, im in enumerate(res.images):
-                rec["final"].append(str(save_image(out / "final" / f"{name}{sfx(j)}.png", im, inputs=inputs)))
-            for k, f in enumerate(res.faces):
-                fr: dict[str, Any] = {"index": k, "box": [round(float(v), 2) for v in f.box],
-                                      "id_vs_irn": [round(v, 4) for v in f.id_vs_irn],
-                                      "id_vs_input": [round(v, 4) for v in f.id_vs_input]}
-                save_image(out / "cropped_faces" / f"{name}_{k}.png", f.crop_in, inputs=inputs)
-                for j, c in enumerate(f.crops_out):
-                    save_image(out / "restored_faces" / f"{name}_{k}{sfx(j)}.png", c, inputs=inputs)
-                    save_image(out / "cmp" / f"{name}_{k}{sfx(j)}.png", _side_by_side(f.crop_in, c), inputs=inputs)
-                rec["faces"].append(fr)
-            for wmsg in res.warnings:
-                rec.setdefault("warnings", []).append(wmsg)
-                emit(f"clrface: warning: {path}: {wmsg}")
-            rec["seconds"] = round(time.perf_counter() - t0, 3)
-            report["images"].append(rec)
+            rec = json.loads((done / f"{name}.done.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return rec if rec.get("key") == key else None
+
+    mine = named[rank::world]
+    todo = [(p, n) for p, n in mine if overwrite or finished(n) is None]
+    failures: list[dict[str, str]] = []
+    t_all = time.perf_counter()
+    bar = tqdm(todo, desc="restore" if world == 1 else f"restore [{rank}/{world}]", unit="img",
+               disable=not progress or len(todo) < 2, file=sys.stderr)
+    for path, name in bar:
+        try:
+            rec = _restore_one(path, name, out, restorer, options, aligned, inputs, emit, stabilize)
+            _write_atomic(done / f"{name}.done.json", json.dumps({"key": key, "record": rec}))
         except (ClrfaceError, MemoryError) as e:
             msg = str(e) if isinstance(e, ClrfaceError) else f"{path}: out of memory"
-            report["failures"].append({"input": str(path), "error": msg})
+            failures.append({"input": str(path), "error": msg})
             emit(f"clrface: error: {msg}")
+    skipped = len(mine) - len(todo)
+    _write_atomic(done / f"_process{rank}.json", json.dumps({"failures": failures, "skipped": skipped}))
+    barrier()
+    covered = mine
+    if rank == 0:  # the merged view of every process's records
+        covered, failures, skipped = named, [], 0
+        for r in range(world):
+            part = json.loads((done / f"_process{r}.json").read_text())
+            failures, skipped = failures + part["failures"], skipped + part["skipped"]
+    failed = {f["input"] for f in failures}
+    report: dict[str, Any] = {"model": restorer.source, "device": str(restorer.device),
+                              "dtype": str(restorer.dtype).removeprefix("torch."), "aligned": aligned,
+                              "options": asdict(options), "processes": world,
+                              "images": [rec["record"] for p, n in covered
+                                         if str(p) not in failed and (rec := finished(n)) is not None],
+                              "failures": failures, "skipped": skipped}
     report["seconds"] = round(time.perf_counter() - t_all, 3)
     report["faces_total"] = sum(len(r["faces"]) for r in report["images"])
-    out.mkdir(parents=True, exist_ok=True)
-    ensure_not_input(out / "report.json", inputs)
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    if rank == 0:
+        ensure_not_input(out / "report.json", inputs)
+        (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
 
 

@@ -97,6 +97,9 @@ def test_scale_to_128_scales_only_spatial_ranges():
     assert c.blur_sigma == pytest.approx((0.025, 2.5))
     assert c.noise == (0.0, 20.0) and c.jpeg == (30, 90)
     assert get_preset("x32", 128).scale == (8.0, 8.0)  # ×32 at 512 px is ×8 at 128 px
+    assert get_preset("x64", 128).scale == (16.0, 16.0)  # the "×16" test set: 8-px faces
+    ext = get_preset("extreme", 128)
+    assert ext.scale == (8.0, 16.0) and ext.jpeg is None and ext.noise == get_preset("bfr", 128).noise
     assert get_preset("bfr", 256).kernel_size == 21
     assert get_preset("bfr", 16).kernel_size == 3  # odd and >= 3 however small
     assert get_preset("bfr", 512) is PRESETS["bfr"]

@@ -114,3 +114,18 @@ def test_real_faces_blur_monotone(real_val_faces):
     for a, b in zip(lv, lv[1:]):
         assert (b < a).all()
     assert laplacian_variance(x).shape == (8,) and FACE_REGION[0] < FACE_REGION[1]
+
+
+def test_colorfulness_zero_for_gray_and_exact_for_two_colours():
+    from clrface.metrics.noref import colorfulness
+
+    gray = torch.full((1, 3, 40, 40), 77, dtype=torch.uint8)
+    assert colorfulness(gray, region=(0, 1, 0, 1)).item() == 0
+    # half pure red (255,0,0), half pure blue (0,0,255): rg = 255 / 0, yb = 127.5 / -255
+    img = torch.zeros(1, 3, 40, 40, dtype=torch.uint8)
+    img[0, 0, :, :20] = 255
+    img[0, 2, :, 20:] = 255
+    std_rg, std_yb = 127.5, 191.25
+    mean_rg, mean_yb = 127.5, -63.75
+    expect = (std_rg ** 2 + std_yb ** 2) ** 0.5 + 0.3 * (mean_rg ** 2 + mean_yb ** 2) ** 0.5
+    assert abs(colorfulness(img, region=(0, 1, 0, 1)).item() - expect) < 1e-9

@@ -61,6 +61,20 @@ def test_irn_loss_is_eq11_and_facerec_stays_frozen(facerec, faces_dirs):
     assert x_id.grad is not None and x_id.grad.abs().sum() > 0
 
 
+def test_irn_loss_without_identity_is_l1_only(facerec, faces_dirs):
+    from clrface.data.datasets import load_face_folder, to_model_range
+    from clrface.train.irn import irn_loss
+
+    gt = to_model_range(load_face_folder(faces_dirs[1]))[:2]
+    x_id = gt.flip(0) * 0.9
+    loss, logs = irn_loss(x_id, gt, facerec, alpha=2.5, identity_weight=0.0)
+    torch.testing.assert_close(loss, 2.5 * (x_id - gt).abs().mean())
+    assert set(logs) == {"l1"}
+    half, _ = irn_loss(x_id, gt, facerec, alpha=2.5, identity_weight=0.5)
+    full, logs = irn_loss(x_id, gt, facerec, alpha=2.5)
+    torch.testing.assert_close(full - half, 0.5 * torch.tensor(logs["id"]), rtol=1e-4, atol=1e-6)
+
+
 def test_identity_gradient_flows_to_the_irn(facerec, faces_dirs):
     from clrface.train.irn import irn_loss
 

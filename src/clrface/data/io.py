@@ -64,7 +64,7 @@ def load_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS, min_sid
                 if min(w, h) < min_side:
                     raise ImageError(p, f"too small: {w}x{h}, need at least {min_side} px on each side")
                 im.load()
-                return _to_rgb_uint8(ImageOps.exif_transpose(im))
+                return to_rgb_uint8(ImageOps.exif_transpose(im))
         except ImageError:
             raise
         except Image.DecompressionBombError as e:
@@ -78,7 +78,7 @@ def load_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS, min_sid
             raise ImageError(p, f"unreadable or corrupt image ({reason})") from e
 
 
-def _to_rgb_uint8(im: Image.Image) -> np.ndarray:
+def to_rgb_uint8(im: Image.Image) -> np.ndarray:
     """Any PIL mode -> uint8 [H, W, 3] RGB."""
     mode = im.mode
     if mode == "P":

@@ -121,3 +121,21 @@ def describe(region: Region = FACE_REGION) -> str:
     return (f"BT.601 Y (0-255) in rows {t:.0%}-{b:.0%}, cols {le:.0%}-{r:.0%} of the aligned crop; "
             "var of 4-nbr Laplacian; noise = median|Haar HH|/0.6745 (Donoho); "
             "excess = max(lapvar - 20 noise^2, 0); Laplacian variance also rewards noise/artefacts")
+
+
+def colorfulness(x: Tensor, region: Region = FACE_REGION) -> Tensor:
+    """Hasler & Süsstrunk's colourfulness (2003, "Measuring colourfulness in natural images") of the region, per
+    image: with rg = R - G and yb = (R + G) / 2 - B on the 0-255 scale,
+    ``sqrt(std_rg^2 + std_yb^2) + 0.3 sqrt(mean_rg^2 + mean_yb^2)``. 0 for gray; the authors' scale calls ~15
+    "slightly", ~33 "moderately" and ~59 "quite" colourful. x: [B,3,H,W] float in [-1,1] or uint8. Returns [B]."""
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected images [B,3,H,W], got {tuple(x.shape)}")
+    v = x.detach().to(torch.float64)
+    if x.dtype != torch.uint8:
+        v = (v.clamp(-1, 1) + 1) * 127.5
+    t, b, l, r = region_bounds(x.shape[2], x.shape[3], region)
+    v = v[:, :, t:b, l:r].flatten(2)
+    rg = v[:, 0] - v[:, 1]
+    yb = 0.5 * (v[:, 0] + v[:, 1]) - v[:, 2]
+    spread = (rg.var(1, unbiased=False) + yb.var(1, unbiased=False)).sqrt()
+    return spread + 0.3 * (rg.mean(1) ** 2 + yb.mean(1) ** 2).sqrt()

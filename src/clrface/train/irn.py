@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from clrface.checkpoint import save_checkpoint
+from clrface.checkpoint import load_weights, save_checkpoint
 from clrface.data.datasets import load_face_folder, to_model_range
 from clrface.data.degradation import degrade_batch, get_preset
 from clrface.identity.facerec import DlibFaceRecognizer, identity_loss
@@ -37,9 +37,14 @@ class IRNTrainConfig:
     # α of Eq. 11. The paper gives no value we could find; 1.0 puts both terms on the same scale at the
     # start (L1 of the bfr input ≈ 0.05-0.1 in [-1,1] units, 1 - cos of the dlib descriptor ≈ 0.05-0.2).
     alpha: float = 1.0
+    # 0 trains the "IRN" row of the ablation (L1 only, no recognition network in the loop).
+    identity_weight: float = 1.0
     lr: float = 2e-4
     warmup: int = 100
     hflip: bool = True
+    # An IRN checkpoint to fine-tune (e.g. the shipped default for the extreme-SR or colorization models);
+    # a --resume train_state overrides it.
+    init_from: str | None = None
 
 
 def descriptor(fr: DlibFaceRecognizer, x: Tensor) -> Tensor:
@@ -48,15 +53,18 @@ def descriptor(fr: DlibFaceRecognizer, x: Tensor) -> Tensor:
 
 
 def irn_loss(x_id: Tensor, gt: Tensor, fr: DlibFaceRecognizer, alpha: float,
-             e_gt: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+             e_gt: Tensor | None = None, identity_weight: float = 1.0) -> tuple[Tensor, dict[str, float]]:
     """Eq. 11, averaged over the batch. x_id, gt: [B,3,H,W] in [-1,1]; e_gt: optional target descriptors [B,D]
-    (computed here without grad when absent). Gradients reach x_id through the frozen ``fr``."""
+    (computed here without grad when absent). Gradients reach x_id through the frozen ``fr``.
+    identity_weight 0 skips the recognition network entirely (L1 only)."""
+    l1 = (x_id.float() - gt.float()).abs().mean()
+    if identity_weight == 0:
+        return alpha * l1, {"l1": l1.item()}
     if e_gt is None:
         with torch.no_grad():
             e_gt = descriptor(fr, gt)
-    l1 = (x_id.float() - gt.float()).abs().mean()
     idl = identity_loss(descriptor(fr, x_id), e_gt.detach()).mean()
-    return alpha * l1 + idl, {"l1": l1.item(), "id": idl.item()}
+    return alpha * l1 + identity_weight * idl, {"l1": l1.item(), "id": idl.item()}
 
 
 class IRNStage:
@@ -67,7 +75,10 @@ class IRNStage:
         self.model_cfg, self.cfg, self.seed, self.batch_size = model_cfg, cfg, seed, batch_size
         with torch.random.fork_rng(devices=[]):  # the engine seeds only after stages exist: seed the init here
             torch.manual_seed(seed)
-            self.modules: dict[str, nn.Module] = {"irn": IRN(model_cfg)}
+            irn = IRN(model_cfg)
+        if cfg.init_from:
+            load_weights(cfg.init_from, irn)
+        self.modules: dict[str, nn.Module] = {"irn": irn}
         self.facerec = facerec.eval().requires_grad_(False)  # frozen; kept out of `modules` (not trained)
         self.degradation = get_preset(cfg.degradation, size=cfg.size)
         self.train_faces = load_face_folder(cfg.train_dir, size=cfg.size)
@@ -98,7 +109,7 @@ class IRNStage:
             if next(self.facerec.buffers()).device != dev:
                 self.facerec.to(dev)
             gt, lq = batch["gt"].to(dev), batch["lq"].to(dev)
-            return irn_loss(irn(lq), gt, self.facerec, cfg.alpha)
+            return irn_loss(irn(lq), gt, self.facerec, cfg.alpha, identity_weight=cfg.identity_weight)
 
         return [Objective("irn", list(irn.parameters()), loss_fn, cfg.lr, warmup=cfg.warmup)]
 

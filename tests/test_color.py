@@ -1,0 +1,96 @@
+"""Tone handling at paste-back (colorization and monochrome photos) and fine-tuned models with a base."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clrface.errors import CheckpointError
+from clrface.faces.paste import paste_mask
+from clrface.pipeline import Restorer, RestoreOptions, is_monochrome, keep_tone
+from test_pipeline import S, WHOLE, build_tiny_model  # noqa: E402  (tests/ is on sys.path under pytest)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    torch.set_num_threads(1)
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def restorer(model_dir) -> Restorer:
+    return Restorer.from_pretrained(model_dir)
+
+
+def test_is_monochrome_gray_sepia_and_colour():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 256, (40, 50, 1)).astype(np.float64)
+    gray = np.repeat(y, 3, -1).astype(np.uint8)
+    sepia = np.clip(y * np.array([1.0, 0.85, 0.65]), 0, 255).astype(np.uint8)  # one tint, scaled by luminance
+    colour = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    assert is_monochrome(gray) and is_monochrome(sepia) and not is_monochrome(colour)
+    two_tone = np.concatenate([sepia[:, :25], sepia[:, 25:, ::-1]], 1)  # warm left half, cold right half
+    assert not is_monochrome(two_tone)
+
+
+def test_keep_tone_takes_luminance_only():
+    rng = np.random.default_rng(1)
+    restored = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    ref = np.full((16, 16, 3), 90, np.uint8)  # gray reference
+    out = keep_tone(restored, ref)
+    assert np.abs(out.astype(int) - out[..., :1].astype(int)).max() <= 1  # gray: R = G = B up to rounding
+    ycc = lambda a: np.asarray(Image.fromarray(a).convert("YCbCr"), dtype=float)  # noqa: E731
+    assert np.abs(ycc(out)[..., 0] - ycc(restored)[..., 0]).mean() < 1.5
+
+
+def test_gray_photo_keeps_its_tone_and_non_face_pixels(restorer):
+    from clrface.data.io import load_image
+
+    photo = load_image(WHOLE / "codeformer_01.jpg")
+    gray = np.repeat(np.asarray(Image.fromarray(photo).convert("L"))[..., None], 3, -1)
+    auto = restorer.restore_image(gray, RestoreOptions(steps=1))
+    assert len(auto.faces) >= 1
+    mask = sum(paste_mask(gray.shape[:2], f.affine, affine_size=S) for f in auto.faces)
+    assert np.array_equal(auto.image[mask == 0], gray[mask == 0])  # every pixel outside the faces unchanged
+    spread = lambda a: np.abs(a.astype(int) - a[..., :1].astype(int)).max()  # noqa: E731
+    assert spread(auto.image) <= 2  # auto -> keep on a gray photo: it stays gray (no colour cast)
+    full = restorer.restore_image(gray, RestoreOptions(steps=1, color="full"))
+    assert np.array_equal(full.image[mask == 0], gray[mask == 0])  # colorizing touches the faces only
+    assert spread(full.image[mask > 0.99]) > 10  # the random tiny model's colours are pasted
+
+
+def test_color_option_is_validated():
+    from clrface.errors import ClrfaceError
+
+    with pytest.raises(ClrfaceError, match="color"):
+        RestoreOptions(color="sepia")
+
+
+def test_fine_tuned_model_takes_missing_stages_from_its_base(tmp_path, model_dir, restorer, monkeypatch):
+    import clrface.pipeline as pl
+
+    weights = tmp_path / "weights"
+    shutil.copytree(model_dir, weights / "tinybase")
+    ft = weights / "tinyft"
+    monkeypatch.setattr(pl, "_package_weights", lambda name: weights / name)
+    (ft).mkdir()
+    (ft / "restore.json").write_text(json.dumps({"defaults": {"mode": "irn", "color": "full"}}))
+    from clrface.cli import main
+
+    assert main(["pack", "--irn", str(model_dir / "irn"), "--base", "tinybase", "-o", str(ft)]) == 0
+    assert sorted(p.name for p in ft.iterdir()) == ["irn", "restore.json"]  # only what changed ships
+    assert json.loads((ft / "restore.json").read_text())["base"] == "tinybase"
+    assert main(["pack", "--irn", str(model_dir / "irn"), "-o", str(tmp_path / "x")]) == 1  # no base, no vqgan
+    r = Restorer.from_pretrained("tinyft", facerec=restorer.facerec)
+    assert r.irn is not None and r.mask is not None and r.options().color == "full"
+    x = torch.rand(1, 3, S, S) * 2 - 1
+    torch.testing.assert_close(r.restore_faces(x, r.options(steps=1))["restored"],  # fp16 copy of the same IRN
+                               restorer.restore_faces(x, restorer.options(steps=1, mode="irn"))["restored"],
+                               atol=5e-3, rtol=0)
+    (ft / "restore.json").write_text(json.dumps({"base": "nosuchmodel"}))
+    with pytest.raises(CheckpointError, match="nosuchmodel"):
+        Restorer.from_pretrained("tinyft", facerec=restorer.facerec)

@@ -1,0 +1,112 @@
+"""Sharded, resumable folder restore (`accelerate launch -m clrface restore ...`)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clrface.pipeline import DONE_DIR, Restorer, restore_files
+from test_pipeline import build_tiny_model  # noqa: E402  (tests/ is on sys.path under pytest)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    torch.set_num_threads(1)
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def restorer(model_dir) -> Restorer:
+    return Restorer.from_pretrained(model_dir)
+
+
+def _crops(folder: Path, n: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"face{i:02d}.png")
+    return sorted(folder.glob("*.png"))
+
+
+def _outputs(out: Path) -> list[str]:
+    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+
+
+def test_two_shards_write_each_output_once_and_rank0_reports_all(tmp_path, restorer):
+    inputs = _crops(tmp_path / "in", 5)
+    out = tmp_path / "out"
+    o = restorer.options(steps=1, mode="prior")
+    quiet = dict(aligned=True, progress=False, log=lambda s: None)
+    r1 = restore_files(inputs, out, restorer, o, rank=1, world=2, **quiet)  # rank 1 first: rank 0 merges after it
+    assert [Path(r["input"]).name for r in r1["images"]] == ["face01.png", "face03.png"]
+    assert not (out / "report.json").exists()  # only rank 0 writes the report
+    r0 = restore_files(inputs, out, restorer, o, rank=0, world=2, **quiet)
+    assert [Path(r["input"]).name for r in r0["images"]] == [p.name for p in inputs]
+    assert json.loads((out / "report.json").read_text())["processes"] == 2
+    assert _outputs(out) == sorted(f"{d}/face{i:02d}{s}.png" for i in range(5)
+                                   for d, s in (("final", ""), ("cropped_faces", "_0"), ("restored_faces", "_0"),
+                                                ("cmp", "_0")))
+
+
+def test_rerun_skips_finished_inputs_unless_options_change(tmp_path, restorer):
+    inputs = _crops(tmp_path / "in", 4)
+    out = tmp_path / "out"
+    o = restorer.options(steps=1, mode="prior")
+    quiet = dict(aligned=True, progress=False, log=lambda s: None)
+    first = restore_files(inputs, out, restorer, o, **quiet)
+    assert first["skipped"] == 0 and len(first["images"]) == 4
+    (out / DONE_DIR / "face02.done.json").unlink()  # as if killed while face02 was being written
+    t = (out / "final" / "face00.png").stat().st_mtime_ns
+    again = restore_files(inputs, out, restorer, o, **quiet)
+    assert again["skipped"] == 3 and len(again["images"]) == 4
+    assert (out / "final" / "face00.png").stat().st_mtime_ns == t  # untouched
+    other = restore_files(inputs, out, restorer, restorer.options(steps=2, mode="prior"), **quiet)
+    assert other["skipped"] == 0  # different options: earlier results are not reused
+    forced = restore_files(inputs, out, restorer, restorer.options(steps=2, mode="prior"), overwrite=True, **quiet)
+    assert forced["skipped"] == 0 and len(forced["images"]) == 4
+
+
+def _launch(model_dir: Path, src: Path, out: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # --multi_gpu selects the torchrun launcher; without GPUs it runs CPU processes (gloo), one per shard
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "clrface", "restore", str(src), "-o", str(out), "--aligned", "--model", str(model_dir),
+           "--mode", "prior", "--steps", "8"]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+@pytest.mark.slow
+def test_killed_two_process_run_resumes_to_every_output_exactly_once(tmp_path, model_dir):
+    inputs = _crops(tmp_path / "in", 16)
+    out = tmp_path / "out"
+    proc = _launch(model_dir, tmp_path / "in", out)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and len(list((out / DONE_DIR).glob("*.done.json"))) < 3:
+        time.sleep(0.2)
+    killed = proc.poll() is None
+    if killed:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(3)  # torchrun's workers die with their launcher (parent-death signal), a moment later
+    n_first = len(list((out / DONE_DIR).glob("*.done.json")))
+    proc = _launch(model_dir, tmp_path / "in", out)
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log
+    report = json.loads((out / "report.json").read_text())
+    assert report["processes"] == 2 and len(report["images"]) == 16 and not report["failures"]
+    if killed:
+        assert report["skipped"] == n_first > 0, log
+    names = [Path(r["input"]).name for r in report["images"]]
+    assert names == [p.name for p in inputs]
+    assert len(list((out / "final").glob("*.png"))) == 16 and len(list((out / "restored_faces").glob("*.png"))) == 16
+    assert "by 2 processes" in log

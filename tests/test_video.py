@@ -1,0 +1,232 @@
+import json
+import subprocess
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clrface.cli import main
+from clrface.errors import ClrfaceError
+from clrface.faces.align import align_affine, ffhq_quad
+from clrface.faces.detect import Face
+from clrface.faces.paste import paste_mask
+from clrface.pipeline import Restorer, RestoreOptions, demo_image, restore_files
+from clrface.video import (FaceTracker, StabilizeConfig, VideoRestorer, VideoWriter, box_iou, estimate_shift,
+                           ffmpeg_exe, fps_fraction, list_media, match_boxes, read_video, smooth_quad,
+                           temporal_blend, warp_to_current)
+from test_pipeline import build_tiny_model  # noqa: E402  (tests/ is on sys.path under pytest)
+
+
+@pytest.fixture(scope="module")
+def restorer(tmp_path_factory) -> Restorer:
+    torch.set_num_threads(1)
+    return Restorer.from_pretrained(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="module")
+def portrait() -> np.ndarray:
+    """The astronaut at 192 x 144 (one face of ~60 px, which dlib finds after its automatic upsampling)."""
+    return np.asarray(Image.fromarray(demo_image()).crop((0, 64, 512, 448)).resize((192, 144), Image.Resampling.LANCZOS))
+
+
+def _clip(path: Path, frames: list[np.ndarray], fps: Fraction, audio: bool) -> Path:
+    h, w = frames[0].shape[:2]
+    silent = path.with_name(path.stem + "_silent.mp4") if audio else path
+    with VideoWriter(silent, (w, h), fps) as wr:
+        for f in frames:
+            wr.write(f)
+    if audio:  # a 440 Hz sine as long as the clip, AAC
+        subprocess.run([ffmpeg_exe(), "-y", "-v", "error", "-i", str(silent), "-f", "lavfi", "-i",
+                        f"sine=frequency=440:duration={len(frames) / float(fps)}", "-c:v", "copy", "-c:a", "aac",
+                        str(path)], check=True)
+    return path
+
+
+def _streams(path: Path) -> str:
+    r = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True, text=True)
+    return "\n".join(line for line in r.stderr.splitlines() if "Stream #" in line)
+
+
+# ------------------------------------------------------------------------------------------ tracker math
+
+
+def test_box_iou_and_greedy_matching():
+    a = np.array([[0, 0, 10, 10], [100, 100, 120, 120]])
+    b = np.array([[5, 0, 15, 10], [0, 0, 10, 10], [300, 300, 310, 310]])
+    iou = box_iou(a, b)
+    np.testing.assert_allclose(iou, [[50 / 150, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    # box 0 takes its exact copy (IoU 1), not the half-overlapping one; nothing overlaps box 1 or b[2]
+    assert match_boxes(a, b, 0.3) == [(0, 1)]
+    assert match_boxes(a[:1], b[:1], 0.3) == [(0, 0)] and match_boxes(a[:1], b[:1], 0.34) == []
+    assert match_boxes(np.zeros((0, 4)), b, 0.3) == [] and box_iou(np.zeros((0, 4)), b).shape == (0, 3)
+
+
+def test_smooth_quad_averages_jitter_and_follows_moves():
+    sq = np.array([[0.0, 0.0], [0.0, 100.0], [100.0, 100.0], [100.0, 0.0]])  # TL, BL, BR, TR, side 100
+    # a 2 px move is 0.02 of the side: a = 0.3 + 0.7 * 0.02 / 0.1 = 0.44, so the quad moves 0.88 px
+    np.testing.assert_allclose(smooth_quad(sq, sq + [2.0, 0.0], alpha=0.3, snap=0.1), sq + [0.88, 0.0])
+    np.testing.assert_allclose(smooth_quad(sq, sq + [20.0, 0.0], alpha=0.3, snap=0.1), sq + [20.0, 0.0])  # snaps
+    np.testing.assert_allclose(smooth_quad(sq, sq + [2.0, 0.0], alpha=0.3, snap=0.0), sq + [2.0, 0.0])  # off
+
+
+def _face(dx: float = 0.0, dy: float = 0.0, scale: float = 1.0) -> Face:
+    """A face whose eyes sit at (40, 50), (60, 50) and mouth corners at (42, 75), (58, 75), times scale, shifted."""
+    lm = np.full((68, 2), 55.0)
+    lm[36:42], lm[42:48], lm[48], lm[54] = (40, 50), (60, 50), (42, 75), (58, 75)
+    lm = lm * scale + [dx, dy]
+    box = np.array([30, 35, 70, 90]) * scale + [dx, dy, dx, dy]
+    return Face(box=box.astype(np.float64), score=1.0, landmarks68=lm)
+
+
+def test_tracker_keeps_ids_smooths_holds_and_drops():
+    tr = FaceTracker(StabilizeConfig(alpha=0.5, snap=0.0 + 1.0, max_age=2))
+    a0 = tr.update(0, [_face()])
+    assert [t.id for t in a0] == [0]
+    q0 = ffhq_quad(_face().landmarks68)
+    np.testing.assert_allclose(a0[0].quad, q0)
+    # frame 1: face 0 moved by 1 px; a second, larger face appears far away -> new id 1, listed first (largest)
+    a1 = tr.update(1, [_face(200, 0, scale=2.0), _face(1.0, 0.0)])
+    assert [t.id for t in a1] == [1, 0]
+    side = np.linalg.norm(q0[3] - q0[0])  # move / side = 1 / side; a = 0.5 + 0.5 * (1 / side) / 1.0
+    a = 0.5 + 0.5 * (1.0 / side)
+    np.testing.assert_allclose(a1[1].quad, q0 + [a * 1.0, 0.0])
+    # frames 2-3 without detections: both tracks are held (restored at their last place); at frame 4 dropped
+    assert [t.id for t in tr.update(2, [])] == [1, 0]
+    assert [t.id for t in tr.update(3, [])] == [1, 0]
+    assert tr.update(4, []) == [] and tr.next_id == 2
+    assert [t.id for t in tr.update(5, [_face()])] == [2]
+
+
+def test_warp_to_current_is_an_exact_whole_pixel_translation():
+    x = torch.arange(16.0).repeat(16, 1)[None, None]  # x[..., j] = j
+    m_prev = np.array([[1.0, 0, 0], [0, 1.0, 0]])  # photo -> crop (S = 16)
+    m_cur = np.array([[1.0, 0, -2.0], [0, 1.0, 0]])  # the crop moved 2 px right in the photo
+    w = warp_to_current(x, [m_prev], [m_cur], 16)
+    torch.testing.assert_close(w[0, 0, :, 2:12], x[0, 0, :, 4:14])  # current u sees previous u + 2
+    w = warp_to_current(x, [m_prev], [m_cur], 16, shift=np.array([[1.0, 0.0]]))  # the face moved 1 px too
+    torch.testing.assert_close(w[0, 0, :, 2:12], x[0, 0, :, 3:13])
+    lat = torch.arange(4.0).repeat(4, 1)[None, None]  # a latent of the 16 px crop (f = 4): 4 px = 1 latent px
+    w = warp_to_current(lat, [m_prev], [np.array([[1.0, 0, -4.0], [0, 1.0, 0]])], 16)
+    torch.testing.assert_close(w[0, 0, :, :3], lat[0, 0, :, 1:])
+
+
+def test_estimate_shift_whole_and_subpixel():
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.avg_pool2d(torch.rand(2, 3, 72, 72, generator=g), 5, 1)[..., :64, :64]  # smooth
+    est = estimate_shift(x, torch.roll(x, (2, -3), (-2, -1)))  # content moved 3 px left, 2 px down
+    np.testing.assert_allclose(est.numpy(), [[-3, 2], [-3, 2]], atol=0.05)
+    fy = torch.fft.fftfreq(64)[:, None]
+    fx = torch.fft.fftfreq(64)[None, :]
+    moved = torch.fft.ifft2(torch.fft.fft2(x) * torch.exp(-2j * torch.pi * (fx * 1.5 + fy * -0.25))).real
+    np.testing.assert_allclose(estimate_shift(x, moved).numpy(), [[1.5, -0.25], [1.5, -0.25]], atol=0.1)
+
+
+def test_temporal_blend_numbers():
+    prev, cur = torch.zeros(1, 3, 2, 2), torch.full((1, 3, 2, 2), 0.1)
+    # |d| = 0.1 = tau / 4: w = 0.5 + 0.5 / 4 = 0.625
+    torch.testing.assert_close(temporal_blend(prev, cur, 0.5, 0.4), torch.full_like(cur, 0.0625))
+    torch.testing.assert_close(temporal_blend(prev, cur * 10, 0.5, 0.4), cur * 10)  # beyond tau: the new frame
+    torch.testing.assert_close(temporal_blend(prev, cur, 0.5, 0.0), cur)
+
+
+def test_fps_fraction_snaps_to_broadcast_rates():
+    assert fps_fraction(25.0) == 25 and fps_fraction(12.5) == Fraction(25, 2)
+    assert fps_fraction(29.97) == Fraction(30000, 1001) and fps_fraction(23.98) == Fraction(24000, 1001)
+    assert fps_fraction(0) == 25
+
+
+# ------------------------------------------------------------------------------------------ the pipeline hook
+
+
+def test_face_ids_and_start_hook(restorer):
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    o = RestoreOptions(steps=2, guidance_scale=0.0, mode="full")
+    ref = restorer.restore_faces(x, o, first_index=5)
+    same = restorer.restore_faces(x, o, face_ids=[5, 6], start=lambda z: z)
+    torch.testing.assert_close(same["restored"], ref["restored"])
+    assert same["latent"].shape == (2, 1, 3, 8, 8)
+    swapped = restorer.restore_faces(x[[1, 0]], o, face_ids=[6, 5])  # a face keeps its noise wherever it sits
+    torch.testing.assert_close(swapped["restored"][[1, 0]], ref["restored"])
+    moved = restorer.restore_faces(x, o, first_index=5, start=lambda z: z + 1.0)
+    assert (moved["restored"] - ref["restored"]).abs().mean() > 1e-3
+    assert restorer.restore_faces(x, RestoreOptions(mode="irn"))["latent"] is None
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def test_stabilised_frames_flicker_less(restorer, portrait):
+    """A still face under fresh per-frame noise: the stabilised output changes less from frame to frame. (The
+    tiny random model turns small input changes into large output ones, so the filter's tau is widened.)"""
+    rng = np.random.default_rng(0)
+    clip = [np.clip(portrait + rng.normal(0, 6, portrait.shape), 0, 255).astype(np.uint8) for _ in range(5)]
+    o = RestoreOptions(mode="irn")
+    face = paste_mask(portrait.shape[:2], restorer.restore_image(portrait, o).faces[0].affine, affine_size=32) >= 1
+    flick = {}
+    for stab in (False, True):
+        vr = VideoRestorer(restorer, o, stabilize=stab, config=StabilizeConfig(blend=0.4, blend_tau=2.0))
+        out = [vr(f) for f in clip]
+        assert all(n == out[0][1] for _, n in out) and out[0][1] >= 1
+        frames = [f.astype(np.float32) for f, _ in out]
+        flick[stab] = np.mean([np.abs(a - b).mean(-1)[face].mean() for a, b in zip(frames[1:], frames[:-1])])
+    assert flick[True] < 0.6 * flick[False], flick
+
+
+def test_video_round_trip_keeps_frames_size_fps_and_audio(tmp_path, restorer, portrait):
+    frames = [np.roll(portrait, t, axis=1) for t in range(6)]
+    with_audio = _clip(tmp_path / "talk.mp4", frames, Fraction(12), audio=True)
+    silent = _clip(tmp_path / "mute.mov", frames, Fraction(30000, 1001), audio=False)
+    assert "Audio: aac" in _streams(with_audio) and "Audio" not in _streams(silent)
+    report = restore_files([with_audio, silent], tmp_path / "out", restorer, RestoreOptions(mode="irn"),
+                           progress=False)
+    assert report["failures"] == []
+    recs = {Path(r["input"]).name: r for r in report["images"]}
+    for name, fps, audio in (("talk.mp4", "12", "copy"), ("mute.mov", "30000/1001", "none")):
+        rec = recs[name]
+        assert rec["video"] and rec["frames"] == 6 and rec["fps"] == fps and rec["audio"] == audio
+        assert rec["faces_per_frame"]["mean"] >= 1 and rec["tracks"] >= 1
+        info, out = read_video(rec["final"][0])
+        got = list(out)
+        assert len(got) == 6 and info.size == (192, 144) and str(info.fps) == fps
+        assert info.has_audio == (audio != "none")
+        # outside the faces the frame is the decoded input's (up to the codec); the tiny random model paints faces
+        decoded = list(read_video(rec["input"])[1])
+        diff = np.abs(got[3].astype(int) - decoded[3]).mean(-1)
+        assert np.median(diff) < 2 and diff.max() > 40
+    assert "Audio: aac" in _streams(tmp_path / "out" / "final" / "talk.mp4")
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["images"][0]["frames"] == 6
+
+
+def test_odd_sized_video_without_faces_is_copied(tmp_path, restorer):
+    frames = [np.full((75, 97, 3), 40 * t, np.uint8) for t in range(3)]
+    src = _clip(tmp_path / "flat.avi", frames, Fraction(25), audio=False)
+    rec = restore_files([src], tmp_path / "out", restorer, RestoreOptions(mode="irn"), progress=False)["images"][0]
+    info, out = read_video(rec["final"][0])
+    got = list(out)
+    assert info.size == (97, 75) and len(got) == 3 and rec["no_face"] and rec["frames_without_face"] == 3
+    assert max(np.abs(g.astype(int) - f).max() for g, f in zip(got, frames)) <= 2
+
+
+def test_cli_restores_a_folder_of_photos_and_videos(tmp_path, restorer, portrait, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    _clip(src / "clip.mp4", [portrait] * 3, Fraction(10), audio=False)
+    Image.fromarray(portrait).save(src / "still.png")
+    (src / "notes.txt").write_text("not media")
+    assert [p.name for p in list_media(src)] == ["clip.mp4", "still.png"]
+    rc = main(["restore", str(src), "-o", str(tmp_path / "out"), "--model", restorer.source, "--mode", "irn",
+               "--no-stabilize"])
+    assert rc == 0
+    assert (tmp_path / "out" / "final" / "clip.mp4").is_file() and (tmp_path / "out" / "final" / "still.png").is_file()
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    vid = next(r for r in report["images"] if r.get("video"))
+    assert vid["stabilize"] is False and vid["frames"] == 3 and vid["tracks"] is None
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"\x00" * 100)
+    assert main(["restore", str(bad), "-o", str(tmp_path / "out2"), "--model", restorer.source]) == 1
+    assert "not a readable video" in capsys.readouterr().err
+    with pytest.raises(ClrfaceError, match="no such file"):
+        read_video(tmp_path / "missing.mp4")
