@@ -110,7 +110,10 @@ def main() -> None:
     ap.add_argument("--out", default="runs/ablation")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--fid", action="store_true", help="add FID against the test set's GT (noisy below ~1000 faces)")
+    ap.add_argument("--fid", action="store_true",
+                    help="add FID against --fid-ref (clean training faces; with a few hundred faces only the "
+                         "differences between rows mean anything)")
+    ap.add_argument("--fid-ref", default="../shared/data/faces128/train", help="FID reference folder (stats cached)")
     ap.add_argument("--colorfulness", action="store_true",
                     help="add the mean Hasler-Suesstrunk colourfulness of the face centre (and a GT row to compare)")
     args = ap.parse_args()
@@ -135,19 +138,25 @@ def main() -> None:
     for row, spec in table.items():
         if args.only and row not in args.only:
             continue
-        if spec is None or spec == "gt":
-            pred, dt = testset / ("gt" if spec else "lq"), 0.0
+        if spec is None or spec == "gt":  # the test set's own faces, limited to the same names as the other rows
+            src, pred, dt = testset / ("gt" if spec else "lq"), out / ("GT" if spec else "LQ_input"), 0.0
+            pred.mkdir(parents=True, exist_ok=True)
+            for n in names:
+                link = pred / f"{n}.png"
+                if not link.exists():
+                    link.symlink_to((src / f"{n}.png").resolve())
         else:
             pred = out / row.replace(" ", "_").replace("/", "-").replace("^", "")
             dt = run_row(restorer_for(spec.model or args.model), lq, names, pred,
                          RestoreOptions(batch_size=args.batch_size, **spec.options), spec.mask)
-        res = evaluate_folders(pred, gt_dir, metrics=[m for m in metrics if m != "colorfulness"])
+        res = evaluate_folders(pred, gt_dir, metrics=[m for m in metrics if m != "colorfulness"],
+                               fid_ref=args.fid_ref if args.fid else None)
         vals = {r["metric"]: r["value"] for r in res["rows"]}
         if args.colorfulness:
             faces = torch.stack([torch.from_numpy(load_image(pred / f"{n}.png")) for n in names])
             vals["colorfulness"] = colorfulness(faces.permute(0, 3, 1, 2)).mean().item()
         rows.append({"row": row, "s_per_face": dt, **vals})
-        print(f"| {row} | " + " | ".join(f"{vals.get(m, float('nan')):.4g}" for m in metrics) + f" | {dt:.3f} |", flush=True)
+        print(f"| {row} | " + " | ".join(f"{vals.get(m) if vals.get(m) is None else round(vals[m], 4)}" for m in metrics) + f" | {dt:.3f} |", flush=True)
     meta = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "model": args.model,
             "testset": str(testset), "n": len(names), "metrics": metrics}
     out.mkdir(parents=True, exist_ok=True)

@@ -31,3 +31,25 @@ def test_default_restore_improves_psnr_of_degraded_val_faces(restorer):
     out = restorer.restore_faces(lq, restorer.options())["restored"][:, 0]
     gain = (psnr(out, gt) - psnr(lq, gt)).mean().item()
     assert gain > 0.2, gain  # measured ~ +1 dB on the 100-face test set (docs/RESULTS.md)
+
+
+@pytest.mark.parametrize("name,color", [("extreme", "auto"), ("colorize", "full")])
+def test_fine_tuned_models_load_by_name_on_the_default_base(restorer, name, color):
+    ft = Restorer.from_pretrained(name, facerec=restorer.facerec)
+    assert ft.source.endswith(f"weights/{name}") and ft.options().mode == "irn" and ft.options().color == color
+    # the prior and VQGAN come from the default; the IRN is the fine-tuned one
+    for a, b in zip(ft.prior.parameters(), restorer.prior.parameters()):
+        assert torch.equal(a, b)
+    diff = max((a - b).abs().max().item() for a, b in zip(ft.irn.parameters(), restorer.irn.parameters()))
+    assert diff > 1e-3
+
+
+def test_colorize_model_colours_a_gray_face(restorer):
+    from clrface.metrics.noref import colorfulness
+
+    gt = to_model_range(load_face_folder(VAL, size=128, limit=8))
+    gray = gt.mean(1, keepdim=True).expand(-1, 3, -1, -1)
+    col = Restorer.from_pretrained("colorize", facerec=restorer.facerec)
+    out = col.restore_faces(gray, col.options())["restored"][:, 0]
+    assert colorfulness(gray).max().item() == 0
+    assert colorfulness(out).mean().item() > 5  # measured in docs/RESULTS.md, 'Colorization'
