@@ -260,11 +260,11 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
             skipped = f", {report['skipped']} already done" if report["skipped"] else ""
             procs = f" by {world} processes" if world > 1 else ""
             vids = [r for r in report["images"] if r.get("video")]
-            of_videos = (f" and {sum(r['face_frames'] for r in vids)} face(s) in {sum(r['frames'] for r in vids)} "
-                         f"frame(s) of {len(vids)} video(s)") if vids else ""
-            print(f"restored {report['faces_total']} face(s) in {n_ok - len(vids)} image(s){of_videos} into "
-                  f"{args.output}{procs} ({no_face} without a face, {n_bad} failed{skipped}) in "
-                  f"{report['seconds']:.1f} s")
+            what = [f"{report['faces_total']} face(s) in {n_ok - len(vids)} image(s)"] if n_ok > len(vids) or not vids else []
+            what += [f"{sum(r['face_frames'] for r in vids)} face(s) in {sum(r['frames'] for r in vids)} frame(s) of "
+                     f"{len(vids)} video(s)"] if vids else []
+            print(f"restored {' and '.join(what)} into {args.output}{procs} ({no_face} without a face, {n_bad} "
+                  f"failed{skipped}) in {report['seconds']:.1f} s")
         return 1 if n_bad else 0
 
     p.set_defaults(func=run)
