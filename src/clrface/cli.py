@@ -141,7 +141,8 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
     """Model and sampling flags shared by ``restore`` and ``demo``."""
     p.add_argument("--model", default="default",
                    help="model folder (with vqgan/, prior/ and optional irn/, mask/, restore.json) or the name of an "
-                        "installed model under clrface/weights/ (default: %(default)s)")
+                        "installed model under clrface/weights/: default, extreme (tiny faces, x8-x16), colorize "
+                        "(black-and-white photos); default: %(default)s")
     p.add_argument("--fidelity", type=float, default=None,
                    help="0..1, one knob for realism vs faithfulness (default: the model's, else 0.5). High fidelity starts the "
                         "sampler close to the IRN output (small sigma_start) with stronger identity guidance; low "
