@@ -2,7 +2,6 @@
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,18 +11,7 @@ from PIL import Image
 from clrface.errors import CheckpointError
 from clrface.faces.paste import paste_mask
 from clrface.pipeline import Restorer, RestoreOptions, is_monochrome, keep_tone
-from test_pipeline import S, WHOLE, build_tiny_model  # noqa: E402  (tests/ is on sys.path under pytest)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    torch.set_num_threads(1)
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def restorer(model_dir) -> Restorer:
-    return Restorer.from_pretrained(model_dir)
+from test_pipeline import S, WHOLE, model_dir, restorer  # noqa: E402,F401  (tests/ is on sys.path; shared tiny-model fixtures)
 
 
 def test_is_monochrome_gray_sepia_and_colour():

@@ -10,22 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from clrface.pipeline import DONE_DIR, Restorer, restore_files
-from test_pipeline import build_tiny_model  # noqa: E402  (tests/ is on sys.path under pytest)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    torch.set_num_threads(1)
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def restorer(model_dir) -> Restorer:
-    return Restorer.from_pretrained(model_dir)
+from clrface.pipeline import DONE_DIR, restore_files
+from test_pipeline import model_dir, restorer  # noqa: E402,F401  (tests/ is on sys.path; shared tiny-model fixtures)
 
 
 def _crops(folder: Path, n: int) -> list[Path]:
