@@ -1,6 +1,6 @@
 """Time each stage of a restore (issue 10, item 1): detect, align, IRN, encode, denoiser, refine, decode, paste.
 
-    python benchmarks/restore_speed.py --model runs/pack --threads 2 --reps 5 [--md docs/RESULTS.md]
+    python benchmarks/restore_speed.py --model default --threads 2 --reps 5 [--md docs/RESULTS.md]
     python benchmarks/restore_speed.py --model runs/pack --device cuda --dtype float32 bfloat16 --reps 10
 
 For 1 face and for a batch of ``--batch`` (16) faces at the model's resolution S, each stage is run once to
@@ -50,8 +50,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], reps: int, device: torch.device = torch.device("cpu")) -> float:
-    """Median wall time of ``fn()`` in ms over ``reps`` runs after one warm-up run (allocator, autotune, caches)."""
+def time_ms(fn: Callable[[], object], reps: int, device: torch.device = torch.device("cpu"), label: str = "") -> float:
+    """Median wall time of ``fn()`` in ms over ``reps`` runs after one warm-up run (allocator, autotune, caches).
+
+    With ``label`` the figure is also printed to stderr at once, so a run cut short still shows what it measured.
+    """
     fn()
     sync(device)
     ts = []
@@ -60,7 +63,10 @@ def time_ms(fn: Callable[[], object], reps: int, device: torch.device = torch.de
         fn()
         sync(device)
         ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
+    ms = statistics.median(ts)
+    if label:
+        print(f"  {label}: {ms:.1f} ms", file=sys.stderr, flush=True)
+    return ms
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -127,20 +133,23 @@ def model_stage_times(restorer: Restorer, x: Tensor, reps: int, options: Restore
     """{stage: total ms} of every model stage for the batch x [B,3,S,S] in [-1,1] on ``restorer``'s device/dtype.
 
     Stages (keys): irn, encode, embed, denoise, denoise_guided, id_grad, refine (``options``), refine_<k>
-    (``options`` with k steps, for k in ``steps``), decode, restore_faces (the whole of ``restore_faces``).
+    (``options`` with k steps, for k in ``steps``), decode, restore_faces (the whole of ``restore_faces`` with
+    ``options``), restore_default (with the model's restore.json defaults) and, for one face, aligned_api
+    (``Restorer.restore(crop, aligned=True)`` with the defaults: what ``clrface restore --aligned`` runs per crop).
     The guided rows use scale = max(the options' scale, 1), so guidance is timed even where the default is 0.
     """
     o = options or RestoreOptions()
     dev = restorer.device
     x = x.to(dev, torch.float32)
+    b = x.shape[0]
     sigma_start, scale, _ = default_refine(restorer, o)
     g_scale = max(scale, 1.0)
     t: dict[str, float] = {}
     with torch.no_grad(), restorer.autocast():  # as restore_faces: no_grad (not inference_mode), autocast
-        t["irn"] = time_ms(lambda: restorer.run_irn(x), reps, dev)
-        t["encode"] = time_ms(lambda: restorer.encode(x), reps, dev)
+        t["irn"] = time_ms(lambda: restorer.run_irn(x), reps, dev, f"{b} x irn")
+        t["encode"] = time_ms(lambda: restorer.encode(x), reps, dev, f"{b} x encode")
         x_id = restorer.run_irn(x)
-        t["embed"] = time_ms(lambda: restorer.embed(x_id), reps, dev)
+        t["embed"] = time_ms(lambda: restorer.embed(x_id), reps, dev, f"{b} x embed")
         z_d, z_init, e_id = restorer.encode(x), restorer.encode(x_id), restorer.embed(x_id)
         gen = torch.Generator().manual_seed(0)
         noise = torch.randn(z_d.shape, generator=gen)
@@ -148,8 +157,8 @@ def model_stage_times(restorer: Restorer, x: Tensor, reps: int, options: Restore
         z_t = z_init + sig.view(-1, 1, 1, 1) * noise.to(dev)
         plain = restorer.denoiser(z_d, None, 0.0)
         guided = restorer.denoiser(z_d, e_id, g_scale)
-        t["denoise"] = time_ms(lambda: plain(z_t, sig), reps, dev)
-        t["denoise_guided"] = time_ms(lambda: guided(z_t, sig), reps, dev)
+        t["denoise"] = time_ms(lambda: plain(z_t, sig), reps, dev, f"{b} x denoise")
+        t["denoise_guided"] = time_ms(lambda: guided(z_t, sig), reps, dev, f"{b} x denoise_guided")
         z0 = plain(z_t, sig)
 
         def id_grad() -> Tensor:
@@ -158,15 +167,21 @@ def model_stage_times(restorer: Restorer, x: Tensor, reps: int, options: Restore
                 e = torch.nn.functional.normalize(restorer.embed(restorer.decode(z)), dim=-1)
                 return torch.autograd.grad((1 - (e * e_id).sum(-1)).sum(), z)[0]
 
-        t["id_grad"] = time_ms(id_grad, reps, dev)
+        t["id_grad"] = time_ms(id_grad, reps, dev, f"{b} x id_grad")
         den = restorer.denoiser(z_d, e_id, scale)
-        t["refine"] = time_ms(lambda: restorer.refine(z_init, den, sigma_start, o, noise), reps, dev)
+        t["refine"] = time_ms(lambda: restorer.refine(z_init, den, sigma_start, o, noise), reps, dev, f"{b} x refine")
         for k in steps:
             ok = dataclasses.replace(o, steps=k)
-            t[f"refine_{k}"] = time_ms(lambda: restorer.refine(z_init, den, sigma_start, ok, noise), reps, dev)
-        t["decode"] = time_ms(lambda: restorer.decode(z_init), reps, dev)
-    ob = dataclasses.replace(o, batch_size=x.shape[0])
-    t["restore_faces"] = time_ms(lambda: restorer.restore_faces(x, ob), reps, dev)
+            t[f"refine_{k}"] = time_ms(lambda: restorer.refine(z_init, den, sigma_start, ok, noise), reps, dev,
+                                       f"{b} x refine_{k}")
+        t["decode"] = time_ms(lambda: restorer.decode(z_init), reps, dev, f"{b} x decode")
+    ob = dataclasses.replace(o, batch_size=b)
+    t["restore_faces"] = time_ms(lambda: restorer.restore_faces(x, ob), reps, dev, f"{b} x restore_faces")
+    od = restorer.options(batch_size=b)
+    t["restore_default"] = time_ms(lambda: restorer.restore_faces(x, od), reps, dev, f"{b} x restore_default")
+    if b == 1:  # the user's call on one aligned crop: uint8 in, resize, restore, identity scores, uint8 out
+        crop = ((x[0].permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().astype(np.uint8)
+        t["aligned_api"] = time_ms(lambda: restorer.restore(crop, aligned=True), reps, dev, "1 x aligned_api")
     return t
 
 
@@ -177,6 +192,8 @@ def stage_labels(restorer: Restorer, options: RestoreOptions, steps: tuple[int, 
                  ) -> list[tuple[str, str]]:
     """[(key, table label)] in pipeline order."""
     s = restorer.resolution
+    d = restorer.options()
+    default_desc = f"mode {d.mode}" + ("" if d.mode in ("irn", "direct") else f", {d.sampler} {d.steps} steps")
     sigma, scale, calls = default_refine(restorer, options)
     g = max(scale, 1.0)
 
@@ -193,13 +210,15 @@ def stage_labels(restorer: Restorer, options: RestoreOptions, steps: tuple[int, 
         ("denoise", "denoiser call, no guidance"),
         ("denoise_guided", f"denoiser call, identity-guided (scale {g:.3g})"),
         ("id_grad", "  of which identity gradient: decode + facerec fwd + bwd"),
-        ("refine", ref(options.steps) + " [default]"),
+        ("refine", ref(options.steps)),
     ]
     rows += [(f"refine_{k}", ref(k)) for k in steps]
     rows += [
         ("decode", "VQGAN decode G(Q(z))"),
         ("paste", "paste-back (bicubic) into the photo"),
-        ("restore_faces", f"restore_faces total, default options (fidelity {options.fidelity}, {calls} NFE)"),
+        ("restore_faces", f"restore_faces total, {options.mode} mode (fidelity {options.fidelity}, {calls} NFE)"),
+        ("restore_default", f"restore_faces total, the model's defaults ({default_desc})"),
+        ("aligned_api", "Restorer.restore(crop, aligned=True), defaults: uint8 crop in, uint8 out"),
     ]
     return rows
 
@@ -242,7 +261,8 @@ def machine_header(device: torch.device, threads: int, command: str) -> str:
 
 def run_benchmark(model: str | Path, photo: np.ndarray, *, device: str = "cpu", dtype: str = "float32",
                   reps: int = 5, batch: int = 16, steps: tuple[int, ...] = (), options: RestoreOptions | None = None,
-                  facerec: torch.nn.Module | None = None, photo_name: str = "photo") -> str:
+                  facerec: torch.nn.Module | None = None, photo_name: str = "photo", batch_reps: int | None = None
+                  ) -> str:
     """Times every stage for 1 face and for ``batch`` faces; returns the markdown section (title + table)."""
     o = options or RestoreOptions()
     dev = resolve_device(device)
@@ -253,10 +273,11 @@ def run_benchmark(model: str | Path, photo: np.ndarray, *, device: str = "cpu", 
     xn = x1.expand(batch, -1, -1, -1).contiguous()
     photo_t = photo_stage_times(pf, s, batch, reps)
     one = {k: v[0] for k, v in photo_t.items()} | model_stage_times(r, x1, reps, o, steps)
-    many = {k: v[1] for k, v in photo_t.items()} | model_stage_times(r, xn, reps, o, steps)
+    many = {k: v[1] for k, v in photo_t.items()} | model_stage_times(r, xn, batch_reps or reps, o, steps)
     h, w = photo.shape[:2]
     rows = stage_labels(r, o, steps, f"{photo_name} {w}x{h}, {pf.n_faces} faces")
-    title = (f"#### Restore speed: {r.source}, {dev}, {dtype}, S = {s} px, median of {reps} after 1 warm-up")
+    title = (f"#### Restore speed: {r.source}, {dev}, {dtype}, S = {s} px, median of {reps} (batch: "
+             f"{batch_reps or reps}) after 1 warm-up")
     return title + "\n\n" + markdown_table(rows, one, many, batch)
 
 
@@ -270,8 +291,9 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, nargs="*", default=[5, 10], help="extra refine step counts")
-    ap.add_argument("--default-steps", type=int, default=RestoreOptions.steps,
-                    help="steps of the [default] refine and restore_faces rows (default: RestoreOptions')")
+    ap.add_argument("--full-steps", type=int, default=10, help="steps of the full-mode refine and restore_faces rows")
+    ap.add_argument("--sampler", default="heun", help="sampler of the refine and full-mode rows")
+    ap.add_argument("--batch-reps", type=int, help="reps for the batch (default: --reps)")
     ap.add_argument("--md", help="append the report to this markdown file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -285,12 +307,14 @@ def main(argv: list[str] | None = None) -> str:
     cmd = " ".join(shlex.quote(a) for a in (["python", script] + (sys.argv[1:] if argv is None else argv)))
     parts = [f"### Restore speed by stage ({datetime.date.today().isoformat()})",
              machine_header(dev, args.threads, cmd)]
+    print("\n\n".join(parts), flush=True)
+    full = RestoreOptions(mode="full", steps=args.full_steps, sampler=args.sampler)
     for dt in args.dtype:
         parts.append(run_benchmark(args.model, photo, device=args.device, dtype=dt, reps=args.reps, batch=args.batch,
-                                   steps=tuple(args.steps), options=RestoreOptions(steps=args.default_steps),
-                                   facerec=facerec, photo_name=Path(args.photo).name))
+                                   steps=tuple(args.steps), options=full, facerec=facerec,
+                                   photo_name=Path(args.photo).name, batch_reps=args.batch_reps))
+        print("\n" + parts[-1], flush=True)
     report = "\n\n".join(parts) + "\n"
-    print(report)
     if args.md:
         with open(args.md, "a") as f:
             f.write("\n" + report)

@@ -57,7 +57,8 @@ def test_model_stages_on_tiny_model(bench, model_dir):
     o = RestoreOptions(steps=2)
     t = bench.model_stage_times(r, x, 1, o, steps=(1,))
     assert set(t) == {"irn", "encode", "embed", "denoise", "denoise_guided", "id_grad", "refine", "refine_1",
-                      "decode", "restore_faces"}
+                      "decode", "restore_faces", "restore_default"}
+    assert "aligned_api" in bench.model_stage_times(r, x[:1], 1, o)  # the user's one-crop call, 1 face only
     assert all(math.isfinite(v) and v > 0 for v in t.values())
     # fidelity 0.5 with the default map: sigma_start = sqrt(4 * 0.05), guidance 0.5, heun 2 steps = 3 NFE
     sigma, scale, calls = bench.default_refine(r, o)
@@ -69,7 +70,8 @@ def test_model_stages_on_tiny_model(bench, model_dir):
     lines = table.splitlines()
     assert lines[0] == "| stage | 1 face (ms) | 4 faces (ms per face) |" and len(lines) == 2 + len(rows)
     assert lines[2].endswith("| 2.0 | — |") and lines[3].endswith("| 2.0 | 2.0 |")  # 8 ms / 4 faces
-    assert "heun 2 steps (3 NFE, sigma_start 0.447, guidance 5) [default]" in table
+    assert "heun 2 steps (3 NFE, sigma_start 0.447, guidance 5)" in table
+    assert "restore_faces total, full mode (fidelity 0.5, 3 NFE)" in table
     assert "heun 1 steps (1 NFE" in table
 
 
@@ -78,13 +80,13 @@ def test_main_writes_markdown(bench, model_dir, tmp_path):
     md = tmp_path / "RESULTS.md"
     md.write_text("# Results\n")
     report = bench.main(["--model", str(model_dir), "--photo", str(PHOTO), "--threads", "1", "--reps", "1",
-                         "--batch", "2", "--steps", "1", "--default-steps", "2", "--dtype", "float32", "bfloat16", "--md", str(md)])
+                         "--batch", "2", "--steps", "1", "--full-steps", "2", "--dtype", "float32", "bfloat16", "--md", str(md)])
     text = md.read_text()
     assert text.startswith("# Results\n") and text.endswith(report)
     assert "command: `python " in report and "restore_speed.py --model" in report and "--reps 1" in report and f"torch {torch.__version__}" in report
     assert report.count("| stage | 1 face (ms) | 2 faces (ms per face) |") == 2  # one table per dtype
     assert "codeformer_01.jpg 248x189, 4 faces (per photo) |" in report
-    assert "heun 2 steps (3 NFE, sigma_start 0.447, guidance 5) [default]" in report
+    assert "heun 2 steps (3 NFE, sigma_start 0.447, guidance 5)" in report
     for line in report.splitlines():
         if line.startswith("| ") and "stage" not in line:
             cells = [c.strip() for c in line.strip("|").split("|")[1:]]

@@ -100,3 +100,16 @@ def test_pure_and_differentiable():
     a.mean().backward()
     # d/dc E|c - target|^2 = 2 (c - mean target) ~ 2 * 0.3 (target mean ~ 0)
     assert net.c.grad.item() == pytest.approx(0.6, abs=0.1)
+
+
+def test_denoiser_loss_is_edm_loss_at_the_noised_point():
+    from clrface.diffusion.loss import denoiser_loss
+
+    g = torch.Generator().manual_seed(3)
+    z0, cond, noise = (torch.randn(3, 2, 4, 4, generator=g) for _ in range(3))
+    sigma = torch.tensor([0.1, 1.0, 7.0])
+    precond = lambda x, s, c: 0.5 * x + 0.1 * c  # noqa: E731
+    x = z0 + sigma.view(-1, 1, 1, 1) * noise
+    torch.testing.assert_close(denoiser_loss(precond, x, sigma, cond, z0), edm_loss(precond, z0, cond, sigma, noise))
+    # a denoiser that returns the target has zero loss whatever x is
+    assert denoiser_loss(lambda x, s, c: c, x, sigma, cond, cond).abs().max() == 0

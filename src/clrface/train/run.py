@@ -82,6 +82,11 @@ def run_stage(stage: str, config: str | Path, overrides: list[str] = (), out: st
 
         st = MaskStage(build(MaskConfig, raw.get("model"), "model"), build(MaskTrainConfig, raw.get("stage"), "stage"),
                        engine_cfg.seed, engine_cfg.batch_size)
+    elif stage == "distill":
+        from clrface.train.distill import DistillStage, DistillTrainConfig
+
+        st = DistillStage(build(DistillTrainConfig, raw.get("stage"), "stage"), engine_cfg.seed, engine_cfg.batch_size,
+                          Path(engine_cfg.out_dir))
     else:
         raise ClrfaceError(f"stage '{stage}' is not implemented yet")
     return train(st, engine_cfg, resume=resume, config_dump=raw)
