@@ -28,11 +28,18 @@ from clrface.pipeline import RestoreOptions, Restorer
 @dataclass(frozen=True)
 class Row:
     """One configuration: RestoreOptions kwargs, whether the learned mask is used, and a model folder that
-    replaces --model for this row (e.g. a fine-tuned or ablated model packed with `clrface pack`)."""
+    replaces --model for this row (e.g. a fine-tuned or ablated model packed with `clrface pack`).
+    ``rest_encoder``: a VQVAE-Rest checkpoint (`clrface train vqvae-rest`); the row is then G(Q(E'(x_d, x_id)))
+    with the model's IRN and VQGAN, and ``options`` are unused."""
 
     options: dict
     mask: bool = False
     model: str | None = None
+    rest_encoder: str | None = None
+
+
+FULL = {"mode": "full", "sigma_start": 0.5, "guidance_scale": 10.0}  # the ablation's full-model setting
+FAST = "runs/pack-fast"  # the distilled prior (`clrface train distill`) packed with --base default
 
 
 TABLES: dict[str, dict[str, Row]] = {
@@ -53,6 +60,7 @@ TABLES: dict[str, dict[str, Row]] = {
     # Issue 6 / paper Table 4: the ablation of the full method.
     "ablation": {
         "VQVAE-direct": Row({"mode": "direct"}),
+        "VQVAE-Rest E'(x_d, x_id)": Row({}, rest_encoder="runs/vqvae-rest-128/model"),
         "IRN (L1 only)": Row({"mode": "irn"}, model="runs/pack-noid"),
         "IRN^ID": Row({"mode": "irn"}),
         "Diff. Prior (from z_d, s=2, Heun-20)": Row({"mode": "prior", "steps": 20, "sigma_start": 2.0}),
@@ -62,6 +70,19 @@ TABLES: dict[str, dict[str, Row]] = {
                                                              "guidance_scale": 10.0}),
         "IRN^ID + Diff. Prior + ID guidance + M_l": Row({"mode": "full", "steps": 10, "sigma_start": 0.5,
                                                         "guidance_scale": 10.0}, mask=True),
+    },
+    # Issue 10: quality vs speed of the samplers, teacher and distilled (Euler on the distilled prior = the
+    # multistep consistency sampler); from noise (the prior's own job) and in the full pipeline.
+    "speed-table": {
+        **{f"from noise, Heun-{n}": Row({"mode": "prior", "steps": n, "sigma_start": 20.0}) for n in (40, 10)},
+        **{f"from noise, DPM++2M-{n}": Row({"mode": "prior", "steps": n, "sigma_start": 20.0, "sampler": "dpmpp_2m"})
+           for n in (5, 10)},
+        **{f"from noise, distilled-{n}": Row({"mode": "prior", "steps": n, "sigma_start": 20.0, "sampler": "euler"},
+                                             model=FAST) for n in (1, 2, 4)},
+        **{f"full + M_l, Heun-{n}": Row({**FULL, "steps": n}, mask=True) for n in (40, 10)},
+        "full + M_l, DPM++2M-5": Row({**FULL, "steps": 5, "sampler": "dpmpp_2m"}, mask=True),
+        **{f"full + M_l, distilled-{n}": Row({**FULL, "steps": n, "sampler": "euler"}, mask=True, model=FAST)
+           for n in (1, 2, 4)},
     },
     # Issue 8 / paper Table 2 at our scale: extreme upsampling (run on the x32 and x64 test sets).
     "extreme": {
@@ -81,16 +102,26 @@ TABLES: dict[str, dict[str, Row]] = {
 METRICS = ("psnr", "ssim", "facerec_perceptual", "ids", "lmd")
 
 
-def run_row(restorer: Restorer, lq: torch.Tensor, names: list[str], out: Path, opts: RestoreOptions, use_mask: bool
-            ) -> float:
+def run_row(restorer: Restorer, lq: torch.Tensor, names: list[str], out: Path, opts: RestoreOptions, use_mask: bool,
+            rest_encoder: str | None = None) -> float:
     """Restores all faces into ``out``; returns seconds per face (restoration only)."""
     mask = restorer.mask
     restorer.mask = mask if use_mask else None
+    rest = None
+    if rest_encoder:
+        from clrface.vqgan.rest import load_rest_encoder
+
+        rest = load_rest_encoder(rest_encoder, restorer.device)
     t0 = time.perf_counter()
     try:
         faces = []
         for i in range(0, len(lq), opts.batch_size):
-            r = restorer.restore_faces(lq[i : i + opts.batch_size], opts, first_index=i)
+            x = lq[i : i + opts.batch_size]
+            if rest is not None:
+                with torch.no_grad():
+                    faces.append(restorer.vqgan.decode(rest(x, restorer.run_irn(x))).float().clamp(-1, 1))
+                continue
+            r = restorer.restore_faces(x, opts, first_index=i)
             faces.append(r["restored"][:, 0])
     finally:
         restorer.mask = mask
@@ -148,7 +179,7 @@ def main() -> None:
         else:
             pred = out / row.replace(" ", "_").replace("/", "-").replace("^", "")
             dt = run_row(restorer_for(spec.model or args.model), lq, names, pred,
-                         RestoreOptions(batch_size=args.batch_size, **spec.options), spec.mask)
+                         RestoreOptions(batch_size=args.batch_size, **spec.options), spec.mask, spec.rest_encoder)
         res = evaluate_folders(pred, gt_dir, metrics=[m for m in metrics if m != "colorfulness"],
                                fid_ref=args.fid_ref if args.fid else None)
         vals = {r["metric"]: r["value"] for r in res["rows"]}

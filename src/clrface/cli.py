@@ -9,8 +9,8 @@ from clrface.errors import ClrfaceError
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train one stage (vqgan, prior, irn, mask, distill: the few-step prior) with the shared Accelerate engine")
-    p.add_argument("stage", choices=["vqgan", "prior", "irn", "mask", "distill"], help="which model to train")
+    p = sub.add_parser("train", help="train one stage (vqgan, prior, irn, mask, distill: the few-step prior; vqvae-rest: the ablation baseline) with the shared Accelerate engine")
+    p.add_argument("stage", choices=["vqgan", "prior", "irn", "mask", "distill", "vqvae-rest"], help="which model to train")
     p.add_argument("--config", required=True, help="YAML file under configs/ (model + training settings)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config entry, e.g. --set train.steps=1000 (repeatable)")

@@ -412,7 +412,7 @@ class Restorer:
         s = self.resolution
         b, n = x_d.shape[0], o.samples
         sigma_start, scale = o.resolve(self.fidelity_map)
-        calls, z = 0, None
+        calls, z, e_irn = 0, None, None
         x_id, has_id = x_d, False
         if o.mode == "direct":
             restored = self.vqgan.decode(self.vqgan.encode(x_d)).float()
@@ -429,7 +429,7 @@ class Restorer:
             if o.mode == "full":
                 x_id, has_id = self.run_irn(x_d), self.irn is not None
                 z_init = self.encode(x_id) if has_id else z_d
-                e_id = self.embed(x_id)
+                e_id = e_irn = self.embed(x_id)
             else:  # prior alone: no IRN, no guidance; at the top of the schedule it is plain sampling from noise
                 scale, e_id = 0.0, None
                 z_init = torch.zeros_like(z_d) if sigma_start >= self.prior.config.schedule.sigma_max else z_d
@@ -445,9 +445,13 @@ class Restorer:
             calls = nfe(o.sampler, o.steps) if sigma_start > 0 else 0
         restored = restored.float().clamp(-1, 1)
         flat = restored.reshape(b * n, 3, s, s)
-        e_out = self.embed(flat).view(b, n, -1)
         e_in = self.embed(x_d)
-        e_irn = self.embed(x_id) if has_id else e_in
+        if o.mode == "irn":  # the output is x_id: embed it once
+            e_irn = self.embed(x_id)
+            e_out = e_irn[:, None].expand(b, n, -1)
+        else:
+            e_out = self.embed(flat).view(b, n, -1)
+            e_irn = e_in if e_irn is None else e_irn  # full mode embedded x_id already (the guidance target)
         return {
             "restored": restored,
             "x_id": x_id.float(),

@@ -87,6 +87,10 @@ def run_stage(stage: str, config: str | Path, overrides: list[str] = (), out: st
 
         st = DistillStage(build(DistillTrainConfig, raw.get("stage"), "stage"), engine_cfg.seed, engine_cfg.batch_size,
                           Path(engine_cfg.out_dir))
+    elif stage == "vqvae-rest":
+        from clrface.train.vqvae_rest import RestStage, RestTrainConfig
+
+        st = RestStage(build(RestTrainConfig, raw.get("stage"), "stage"), engine_cfg.seed, engine_cfg.batch_size)
     else:
         raise ClrfaceError(f"stage '{stage}' is not implemented yet")
     return train(st, engine_cfg, resume=resume, config_dump=raw)

@@ -1,0 +1,220 @@
+"""Before/after figures of the tool's features for the README (issue 9): writes docs/features/*.jpg.
+
+    python benchmarks/feature_figures.py --out docs/features [--only api bg video onnx batch webui]
+        [--video-dir runs/video-flicker]
+
+api     Restorer.restore on the demo upload (the astronaut portrait, 256 px JPEG q30): input | restored photo.
+bg      --bg-upscale 2 on a real low-quality photo: input (nearest x2) | lanczos background + restored faces.
+video   frames of the flicker clip from ``python benchmarks/video_flicker.py --out runs/video-flicker``, face
+        region: input / irn unstabilised / irn stabilised, 4 frames each and |frame - previous frame| x4
+        (motion undone) on the right: the flicker the stabilisation removes.
+onnx    the demo face through torch and through the torch-free onnxruntime path, and their difference x100.
+batch   `clrface restore FOLDER` on 6 real crops: each input above its restored face.
+webui   a headless-Chromium screenshot of `clrface serve` after restoring the demo upload (needs chromium,
+        chromium-driver and selenium; skipped with a message otherwise).
+Every panel is labelled; every figure uses the shipped default model and fixed seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from clrface.data.io import load_image
+from clrface.pipeline import Restorer, demo_image
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+LABEL_H = 18
+
+
+def labelled(img: np.ndarray, text: str) -> Image.Image:
+    """The image with a white label strip above it."""
+    im = Image.fromarray(img)
+    out = Image.new("RGB", (im.width, im.height + LABEL_H), "white")
+    out.paste(im, (0, LABEL_H))
+    ImageDraw.Draw(out).text((4, 3), text, fill="black")
+    return out
+
+
+def hstack(panels: list[Image.Image], gap: int = 6) -> Image.Image:
+    h = max(p.height for p in panels)
+    out = Image.new("RGB", (sum(p.width for p in panels) + gap * (len(panels) - 1), h), "white")
+    x = 0
+    for p in panels:
+        out.paste(p, (x, 0))
+        x += p.width + gap
+    return out
+
+
+def vstack(rows: list[Image.Image], gap: int = 6) -> Image.Image:
+    w = max(r.width for r in rows)
+    out = Image.new("RGB", (w, sum(r.height for r in rows) + gap * (len(rows) - 1)), "white")
+    y = 0
+    for r in rows:
+        out.paste(r, (0, y))
+        y += r.height + gap
+    return out
+
+
+def demo_upload() -> np.ndarray:
+    """The demo portrait as a phone would send it: 512 -> 256 px bicubic, JPEG q30."""
+    buf = io.BytesIO()
+    Image.fromarray(demo_image()).resize((256, 256), Image.Resampling.BICUBIC).save(buf, "JPEG", quality=30)
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+
+
+def fig_api(r: Restorer) -> Image.Image:
+    photo = demo_upload()
+    res = r.restore(photo, seed=0)
+    f = res.faces[0]
+    return hstack([labelled(photo, "input (256 px, JPEG q30)"),
+                   labelled(res.image, f"Restorer.restore: ID cos vs input {f.id_vs_input[0]:.3f}")])
+
+
+def fig_bg(r: Restorer) -> Image.Image:
+    photo = load_image(DATA / "real_lq" / "whole" / "gfpgan_00.jpg")
+    res = r.restore(photo, upscale=2, seed=0)
+    h, w = photo.shape[:2]
+    near = np.asarray(Image.fromarray(photo).resize((2 * w, 2 * h), Image.Resampling.NEAREST))
+    return hstack([labelled(near, "input (nearest x2)"), labelled(res.image, "--bg-upscale 2 (lanczos) + restored faces")])
+
+
+def video_frames(path: Path, n: int) -> list[np.ndarray]:
+    from clrface.video import read_video
+
+    _, it = read_video(path)
+    return [f for _, f in zip(range(n), it)]
+
+
+def fig_video(r: Restorer, video_dir: Path) -> Image.Image:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from video_flicker import unshift  # the clip's known motion, undone
+
+    from clrface.faces.align import align_faces
+
+    rows = []
+    clip = video_frames(video_dir / "clip.mp4", 5)
+    _, info = align_faces(clip[0], 128, max_faces=1)[0]
+    x0, y0 = np.floor(info.quad.min(0)).astype(int).clip(0)
+    x1, y1 = np.ceil(info.quad.max(0)).astype(int)
+    for name, label in (("clip.mp4", "input"), ("irn-nostab.mp4", "irn, no stabilisation"),
+                        ("irn-stab.mp4", "irn, stabilised (default)")):
+        frames = unshift(video_frames(video_dir / name, 5))
+        crops = [np.clip(np.rint(f[y0:y1, x0:x1]), 0, 255).astype(np.uint8) for f in frames]
+        diff = np.clip(4 * np.abs(frames[4] - frames[3])[y0:y1, x0:x1], 0, 255).astype(np.uint8)
+        rows.append(hstack([labelled(c, f"{label}, t={t}" if t == 0 else f"t={t}") for t, c in enumerate(crops[1:5], 1)]
+                           + [labelled(diff, "|t4 - t3| x4")]))
+    return vstack(rows)
+
+
+def fig_onnx(r: Restorer, work: Path) -> Image.Image:
+    from clrface.export import export_restorer
+    from clrface.onnx_runtime import OnnxRestorer
+
+    from clrface.faces.align import align_faces
+
+    crop = align_faces(demo_upload(), r.resolution, max_faces=1)[0][0]
+    # the ONNX path has no identity guidance: compare the full pipeline with guidance 0 (IRN -> prior -> decode)
+    torch_out = r.restore(crop, aligned=True, mode="full", guidance_scale=0.0, seed=0).faces[0].crops_out[0]
+    onnx = OnnxRestorer(export_restorer(r, work / "onnx").parent)
+    onnx_out = onnx.restore_crops(crop[None], onnx.options(mode="full", seed=0))[0, 0]
+    diff = np.abs(torch_out.astype(np.int16) - onnx_out.astype(np.int16))
+    return hstack([labelled(crop, "input crop"), labelled(torch_out, "torch (--mode full, no guidance)"),
+                   labelled(onnx_out, "onnxruntime, no torch"),
+                   labelled(np.clip(diff * 100, 0, 255).astype(np.uint8), f"|diff| x100 (max {diff.max()})")])
+
+
+def fig_batch(work: Path) -> Image.Image:
+    src = sorted((DATA / "real_lq" / "cropped").glob("*"))[:6]
+    inp = work / "batch_in"
+    inp.mkdir(parents=True, exist_ok=True)
+    for p in src:
+        shutil.copy(p, inp / p.name)
+    out = work / "batch_out"
+    subprocess.run([sys.executable, "-m", "clrface", "restore", str(inp), "-o", str(out), "--aligned", "--seed", "0"],
+                   check=True, stdout=subprocess.DEVNULL)
+    cols = []
+    for p in src:
+        a = np.asarray(Image.open(p).convert("RGB").resize((128, 128), Image.Resampling.BICUBIC))
+        b = load_image(next((out / "restored_faces").glob(p.stem + "*")))
+        cols.append(vstack([labelled(a, p.stem[:18]), labelled(np.asarray(Image.fromarray(b).resize((128, 128))),
+                                                                 "restored")], gap=2))
+    return hstack(cols)
+
+
+def fig_webui(r: Restorer, work: Path) -> Image.Image | None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+    except ImportError:
+        print("webui: selenium not installed; skipped", file=sys.stderr)
+        return None
+    if not (chromium and driver):
+        print("webui: chromium / chromedriver not found; skipped", file=sys.stderr)
+        return None
+    from clrface.serve import make_server
+
+    srv = make_server(r, "127.0.0.1", 0, quiet=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    photo = work / "astronaut_lq.jpg"
+    Image.fromarray(demo_upload()).save(photo, quality=95)
+    os.environ["SE_OFFLINE"] = "true"
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1100,760"):
+        opts.add_argument(arg)
+    drv = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver))
+    try:
+        drv.get(srv.url)
+        wait = WebDriverWait(drv, 120)
+        wait.until(lambda d: d.find_element(By.ID, "mode").get_attribute("value"))  # /api/info arrived
+        drv.find_element(By.ID, "file").send_keys(str(photo))
+        drv.find_element(By.ID, "restore").click()
+        wait.until(lambda d: d.execute_script(
+            "const i = document.getElementById('after'); return i.complete && i.naturalWidth > 0"))
+        png = drv.get_screenshot_as_png()
+    finally:
+        drv.quit()
+        srv.shutdown()
+        srv.server_close()
+    return Image.open(io.BytesIO(png)).convert("RGB")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="docs/features")
+    ap.add_argument("--only", nargs="*", default=["api", "bg", "video", "onnx", "batch", "webui"])
+    ap.add_argument("--video-dir", default="runs/video-flicker")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(2)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    r = Restorer.from_pretrained()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        makers = {"api": lambda: fig_api(r), "bg": lambda: fig_bg(r), "video": lambda: fig_video(r, Path(args.video_dir)),
+                  "onnx": lambda: fig_onnx(r, work), "batch": lambda: fig_batch(work), "webui": lambda: fig_webui(r, work)}
+        for name in args.only:
+            fig = makers[name]()
+            if fig is not None:
+                fig.save(out / f"{name}.jpg", quality=88)
+                print(f"{out / name}.jpg {fig.width}x{fig.height}")
+
+
+if __name__ == "__main__":
+    main()
