@@ -6,8 +6,8 @@
 api     Restorer.restore on the demo upload (the astronaut portrait, 256 px JPEG q30): input | restored photo.
 bg      --bg-upscale 2 on a real low-quality photo: input (nearest x2) | lanczos background + restored faces.
 video   frames of the flicker clip from ``python benchmarks/video_flicker.py --out runs/video-flicker``, face
-        region: input / irn unstabilised / irn stabilised, 4 frames each and |frame - previous frame| x4
-        (motion undone) on the right: the flicker the stabilisation removes.
+        region: input / irn unstabilised / irn stabilised, 4 frames each and |frame - previous frame|
+        (motion undone; x16) on the right: the flicker the stabilisation removes.
 onnx    the demo face through torch and through the torch-free onnxruntime path, and their difference x100.
 batch   `clrface restore FOLDER` on 6 real crops: each input above its restored face.
 webui   a headless-Chromium screenshot of `clrface serve` after restoring the demo upload (needs chromium,
@@ -35,6 +35,7 @@ from clrface.pipeline import Restorer, demo_image
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 LABEL_H = 18
+MAX_WIDTH = 1400
 
 
 def labelled(img: np.ndarray, text: str) -> Image.Image:
@@ -82,11 +83,17 @@ def fig_api(r: Restorer) -> Image.Image:
 
 
 def fig_bg(r: Restorer) -> Image.Image:
+    """Around the first face (its box grown by 0.4x each side), so the figure stays small."""
     photo = load_image(DATA / "real_lq" / "whole" / "gfpgan_00.jpg")
     res = r.restore(photo, upscale=2, seed=0)
     h, w = photo.shape[:2]
-    near = np.asarray(Image.fromarray(photo).resize((2 * w, 2 * h), Image.Resampling.NEAREST))
-    return hstack([labelled(near, "input (nearest x2)"), labelled(res.image, "--bg-upscale 2 (lanczos) + restored faces")])
+    x0, y0, x1, y1 = res.faces[0].box
+    m = 0.4 * max(x1 - x0, y1 - y0)
+    box = [int(max(0, x0 - m)), int(max(0, y0 - m)), int(min(w, x1 + m)), int(min(h, y1 + m))]
+    near = Image.fromarray(photo).crop(box).resize((2 * (box[2] - box[0]), 2 * (box[3] - box[1])), Image.Resampling.NEAREST)
+    out = Image.fromarray(res.image).crop([2 * v for v in box])
+    return hstack([labelled(np.asarray(near), "input (nearest x2)"),
+                   labelled(np.asarray(out), "--bg-upscale 2: lanczos background + restored face")])
 
 
 def video_frames(path: Path, n: int) -> list[np.ndarray]:
@@ -111,9 +118,9 @@ def fig_video(r: Restorer, video_dir: Path) -> Image.Image:
                         ("irn-stab.mp4", "irn, stabilised (default)")):
         frames = unshift(video_frames(video_dir / name, 5))
         crops = [np.clip(np.rint(f[y0:y1, x0:x1]), 0, 255).astype(np.uint8) for f in frames]
-        diff = np.clip(4 * np.abs(frames[4] - frames[3])[y0:y1, x0:x1], 0, 255).astype(np.uint8)
-        rows.append(hstack([labelled(c, f"{label}, t={t}" if t == 0 else f"t={t}") for t, c in enumerate(crops[1:5], 1)]
-                           + [labelled(diff, "|t4 - t3| x4")]))
+        diff = np.clip(16 * np.abs(frames[4] - frames[3])[y0:y1, x0:x1], 0, 255).astype(np.uint8)
+        rows.append(hstack([labelled(c, f"{label}, t={t}" if t == 1 else f"t={t}") for t, c in enumerate(crops[1:5], 1)]
+                           + [labelled(diff, "|t4 - t3| x16")]))
     return vstack(rows)
 
 
@@ -212,6 +219,8 @@ def main() -> None:
         for name in args.only:
             fig = makers[name]()
             if fig is not None:
+                if fig.width > MAX_WIDTH:  # keep the repository light
+                    fig = fig.resize((MAX_WIDTH, round(fig.height * MAX_WIDTH / fig.width)), Image.Resampling.LANCZOS)
                 fig.save(out / f"{name}.jpg", quality=88)
                 print(f"{out / name}.jpg {fig.width}x{fig.height}")
 

@@ -33,7 +33,7 @@ def test_stage_trajectories_training_and_export(tiny_models, tmp_path):
     torch.set_num_threads(1)
     model = build_tiny_model(tmp_path / "teacher")
     cfg = DistillTrainConfig(model=str(model), train_dir=str(tiny_models["faces"]), val_dir=str(tiny_models["faces"]),
-                             val_count=4, pairs=8, traj_batch=4, teacher_steps=3, teacher_bf16=False)
+                             val_count=4, pairs=8, traj_batch=4, teacher_steps=3)
     out = tmp_path / "run"
     stage = DistillStage(cfg, seed=0, batch_size=6, out_dir=out)
     d = stage.data

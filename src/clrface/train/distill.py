@@ -95,17 +95,19 @@ def make_trajectories(restorer, faces_u8: Tensor, cfg: DistillTrainConfig, sched
     for b in range(n_batches):
         x = to_model_range(faces_u8[b * cfg.traj_batch:(b + 1) * cfg.traj_batch])
         x_d, _ = degrade_batch(x, deg, generator=int(torch.randint(0, 2**31, (1,), generator=g)))
-        z_d = restorer.encode(x_d)
         kind = start_kind(b, cfg.noise_fraction, cfg.id_fraction)
-        if kind == "noise":
-            s, base = schedule.sigma_max, torch.zeros_like(z_d)
-        else:
-            u = float(torch.rand((), generator=g))
-            s = math.exp(math.log(cfg.start_min) + u * (math.log(cfg.start_max) - math.log(cfg.start_min)))
-            base = restorer.encode(restorer.run_irn(x_d)) if kind == "id" else z_d
-        sigmas = sigmas_from(schedule, s, cfg.teacher_steps)
-        eps = torch.randn(z_d.shape, generator=g)
-        states, x0 = distill_targets(functools.partial(restorer.prior, cond=z_d), base + s * eps, sigmas)
+        u = float(torch.rand((), generator=g))
+        unet = restorer.prior.config.unet
+        eps = torch.randn((len(x), unet.latent_channels, unet.resolution, unet.resolution), generator=g)
+        with restorer.autocast():  # the nets only; the lists are joined outside autocast (it cannot cat fp16)
+            z_d = restorer.encode(x_d)
+            if kind == "noise":
+                s, base = schedule.sigma_max, torch.zeros_like(z_d)
+            else:
+                s = math.exp(math.log(cfg.start_min) + u * (math.log(cfg.start_max) - math.log(cfg.start_min)))
+                base = restorer.encode(restorer.run_irn(x_d)) if kind == "id" else z_d
+            sigmas = sigmas_from(schedule, s, cfg.teacher_steps)
+            states, x0 = distill_targets(functools.partial(restorer.prior, cond=z_d), base + s * eps, sigmas)
         out["states"].append(states.half())
         out["sigmas"].append(sigmas[:-1].expand(len(x), -1))
         out["x0"].append(x0.float())
@@ -130,8 +132,7 @@ class DistillStage:
             self.data = torch.load(cache)
         else:
             faces = load_face_folder(cfg.train_dir, size=size, limit=cfg.pairs)
-            with teacher.autocast():
-                self.data = make_trajectories(teacher, faces, cfg, self.schedule, seed)
+            self.data = make_trajectories(teacher, faces, cfg, self.schedule, seed)
             out_dir.mkdir(parents=True, exist_ok=True)
             torch.save(self.data, cache)
         student = LatentPrior(teacher.prior.config)
