@@ -23,7 +23,7 @@ from clrface.data.datasets import load_face_folder, to_model_range, to_uint8
 from clrface.data.io import load_image, save_image
 from clrface.metrics.evaluate import evaluate_folders
 from clrface.metrics.noref import colorfulness
-from clrface.pipeline import RestoreOptions, Restorer
+from clrface.pipeline import DTYPES, RestoreOptions, Restorer
 
 @dataclass(frozen=True)
 class Row:
@@ -141,6 +141,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/ablation")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute precision (autocast below fp32)")
     ap.add_argument("--fid", action="store_true",
                     help="add FID against --fid-ref (clean training faces; with a few hundred faces only the "
                          "differences between rows mean anything)")
@@ -158,7 +159,7 @@ def main() -> None:
     def restorer_for(model: str) -> Restorer:
         if model not in restorers:
             facerec = next(iter(restorers.values())).facerec if restorers else None
-            restorers[model] = Restorer.from_pretrained(model, facerec=facerec)
+            restorers[model] = Restorer.from_pretrained(model, dtype=DTYPES[args.dtype], facerec=facerec)
         return restorers[model]
 
     metrics = METRICS + (("fid",) if args.fid else ()) + (("colorfulness",) if args.colorfulness else ())
@@ -189,6 +190,7 @@ def main() -> None:
         rows.append({"row": row, "s_per_face": dt, **vals})
         print(f"| {row} | " + " | ".join(f"{vals.get(m) if vals.get(m) is None else round(vals[m], 4)}" for m in metrics) + f" | {dt:.3f} |", flush=True)
     meta = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "model": args.model,
+            "dtype": args.dtype, "batch_size": args.batch_size,
             "testset": str(testset), "n": len(names), "metrics": metrics}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.rows}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

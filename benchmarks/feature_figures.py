@@ -131,12 +131,21 @@ def fig_onnx(r: Restorer, work: Path) -> Image.Image:
     from clrface.faces.align import align_faces
 
     crop = align_faces(demo_upload(), r.resolution, max_faces=1)[0][0]
-    # the ONNX path has no identity guidance: compare the full pipeline with guidance 0 (IRN -> prior -> decode)
-    torch_out = r.restore(crop, aligned=True, mode="full", guidance_scale=0.0, seed=0).faces[0].crops_out[0]
+    # the ONNX path has no identity guidance: compare the full pipeline with guidance 0 (IRN -> prior -> decode),
+    # from the same start noise (the ONNX runtime draws its own with numpy otherwise)
+    from clrface.onnx_runtime import to_uint8
+    from clrface.pipeline import _from_u8, face_noise
+
+    x = _from_u8(crop[None])
+    o = r.options(mode="full", guidance_scale=0.0, seed=0)
+    torch_out = to_uint8(r.restore_faces(x, o)["restored"][0, 0].numpy())
+    unet = r.prior.config.unet
+    noise = face_noise((1, unet.latent_channels, unet.resolution, unet.resolution), 0, 0, 0)[:, None].numpy()
     onnx = OnnxRestorer(export_restorer(r, work / "onnx").parent)
-    onnx_out = onnx.restore_crops(crop[None], onnx.options(mode="full", seed=0))[0, 0]
+    oo = onnx.options(mode="full", guidance_scale=0.0, seed=0, steps=o.steps, sampler=o.sampler)
+    onnx_out = to_uint8(onnx.restore_faces(x.numpy(), oo, noise=noise)["restored"][0, 0])
     diff = np.abs(torch_out.astype(np.int16) - onnx_out.astype(np.int16))
-    return hstack([labelled(crop, "input crop"), labelled(torch_out, "torch (--mode full, no guidance)"),
+    return hstack([labelled(crop, "input crop"), labelled(torch_out, "torch (full, g=0)"),
                    labelled(onnx_out, "onnxruntime, no torch"),
                    labelled(np.clip(diff * 100, 0, 255).astype(np.uint8), f"|diff| x100 (max {diff.max()})")])
 
