@@ -58,3 +58,19 @@ def test_colorize_model_colours_a_gray_face(restorer):
     out = col.restore_faces(gray, col.options())["restored"][:, 0]
     assert colorfulness(gray).max().item() == 0
     assert colorfulness(out).mean().item() > 5  # 30 on the gray test set (docs/RESULTS.md, 'Colorization')
+
+
+@pytest.mark.skipif(not VAL.is_dir(), reason="shared data not present")
+def test_fast_model_matches_the_teacher_in_one_evaluation(restorer):
+    fast = Restorer.from_pretrained("fast", facerec=restorer.facerec)
+    o = fast.options()
+    assert (o.mode, o.sampler, o.steps) == ("full", "euler", 1) and fast.mask is not None
+    for a, b in zip(fast.irn.parameters(), restorer.irn.parameters()):
+        assert torch.equal(a, b)  # only the prior is distilled
+    gt = to_model_range(load_face_folder(VAL, limit=4))
+    lq, _ = degrade_batch(gt, get_preset("bfr", 128), generator=0)
+    got = fast.restore_faces(lq, o)
+    teacher = restorer.restore_faces(lq, restorer.options(mode="full", steps=10, sampler="heun"))
+    assert got["nfe"] == 1 and teacher["nfe"] == 19
+    agree = psnr(got["restored"][:, 0], teacher["restored"][:, 0]).mean().item()
+    assert agree > 30, agree  # the student lands where the teacher's 19 evaluations do
