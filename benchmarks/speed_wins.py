@@ -2,14 +2,15 @@
 
     python benchmarks/speed_wins.py --model default --fast runs/pack-fast --threads 2 --reps 5
 
-Variants, each timed on one aligned 128 px face (the demo portrait's) and on a batch of 16 copies, median of
-``--reps`` after a warm-up, in one process:
+Variants, each timed on one aligned 128 px face (the demo portrait's) and on batches of ``--batches`` copies
+(ms per face; the factor is against the fp32 baseline at the same batch), median of ``--reps`` (batches:
+half as many) after a warm-up, in one process:
   baseline         fp32, contiguous (NCHW) weights
   bf16             the nets under bf16 autocast (``Restorer(dtype=bfloat16)``; sigma math stays fp32)
   channels_last    every conv net's weights in channels-last memory format
   compile          ``torch.compile`` of IRN, VQGAN and the prior's UNet (compile time reported separately)
 for two workloads: the default restore (``restore_faces`` with the model's defaults) and the full pipeline
-(guided, mask, fidelity 0.5) with the teacher's Heun-10 and, with ``--fast``, the distilled prior's Euler-2.
+(guided, mask, fidelity 0.5) with the teacher's Heun-10 and, with ``--fast``, the distilled prior's Euler-1.
 Prints a markdown table (ms per face and the factor against the baseline).
 """
 
@@ -64,7 +65,7 @@ def main() -> None:
     ap.add_argument("--fast", help="model folder with the distilled prior (clrface train distill + pack --base)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16], help="faces per restore_faces call")
     ap.add_argument("--variants", nargs="*", default=["baseline", "bf16", "channels_last", "compile"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -73,11 +74,10 @@ def main() -> None:
     facerec = load_facerec()
     crop = align_faces(demo_image(), 128, max_faces=1)[0][0]
     x1 = _from_u8(crop[None])
-    xb = x1.expand(args.batch, -1, -1, -1).contiguous()
     full = dict(mode="full", fidelity=0.5)
     work = [("default restore", args.model, {}), ("full, Heun-10 (19 guided NFE)", args.model, {**full, "steps": 10})]
     if args.fast:
-        work.append(("full, distilled Euler-2 (2 guided NFE)", args.fast, {**full, "steps": 2, "sampler": "euler"}))
+        work.append(("full, distilled Euler-1 (1 guided NFE; --model fast)", args.fast, {**full, "steps": 1, "sampler": "euler"}))
     rows, base = [], {}
     for v in args.variants:
         for label, model, opts in work:
@@ -85,10 +85,11 @@ def main() -> None:
             r, setup = variant(v, model, facerec)
             o = r.options(**opts)
             cells = []
-            for x in (x1, xb):
-                ob = dataclasses.replace(o, batch_size=len(x))
-                ms = median_ms(lambda: r.restore_faces(x, ob), args.reps if len(x) == 1 else max(1, args.reps // 2))
-                cells.append(ms / len(x))
+            for b in args.batches:
+                x = x1.expand(b, -1, -1, -1).contiguous()
+                ob = dataclasses.replace(o, batch_size=b)
+                ms = median_ms(lambda: r.restore_faces(x, ob), args.reps if b == 1 else max(1, args.reps // 2))
+                cells.append(ms / b)
             if v == "baseline":
                 base[label] = cells
             ref = base.get(label, cells)
@@ -97,7 +98,8 @@ def main() -> None:
                    + f" | {setup:.1f} s set-up, {total:.0f} s in all |")
             print(row, file=sys.stderr, flush=True)
             rows.append(row)
-    print(f"| workload | variant | 1 face, ms (× vs fp32) | {args.batch} faces, ms per face (×) | cost |\n|---|---|---|---|---|")
+    heads = " | ".join(f"{b} face{'s' if b > 1 else ''}, ms per face (×)" for b in args.batches)
+    print(f"| workload | variant | {heads} | cost |\n|---|---|" + "---|" * len(args.batches) + "---|")
     print("\n".join(rows))
 
 
