@@ -10,7 +10,7 @@ scaled to S (``get_preset("bfr", S)``: x1-x8 at 128 px, blur, noise, JPEG); ``x8
 preset scaled to S (blur sigma 0.025-2.5 px at 128, noise 0-20, no JPEG) with the down-scale fixed to 8 / 16
 (x8 at 128 px is the paper's x32 at 512 px).
 
-Rows: clean, degraded (the S-px LQ input), IRN (mode irn), full model (mode full, default RestoreOptions), plus
+Rows: clean, degraded (the S-px LQ input), IRN (mode irn), full model (mode full, the model's restore.json defaults otherwise), plus
 ``--row NAME=MODE[:key=val,...]`` as in ``real_world.py``. Per-face noise seeds use the face's position in the
 sorted list of all View-2 images, so ``--limit-pairs`` subsets restore each face exactly as the full run does.
 
@@ -220,7 +220,7 @@ def run(model: str | Path | None, out: str | Path, *, preset: str = "bfr", lfw: 
         if row == "degraded" or spec is not None:
             fp.update(preset=dataclasses.asdict(cfg), seed=seed)
         if spec is not None:
-            opts, use_mask = row_options(spec, batch_size)
+            opts, use_mask = row_options(spec, batch_size, restorer.defaults)
             specs[row] = (opts, use_mask and restorer.mask is not None)
             fp.update(options=dataclasses.asdict(opts) | {"batch_size": None}, mask=specs[row][1],
                       model=_model_stamp(restorer.source))

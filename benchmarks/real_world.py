@@ -9,7 +9,7 @@ with PIL bicubic, antialiased) and every face that ``clrface.faces.align_faces``
 quad) finds in ``real_lq/whole``, aligned directly at S px. Each subset and their union ("all") gets a table.
 
 Rows: the S-px input itself ("bicubic input"), VQVAE-direct G(Q(E(x_d))) (mode direct), the IRN alone (mode irn),
-the full model (mode full, default RestoreOptions), plus any ``--row NAME=MODE[:key=val,...]`` (RestoreOptions
+the full model (mode full, the model's restore.json defaults otherwise), plus any ``--row NAME=MODE[:key=val,...]`` (RestoreOptions
 fields, and ``mask=off`` to drop the learned latent mask).
 
 Columns:
@@ -109,8 +109,10 @@ def parse_row(spec: str) -> tuple[str, dict[str, Any]]:
     return name.strip(), kw
 
 
-def row_options(kw: dict[str, Any], batch_size: int = 8) -> tuple[RestoreOptions, bool]:
-    """(RestoreOptions, use the learned mask) of a row spec; unknown keys raise ClrfaceError."""
+def row_options(kw: dict[str, Any], batch_size: int = 8, defaults: dict[str, Any] | None = None
+                ) -> tuple[RestoreOptions, bool]:
+    """(RestoreOptions, use the learned mask) of a row spec over the model's ``defaults`` (restore.json; e.g. the
+    sampler and steps a distilled model was made for); unknown keys raise ClrfaceError."""
     kw = dict(kw)
     mask = str(kw.pop("mask", "on")).lower()
     if mask not in ("on", "off", "1", "0", "true", "false"):
@@ -120,7 +122,7 @@ def row_options(kw: dict[str, Any], batch_size: int = 8) -> tuple[RestoreOptions
     if bad:
         raise ClrfaceError(f"unknown RestoreOptions field(s) {', '.join(bad)}; choose from {', '.join(sorted(known))}, mask")
     kw.setdefault("batch_size", batch_size)
-    return RestoreOptions(**kw), mask in ("on", "1", "true")
+    return RestoreOptions(**{**(defaults or {}), **kw}), mask in ("on", "1", "true")
 
 
 def slug(name: str) -> str:
@@ -316,7 +318,7 @@ def run(model: str | Path | None, out: str | Path, *, cropped: str | Path | None
             if spec is None:
                 restored, dt = faces, 0.0
             else:
-                opts, use_mask = row_options(spec, batch_size)
+                opts, use_mask = row_options(spec, batch_size, restorer.defaults)
                 entry["options"] = dataclasses.asdict(opts) | {"mask": use_mask and restorer.mask is not None}
                 log(f"restoring {len(faces)} faces: {row}")
                 restored, dt = restore_row(restorer, faces, opts, use_mask)
