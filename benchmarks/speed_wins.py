@@ -1,6 +1,6 @@
 """Cheap CPU speed-ups measured one at a time (issue 10 item 2): each variant against the same fp32 baseline.
 
-    python benchmarks/speed_wins.py --model default --fast runs/pack-fast --threads 2 --reps 5
+    python benchmarks/speed_wins.py --model default --fast fast --threads 2 --reps 5
 
 Variants, each timed on one aligned 128 px face (the demo portrait's) and on batches of ``--batches`` copies
 (ms per face; the factor is against the fp32 baseline at the same batch), median of ``--reps`` (batches:
@@ -9,8 +9,9 @@ half as many) after a warm-up, in one process:
   bf16             the nets under bf16 autocast (``Restorer(dtype=bfloat16)``; sigma math stays fp32)
   channels_last    every conv net's weights in channels-last memory format
   compile          ``torch.compile`` of IRN, VQGAN and the prior's UNet (compile time reported separately)
-for two workloads: the default restore (``restore_faces`` with the model's defaults) and the full pipeline
-(guided, mask, fidelity 0.5) with the teacher's Heun-10 and, with ``--fast``, the distilled prior's Euler-1.
+for the workloads: the default restore (``restore_faces`` with the model's defaults), with ``--fast`` the full
+pipeline (guided, mask, fidelity 0.5) on the distilled prior (Euler-1), with ``--heun`` the same on the teacher
+(Heun-10).
 Prints a markdown table (ms per face and the factor against the baseline).
 """
 
@@ -66,6 +67,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16], help="faces per restore_faces call")
+    ap.add_argument("--heun", action="store_true", help="also time the teacher's full Heun-10 (slow: ~5 s per face)")
     ap.add_argument("--variants", nargs="*", default=["baseline", "bf16", "channels_last", "compile"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -75,7 +77,9 @@ def main() -> None:
     crop = align_faces(demo_image(), 128, max_faces=1)[0][0]
     x1 = _from_u8(crop[None])
     full = dict(mode="full", fidelity=0.5)
-    work = [("default restore", args.model, {}), ("full, Heun-10 (19 guided NFE)", args.model, {**full, "steps": 10})]
+    work = [("default restore", args.model, {})]
+    if args.heun:
+        work.append(("full, Heun-10 (19 guided NFE)", args.model, {**full, "steps": 10}))
     if args.fast:
         work.append(("full, distilled Euler-1 (1 guided NFE; --model fast)", args.fast, {**full, "steps": 1, "sampler": "euler"}))
     rows, base = [], {}
