@@ -240,3 +240,14 @@ def test_restore_json_defaults_are_the_model_default_and_flags_override(tmp_path
     with pytest.raises(CheckpointError, match="restore.json"):
         Restorer.from_pretrained(folder)
     shutil.rmtree(folder)
+
+
+def test_auto_dtype_picks_bf16_only_on_cpus_with_native_bf16():
+    from clrface.pipeline import auto_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert auto_dtype(cpu, frozenset({"avx2", "amx_bf16", "amx_tile"})) == "bfloat16"
+    assert auto_dtype(cpu, frozenset({"avx512f", "avx512_bf16"})) == "bfloat16"
+    assert auto_dtype(cpu, frozenset({"avx2", "avx512f"})) == "float32"  # emulated bf16 would be slower
+    assert auto_dtype(cpu, frozenset()) == "float32"
+    assert auto_dtype(cuda, frozenset({"amx_bf16"})) == "float32"  # GPUs: not measured yet

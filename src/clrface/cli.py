@@ -165,10 +165,13 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
                         "degraded latent (from pure noise at --sigma-start >= sigma_max); irn = the IRN output alone; "
                         "direct = the VQGAN reconstruction G(Q(E(x)))")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"], help="torch device (default cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute precision: below float32 the nets run under torch autocast (weights, latents "
-                        "and sampler steps stay float32); default float32")
-    p.add_argument("--batch-size", type=int, default=8, help="faces per forward pass (x samples; default 8)")
+                        "and sampler steps stay float32); auto (default): bfloat16 on a CPU with native bf16 "
+                        "(AMX / AVX512-BF16: 1.25-3.4x faster, same scores in docs/RESULTS.md), else float32")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="faces per forward pass (x samples); default: the fastest measured on CPU, 16 under bfloat16 "
+                        "(2.2x faster per face than 1 at a time), 4 under float32 (larger batches are slower there)")
     p.add_argument("--bg-upscale", "--upscale", dest="upscale", type=int, default=1, metavar="N",
                    help="integer factor: the whole photo is enlarged by N (Lanczos, or Real-ESRGAN with --bg-model) "
                         "before the restored faces are pasted at that resolution (aligned crops: the crop size x N); "
@@ -187,16 +190,18 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
 
 def _restore_setup(args: argparse.Namespace):
     from clrface.background import RealESRGANUpscaler, lanczos_upscale, load_rrdbnet
-    from clrface.pipeline import DTYPES, Restorer, resolve_device
+    from clrface.pipeline import DTYPES, Restorer, auto_dtype, resolve_device
 
     device = resolve_device(args.device)
+    dtype = auto_dtype(device) if args.dtype == "auto" else args.dtype
     background = lanczos_upscale
     if args.bg_model:
         background = RealESRGANUpscaler(load_rrdbnet(args.bg_model, device), tile=args.bg_tile)
-    restorer = Restorer.from_pretrained(args.model, device, DTYPES[args.dtype], background=background)
+    restorer = Restorer.from_pretrained(args.model, device, DTYPES[dtype], background=background)
     options = restorer.options(fidelity=args.fidelity, steps=args.steps, sampler=args.sampler,
                                sigma_start=args.sigma_start, guidance_scale=args.guidance_scale, seed=args.seed,
-                               samples=args.samples, mode=args.mode, batch_size=args.batch_size,
+                               samples=args.samples, mode=args.mode,
+                               batch_size=args.batch_size or (16 if dtype == "bfloat16" else 4),
                                upscale=args.upscale, max_faces=args.max_faces, color=args.color)
     return restorer, options
 
@@ -347,20 +352,22 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=7860, help="TCP port (default %(default)s; 0: any free port)")
     p.add_argument("--model", default="default", help="model folder or installed model name (default: %(default)s)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"], help="torch device (default cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="compute precision (see `clrface restore --help`)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute precision (see `clrface restore --help`; default auto)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="refuse larger uploads (default %(default)s)")
     p.add_argument("--max-megapixels", type=float, default=16.0,
                    help="refuse photos with more pixels, read from the header before decoding (default %(default)s)")
 
     def run(args: argparse.Namespace) -> int:
-        from clrface.pipeline import DTYPES, Restorer, resolve_device
+        from clrface.pipeline import DTYPES, Restorer, auto_dtype, resolve_device
         from clrface.serve import ServeLimits, serve
 
         if args.max_upload_mb <= 0 or args.max_megapixels <= 0:
             raise ClrfaceError("--max-upload-mb and --max-megapixels must be > 0")
         limits = ServeLimits(max_bytes=int(args.max_upload_mb * 2**20), max_pixels=int(args.max_megapixels * 1e6))
-        restorer = Restorer.from_pretrained(args.model, resolve_device(args.device), DTYPES[args.dtype])
+        device = resolve_device(args.device)
+        dtype = auto_dtype(device) if args.dtype == "auto" else args.dtype
+        restorer = Restorer.from_pretrained(args.model, device, DTYPES[dtype])
         serve(restorer, args.host, args.port, limits)
         return 0
 
