@@ -133,3 +133,18 @@ def test_two_steps_through_the_engine_and_exact_resume(facerec, faces_dirs, tmp_
     wb = load_weights(tmp_path / "b" / "model", IRN(TINY)).state_dict()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0, msg=k)
+
+
+def test_adversarial_option_adds_a_discriminator_objective(faces_dirs, facerec):
+    stage = _stage(faces_dirs, facerec, adv_weight=0.1, disc_channels=8, disc_layers=2)
+    assert set(stage.modules) == {"irn", "disc"}
+    torch.nn.init.normal_(stage.modules["irn"].tail.weight, std=0.01)  # zero tail: no adaptive-weight gradient
+    g, d = stage.objectives(stage.modules)
+    batch, cache = stage.batch(0, 0, 1), {}
+    loss, logs = g.loss_fn(batch, 0, cache)
+    loss.backward()
+    assert {"adv", "adv_w"} <= set(logs) and torch.isfinite(loss) and "out" in cache
+    d_loss, d_logs = d.loss_fn(batch, 0, cache)
+    d_loss.backward()
+    assert d_logs["d_loss"] > 0 and all(p.grad is not None for p in stage.modules["disc"].parameters())
+    assert g.name == "irn" and d.name == "disc"

@@ -24,6 +24,7 @@ from clrface.identity.irn import IRN, IRNConfig
 from clrface.metrics.psnr_ssim import psnr
 from clrface.train.engine import Objective, step_indices
 from clrface.train.vqgan import save_grid
+from clrface.vqgan.losses import adaptive_weight, generator_adv_loss, hinge_d_loss
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,12 @@ class IRNTrainConfig:
     # An IRN checkpoint to fine-tune (e.g. the shipped default for the extreme-SR or colorization models);
     # a --resume train_state overrides it.
     init_from: str | None = None
+    # > 0: add a PatchGAN hinge loss (as the VQGAN's stage B), weighted adaptively against Eq. 11 at the IRN's
+    # last layer; L1 + identity alone regress to the mean and smooth faces.
+    adv_weight: float = 0.0
+    disc_lr: float = 1e-4
+    disc_channels: int = 64
+    disc_layers: int = 3
 
 
 def descriptor(fr: DlibFaceRecognizer, x: Tensor) -> Tensor:
@@ -79,6 +86,10 @@ class IRNStage:
         if cfg.init_from:
             load_weights(cfg.init_from, irn)
         self.modules: dict[str, nn.Module] = {"irn": irn}
+        if cfg.adv_weight > 0:
+            from clrface.vqgan.model import PatchDiscriminator
+
+            self.modules["disc"] = PatchDiscriminator(cfg.disc_channels, cfg.disc_layers)
         self.facerec = facerec.eval().requires_grad_(False)  # frozen; kept out of `modules` (not trained)
         self.degradation = get_preset(cfg.degradation, size=cfg.size)
         self.train_faces = load_face_folder(cfg.train_dir, size=cfg.size)
@@ -109,9 +120,27 @@ class IRNStage:
             if next(self.facerec.buffers()).device != dev:
                 self.facerec.to(dev)
             gt, lq = batch["gt"].to(dev), batch["lq"].to(dev)
-            return irn_loss(irn(lq), gt, self.facerec, cfg.alpha, identity_weight=cfg.identity_weight)
+            out = irn(lq)
+            loss, logs = irn_loss(out, gt, self.facerec, cfg.alpha, identity_weight=cfg.identity_weight)
+            if cfg.adv_weight > 0:
+                cache["out"] = out
+                adv = generator_adv_loss(m["disc"](out))
+                inner = irn.module if hasattr(irn, "module") else irn
+                w = adaptive_weight(loss, adv, inner.tail.weight)
+                loss = loss + cfg.adv_weight * w * adv
+                logs.update(adv=adv.item(), adv_w=w.item())
+            return loss, logs
 
-        return [Objective("irn", list(irn.parameters()), loss_fn, cfg.lr, warmup=cfg.warmup)]
+        objs = [Objective("irn", list(irn.parameters()), loss_fn, cfg.lr, warmup=cfg.warmup)]
+        if cfg.adv_weight > 0:
+            disc = m["disc"]
+
+            def d_loss(batch: dict[str, Tensor], step: int, cache: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+                loss = hinge_d_loss(disc(batch["gt"]), disc(cache["out"].detach()))
+                return loss, {"d_loss": loss.item()}
+
+            objs.append(Objective("disc", list(disc.parameters()), d_loss, cfg.disc_lr, betas=(0.5, 0.9), warmup=20))
+        return objs
 
     @torch.no_grad()
     def validate(self, ema: nn.Module, step: int, out_dir: Path) -> dict[str, float]:
