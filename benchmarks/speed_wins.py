@@ -19,25 +19,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
 import time
-from typing import Callable
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from restore_speed import time_ms  # noqa: E402  (median after a warm-up, the stage table's timer)
+
 from clrface.faces.align import align_faces
 from clrface.pipeline import Restorer, RestoreOptions, _from_u8, demo_image
-
-
-def median_ms(fn: Callable[[], object], reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
 
 
 def conv_nets(r: Restorer) -> list[torch.nn.Module]:
@@ -92,7 +84,7 @@ def main() -> None:
             for b in args.batches:
                 x = x1.expand(b, -1, -1, -1).contiguous()
                 ob = dataclasses.replace(o, batch_size=b)
-                ms = median_ms(lambda: r.restore_faces(x, ob), args.reps if b == 1 else max(1, args.reps // 2))
+                ms = time_ms(lambda: r.restore_faces(x, ob), args.reps if b == 1 else max(1, args.reps // 2))
                 cells.append(ms / b)
             if v == "baseline":
                 base[label] = cells
