@@ -142,7 +142,7 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default",
                    help="model folder (with vqgan/, prior/ and optional irn/, mask/, restore.json) or the name of an "
                         "installed model under clrface/weights/: default, extreme (tiny faces, x8-x16), colorize "
-                        "(black-and-white photos); default: %(default)s")
+                        "(black-and-white photos), fast (the full pipeline in one step); default: %(default)s")
     p.add_argument("--fidelity", type=float, default=None,
                    help="0..1, one knob for realism vs faithfulness (default: the model's, else 0.5). High fidelity starts the "
                         "sampler close to the IRN output (small sigma_start) with stronger identity guidance; low "
