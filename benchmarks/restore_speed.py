@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from clrface.diffusion.sampler import nfe
-from clrface.pipeline import DTYPES, Restorer, RestoreOptions, resolve_device
+from clrface.pipeline import DTYPES, Restorer, RestoreOptions, cpu_flags, resolve_device
 
 DEFAULT_PHOTO = Path("/work/shared/data/real_lq/whole/gfpgan_00.jpg")
 NA = float("nan")  # a stage with no batch figure (detection is per photo)
@@ -244,12 +244,7 @@ def cpu_name() -> str:
 
 def cpu_bf16_flags() -> str:
     """The bf16-relevant ISA flags of this CPU (bf16 autocast is only fast with them)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return "unknown"
-    return ", ".join(f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags) or "none"
+    return ", ".join(sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile"})) or "none"
 
 
 def machine_header(device: torch.device, threads: int, command: str) -> str:

@@ -190,10 +190,10 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
 
 def _restore_setup(args: argparse.Namespace):
     from clrface.background import RealESRGANUpscaler, lanczos_upscale, load_rrdbnet
-    from clrface.pipeline import DTYPES, Restorer, auto_dtype, resolve_device
+    from clrface.pipeline import DTYPES, Restorer, resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
-    dtype = auto_dtype(device) if args.dtype == "auto" else args.dtype
+    dtype = resolve_dtype(args.dtype, device)
     background = lanczos_upscale
     if args.bg_model:
         background = RealESRGANUpscaler(load_rrdbnet(args.bg_model, device), tile=args.bg_tile)
@@ -359,14 +359,14 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="refuse photos with more pixels, read from the header before decoding (default %(default)s)")
 
     def run(args: argparse.Namespace) -> int:
-        from clrface.pipeline import DTYPES, Restorer, auto_dtype, resolve_device
+        from clrface.pipeline import DTYPES, Restorer, resolve_device, resolve_dtype
         from clrface.serve import ServeLimits, serve
 
         if args.max_upload_mb <= 0 or args.max_megapixels <= 0:
             raise ClrfaceError("--max-upload-mb and --max-megapixels must be > 0")
         limits = ServeLimits(max_bytes=int(args.max_upload_mb * 2**20), max_pixels=int(args.max_megapixels * 1e6))
         device = resolve_device(args.device)
-        dtype = auto_dtype(device) if args.dtype == "auto" else args.dtype
+        dtype = resolve_dtype(args.dtype, device)
         restorer = Restorer.from_pretrained(args.model, device, DTYPES[dtype])
         serve(restorer, args.host, args.port, limits)
         return 0

@@ -236,6 +236,11 @@ def cpu_flags() -> frozenset[str]:
         return frozenset()
 
 
+def resolve_dtype(name: str, device: torch.device) -> str:
+    """A ``--dtype`` value made concrete: "auto" becomes :func:`auto_dtype`'s choice, other names stay."""
+    return auto_dtype(device) if name == "auto" else name
+
+
 def auto_dtype(device: torch.device, flags: frozenset[str] | None = None) -> str:
     """The compute precision ``--dtype auto`` picks: bfloat16 on a CPU with native bf16 (AMX or AVX512-BF16),
     where it measured 1.25-3.4x faster at equal quality (docs/RESULTS.md, "Cheap speed-ups"); else float32
