@@ -32,6 +32,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from clrface.diffusion.sampler import nfe
@@ -256,21 +257,26 @@ def machine_header(device: torch.device, threads: int, command: str) -> str:
 
 def run_benchmark(model: str | Path, photo: np.ndarray, *, device: str = "cpu", dtype: str = "float32",
                   reps: int = 5, batch: int = 16, steps: tuple[int, ...] = (), options: RestoreOptions | None = None,
-                  facerec: torch.nn.Module | None = None, photo_name: str = "photo", batch_reps: int | None = None
-                  ) -> str:
-    """Times every stage for 1 face and for ``batch`` faces; returns the markdown section (title + table)."""
+                  facerec: torch.nn.Module | None = None, photo_name: str = "photo", batch_reps: int | None = None,
+                  aligned: bool = False) -> str:
+    """Times every stage for 1 face and for ``batch`` faces; returns the markdown section (title + table).
+    ``aligned``: ``photo`` is an aligned face crop; the photo stages (detect, align, paste) are left out."""
     o = options or RestoreOptions()
     dev = resolve_device(device)
     r = Restorer.from_pretrained(model, dev, DTYPES[dtype], facerec=facerec)
     s = r.resolution
-    pf = first_face(photo, s)
-    x1 = torch.from_numpy(pf.crop).permute(2, 0, 1)[None].float().div(127.5).sub(1)
+    if aligned:  # photo is already an aligned crop: model stages only (no dlib needed)
+        crop = np.asarray(Image.fromarray(photo).resize((s, s), Image.BICUBIC))
+        photo_t, desc = {}, f"{photo_name} (aligned crop, no photo stages)"
+    else:
+        pf = first_face(photo, s)
+        crop, photo_t = pf.crop, photo_stage_times(pf, s, batch, reps)
+        desc = f"{photo_name} {photo.shape[1]}x{photo.shape[0]}, {pf.n_faces} faces"
+    x1 = torch.from_numpy(crop).permute(2, 0, 1)[None].float().div(127.5).sub(1)
     xn = x1.expand(batch, -1, -1, -1).contiguous()
-    photo_t = photo_stage_times(pf, s, batch, reps)
     one = {k: v[0] for k, v in photo_t.items()} | model_stage_times(r, x1, reps, o, steps)
     many = {k: v[1] for k, v in photo_t.items()} | model_stage_times(r, xn, batch_reps or reps, o, steps)
-    h, w = photo.shape[:2]
-    rows = stage_labels(r, o, steps, f"{photo_name} {w}x{h}, {pf.n_faces} faces")
+    rows = stage_labels(r, o, steps, desc)
     title = (f"#### Restore speed: {r.source}, {dev}, {dtype}, S = {s} px, median of {reps} (batch: "
              f"{batch_reps or reps}) after 1 warm-up")
     return title + "\n\n" + markdown_table(rows, one, many, batch)
@@ -280,6 +286,8 @@ def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="model folder (vqgan/ prior/ [irn/ mask/]) or installed name")
     ap.add_argument("--photo", default=str(DEFAULT_PHOTO), help="a whole photo with at least one face")
+    ap.add_argument("--aligned", action="store_true",
+                    help="--photo is an aligned face crop: time the model stages only (no dlib detect/align/paste)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", nargs="+", default=["float32"], choices=sorted(DTYPES))
     ap.add_argument("--threads", type=int, default=2)
@@ -307,7 +315,8 @@ def main(argv: list[str] | None = None) -> str:
     for dt in args.dtype:
         parts.append(run_benchmark(args.model, photo, device=args.device, dtype=dt, reps=args.reps, batch=args.batch,
                                    steps=tuple(args.steps), options=full, facerec=facerec,
-                                   photo_name=Path(args.photo).name, batch_reps=args.batch_reps))
+                                   photo_name=Path(args.photo).name, batch_reps=args.batch_reps,
+                                   aligned=args.aligned))
         print("\n" + parts[-1], flush=True)
     report = "\n\n".join(parts) + "\n"
     if args.md:

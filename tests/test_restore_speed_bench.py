@@ -91,3 +91,14 @@ def test_main_writes_markdown(bench, model_dir, tmp_path):
         if line.startswith("| ") and "stage" not in line:
             cells = [c.strip() for c in line.strip("|").split("|")[1:]]
             assert all(c == "—" or float(c) > 0 for c in cells), line
+
+
+def test_aligned_crop_skips_photo_stages(bench, model_dir, tmp_path):
+    # --aligned: the model stages of one crop only; no dlib detection, the photo rows are left empty
+    crop = (np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)
+    report = bench.run_benchmark(model_dir, crop, reps=1, batch=2, options=RestoreOptions(steps=1),
+                                 photo_name="crop.png", aligned=True)
+    rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
+    assert "crop.png (aligned crop, no photo stages)" in report
+    assert rows["align: FFHQ warp to 32 px"].endswith("| — | — |")
+    assert float(rows["IRN"].split("|")[2]) > 0 and float(rows["IRN"].split("|")[3]) > 0

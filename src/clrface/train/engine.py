@@ -69,6 +69,11 @@ class Stage(Protocol):
     def export(self, ema: nn.Module, folder: Path) -> None: ...
 
 
+def train_device() -> torch.device:
+    """Where training runs: the GPU when there is one (Accelerate's choice too), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def step_indices(micro_step: int, n: int, batch: int, seed: int, rank: int = 0, world: int = 1) -> Tensor:
     """Dataset indices of one process's share of a global batch, a pure function of the step:
     epochs are seeded permutations, consumed in order."""
@@ -122,7 +127,7 @@ def train(stage: Stage, cfg: EngineConfig, *, resume: bool = False, config_dump:
     """Runs `stage` to `cfg.steps` (or `max_minutes`); returns the last completed step."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=train_device().type == "cpu")
     set_seed(cfg.seed + acc.process_index)
     out = Path(cfg.out_dir)
     state_dir = out / "train_state"
@@ -185,6 +190,7 @@ def train(stage: Stage, cfg: EngineConfig, *, resume: bool = False, config_dump:
                 for k in range(cfg.grad_accum):
                     micro = step * cfg.grad_accum + k
                     batch = stage.batch(micro, acc.process_index, acc.num_processes)
+                    batch = {k: v.to(acc.device) for k, v in batch.items()}
                     sub_cache = cache.setdefault(k, {})
                     with acc.autocast():
                         loss, part = obj.loss_fn(batch, step, sub_cache)

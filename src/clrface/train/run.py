@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from clrface.errors import ClrfaceError
-from clrface.train.engine import EngineConfig, train
+from clrface.train.engine import EngineConfig, train, train_device
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
@@ -58,7 +58,7 @@ def run_stage(stage: str, config: str | Path, overrides: list[str] = (), out: st
         if stage_cfg.perceptual == "facerec" and stage_cfg.perceptual_weight > 0:
             from clrface.identity.facerec import load_facerec, perceptual_distance
 
-            fr = load_facerec()
+            fr = load_facerec(train_device())
             perceptual = lambda a, b: perceptual_distance(fr, a, b)  # noqa: E731
         st = VQGANStage(model_cfg, stage_cfg, engine_cfg.seed, engine_cfg.batch_size, perceptual)
     elif stage == "prior":

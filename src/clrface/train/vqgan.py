@@ -129,10 +129,11 @@ class VQGANStage:
     @torch.no_grad()
     def validate(self, ema: nn.Module, step: int, out_dir: Path) -> dict[str, float]:
         recs, idxs = [], []
+        dev = next(ema.parameters()).device
         for x in self.val_faces.split(16):
-            rec, _, idx = ema(x)
-            recs.append(rec.float())
-            idxs.append(idx)
+            rec, _, idx = ema(x.to(dev))
+            recs.append(rec.float().cpu())
+            idxs.append(idx.cpu())
         rec = torch.cat(recs)
         save_grid(out_dir / "val" / f"{step:07d}.png", [self.val_faces[:8], rec[:8]])
         used, ppl = code_usage(torch.cat(idxs), self.model_cfg.codebook_size)
