@@ -221,3 +221,19 @@ def test_lfw_downstream_smoke_and_cache(scripts, restorer, tmp_path, monkeypatch
     js = json.loads((tmp_path / "out" / "x8" / "lfw_x8.json").read_text())
     assert js["meta"]["degradation"]["scale"] == [8.0, 8.0]
     assert "| full model |" in ld.format_markdown(res)
+
+
+def test_sharpness_rows(restorer):
+    import sys
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import sharpness
+    finally:
+        sys.path.remove(str(BENCH))
+    g = torch.Generator().manual_seed(0)
+    gt = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    lq = torch.nn.functional.avg_pool2d(gt, 3, 1, 1)  # a blurred copy: less Laplacian variance than the GT
+    rows = sharpness.sharpness_rows(restorer, lq, gt)
+    assert list(rows) == ["GT", "LQ input", "VQGAN G(Q(E(GT)))", "IRN(LQ)", "VQGAN of IRN(LQ)"]
+    assert rows["LQ input"][0] < rows["GT"][0] / 3 and rows["GT"][1] > 60 and rows["LQ input"][1] < 30
