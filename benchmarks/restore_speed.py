@@ -266,7 +266,7 @@ def run_benchmark(model: str | Path, photo: np.ndarray, *, device: str = "cpu", 
     r = Restorer.from_pretrained(model, dev, DTYPES[dtype], facerec=facerec)
     s = r.resolution
     if aligned:  # photo is already an aligned crop: model stages only (no dlib needed)
-        crop = np.asarray(Image.fromarray(photo).resize((s, s), Image.BICUBIC))
+        crop = np.array(Image.fromarray(photo).resize((s, s), Image.BICUBIC))
         photo_t, desc = {}, f"{photo_name} (aligned crop, no photo stages)"
     else:
         pf = first_face(photo, s)
