@@ -168,8 +168,8 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute precision: below float32 the nets run under torch autocast (weights, latents "
                         "and sampler steps stay float32); auto (default): bfloat16 on a CPU with native bf16 "
-                        "(AMX / AVX512-BF16: 1.25-3.4x faster, same scores in docs/RESULTS.md), else float32 (also on GPUs: "
-                        "bf16 measured slower for single faces on an H200)")
+                        "(AMX / AVX512-BF16: 1.25-3.4x faster, same scores in docs/RESULTS.md), else float32 "
+                        "(also on GPUs: bf16 measured slower for single faces on an H200)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="faces per forward pass (x samples); default: the fastest measured, 16 on a GPU (H200: 13x "
                         "faster per face than 1 at a time) and on CPU under bfloat16 (2.2x), 4 on CPU under float32 "

@@ -244,8 +244,8 @@ def resolve_dtype(name: str, device: torch.device) -> str:
 def auto_dtype(device: torch.device, flags: frozenset[str] | None = None) -> str:
     """The compute precision ``--dtype auto`` picks: bfloat16 on a CPU with native bf16 (AMX or AVX512-BF16),
     where it measured 1.25-3.4x faster at equal quality (docs/RESULTS.md, "Cheap speed-ups"); else float32
-    (emulated bf16 is slower; on an H200 bf16 autocast was slower for one face and only ~1.2x faster per face in
-    batches of 16 at most 1.25x faster per face: docs/RESULTS.md, "GPU session")."""
+    (emulated bf16 is slower; on an H200 bf16 autocast was slower for one face and at most 1.25x faster per face
+    in batches of 16: docs/RESULTS.md, "GPU session")."""
     if device.type == "cpu" and (cpu_flags() if flags is None else flags) & BF16_CPU_FLAGS:
         return "bfloat16"
     return "float32"
