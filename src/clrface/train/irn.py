@@ -119,7 +119,7 @@ class IRNStage:
             dev = next(irn.parameters()).device
             if next(self.facerec.buffers()).device != dev:
                 self.facerec.to(dev)
-            gt, lq = batch["gt"].to(dev), batch["lq"].to(dev)
+            gt, lq = batch["gt"], batch["lq"]  # the engine puts batches on the training device
             out = irn(lq)
             loss, logs = irn_loss(out, gt, self.facerec, cfg.alpha, identity_weight=cfg.identity_weight)
             if cfg.adv_weight > 0:
