@@ -163,6 +163,7 @@ def train(stage: Stage, cfg: EngineConfig, *, resume: bool = False, config_dump:
     def save() -> None:
         tmp = out / "train_state.tmp"
         acc.save_state(str(tmp))
+        acc.wait_for_everyone()  # every rank writes its own RNG file into tmp before rank 0 renames it
         if acc.is_main_process:
             (tmp / "progress.json").write_text(json.dumps({"step": step}))
             old = out / "train_state.old"
