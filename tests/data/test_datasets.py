@@ -148,3 +148,16 @@ def test_load_face_folder_feeds_paired_faces(face_dir: Path):
     a = PairedFaces(faces, "bfr", deterministic=True)[4]
     b = PairedFaces(face_dir, "bfr", deterministic=True)[4]
     assert torch.equal(a["lq"], b["lq"])
+
+
+def test_load_face_folder_concatenates_a_list_in_order(face_dir: Path, tmp_path: Path):
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    Image.fromarray(face(9)).save(extra / "000.png")
+    both = load_face_folder([face_dir, extra])
+    assert both.shape == (6, 64, 64, 3)
+    assert torch.equal(both[:5], load_face_folder(face_dir))
+    assert torch.equal(both[5], torch.from_numpy(face(9)))
+    assert load_face_folder([face_dir, extra], limit=2).shape[0] == 2
+    with pytest.raises(ClrfaceError):
+        load_face_folder([])

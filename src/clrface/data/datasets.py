@@ -19,12 +19,20 @@ from clrface.errors import ClrfaceError, ImageError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
-def load_face_folder(folder: str | Path, size: int | None = None, limit: int | None = None) -> torch.Tensor:
+def load_face_folder(folder: str | Path | list[str | Path], size: int | None = None,
+                     limit: int | None = None) -> torch.Tensor:
     """Loads every face image of a flat folder into memory: uint8 [N, S, S, 3], sorted by file name.
+    A list of folders is read in order and concatenated (e.g. ``[faces128/train, faces128/train_extra]``);
+    ``limit`` then applies to the whole.
 
     Faces are small (128 px: ~50 KB each), so the whole training set fits in RAM and decoding
     happens once instead of every epoch.
     """
+    if isinstance(folder, (list, tuple)):
+        if not folder:
+            raise ClrfaceError("no face folders given")
+        faces = torch.cat([load_face_folder(f, size=size) for f in folder])
+        return faces[:limit] if limit else faces
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
     if not files:

@@ -130,8 +130,12 @@ class DlibResNet(nn.Module):
             outs.append(x)
         return outs
 
+    def head(self, last: Tensor) -> Tensor:
+        """The descriptor from the last trunk activation (so callers that need the features reuse them)."""
+        return self.fc(last.mean(dim=(2, 3)))
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.trunk(x)[-1].mean(dim=(2, 3)))
+        return self.head(self.trunk(x)[-1])
 
 
 def dlib_resnet_spec() -> tuple[list[str], list[str]]:
@@ -347,7 +351,11 @@ def perceptual_distance(fr: DlibFaceRecognizer, a: Tensor, b: Tensor, eps: float
     a, b: [B,3,H,W] in [-1,1], FFHQ-aligned.
     Returns [B], 0 for identical inputs, at most 2 (features are non-negative after ReLU).
     """
-    fa, fb = fr.features(a), fr.features(b)
+    return feature_distance(fr.features(a), fr.features(b), eps)
+
+
+def feature_distance(fa: list[Tensor], fb: list[Tensor], eps: float = 1e-10) -> Tensor:
+    """``perceptual_distance`` on features already computed by ``DlibFaceRecognizer.features``. Returns [B]."""
     per_layer = []
     for x, y in zip(fa, fb):
         x = x / (x.pow(2).sum(1, keepdim=True).sqrt() + eps)

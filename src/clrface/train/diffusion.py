@@ -28,7 +28,7 @@ from clrface.vqgan.model import VQGAN
 @dataclass(frozen=True)
 class PriorTrainConfig:
     vqgan: str = "runs/vqgan-128/model"
-    train_dir: str = "../shared/data/faces128/train"
+    train_dir: str | list[str] = "../shared/data/faces128/train"  # a list of folders is concatenated
     val_dir: str = "../shared/data/faces128/val"
     val_count: int = 16
     preset: str = "bfr"

@@ -47,7 +47,7 @@ from clrface.train.vqgan import save_grid
 @dataclass(frozen=True)
 class DistillTrainConfig:
     model: str = "default"  # teacher model folder or installed name: its prior is the teacher, its IRN the start
-    train_dir: str = "../shared/data/faces128/train"
+    train_dir: str | list[str] = "../shared/data/faces128/train"  # a list of folders is concatenated
     val_dir: str = "../shared/data/faces128/val"
     val_count: int = 16
     preset: str = "bfr"

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from clrface.checkpoint import load_weights, save_checkpoint
 from clrface.data.datasets import load_face_folder, to_model_range
 from clrface.data.degradation import degrade_batch, get_preset
-from clrface.identity.facerec import DlibFaceRecognizer, identity_loss
+from clrface.data.realistic import RealisticConfig, degrade_realistic
+from clrface.identity.facerec import DlibFaceRecognizer, feature_distance, identity_loss, perceptual_distance
 from clrface.identity.irn import IRN, IRNConfig
 from clrface.metrics.psnr_ssim import psnr
 from clrface.train.engine import Objective, step_indices
@@ -29,7 +30,7 @@ from clrface.vqgan.losses import adaptive_weight, generator_adv_loss, hinge_d_lo
 
 @dataclass(frozen=True)
 class IRNTrainConfig:
-    train_dir: str = "../shared/data/faces128/train"
+    train_dir: str | list[str] = "../shared/data/faces128/train"  # a list of folders is concatenated
     val_dir: str = "../shared/data/faces128/val"
     val_count: int = 64
     val_seed: int = 1234  # the fixed degradation of the validation faces
@@ -52,6 +53,16 @@ class IRNTrainConfig:
     disc_lr: float = 1e-4
     disc_channels: int = 64
     disc_layers: int = 3
+    # > 0: add the facerec-perceptual distance (multi-layer features of the frozen recognizer, our offline
+    # LPIPS substitute) to Eq. 11; the features of the identity term are reused, so it costs little
+    perceptual_weight: float = 0.0
+    # None: the paper's single `degradation` round; a RealisticConfig (a dict in YAML) adds a second round,
+    # faded colours, grain and grayscale on top of it (data/realistic.py)
+    realistic: RealisticConfig | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.realistic, dict):
+            object.__setattr__(self, "realistic", RealisticConfig(**self.realistic))
 
 
 def descriptor(fr: DlibFaceRecognizer, x: Tensor) -> Tensor:
@@ -60,18 +71,29 @@ def descriptor(fr: DlibFaceRecognizer, x: Tensor) -> Tensor:
 
 
 def irn_loss(x_id: Tensor, gt: Tensor, fr: DlibFaceRecognizer, alpha: float,
-             e_gt: Tensor | None = None, identity_weight: float = 1.0) -> tuple[Tensor, dict[str, float]]:
-    """Eq. 11, averaged over the batch. x_id, gt: [B,3,H,W] in [-1,1]; e_gt: optional target descriptors [B,D]
-    (computed here without grad when absent). Gradients reach x_id through the frozen ``fr``.
-    identity_weight 0 skips the recognition network entirely (L1 only)."""
+             e_gt: Tensor | None = None, identity_weight: float = 1.0,
+             perceptual_weight: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+    """Eq. 11, averaged over the batch, plus ``perceptual_weight`` x the facerec-perceptual distance.
+    x_id, gt: [B,3,H,W] in [-1,1]; e_gt: optional target descriptors [B,D] (computed here without grad when
+    absent). Gradients reach x_id through the frozen ``fr``. With both weights 0 the recognition network is
+    skipped entirely (L1 only)."""
     l1 = (x_id.float() - gt.float()).abs().mean()
-    if identity_weight == 0:
+    if identity_weight == 0 and perceptual_weight == 0:
         return alpha * l1, {"l1": l1.item()}
-    if e_gt is None:
+    f_out = fr.features(x_id)
+    loss, logs = alpha * l1, {"l1": l1.item()}
+    f_gt = None
+    if perceptual_weight > 0 or e_gt is None:
         with torch.no_grad():
-            e_gt = descriptor(fr, gt)
-    idl = identity_loss(descriptor(fr, x_id), e_gt.detach()).mean()
-    return alpha * l1 + identity_weight * idl, {"l1": l1.item(), "id": idl.item()}
+            f_gt = fr.features(gt)
+    if identity_weight > 0:
+        e_gt = fr.net.head(f_gt[-1]).float() if e_gt is None else e_gt
+        idl = identity_loss(fr.net.head(f_out[-1]).float(), e_gt.detach()).mean()
+        loss, logs["id"] = loss + identity_weight * idl, idl.item()
+    if perceptual_weight > 0:
+        perc = feature_distance(f_out, f_gt).float().mean()
+        loss, logs["perc"] = loss + perceptual_weight * perc, perc.item()
+    return loss, logs
 
 
 class IRNStage:
@@ -109,7 +131,10 @@ class IRNStage:
         if self.cfg.hflip:
             flip = torch.rand(len(idx), generator=g) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        x_d, _ = degrade_batch(x, self.degradation, g)
+        if self.cfg.realistic is None:
+            x_d, _ = degrade_batch(x, self.degradation, g)
+        else:
+            x_d, x = degrade_realistic(x, self.degradation, self.cfg.realistic, g)
         return {"gt": x, "lq": x_d}
 
     def objectives(self, m: dict[str, nn.Module]) -> list[Objective]:
@@ -121,7 +146,8 @@ class IRNStage:
                 self.facerec.to(dev)
             gt, lq = batch["gt"], batch["lq"]  # the engine puts batches on the training device
             out = irn(lq)
-            loss, logs = irn_loss(out, gt, self.facerec, cfg.alpha, identity_weight=cfg.identity_weight)
+            loss, logs = irn_loss(out, gt, self.facerec, cfg.alpha, identity_weight=cfg.identity_weight,
+                                  perceptual_weight=cfg.perceptual_weight)
             if cfg.adv_weight > 0:
                 cache["out"] = out
                 adv = generator_adv_loss(m["disc"](out))
@@ -144,14 +170,18 @@ class IRNStage:
 
     @torch.no_grad()
     def validate(self, ema: nn.Module, step: int, out_dir: Path) -> dict[str, float]:
-        """PSNR and mean identity cosine to the GT of the output, beside the same numbers of the input."""
+        """PSNR, mean identity cosine and facerec-perceptual distance to the GT of the output, beside the
+        same numbers of the input (the paper's bfr validation faces, whatever the training mix)."""
         dev = next(ema.parameters()).device
         self.facerec.to(dev)
         outs = [ema(x.to(dev)).float() for x in self.val_lq.split(16)]
         out = torch.cat(outs).cpu()
         e_out = torch.cat([descriptor(self.facerec, x.to(dev)).cpu() for x in out.split(16)])
+        perc = torch.cat([perceptual_distance(self.facerec, o.to(dev), t.to(dev)).float().cpu()
+                          for o, t in zip(out.split(16), self.val_gt.split(16))])
         save_grid(out_dir / "val" / f"{step:07d}.png", [self.val_lq[:8], out[:8], self.val_gt[:8]])
         return {
+            "perc": perc.mean().item(),
             "psnr": psnr(out, self.val_gt).mean().item(),
             "psnr_in": self.val_psnr_in,
             "id_cos": (1 - identity_loss(e_out, self.val_e_gt)).mean().item(),

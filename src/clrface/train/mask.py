@@ -35,7 +35,7 @@ class MaskTrainConfig:
     vqgan: str = "runs/vqgan-128/model"
     prior: str = "runs/prior-128/model"
     irn: str = "runs/irn-128/model"
-    train_dir: str = "../shared/data/faces128/train"
+    train_dir: str | list[str] = "../shared/data/faces128/train"  # a list of folders is concatenated
     val_dir: str = "../shared/data/faces128/val"
     val_count: int = 16
     preset: str = "bfr"

@@ -21,7 +21,7 @@ from clrface.vqgan.quantizer import code_usage
 
 @dataclass(frozen=True)
 class VQGANTrainConfig:
-    train_dir: str = "../shared/data/faces128/train"
+    train_dir: str | list[str] = "../shared/data/faces128/train"  # a list of folders is concatenated
     val_dir: str = "../shared/data/faces128/val"
     val_count: int = 64
     lr: float = 3e-4

@@ -24,7 +24,7 @@ from clrface.vqgan.rest import RestEncoder
 class RestTrainConfig:
     vqgan: str = "src/clrface/weights/default/vqgan"
     irn: str = "src/clrface/weights/default/irn"
-    train_dir: str = "../shared/data/faces128/train"
+    train_dir: str | list[str] = "../shared/data/faces128/train"  # a list of folders is concatenated
     val_dir: str = "../shared/data/faces128/val"
     val_count: int = 32
     preset: str = "bfr"
