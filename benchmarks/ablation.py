@@ -100,7 +100,16 @@ TABLES: dict[str, dict[str, Row]] = {
         "colorize model (IRN^ID fine-tuned)": Row({"mode": "irn"}, model="src/clrface/weights/colorize"),
     },
 }
-METRICS = ("psnr", "ssim", "facerec_perceptual", "ids", "lmd")
+METRICS = ("psnr", "ssim", "facerec_perceptual", "ids", "same_person", "lmd")
+DERIVED = ("colorfulness", "same_person")  # not asked of evaluate_folders: computed here or derived by it
+
+
+def cell(r: dict, m: str) -> str:
+    """A value with its bootstrap 95 % interval where one exists."""
+    if r.get(m) is None:
+        return "None"
+    ci = r.get("ci95", {}).get(m)
+    return f"{r[m]:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
 
 
 def run_row(restorer: Restorer, lq: torch.Tensor, names: list[str], out: Path, opts: RestoreOptions, use_mask: bool,
@@ -182,14 +191,15 @@ def main() -> None:
             pred = out / row.replace(" ", "_").replace("/", "-").replace("^", "")
             dt = run_row(restorer_for(spec.model or args.model), lq, names, pred,
                          RestoreOptions(batch_size=args.batch_size, **spec.options), spec.mask, spec.rest_encoder)
-        res = evaluate_folders(pred, gt_dir, metrics=[m for m in metrics if m != "colorfulness"],
+        res = evaluate_folders(pred, gt_dir, metrics=[m for m in metrics if m not in DERIVED],
                                fid_ref=args.fid_ref if args.fid else None)
         vals = {r["metric"]: r["value"] for r in res["rows"]}
+        cis = {r["metric"]: r["ci95"] for r in res["rows"] if r.get("ci95")}
         if args.colorfulness:
             faces = torch.stack([torch.from_numpy(load_image(pred / f"{n}.png")) for n in names])
             vals["colorfulness"] = colorfulness(faces.permute(0, 3, 1, 2)).mean().item()
-        rows.append({"row": row, "s_per_face": dt, **vals})
-        print(f"| {row} | " + " | ".join(f"{vals.get(m) if vals.get(m) is None else round(vals[m], 4)}" for m in metrics) + f" | {dt:.3f} |", flush=True)
+        rows.append({"row": row, "s_per_face": dt, **vals, "ci95": cis, "per_face": res.get("per_face")})
+        print(f"| {row} | " + " | ".join(cell(rows[-1], m) for m in metrics) + f" | {dt:.3f} |", flush=True)
     meta = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "model": args.model,
             "dtype": args.dtype, "batch_size": args.batch_size,
             "testset": str(testset), "n": len(names), "metrics": metrics}
@@ -197,7 +207,7 @@ def main() -> None:
     (out / f"{args.rows}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print("\n| row | " + " | ".join(metrics) + " | s/face |\n|---|" + "---|" * (len(metrics) + 1))
     for r in rows:
-        print(f"| {r['row']} | " + " | ".join(f"{r.get(m) if r.get(m) is None else round(r[m], 4)}" for m in metrics)
+        print(f"| {r['row']} | " + " | ".join(cell(r, m) for m in metrics)
               + f" | {r['s_per_face']:.3f} |")
 
 

@@ -52,12 +52,18 @@ def test_identical_folders_give_ideal_values(folders, monkeypatch, tmp_path):
     assert rows["lpips"]["value"] is None and "alexnet-owt-7be5be79.pth" in rows["lpips"]["status"]
     assert rows["fid"]["status"].startswith("skipped")
     assert "dlib" in rows["ids"]["protocol"] and "512" in rows["lmd"]["protocol"]
+    assert rows["same_person"]["value"] == 1.0 and rows["same_person"]["n"] == 3
+    assert rows["psnr"]["ci95"] == (100.0, 100.0)
+    assert res["per_face"]["names"] == sorted(res["per_face"]["names"]) and len(res["per_face"]["ids"]) == 3
 
 
 def test_degraded_folder_is_worse(folders):
-    v = _values(evaluate_folders(folders / "deg", folders / "gt", metrics=FAST[:7]))
+    res = evaluate_folders(folders / "deg", folders / "gt", metrics=FAST[:7])
+    v = _values(res)
     assert 20 < v["psnr"] < 40 and 0.5 < v["ssim"] < 0.99 and v["psnr_y"] > v["psnr"]
     assert 0.8 < v["ids"] < 0.999 and v["lmd"] > 0 and v["facerec_perceptual"] > 0
+    lo, hi = next(r["ci95"] for r in res["rows"] if r["metric"] == "psnr")
+    assert lo <= v["psnr"] <= hi and lo < hi
 
 
 def test_match_files_by_stem(folders, tmp_path):

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from clrface.errors import ClrfaceError, ImageError
+from clrface.metrics.bootstrap import bootstrap_ci
 from clrface.metrics.lpips import MetricUnavailable
 
 ALL_METRICS = ("psnr", "ssim", "psnr_y", "ssim_y", "lpips", "facerec_perceptual", "ids", "lmd", "fid")
@@ -30,6 +31,7 @@ LABELS = {
     "lpips": "LPIPS ↓", "facerec_perceptual": "facerec-perceptual ↓", "ids": "IDS ↑", "lmd": "LMD (px@512) ↓",
     "fid": "FID ↓", "lfw_verification": "LFW verification acc ↑",
 }
+SAME_PERSON_COS = 1 - 0.6**2 / 2  # dlib's verification threshold (distance 0.6) as a cosine of unit descriptors
 RECOGNITION_NETWORK = "dlib_face_recognition_resnet_model_v1 (clrface port, 128-d), whole FFHQ crop via fixed chip"
 
 
@@ -214,7 +216,7 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path | None, *, metrics
                 timing[m] = 0.0
             except MetricUnavailable as e:
                 status[m] = f"unavailable: {e}"
-        sizes = set()
+        sizes, per_face = set(), {m: [] for m in meters}
         for i in range(0, len(pairs_), batch_size):
             chunk = pairs_[i:i + batch_size]
             gt = _load_batch([g for _, g in chunk])
@@ -222,7 +224,7 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path | None, *, metrics
             sizes.add(tuple(gt.shape[-2:]))
             for m, meter in meters.items():
                 t = time.perf_counter()
-                meter.update(pred, gt)
+                per_face[m] += meter.update(pred, gt).double().flatten().tolist()
                 timing[m] += time.perf_counter() - t
             if log:
                 log(f"evaluated {min(i + batch_size, len(pairs_))}/{len(pairs_)}")
@@ -233,11 +235,20 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path | None, *, metrics
             row = {"metric": m, "label": LABELS[m], "protocol": prot[m]}
             if m in meters:
                 n = meters[m].n
-                row.update(value=meters[m].compute(), n=n, status="ok", seconds=timing[m],
-                           s_per_100=100 * timing[m] / max(n, 1))
+                row.update(value=meters[m].compute(), ci95=bootstrap_ci(per_face[m]), n=n, status="ok",
+                           seconds=timing[m], s_per_100=100 * timing[m] / max(n, 1))
             else:
                 row.update(value=None, n=0, status=status[m])
             rows.append(row)
+        if "ids" in meters:
+            # the share of faces a verifier would call the same person as the GT: dlib's own threshold,
+            # distance 0.6 between unit descriptors, i.e. cosine above 1 - 0.6**2 / 2 = 0.82
+            same = [float(c > SAME_PERSON_COS) for c in per_face["ids"]]
+            per_face["same_person"] = same
+            rows.append({"metric": "same_person", "label": "same-person rate (dlib distance < 0.6) ↑",
+                         "protocol": prot["ids"], "value": float(np.mean(same)), "ci95": bootstrap_ci(same),
+                         "n": len(same), "status": "ok"})
+        result["per_face"] = {"names": [p.stem for p, _ in pairs_], **per_face}
     if "fid" in metrics and fid_ref is not None:
         rows.append(_fid_row(pred_dir, fid_ref, ctx, log))
     elif "fid" in metrics and gt_dir is not None:
@@ -368,7 +379,7 @@ def format_table(result: dict) -> str:
         elif r["metric"] == "lfw_verification":
             val = f"{v:.4f}±{r['std']:.4f}"
         else:
-            val = f"{v:.4f}"
+            val = f"{v:.4f}" + (f" [{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}]" if r.get("ci95") else "")
         note = r["protocol"] if r.get("status") == "ok" else r["status"]
         s100 = f"{r['s_per_100']:.2f}" if r.get("s_per_100") is not None else "-"
         lines.append((r["label"], val, str(r.get("n", 0)), s100, note))
