@@ -19,11 +19,14 @@ from pathlib import Path
 
 import torch
 
-from clrface.data.datasets import load_face_folder, to_model_range, to_uint8
+from clrface.data.datasets import load_face_folder
+from clrface.data.io import to_model_range, to_uint8
 from clrface.data.io import load_image, save_image
 from clrface.metrics.evaluate import evaluate_folders
 from clrface.metrics.noref import colorfulness
-from clrface.pipeline import DTYPES, RestoreOptions, Restorer
+from clrface.device import DTYPES
+from clrface.options import RestoreOptions
+from clrface.restorer import Restorer
 
 @dataclass(frozen=True)
 class Row:
@@ -132,7 +135,7 @@ def run_row(restorer: Restorer, lq: torch.Tensor, names: list[str], out: Path, o
                     faces.append(restorer.vqgan.decode(rest(x, restorer.run_irn(x))).float().clamp(-1, 1))
                 continue
             r = restorer.restore_faces(x, opts, first_index=i)
-            faces.append(r["restored"][:, 0])
+            faces.append(r.restored[:, 0])
     finally:
         restorer.mask = mask
     dt = (time.perf_counter() - t0) / len(lq)

@@ -26,7 +26,8 @@ from clrface.data.degradation import degrade, degrade_batch, get_preset
 def load_batch(folder: str | None, n: int) -> torch.Tensor:
     """float [n, 3, 128, 128] in [-1, 1]."""
     if folder:
-        from clrface.data.datasets import load_face_folder, to_model_range
+        from clrface.data.datasets import load_face_folder
+        from clrface.data.io import to_model_range
 
         return to_model_range(load_face_folder(folder, size=128, limit=n))
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 128), torch.linspace(-1, 1, 128), indexing="ij")

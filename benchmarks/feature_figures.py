@@ -31,7 +31,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from clrface.data.io import load_image
-from clrface.pipeline import Restorer, demo_image
+from clrface.demo import demo_image
+from clrface.restorer import Restorer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 LABEL_H = 18
@@ -97,7 +98,7 @@ def fig_bg(r: Restorer) -> Image.Image:
 
 
 def video_frames(path: Path, n: int) -> list[np.ndarray]:
-    from clrface.video import read_video
+    from clrface.video_io import read_video
 
     _, it = read_video(path)
     return [f for _, f in zip(range(n), it)]
@@ -134,11 +135,12 @@ def fig_onnx(r: Restorer, work: Path) -> Image.Image:
     # the ONNX path has no identity guidance: compare the full pipeline with guidance 0 (IRN -> prior -> decode),
     # from the same start noise (the ONNX runtime draws its own with numpy otherwise)
     from clrface.onnx_runtime import to_uint8
-    from clrface.pipeline import _from_u8, face_noise
+    from clrface.data.io import to_model_range
+    from clrface.restorer import face_noise
 
-    x = _from_u8(crop[None])
+    x = to_model_range(crop[None])
     o = r.options(mode="full", guidance_scale=0.0, seed=0)
-    torch_out = to_uint8(r.restore_faces(x, o)["restored"][0, 0].numpy())
+    torch_out = to_uint8(r.restore_faces(x, o).restored[0, 0].numpy())
     unet = r.prior.config.unet
     noise = face_noise((1, unet.latent_channels, unet.resolution, unet.resolution), 0, 0, 0)[:, None].numpy()
     onnx = OnnxRestorer(export_restorer(r, work / "onnx").parent)

@@ -5,8 +5,9 @@
 import argparse
 
 import torch
-from clrface.pipeline import Restorer
-from clrface.data.datasets import load_face_folder, to_model_range
+from clrface.restorer import Restorer
+from clrface.data.datasets import load_face_folder
+from clrface.data.io import to_model_range
 from clrface.identity.facerec import identity_loss
 ap = argparse.ArgumentParser(description=__doc__)
 ap.add_argument("--model", required=True)

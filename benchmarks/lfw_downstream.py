@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import platform
 import sys
 import zlib
 from collections.abc import Callable, Sequence
@@ -44,15 +43,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from clrface.bench import embed_faces, machine, resize_square, restore_row, row_options, select_rows, slug
 from clrface.data.degradation import DegradationConfig, degrade, get_preset
-from clrface.data.io import list_images, load_image, save_image
+from clrface.data.io import data_root, list_images, load_image, save_image
+from clrface.device import resolve_device
 from clrface.errors import ClrfaceError
 from clrface.metrics.evaluate import read_pairs
 from clrface.metrics.verification import rank_k_accuracy, verification_accuracy
-from clrface.pipeline import Restorer, resolve_device
-from real_world import embed_faces, select_rows, resize_square, restore_row, row_options, slug
+from clrface.restorer import Restorer
 
-DATA = Path("/work/shared/data")
+DATA = data_root()
 PRESETS = ("bfr", "x8", "x16")
 BASE_ROWS = ("clean", "degraded")
 DEFAULT_ROWS: dict[str, dict[str, Any] | None] = {
@@ -279,7 +279,7 @@ def run(model: str | Path | None, out: str | Path, *, preset: str = "bfr", lfw: 
         })
     result = {
         "meta": {"model": restorer.source, "resolution": s, "device": str(restorer.device),
-                 "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                 "machine": machine(restorer.device), "threads": torch.get_num_threads(),
                  "torch": torch.__version__, "lfw": str(lfw), "pairs_file": str(pairs), "preset": preset,
                  "degradation": dataclasses.asdict(cfg), "seed": seed, "limit_pairs": limit_pairs},
         "protocol": {

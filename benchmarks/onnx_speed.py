@@ -35,7 +35,10 @@ import numpy as np
 import torch
 
 from clrface.onnx_runtime import OnnxRestorer
-from clrface.pipeline import Restorer, RestoreOptions, _from_u8, demo_image, face_noise
+from clrface.data.io import to_model_range
+from clrface.demo import demo_image
+from clrface.options import RestoreOptions
+from clrface.restorer import Restorer, face_noise
 
 
 def time_ms(fn: Callable[[], object], reps: int) -> float:
@@ -53,11 +56,11 @@ def demo_faces(size: int, n: int) -> torch.Tensor:
     """[n,3,S,S] in [-1,1]: the bfr-degraded demo face, repeated (content does not change the cost)."""
     from clrface.data.degradation import degrade, get_preset
     from clrface.faces.align import align_faces
-    from clrface.pipeline import DEMO_SEED
+    from clrface.demo import DEMO_SEED
 
     crop = align_faces(demo_image(), size, max_faces=1)[0][0]
     lq, _ = degrade(crop, get_preset("bfr", size), DEMO_SEED)
-    return _from_u8(np.repeat(lq[None], n, 0))
+    return to_model_range(np.repeat(lq[None], n, 0))
 
 
 def torch_nets(restorer: Restorer, x: torch.Tensor, o: RestoreOptions, noise: torch.Tensor) -> torch.Tensor:

@@ -32,24 +32,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
-import re
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
-from clrface.data.io import list_images, load_image, save_image
+from clrface.bench import embed_faces, machine, resize_square, restore_row, row_options, select_rows, slug, to_tensor
+from clrface.data.io import data_root, list_images, load_image, save_image
+from clrface.device import resolve_device
 from clrface.errors import ClrfaceError
+from clrface.faces.align import align_faces
 from clrface.metrics import noref
-from clrface.pipeline import Restorer, RestoreOptions, resolve_device
+from clrface.metrics.fid import feature_stats, folder_stats, frechet_distance, inception_features, load_inception
+from clrface.metrics.lpips import MetricUnavailable
+from clrface.restorer import Restorer
 
-DATA = Path("/work/shared/data")
+DATA = data_root()
 DEFAULT_ROWS: dict[str, dict[str, Any] | None] = {
     "bicubic input": None,
     "VQVAE-direct": {"mode": "direct"},
@@ -61,120 +62,7 @@ FID_NOTE = ("FID vs faces128/train statistics on a few dozen faces is heavily bi
 ID_NOTE = "cosine of dlib ResNet (clrface port) descriptors, restored vs S-px input; same person ~0.96, different ~0.83"
 
 
-# ------------------------------------------------------------------------------------------ rows
-
-
-def _value(s: str) -> Any:
-    if s.lower() == "none":
-        return None
-    for cast in (int, float):
-        try:
-            return cast(s)
-        except ValueError:
-            pass
-    return s
-
-
-def select_rows(defaults: dict[str, Any], specs: Sequence[str], only: Sequence[str] | None) -> dict[str, Any]:
-    """The default rows plus ``--row`` specs, restricted to ``--only`` names (an unknown name raises)."""
-    rows = dict(defaults)
-    for spec in specs:
-        name, kw = parse_row(spec)
-        rows[name] = kw
-    if only:
-        missing = sorted(set(only) - set(rows))
-        if missing:
-            raise ClrfaceError(f"--only: no row named {', '.join(missing)}; rows are {', '.join(rows)}")
-        rows = {k: v for k, v in rows.items() if k in only}
-    return rows
-
-
-def parse_row(spec: str) -> tuple[str, dict[str, Any]]:
-    """``NAME=MODE[:key=val,key=val]`` -> (NAME, {"mode": MODE, key: val, ...}); values become int/float/None
-    where they parse, ``mask=off|on`` is kept for :func:`row_options`. Raises ClrfaceError on a malformed spec."""
-    from clrface.pipeline import MODES
-
-    m = re.fullmatch(rf"(?P<name>.+?)=(?P<mode>{'|'.join(MODES)})(?::(?P<kvs>.*))?", spec.strip())
-    if m is None or not m["name"].strip():
-        raise ClrfaceError(f"--row {spec!r}: expected NAME=MODE[:key=val,...] with MODE one of {', '.join(MODES)}, "
-                           "e.g. 'f0.8=full:fidelity=0.8'")
-    name, kvs = m["name"], m["kvs"] or ""
-    kw: dict[str, Any] = {"mode": m["mode"]}
-    for item in filter(None, (p.strip() for p in kvs.split(","))):
-        k, eq, v = item.partition("=")
-        if not eq:
-            raise ClrfaceError(f"--row {spec!r}: {item!r} is not key=val")
-        kw[k.strip()] = _value(v.strip())
-    row_options(kw)  # validate now, not after an hour of restoring
-    return name.strip(), kw
-
-
-def row_options(kw: dict[str, Any], batch_size: int = 8, defaults: dict[str, Any] | None = None
-                ) -> tuple[RestoreOptions, bool]:
-    """(RestoreOptions, use the learned mask) of a row spec over the model's ``defaults`` (restore.json; e.g. the
-    sampler and steps a distilled model was made for); unknown keys raise ClrfaceError."""
-    kw = dict(kw)
-    mask = str(kw.pop("mask", "on")).lower()
-    if mask not in ("on", "off", "1", "0", "true", "false"):
-        raise ClrfaceError(f"mask must be on or off, got {mask!r}")
-    known = {f.name for f in dataclasses.fields(RestoreOptions)}
-    bad = sorted(set(kw) - known)
-    if bad:
-        raise ClrfaceError(f"unknown RestoreOptions field(s) {', '.join(bad)}; choose from {', '.join(sorted(known))}, mask")
-    kw.setdefault("batch_size", batch_size)
-    return RestoreOptions(**{**(defaults or {}), **kw}), mask in ("on", "1", "true")
-
-
-def slug(name: str) -> str:
-    """A file-name-safe version of a row name."""
-    return re.sub(r"[^A-Za-z0-9._=-]+", "_", name).strip("_") or "row"
-
-
-def _runs(indices: Sequence[int], batch: int) -> list[tuple[int, int]]:
-    """(start position, length) chunks of at most ``batch`` items whose ``indices`` are consecutive integers, so
-    each chunk can go to restore_faces with first_index = its first index (per-face noise seeds stay global)."""
-    out, start = [], 0
-    for i in range(1, len(indices) + 1):
-        if i == len(indices) or indices[i] != indices[i - 1] + 1 or i - start == batch:
-            out.append((start, i - start))
-            start = i
-    return out
-
-
-def restore_row(restorer: Restorer, faces: np.ndarray, opts: RestoreOptions, use_mask: bool = True,
-                indices: Sequence[int] | None = None) -> tuple[np.ndarray, float]:
-    """Restores uint8 [N,S,S,3] faces -> (uint8 [N,S,S,3] first samples, seconds per face of restoration).
-
-    ``indices``: global face numbers for the per-face noise seeds (default 0..N-1), so a face restores the same
-    whatever subset it is restored with. The learned mask is removed for the call when ``use_mask`` is False.
-    """
-    from clrface.data.datasets import to_model_range, to_uint8
-
-    idx = list(range(len(faces))) if indices is None else [int(i) for i in indices]
-    mask = restorer.mask
-    restorer.mask = mask if use_mask else None
-    parts = []
-    t0 = time.perf_counter()
-    try:
-        for start, n in _runs(idx, opts.batch_size):
-            x = to_model_range(torch.from_numpy(np.ascontiguousarray(faces[start:start + n])))
-            parts.append(restorer.restore_faces(x, opts, first_index=idx[start])["restored"][:, 0].cpu())
-        if restorer.device.type == "cuda":
-            torch.cuda.synchronize(restorer.device)
-    finally:
-        restorer.mask = mask
-    dt = (time.perf_counter() - t0) / max(len(faces), 1)
-    return to_uint8(torch.cat(parts)).numpy(), dt
-
-
 # ------------------------------------------------------------------------------------------ faces
-
-
-def resize_square(img: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [H,W,3] -> [size,size,3], PIL bicubic (antialiased when shrinking)."""
-    if img.shape[:2] == (size, size):
-        return img
-    return np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BICUBIC))
 
 
 def load_cropped(folder: str | Path, size: int, limit: int | None = None) -> tuple[list[str], np.ndarray]:
@@ -191,8 +79,6 @@ def align_whole(folder: str | Path, size: int, limit: int | None = None, log: Ca
 
     Returns (names ``<stem>_<k>`` (k = 0 for the largest face), uint8 [N,size,size,3], per-photo records).
     """
-    from clrface.faces.align import align_faces
-
     names, crops, records = [], [], []
     for f in list_images(folder)[:limit]:
         found = align_faces(load_image(f), size)
@@ -211,37 +97,18 @@ def align_whole(folder: str | Path, size: int, limit: int | None = None, log: Ca
 # ------------------------------------------------------------------------------------------ scoring
 
 
-def to_tensor(faces: np.ndarray) -> torch.Tensor:
-    """uint8 [N,H,W,3] -> uint8 [N,3,H,W]."""
-    return torch.from_numpy(np.ascontiguousarray(faces)).permute(0, 3, 1, 2)
-
-
-@torch.no_grad()
-def embed_faces(restorer: Restorer, faces: np.ndarray, batch: int = 64) -> torch.Tensor:
-    """Unit dlib descriptors [N,128] float64 (CPU) of uint8 [N,S,S,3] faces."""
-    out = []
-    for i in range(0, len(faces), batch):
-        x = to_tensor(faces[i:i + batch]).to(restorer.device).float() / 127.5 - 1
-        out.append(torch.nn.functional.normalize(restorer.embed(x).double(), dim=-1).cpu())
-    return torch.cat(out) if out else torch.zeros(0, 128, dtype=torch.float64)
-
-
 def score_row(restorer: Restorer, faces: np.ndarray, e_input: torch.Tensor, inception=None) -> dict[str, np.ndarray]:
     """Per-face figures of one row: laplacian_var, noise_sigma, excess_laplacian_var, id_vs_input [N] and, with an
     Inception net, its pool3 features [N,2048]."""
     out = {k: v.numpy() for k, v in noref.noref_scores(to_tensor(faces)).items()}
     out["id_vs_input"] = (embed_faces(restorer, faces) * e_input).sum(-1).numpy()
     if inception is not None:
-        from clrface.metrics.fid import inception_features
-
         out["inception"] = inception_features(inception, to_tensor(faces))
     return out
 
 
 def summarise(per_face: dict[str, np.ndarray], sel: np.ndarray, ref: dict | None) -> dict[str, Any]:
     """Means (and stds) over the faces ``sel`` (bool [N]); FID against ``ref`` stats when features exist."""
-    from clrface.metrics.fid import feature_stats, frechet_distance
-
     s: dict[str, Any] = {"n": int(sel.sum())}
     for k in ("laplacian_var", "noise_sigma", "excess_laplacian_var", "id_vs_input"):
         v = per_face[k][sel]
@@ -298,9 +165,6 @@ def run(model: str | Path | None, out: str | Path, *, cropped: str | Path | None
 
     fid_status, ref = "skipped (no reference)", None
     if fid_ref is not None:
-        from clrface.metrics.fid import folder_stats, load_inception
-        from clrface.metrics.lpips import MetricUnavailable
-
         try:
             inception = inception if inception is not None else load_inception(device=restorer.device)
             ref = folder_stats(fid_ref, inception, log=log)
@@ -338,7 +202,7 @@ def run(model: str | Path | None, out: str | Path, *, cropped: str | Path | None
 
     result = {
         "meta": {"model": restorer.source, "resolution": s, "device": str(restorer.device),
-                 "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                 "machine": machine(restorer.device), "threads": torch.get_num_threads(),
                  "torch": torch.__version__, "cropped": None if cropped is None else str(cropped),
                  "whole": None if whole is None else str(whole), "whole_photos": records,
                  "n": {g: len(n) for g, (n, _) in subsets.items()}, "names": names},

@@ -1,4 +1,4 @@
-"""Time each stage of a restore (issue 10, item 1): detect, align, IRN, encode, denoiser, refine, decode, paste.
+"""Time each stage of a restore: detect, align, IRN, encode, denoiser, refine, decode, paste.
 
     python benchmarks/restore_speed.py --model default --threads 2 --reps 5 [--md docs/RESULTS.md]
     python benchmarks/restore_speed.py --model runs/pack --device cuda --dtype float32 bfloat16 --reps 10
@@ -22,52 +22,28 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import platform
-import shlex
-import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
+from clrface.bench import command_line, header, markdown_table, time_ms
+from clrface.data.io import data_root, load_image, to_model_range, to_uint8
+from clrface.device import DTYPES, resolve_device
 from clrface.diffusion.sampler import nfe
-from clrface.pipeline import DTYPES, Restorer, RestoreOptions, cpu_flags, resolve_device
+from clrface.errors import ClrfaceError
+from clrface.faces.align import align_face
+from clrface.faces.detect import detect_faces
+from clrface.faces.paste import paste_face
+from clrface.identity.facerec import load_facerec
+from clrface.options import RestoreOptions
+from clrface.restorer import Restorer
 
-DEFAULT_PHOTO = Path("/work/shared/data/real_lq/whole/gfpgan_00.jpg")
+DEFAULT_PHOTO = data_root() / "real_lq" / "whole" / "gfpgan_00.jpg"
 NA = float("nan")  # a stage with no batch figure (detection is per photo)
-
-
-# ------------------------------------------------------------------------------------------ timing
-
-
-def sync(device: torch.device) -> None:
-    """Waits for queued kernels, so wall time covers the work (CUDA launches are asynchronous)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(fn: Callable[[], object], reps: int, device: torch.device = torch.device("cpu"), label: str = "") -> float:
-    """Median wall time of ``fn()`` in ms over ``reps`` runs after one warm-up run (allocator, autotune, caches).
-
-    With ``label`` the figure is also printed to stderr at once, so a run cut short still shows what it measured.
-    """
-    fn()
-    sync(device)
-    ts = []
-    for _ in range(max(int(reps), 1)):
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        ts.append((time.perf_counter() - t) * 1e3)
-    ms = statistics.median(ts)
-    if label:
-        print(f"  {label}: {ms:.1f} ms", file=sys.stderr, flush=True)
-    return ms
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -86,10 +62,6 @@ class PhotoFace:
 
 def first_face(photo: np.ndarray, size: int) -> PhotoFace:
     """Detects and aligns ``photo`` uint8 [H,W,3]; the largest face. Raises ClrfaceError when none is found."""
-    from clrface.errors import ClrfaceError
-    from clrface.faces.align import align_face
-    from clrface.faces.detect import detect_faces
-
     faces = detect_faces(photo)
     if not faces:
         raise ClrfaceError("restore_speed: no face found in the photo; pass another --photo")
@@ -102,10 +74,6 @@ def photo_stage_times(pf: PhotoFace, size: int, n: int, reps: int) -> dict[str, 
 
     align/paste of n faces repeat the same face n times: both cost per face and are independent of the others.
     """
-    from clrface.faces.align import align_face
-    from clrface.faces.detect import detect_faces
-    from clrface.faces.paste import paste_face
-
     canvas = pf.photo.copy()
 
     def align(k: int) -> None:
@@ -181,7 +149,7 @@ def model_stage_times(restorer: Restorer, x: Tensor, reps: int, options: Restore
     od = restorer.options(batch_size=b)
     t["restore_default"] = time_ms(lambda: restorer.restore_faces(x, od), reps, dev, f"{b} x restore_default")
     if b == 1:  # the user's call on one aligned crop: uint8 in, resize, restore, identity scores, uint8 out
-        crop = ((x[0].permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().astype(np.uint8)
+        crop = to_uint8(x[:1])[0].numpy()
         t["aligned_api"] = time_ms(lambda: restorer.restore(crop, aligned=True), reps, dev, "1 x aligned_api")
     return t
 
@@ -224,35 +192,10 @@ def stage_labels(restorer: Restorer, options: RestoreOptions, steps: tuple[int, 
     return rows
 
 
-def markdown_table(rows: list[tuple[str, str]], one: dict[str, float], many: dict[str, float], n: int) -> str:
+def stage_table(rows: list[tuple[str, str]], one: dict[str, float], many: dict[str, float], n: int) -> str:
     """| stage | 1 face ms | n faces ms per face |; ``many`` holds totals for the n-face batch (NaN: not applicable)."""
-    lines = [f"| stage | 1 face (ms) | {n} faces (ms per face) |", "|---|---:|---:|"]
-    for key, label in rows:
-        a, b = one.get(key, NA), many.get(key, NA)
-        fa = "—" if a != a else f"{a:.1f}"
-        fb = "—" if b != b else f"{b / n:.1f}"
-        lines.append(f"| {label} | {fa} | {fb} |")
-    return "\n".join(lines)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-def cpu_bf16_flags() -> str:
-    """The bf16-relevant ISA flags of this CPU (bf16 autocast is only fast with them)."""
-    return ", ".join(sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile"})) or "none"
-
-
-def machine_header(device: torch.device, threads: int, command: str) -> str:
-    gpu = f"; GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
-    return (f"CPU {cpu_name()} (bf16 flags: {cpu_bf16_flags()}), torch threads {threads}{gpu}; "
-            f"torch {torch.__version__}; {datetime.datetime.now().isoformat(timespec='seconds')}\n"
-            f"command: `{command}`")
+    return markdown_table(["stage", "1 face (ms)", f"{n} faces (ms per face)"],
+                          [(label, one.get(key, NA), many.get(key, NA) / n) for key, label in rows], fmt=".1f")
 
 
 def run_benchmark(model: str | Path, photo: np.ndarray, *, device: str = "cpu", dtype: str = "float32",
@@ -272,14 +215,14 @@ def run_benchmark(model: str | Path, photo: np.ndarray, *, device: str = "cpu", 
         pf = first_face(photo, s)
         crop, photo_t = pf.crop, photo_stage_times(pf, s, batch, reps)
         desc = f"{photo_name} {photo.shape[1]}x{photo.shape[0]}, {pf.n_faces} faces"
-    x1 = torch.from_numpy(crop).permute(2, 0, 1)[None].float().div(127.5).sub(1)
+    x1 = to_model_range(crop[None])
     xn = x1.expand(batch, -1, -1, -1).contiguous()
     one = {k: v[0] for k, v in photo_t.items()} | model_stage_times(r, x1, reps, o, steps)
     many = {k: v[1] for k, v in photo_t.items()} | model_stage_times(r, xn, batch_reps or reps, o, steps)
     rows = stage_labels(r, o, steps, desc)
     title = (f"#### Restore speed: {r.source}, {dev}, {dtype}, S = {s} px, median of {reps} (batch: "
              f"{batch_reps or reps}) after 1 warm-up")
-    return title + "\n\n" + markdown_table(rows, one, many, batch)
+    return title + "\n\n" + stage_table(rows, one, many, batch)
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -300,16 +243,12 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--md", help="append the report to this markdown file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from clrface.data.io import load_image
-    from clrface.identity.facerec import load_facerec
-
     dev = resolve_device(args.device)
     photo = load_image(args.photo)
     facerec = load_facerec(dev)
     script = sys.argv[0] if argv is None else __file__  # called from a test: name the script, not pytest
-    cmd = " ".join(shlex.quote(a) for a in (["python", script] + (sys.argv[1:] if argv is None else argv)))
     parts = [f"### Restore speed by stage ({datetime.date.today().isoformat()})",
-             machine_header(dev, args.threads, cmd)]
+             header(dev, args.threads, command_line(argv, script))]
     print("\n\n".join(parts), flush=True)
     full = RestoreOptions(mode="full", steps=args.full_steps, sampler=args.sampler)
     for dt in args.dtype:

@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 
 from clrface.checkpoint import load_weights
-from clrface.data.datasets import load_face_folder, to_model_range
+from clrface.data.datasets import load_face_folder
+from clrface.data.io import to_model_range
 from clrface.metrics.noref import laplacian_variance
 from clrface.metrics.psnr_ssim import psnr
-from clrface.pipeline import Restorer
+from clrface.restorer import Restorer
 
 
 def sharpness_rows(restorer: Restorer, lq: torch.Tensor, gt: torch.Tensor) -> dict[str, tuple[float, float]]:

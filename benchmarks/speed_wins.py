@@ -29,7 +29,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from restore_speed import time_ms  # noqa: E402  (median after a warm-up, the stage table's timer)
 
 from clrface.faces.align import align_faces
-from clrface.pipeline import Restorer, RestoreOptions, _from_u8, demo_image
+from clrface.data.io import to_model_range
+from clrface.demo import demo_image
+from clrface.options import RestoreOptions
+from clrface.restorer import Restorer
 
 
 def conv_nets(r: Restorer) -> list[torch.nn.Module]:
@@ -67,7 +70,7 @@ def main() -> None:
 
     facerec = load_facerec()
     crop = align_faces(demo_image(), 128, max_faces=1)[0][0]
-    x1 = _from_u8(crop[None])
+    x1 = to_model_range(crop[None])
     full = dict(mode="full", fidelity=0.5)
     work = [("default restore", args.model, {})]
     if args.heun:

@@ -49,8 +49,11 @@ from PIL import Image
 from clrface.data.degradation import degrade, get_preset
 from clrface.faces.align import align_faces, warp_face
 from clrface.faces.paste import paste_mask
-from clrface.pipeline import Restorer, _from_u8, demo_image
-from clrface.video import StabilizeConfig, VideoRestorer, VideoWriter, quad_side
+from clrface.data.io import to_model_range
+from clrface.demo import demo_image
+from clrface.restorer import Restorer
+from clrface.video import StabilizeConfig, VideoRestorer, quad_side
+from clrface.video_io import VideoWriter
 
 
 SUBPIXEL = False  # --subpixel: keep the fractional offsets (undoing them then blurs; see the module docstring)
@@ -92,8 +95,8 @@ def score(frames: list[np.ndarray], clean: np.ndarray, region: np.ndarray, affin
     s = restorer.resolution
     crops = [warp_face(np.clip(np.rint(f), 0, 255).astype(np.uint8), affine, s, resample="bicubic") for f in u]
     with torch.no_grad():
-        e = restorer.embed(_from_u8(np.stack(crops)))
-        e0 = restorer.embed(_from_u8(warp_face(clean, affine, s, resample="bicubic")[None]))
+        e = restorer.embed(to_model_range(np.stack(crops)))
+        e0 = restorer.embed(to_model_range(warp_face(clean, affine, s, resample="bicubic")[None]))
     ids = (e * e0).sum(-1)
     mse = [float(((f - clean.astype(np.float32)) ** 2)[region].mean()) for f in u]
     return {"flicker": float(np.mean(flick)), "flicker_std": float(np.std(flick)), "ids": float(ids.mean()),

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from clrface.data.datasets import load_face_folder, to_model_range, to_uint8
+from clrface.data.datasets import load_face_folder
+from clrface.data.io import to_model_range, to_uint8
 from clrface.data.io import save_image
 from clrface.metrics.evaluate import evaluate_folders
 from clrface.metrics.psnr_ssim import psnr

@@ -32,7 +32,7 @@ def test_api_accepts_paths_and_pil_and_takes_overrides(tmp_path):
     from PIL import Image
 
     from clrface import Restorer
-    from clrface.pipeline import demo_image
+    from clrface.demo import demo_image
 
     r = Restorer.from_pretrained("default")
     crop = np.asarray(Image.fromarray(demo_image()[40:260, 130:350]).resize((128, 128)))

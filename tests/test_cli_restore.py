@@ -5,18 +5,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from clrface.cli import build_parser, main
-from clrface.pipeline import FidelityMap
-from test_pipeline import build_tiny_model  # noqa: E402  (tests/ is on sys.path under pytest)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    torch.set_num_threads(1)
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+from clrface.options import FidelityMap
 
 
 def _face_like(path: Path, size: int = 48, seed: int = 0) -> np.ndarray:

@@ -8,10 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
-from clrface.errors import CheckpointError
+import clrface.model_folder
+from clrface.cli import main
+from clrface.data.io import load_image
+from clrface.errors import CheckpointError, ClrfaceError
 from clrface.faces.paste import paste_mask
-from clrface.pipeline import Restorer, RestoreOptions, is_monochrome, keep_tone
-from test_pipeline import S, WHOLE, model_dir, restorer  # noqa: E402,F401  (tests/ is on sys.path; shared tiny-model fixtures)
+from clrface.options import RestoreOptions
+from clrface.photo import is_monochrome, keep_tone
+from clrface.restorer import Restorer
+
+S = 32  # the resolution of conftest.build_tiny_model
 
 
 def test_is_monochrome_gray_sepia_and_colour():
@@ -35,10 +41,8 @@ def test_keep_tone_takes_luminance_only():
     assert np.abs(ycc(out)[..., 0] - ycc(restored)[..., 0]).mean() < 1.5
 
 
-def test_gray_photo_keeps_its_tone_and_non_face_pixels(restorer):
-    from clrface.data.io import load_image
-
-    photo = load_image(WHOLE / "codeformer_01.jpg")
+def test_gray_photo_keeps_its_tone_and_non_face_pixels(restorer, shared_data):
+    photo = load_image(shared_data("real_lq", "whole", "codeformer_01.jpg"))
     gray = np.repeat(np.asarray(Image.fromarray(photo).convert("L"))[..., None], 3, -1)
     auto = restorer.restore_image(gray, RestoreOptions(steps=1))
     assert len(auto.faces) >= 1
@@ -52,22 +56,17 @@ def test_gray_photo_keeps_its_tone_and_non_face_pixels(restorer):
 
 
 def test_color_option_is_validated():
-    from clrface.errors import ClrfaceError
-
     with pytest.raises(ClrfaceError, match="color"):
         RestoreOptions(color="sepia")
 
 
 def test_fine_tuned_model_takes_missing_stages_from_its_base(tmp_path, model_dir, restorer, monkeypatch):
-    import clrface.pipeline as pl
-
     weights = tmp_path / "weights"
     shutil.copytree(model_dir, weights / "tinybase")
     ft = weights / "tinyft"
-    monkeypatch.setattr(pl, "_package_weights", lambda name: weights / name)
+    monkeypatch.setattr(clrface.model_folder, "package_weights", lambda name: weights / name)
     (ft).mkdir()
     (ft / "restore.json").write_text(json.dumps({"defaults": {"mode": "irn", "color": "full"}}))
-    from clrface.cli import main
 
     assert main(["pack", "--irn", str(model_dir / "irn"), "--base", "tinybase", "-o", str(ft)]) == 0
     assert sorted(p.name for p in ft.iterdir()) == ["irn", "restore.json"]  # only what changed ships
@@ -76,8 +75,8 @@ def test_fine_tuned_model_takes_missing_stages_from_its_base(tmp_path, model_dir
     r = Restorer.from_pretrained("tinyft", facerec=restorer.facerec)
     assert r.irn is not None and r.mask is not None and r.options().color == "full"
     x = torch.rand(1, 3, S, S) * 2 - 1
-    torch.testing.assert_close(r.restore_faces(x, r.options(steps=1))["restored"],  # fp16 copy of the same IRN
-                               restorer.restore_faces(x, restorer.options(steps=1, mode="irn"))["restored"],
+    torch.testing.assert_close(r.restore_faces(x, r.options(steps=1)).restored,  # fp16 copy of the same IRN
+                               restorer.restore_faces(x, restorer.options(steps=1, mode="irn")).restored,
                                atol=5e-3, rtol=0)
     (ft / "restore.json").write_text(json.dumps({"base": "nosuchmodel"}))
     with pytest.raises(CheckpointError, match="nosuchmodel"):

@@ -8,7 +8,7 @@ import torch
 from clrface.data.datasets import load_face_folder, to_model_range
 from clrface.data.degradation import degrade_batch, get_preset
 from clrface.metrics.psnr_ssim import psnr
-from clrface.pipeline import Restorer
+from clrface.restorer import Restorer
 
 VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "faces128" / "val"
 
@@ -28,7 +28,7 @@ def test_default_model_loads_with_its_measured_defaults(restorer):
 def test_default_restore_improves_psnr_of_degraded_val_faces(restorer):
     gt = to_model_range(load_face_folder(VAL, limit=8))
     lq, _ = degrade_batch(gt, get_preset("bfr", 128), generator=0)
-    out = restorer.restore_faces(lq, restorer.options())["restored"][:, 0]
+    out = restorer.restore_faces(lq, restorer.options()).restored[:, 0]
     gain = (psnr(out, gt) - psnr(lq, gt)).mean().item()
     assert gain > 0.2, gain  # measured ~ +1 dB on the 100-face test set (docs/RESULTS.md)
 
@@ -50,12 +50,12 @@ def test_colorize_model_colours_a_gray_face(restorer):
     import numpy as np
     from PIL import Image
 
-    from clrface.pipeline import demo_image
+    from clrface.demo import demo_image
 
     face = np.array(Image.fromarray(demo_image()[40:260, 130:350]).convert("L").resize((128, 128)))
     gray = torch.from_numpy(face).float().div(127.5).sub(1)[None, None].expand(1, 3, -1, -1)
     col = Restorer.from_pretrained("colorize", facerec=restorer.facerec)
-    out = col.restore_faces(gray, col.options())["restored"][:, 0]
+    out = col.restore_faces(gray, col.options()).restored[:, 0]
     assert colorfulness(gray).max().item() == 0
     assert colorfulness(out).mean().item() > 5  # 30 on the gray test set (docs/RESULTS.md, 'Colorization')
 
@@ -71,6 +71,6 @@ def test_fast_model_matches_the_teacher_in_one_evaluation(restorer):
     lq, _ = degrade_batch(gt, get_preset("bfr", 128), generator=0)
     got = fast.restore_faces(lq, o)
     teacher = restorer.restore_faces(lq, restorer.options(mode="full", steps=10, sampler="heun"))
-    assert got["nfe"] == 1 and teacher["nfe"] == 19
-    agree = psnr(got["restored"][:, 0], teacher["restored"][:, 0]).mean().item()
+    assert got.sampling.nfe == 1 and teacher.sampling.nfe == 19
+    agree = psnr(got.restored[:, 0], teacher.restored[:, 0]).mean().item()
     assert agree > 30, agree  # the student lands where the teacher's 19 evaluations do

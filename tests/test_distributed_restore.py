@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clrface.pipeline import DONE_DIR, restore_files
-from test_pipeline import model_dir, restorer  # noqa: E402,F401  (tests/ is on sys.path; shared tiny-model fixtures)
+from clrface.batch import DONE_DIR, restore_files
 
 
 def _crops(folder: Path, n: int) -> list[Path]:

@@ -9,16 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from clrface.data.datasets import to_model_range, to_uint8
-from clrface.data.io import load_image
+from clrface.bench import consecutive_runs, embed_faces, parse_row, resize_square, row_options, slug, to_tensor
+from clrface.data.io import data_root, load_image, to_model_range, to_uint8
+from clrface.errors import ClrfaceError
 from clrface.metrics.fid import feature_stats, inception_features
 from clrface.metrics.noref import noref_scores
 from clrface.metrics.verification import verification_accuracy
-from clrface.pipeline import Restorer
-from test_pipeline import build_tiny_model  # noqa: E402  (tests/ is on sys.path under pytest)
+from clrface.restorer import Restorer
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-DATA = Path("/work/shared/data")
+DATA = data_root()
 CROPPED = ["codeformer_0143.png", "gfpgan_Adele_crop.png", "vqfr_00000052_lq.png"]
 WHOLE = "codeformer_04.jpg"  # 225 x 225, one face
 LFW = ["Abel_Pacheco/Abel_Pacheco_0001", "Abel_Pacheco/Abel_Pacheco_0004",
@@ -26,23 +25,8 @@ LFW = ["Abel_Pacheco/Abel_Pacheco_0001", "Abel_Pacheco/Abel_Pacheco_0004",
 
 
 @pytest.fixture(scope="module")
-def scripts():
-    import sys
-
-    sys.path.insert(0, str(BENCH))
-    try:
-        import lfw_downstream
-        import real_world
-
-        yield real_world, lfw_downstream
-    finally:
-        sys.path.remove(str(BENCH))
-
-
-@pytest.fixture(scope="module")
-def restorer(tmp_path_factory) -> Restorer:
-    torch.set_num_threads(1)
-    return Restorer.from_pretrained(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
+def scripts(benchmark_script):
+    return benchmark_script("real_world"), benchmark_script("lfw_downstream")
 
 
 class StubInception(nn.Module):
@@ -60,19 +44,16 @@ class StubInception(nn.Module):
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def test_parse_row_and_runs(scripts):
-    rw, _ = scripts
-    from clrface.errors import ClrfaceError
-
-    assert rw.parse_row("f0.8=full:fidelity=0.8,steps=10") == ("f0.8", {"mode": "full", "fidelity": 0.8, "steps": 10})
-    assert rw.parse_row("a=b=irn") == ("a=b", {"mode": "irn"})  # the name may hold '='
-    opts, mask = rw.row_options(rw.parse_row("x=full:mask=off,sigma_start=none,sampler=euler")[1], batch_size=3)
+def test_parse_row_and_runs():
+    assert parse_row("f0.8=full:fidelity=0.8,steps=10") == ("f0.8", {"mode": "full", "fidelity": 0.8, "steps": 10})
+    assert parse_row("a=b=irn") == ("a=b", {"mode": "irn"})  # the name may hold '='
+    opts, mask = row_options(parse_row("x=full:mask=off,sigma_start=none,sampler=euler")[1], batch_size=3)
     assert (opts.mode, opts.sigma_start, opts.sampler, opts.batch_size, mask) == ("full", None, "euler", 3, False)
     for bad in ("nomode", "x=fancy", "x=full:steps", "x=full:colour=1", "x=full:fidelity=2"):
         with pytest.raises(ClrfaceError):
-            rw.parse_row(bad)
-    assert rw._runs([0, 1, 2, 5, 6, 9], 2) == [(0, 2), (2, 1), (3, 2), (5, 1)]
-    assert rw.slug("full model / f=0.8") == "full_model_f=0.8"
+            parse_row(bad)
+    assert consecutive_runs([0, 1, 2, 5, 6, 9], 2) == [(0, 2), (2, 1), (3, 2), (5, 1)]
+    assert slug("full model / f=0.8") == "full_model_f=0.8"
 
 
 def test_select_pairs_keeps_folds(scripts, tmp_path):
@@ -114,7 +95,7 @@ def test_real_world_smoke(scripts, restorer, tmp_path):
     rw, _ = scripts
     src = DATA / "real_lq"
     if not src.is_dir():
-        pytest.skip("shared data not found")
+        pytest.skip(f"shared data {src} not found (set CLRFACE_DATA)")
     (tmp_path / "crop").mkdir()
     (tmp_path / "whole").mkdir()
     for f in CROPPED:
@@ -126,10 +107,10 @@ def test_real_world_smoke(scripts, restorer, tmp_path):
     wn, wc, _ = rw.align_whole(tmp_path / "whole", s)
     assert len(names) == 3 and len(wn) == 1 and wc.shape == (1, s, s, 3)
     inc = StubInception()
-    mu, sigma = feature_stats(inception_features(inc, rw.to_tensor(np.concatenate([crops, wc]))))
+    mu, sigma = feature_stats(inception_features(inc, to_tensor(np.concatenate([crops, wc]))))
     np.savez(tmp_path / "ref.npz", mu=mu, sigma=sigma, n=4)
 
-    rows = {**rw.DEFAULT_ROWS, "two steps": rw.parse_row("two steps=full:steps=2,mask=off")[1]}
+    rows = {**rw.DEFAULT_ROWS, "two steps": parse_row("two steps=full:steps=2,mask=off")[1]}
     res = rw.run(None, tmp_path / "out", cropped=tmp_path / "crop", whole=tmp_path / "whole", rows=rows,
                  fid_ref=tmp_path / "ref.npz", restorer=restorer, inception=inc, log=lambda _: None)
     by = {r["row"]: r for r in res["rows"]}
@@ -146,7 +127,7 @@ def test_real_world_smoke(scripts, restorer, tmp_path):
     # the saved faces are the scored ones: no-reference figures recomputed from the PNGs agree
     out = tmp_path / "out"
     irn_png = np.stack([load_image(out / "cropped" / "IRN" / f"{Path(f).stem}.png") for f in CROPPED])
-    nr = noref_scores(rw.to_tensor(irn_png))
+    nr = noref_scores(to_tensor(irn_png))
     assert by["IRN"]["subsets"]["cropped"]["laplacian_var"] == pytest.approx(float(nr["laplacian_var"].mean()))
     assert by["IRN"]["subsets"]["cropped"]["noise_sigma"] == pytest.approx(float(nr["noise_sigma"].mean()))
     # ... and the IRN row is the IRN applied to the resized input
@@ -162,7 +143,7 @@ def test_real_world_smoke(scripts, restorer, tmp_path):
 def test_real_world_cli_without_irn_and_fid(scripts, restorer, tmp_path, monkeypatch, capsys):
     rw, _ = scripts
     if not (DATA / "real_lq").is_dir():
-        pytest.skip("shared data not found")
+        pytest.skip(f"shared data {DATA / 'real_lq'} not found (set CLRFACE_DATA)")
     (tmp_path / "crop").mkdir()
     for f in CROPPED[:2]:
         shutil.copy(DATA / "real_lq" / "cropped" / f, tmp_path / "crop" / f)
@@ -182,7 +163,7 @@ def test_real_world_cli_without_irn_and_fid(scripts, restorer, tmp_path, monkeyp
 def test_lfw_downstream_smoke_and_cache(scripts, restorer, tmp_path, monkeypatch):
     rw, ld = scripts
     if not (DATA / "lfw128").is_dir():
-        pytest.skip("shared data not found")
+        pytest.skip(f"shared data {DATA / 'lfw128'} not found (set CLRFACE_DATA)")
     lfw = tmp_path / "lfw"
     for f in LFW:
         (lfw / f).parent.mkdir(parents=True, exist_ok=True)
@@ -196,8 +177,8 @@ def test_lfw_downstream_smoke_and_cache(scripts, restorer, tmp_path, monkeypatch
 
     # the clean row equals a direct computation: embed the files, cosine per pair, 2-fold accuracy
     s = restorer.resolution
-    clean = np.stack([rw.resize_square(load_image(lfw / f"{f}.jpg"), s) for f in LFW])
-    e = rw.embed_faces(restorer, clean)
+    clean = np.stack([resize_square(load_image(lfw / f"{f}.jpg"), s) for f in LFW])
+    e = embed_faces(restorer, clean)
     sims = torch.stack([(e[0] * e[1]).sum(), (e[2] * e[3]).sum()])
     acc, std = verification_accuracy(sims, np.array([True, False]), 2)
     v = by["clean"]["verification"]
@@ -223,14 +204,8 @@ def test_lfw_downstream_smoke_and_cache(scripts, restorer, tmp_path, monkeypatch
     assert "| full model |" in ld.format_markdown(res)
 
 
-def test_sharpness_rows(restorer):
-    import sys
-
-    sys.path.insert(0, str(BENCH))
-    try:
-        import sharpness
-    finally:
-        sys.path.remove(str(BENCH))
+def test_sharpness_rows(restorer, benchmark_script):
+    sharpness = benchmark_script("sharpness")
     g = torch.Generator().manual_seed(0)
     gt = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
     lq = torch.nn.functional.avg_pool2d(gt, 3, 1, 1)  # a blurred copy: less Laplacian variance than the GT

@@ -19,8 +19,12 @@ from clrface.errors import CheckpointError, ClrfaceError  # noqa: E402
 from clrface.export import GRAPH_IO, export_graph, graph_modules  # noqa: E402
 from clrface.onnx_runtime import OnnxOptions, OnnxRestorer, face_noise, to_uint8  # noqa: E402
 from clrface import onnx_runtime as rt  # noqa: E402
-from clrface.pipeline import FidelityMap, Restorer, RestoreOptions, _from_u8, _u8, demo_image  # noqa: E402
-from clrface.pipeline import face_noise as torch_face_noise  # noqa: E402
+from clrface.data.io import to_model_range
+from clrface.data.io import to_uint8 as torch_to_uint8
+from clrface.demo import demo_image
+from clrface.options import FidelityMap, RestoreOptions
+from clrface.restorer import Restorer  # noqa: E402
+from clrface.restorer import face_noise as torch_face_noise  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +51,7 @@ def demo_faces() -> np.ndarray:
     """uint8 [2,128,128,3]: the demo portrait's face aligned at 128 px, and its bfr-degraded version."""
     from clrface.data.degradation import get_preset, degrade
     from clrface.faces.align import align_faces
-    from clrface.pipeline import DEMO_SEED
+    from clrface.demo import DEMO_SEED
 
     crop = align_faces(demo_image(), 128, max_faces=1)[0][0]
     lq, _ = degrade(crop, get_preset("bfr", 128), DEMO_SEED)
@@ -80,7 +84,7 @@ def test_each_graph_matches_torch_at_batch_1(exported, restorer, runtime, demo_f
         assert out.shape == ref.shape
         assert np.abs(out - ref).max() <= 1e-4, name
     # on real latents, against the Restorer's own steps (the decoder picks the same codes)
-    x = _from_u8(demo_faces)
+    x = to_model_range(demo_faces)
     with torch.no_grad():
         z = restorer.encode(x)
         np.testing.assert_allclose(runtime.encode(x.numpy()), z.numpy(), atol=1e-4, rtol=0)
@@ -96,17 +100,17 @@ def test_each_graph_matches_torch_at_batch_1(exported, restorer, runtime, demo_f
 def test_whole_restore_of_demo_faces_matches_torch(restorer, runtime, demo_faces, faces, kw):
     """The degraded demo face (and the clean one as a second face of the batch) with torch's start noise:
     max abs diff <= 1e-3 (measured ~1e-6)."""
-    x = _from_u8(demo_faces[:faces])
+    x = to_model_range(demo_faces[:faces])
     o = restorer.options(**kw)
     ref = restorer.restore_faces(x, o)
     noise = torch.stack([torch_face_noise((faces, 3, 32, 32), o.seed, k) for k in range(o.samples)], 1).numpy()
     out = runtime.restore_faces(x.numpy(), runtime.options(**kw), noise=noise)
-    assert out["restored"].shape == tuple(ref["restored"].shape) == (faces, o.samples, 3, 128, 128)
-    assert np.abs(out["restored"] - ref["restored"].numpy()).max() <= 1e-3
-    assert np.abs(out["x_id"] - ref["x_id"].numpy()).max() <= 1e-3
-    assert (out["nfe"], out["sigma_start"]) == (ref["nfe"], pytest.approx(ref["sigma_start"]))
+    assert out["restored"].shape == tuple(ref.restored.shape) == (faces, o.samples, 3, 128, 128)
+    assert np.abs(out["restored"] - ref.restored.numpy()).max() <= 1e-3
+    assert np.abs(out["x_id"] - ref.x_id.numpy()).max() <= 1e-3
+    assert (out["nfe"], out["sigma_start"]) == (ref.sampling.nfe, pytest.approx(ref.sampling.sigma_start))
     # and as the uint8 the pipeline writes: at most one grey level apart where a value sits on a rounding edge
-    assert np.abs(to_uint8(out["restored"]).astype(int) - _u8(ref["restored"].flatten(0, 1)).reshape(
+    assert np.abs(to_uint8(out["restored"]).astype(int) - torch_to_uint8(ref.restored.flatten(0, 1)).numpy().reshape(
         faces, o.samples, 128, 128, 3).astype(int)).max() <= 1
 
 
@@ -121,7 +125,7 @@ def test_restore_crops_is_independent_of_batch_size(runtime, demo_faces):
 
 
 def test_identity_guidance_is_torch_only(runtime, demo_faces):
-    x = _from_u8(demo_faces[:1]).numpy()
+    x = to_model_range(demo_faces[:1]).numpy()
     with pytest.raises(ClrfaceError, match="torch only"):
         runtime.restore_faces(x, runtime.options(mode="full", fidelity=0.5))  # default map: scale 5
     with pytest.raises(ClrfaceError, match="needs faces"):

@@ -1,58 +1,21 @@
+import json
 import shutil
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from clrface.checkpoint import save_checkpoint
+from clrface.data.io import load_image
+from clrface.device import auto_dtype
 from clrface.diffusion.prior import LatentPrior, PriorConfig, load_prior
-from clrface.diffusion.schedule import ScheduleConfig
 from clrface.diffusion.unet import UNetConfig
 from clrface.errors import CheckpointError, ClrfaceError
-from clrface.identity.guidance import LatentMask, MaskConfig
-from clrface.identity.irn import IRN, IRNConfig
-from clrface.pipeline import FidelityMap, Restorer, RestoreOptions, face_noise
-from clrface.vqgan.model import VQGAN, VQGANConfig
+from clrface.faces.paste import paste_mask
+from clrface.options import FidelityMap, RestoreOptions
+from clrface.restorer import Restorer, face_noise
 
-S = 32  # tiny model resolution; latents are 3 x 8 x 8
-WHOLE = Path("/work/shared/data/real_lq/whole")
-
-
-def build_tiny_model(folder: Path, *, irn: bool = True, mask: bool = True) -> Path:
-    """Random tiny vqgan/ prior/ irn/ mask/ checkpoints (weights perturbed away from zero-init layers)."""
-    torch.manual_seed(0)
-    vq_cfg = VQGANConfig(resolution=S, base_channels=8, channel_mult=(1, 1, 2), num_res_blocks=1, codebook_size=64)
-    vq = VQGAN(vq_cfg)
-    save_checkpoint(folder / "vqgan", vq, vq_cfg, "vqgan")
-    unet = UNetConfig(resolution=S // 4, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
-                      attn_resolutions=(), head_channels=8, norm_groups=4)
-    p_cfg = PriorConfig(unet=unet, sigma_data=1.0, latent_mean=(0.1, -0.2, 0.0), latent_std=(0.5, 1.0, 2.0),
-                        schedule=ScheduleConfig(steps=4))
-    prior = LatentPrior(p_cfg)
-    torch.nn.init.normal_(prior.precond.net.conv_out.weight, std=0.1)  # zero-init: would make F = 0
-    save_checkpoint(folder / "prior", prior, p_cfg, "prior")
-    if irn:
-        i_cfg = IRNConfig(channels=(8, 16), blocks=(1, 1))
-        net = IRN(i_cfg)
-        torch.nn.init.normal_(net.tail.weight, std=0.05)
-        save_checkpoint(folder / "irn", net, i_cfg, "irn")
-    if mask:
-        m_cfg = MaskConfig(hidden_channels=8, num_layers=2)
-        save_checkpoint(folder / "mask", LatentMask(m_cfg), m_cfg, "mask")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def restorer(model_dir) -> Restorer:
-    torch.set_num_threads(1)
-    return Restorer.from_pretrained(model_dir)
+S = 32  # the resolution of conftest.build_tiny_model
 
 
 def _faces(b: int = 2, seed: int = 0) -> torch.Tensor:
@@ -86,18 +49,18 @@ def test_restore_faces_shapes_determinism_and_batching(restorer):
     x = _faces(3)
     o = RestoreOptions(steps=3, seed=7, samples=2, fidelity=0.7)
     a = restorer.restore_faces(x, o)
-    assert a["restored"].shape == (3, 2, 3, S, S) and a["id_vs_irn"].shape == (3, 2)
-    assert a["restored"].abs().max() <= 1 and a["nfe"] == 5  # heun: 2N - 1
+    assert a.restored.shape == (3, 2, 3, S, S) and a.id_vs_irn.shape == (3, 2)
+    assert a.restored.abs().max() <= 1 and a.sampling.nfe == 5  # heun: 2N - 1
     b = restorer.restore_faces(x, o)
-    assert torch.equal(a["restored"], b["restored"])
+    assert torch.equal(a.restored, b.restored)
     # per-face seeds: face 2 alone (as the third face) gives the same result as in the batch
     c = restorer.restore_faces(x[2:], o, first_index=2)
-    torch.testing.assert_close(c["restored"][0], a["restored"][2], atol=1e-5, rtol=0)
-    assert (a["restored"][:, 0] - a["restored"][:, 1]).abs().max() > 1e-3  # samples differ
+    torch.testing.assert_close(c.restored[0], a.restored[2], atol=1e-5, rtol=0)
+    assert (a.restored[:, 0] - a.restored[:, 1]).abs().max() > 1e-3  # samples differ
     d = restorer.restore_faces(x, RestoreOptions(steps=3, seed=8, samples=2, fidelity=0.7))
-    assert (d["restored"] - a["restored"]).abs().max() > 1e-3
+    assert (d.restored - a.restored).abs().max() > 1e-3
     # identity scores are cosines of unit embeddings
-    assert (a["id_vs_input"].abs() <= 1 + 1e-5).all()
+    assert (a.id_vs_input.abs() <= 1 + 1e-5).all()
 
 
 def test_sigma_start_zero_without_guidance_is_decoded_irn_output(restorer):
@@ -106,10 +69,10 @@ def test_sigma_start_zero_without_guidance_is_decoded_irn_output(restorer):
     with torch.no_grad():
         x_id = restorer.irn(x).clamp(-1, 1)
         expect = restorer.vqgan.decode(restorer.vqgan.encode(x_id)).clamp(-1, 1)
-    torch.testing.assert_close(out["x_id"], x_id)
-    torch.testing.assert_close(out["restored"][:, 0], expect, atol=1e-5, rtol=0)
-    assert out["nfe"] == 0
-    assert (out["x_id"] - x).abs().max() > 1e-3  # the IRN did something, so the test can tell
+    torch.testing.assert_close(out.x_id, x_id)
+    torch.testing.assert_close(out.restored[:, 0], expect, atol=1e-5, rtol=0)
+    assert out.sampling.nfe == 0
+    assert (out.x_id - x).abs().max() > 1e-3  # the IRN did something, so the test can tell
 
 
 def test_modes(restorer):
@@ -118,20 +81,20 @@ def test_modes(restorer):
         direct = restorer.vqgan.decode(restorer.vqgan.encode(x)).clamp(-1, 1)
         irn = restorer.irn(x).clamp(-1, 1)
     out = restorer.restore_faces(x, RestoreOptions(mode="direct"))
-    torch.testing.assert_close(out["restored"][:, 0], direct, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.restored[:, 0], direct, atol=1e-5, rtol=0)
     out = restorer.restore_faces(x, RestoreOptions(mode="irn"))
-    torch.testing.assert_close(out["restored"][:, 0], irn)
-    torch.testing.assert_close(out["id_vs_irn"], torch.ones(2, 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.restored[:, 0], irn)
+    torch.testing.assert_close(out.id_vs_irn, torch.ones(2, 1), atol=1e-5, rtol=0)
     # prior from z_d at sigma 0 is the direct reconstruction; at sigma_max it ignores the start latent
     out = restorer.restore_faces(x, RestoreOptions(mode="prior", sigma_start=0.0))
-    torch.testing.assert_close(out["restored"][:, 0], direct, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.restored[:, 0], direct, atol=1e-5, rtol=0)
     o = RestoreOptions(mode="prior", sigma_start=80.0, steps=3)
     a, b = restorer.restore_faces(x, o), restorer.restore_faces(_faces(2, seed=5), o)
-    assert torch.isfinite(a["restored"]).all() and (a["restored"] - b["restored"]).abs().max() > 0  # cond differs
+    assert torch.isfinite(a.restored).all() and (a.restored - b.restored).abs().max() > 0  # cond differs
     # full mode: guidance changes the result relative to the same run without guidance
     g0 = restorer.restore_faces(x, RestoreOptions(steps=2, guidance_scale=0.0))
     g1 = restorer.restore_faces(x, RestoreOptions(steps=2, guidance_scale=50.0))
-    assert g1["guidance_scale"] == 50.0 and (g0["restored"] - g1["restored"]).abs().max() > 1e-4
+    assert g1.sampling.guidance_scale == 50.0 and (g0.restored - g1.restored).abs().max() > 1e-4
 
 
 def test_restore_image_aligned_sizes(restorer):
@@ -143,21 +106,21 @@ def test_restore_image_aligned_sizes(restorer):
     assert res2.image.shape == (400, 400, 3)
 
 
-def test_missing_and_wrong_models(tmp_path, model_dir):
-    a = build_tiny_model(tmp_path / "a", irn=False, mask=False)
+def test_missing_and_wrong_models(tmp_path, model_dir, tiny_model_builder):
+    a = tiny_model_builder(tmp_path / "a", irn=False, mask=False)
     shutil.rmtree(a / "prior")
     with pytest.raises(CheckpointError, match="missing prior/"):
         Restorer.from_pretrained(a)
     with pytest.raises(CheckpointError, match="no installed model"):
         Restorer.from_pretrained("no-such-model")
     # a prior checkpoint in the vqgan slot: wrong kind
-    b = build_tiny_model(tmp_path / "b", irn=False, mask=False)
+    b = tiny_model_builder(tmp_path / "b", irn=False, mask=False)
     shutil.rmtree(b / "vqgan")
     shutil.copytree(model_dir / "prior", b / "vqgan")
     with pytest.raises(CheckpointError, match="expected 'vqgan'"):
         Restorer.from_pretrained(b)
     # a prior for 16 x 16 latents beside a VQGAN with 8 x 8 latents: wrong shape
-    c = build_tiny_model(tmp_path / "c", irn=False, mask=False)
+    c = tiny_model_builder(tmp_path / "c", irn=False, mask=False)
     unet = UNetConfig(resolution=16, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                       attn_resolutions=(), head_channels=8, norm_groups=4)
     cfg = PriorConfig(unet=unet)
@@ -166,14 +129,14 @@ def test_missing_and_wrong_models(tmp_path, model_dir):
         Restorer.from_pretrained(c)
 
 
-def test_without_irn_starts_from_zd(tmp_path):
-    r = Restorer.from_pretrained(build_tiny_model(tmp_path / "m", irn=False, mask=False))
+def test_without_irn_starts_from_zd(tmp_path, tiny_model_builder):
+    r = Restorer.from_pretrained(tiny_model_builder(tmp_path / "m", irn=False, mask=False))
     x = _faces(1)
     out = r.restore_faces(x, RestoreOptions(sigma_start=0.0))
-    torch.testing.assert_close(out["x_id"], x)
+    torch.testing.assert_close(out.x_id, x)
     with torch.no_grad():
         direct = r.vqgan.decode(r.vqgan.encode(x)).clamp(-1, 1)
-    torch.testing.assert_close(out["restored"][:, 0], direct, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.restored[:, 0], direct, atol=1e-5, rtol=0)
 
 
 def test_face_noise_is_per_face():
@@ -183,22 +146,15 @@ def test_face_noise_is_per_face():
     assert not torch.equal(a, face_noise((3, 3, 8, 8), seed=1, sample_k=1))
 
 
-@pytest.mark.skipif(not WHOLE.is_dir(), reason="shared real_lq data absent")
-def test_whole_photo_end_to_end(restorer):
-    from clrface.data.io import load_image
-    from clrface.faces.paste import paste_mask
-
-    photo = load_image(WHOLE / "codeformer_01.jpg")  # 248 x 189, one face
-    t = time.perf_counter()
+def test_whole_photo_end_to_end(restorer, shared_data):
+    photo = load_image(shared_data("real_lq", "whole", "codeformer_01.jpg"))  # 248 x 189, one face
     res = restorer.restore_image(photo, RestoreOptions(steps=4))
-    elapsed = time.perf_counter() - t
     assert not res.no_face and len(res.faces) >= 1 and res.image.shape == photo.shape
     mask = sum(paste_mask(photo.shape[:2], f.affine, affine_size=S) for f in res.faces)
     far = mask == 0
     assert far.mean() > 0.3
     assert np.array_equal(res.image[far], photo[far])  # pixels away from the faces are untouched
     assert np.abs(res.image[mask > 0.99].astype(int) - photo[mask > 0.99]).mean() > 1  # faces were replaced
-    print(f"whole-photo restore with the tiny model: {elapsed:.2f} s")
     up = restorer.restore_image(photo, RestoreOptions(steps=1, upscale=2))
     assert up.image.shape == (photo.shape[0] * 2, photo.shape[1] * 2, 3)
 
@@ -212,24 +168,19 @@ def test_no_face_returns_photo_unchanged(restorer):
 def test_reduced_precision_runs_under_autocast(model_dir, restorer):
     x = _faces(2)
     o = RestoreOptions(steps=2, guidance_scale=0.0)
-    ref = restorer.restore_faces(x, o)["restored"]
+    ref = restorer.restore_faces(x, o).restored
     bf = Restorer.from_pretrained(model_dir, dtype=torch.bfloat16, facerec=restorer.facerec)
     assert next(bf.prior.parameters()).dtype == torch.float32  # weights stay fp32; the nets run in bf16
-    out = bf.restore_faces(x, o)["restored"]
+    out = bf.restore_faces(x, o).restored
     assert out.dtype == torch.float32
     err = (out - ref).abs().mean().item()
     assert 0 < err < 0.1  # bf16 differs, but only by rounding (measured 0.035)
     # guided: the random tiny nets' identity gradient is chaotic, so only check it runs and stays finite
-    assert torch.isfinite(bf.restore_faces(x, RestoreOptions(steps=2, guidance_scale=5.0))["restored"]).all()
+    assert torch.isfinite(bf.restore_faces(x, RestoreOptions(steps=2, guidance_scale=5.0)).restored).all()
 
 
-def test_restore_json_defaults_are_the_model_default_and_flags_override(tmp_path):
-    import json
-    import shutil
-
-    from clrface.errors import CheckpointError
-
-    folder = build_tiny_model(tmp_path / "m")
+def test_restore_json_defaults_are_the_model_default_and_flags_override(tmp_path, tiny_model_builder):
+    folder = tiny_model_builder(tmp_path / "m")
     (folder / "restore.json").write_text(json.dumps({"defaults": {"mode": "irn", "steps": 7, "sampler": "euler"}}))
     r = Restorer.from_pretrained(folder)
     o = r.options()
@@ -243,8 +194,6 @@ def test_restore_json_defaults_are_the_model_default_and_flags_override(tmp_path
 
 
 def test_auto_dtype_picks_bf16_only_on_cpus_with_native_bf16():
-    from clrface.pipeline import auto_dtype
-
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert auto_dtype(cpu, frozenset({"avx2", "amx_bf16", "amx_tile"})) == "bfloat16"
     assert auto_dtype(cpu, frozenset({"avx512f", "avx512_bf16"})) == "bfloat16"

@@ -1,53 +1,21 @@
 """Smoke test of benchmarks/restore_speed.py on a tiny random model (1 repetition); no figures are checked."""
 
-import importlib.util
 import math
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from clrface.pipeline import FidelityMap, Restorer, RestoreOptions
-from test_pipeline import WHOLE, build_tiny_model
+from clrface.data.io import data_root
+from clrface.options import FidelityMap, RestoreOptions
+from clrface.restorer import Restorer
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "restore_speed.py"
-PHOTO = WHOLE / "codeformer_01.jpg"  # 248 x 189, four small faces: the fastest real photo to detect
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("restore_speed", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclass resolves annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
+PHOTO = data_root() / "real_lq" / "whole" / "codeformer_01.jpg"  # 248 x 189, four small faces: the fastest real photo to detect
 
 
 @pytest.fixture(scope="module")
-def bench():
-    return _load_bench()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("bench") / "model")
-
-
-def test_time_ms_is_median_after_warm_up(bench):
-    calls = []
-    delays = iter([0.0, 0.03, 0.001, 0.001])  # warm-up, then 30 ms once and 1 ms twice: median 1 ms
-
-    def fn():
-        calls.append(1)
-        d = next(delays)
-        t = time.perf_counter()
-        while time.perf_counter() - t < d:
-            pass
-
-    ms = bench.time_ms(fn, 3)
-    assert len(calls) == 4 and 0.9 <= ms < 10
+def bench(benchmark_script):
+    return benchmark_script("restore_speed")
 
 
 def test_model_stages_on_tiny_model(bench, model_dir):
@@ -66,7 +34,7 @@ def test_model_stages_on_tiny_model(bench, model_dir):
     rows = bench.stage_labels(r, o, (1,), "p.jpg 10x10, 1 faces")
     one = {k: 2.0 for k, _ in rows}
     many = {k: 8.0 for k, _ in rows} | {"detect": float("nan")}
-    table = bench.markdown_table(rows, one, many, 4)
+    table = bench.stage_table(rows, one, many, 4)
     lines = table.splitlines()
     assert lines[0] == "| stage | 1 face (ms) | 4 faces (ms per face) |" and len(lines) == 2 + len(rows)
     assert lines[2].endswith("| 2.0 | — |") and lines[3].endswith("| 2.0 | 2.0 |")  # 8 ms / 4 faces
@@ -75,7 +43,7 @@ def test_model_stages_on_tiny_model(bench, model_dir):
     assert "heun 1 steps (1 NFE" in table
 
 
-@pytest.mark.skipif(not PHOTO.is_file(), reason="shared real_lq data absent")
+@pytest.mark.skipif(not PHOTO.is_file(), reason=f"shared data {PHOTO} not found (set CLRFACE_DATA)")
 def test_main_writes_markdown(bench, model_dir, tmp_path):
     md = tmp_path / "RESULTS.md"
     md.write_text("# Results\n")

@@ -19,7 +19,8 @@ from PIL import Image
 
 from clrface.cli import build_parser
 from clrface.errors import ClrfaceError
-from clrface.pipeline import Restorer, demo_image
+from clrface.demo import demo_image
+from clrface.restorer import Restorer
 from clrface.serve import ServeLimits, make_server, parse_options
 
 MAX_BYTES = 1 << 20  # 1 MiB here, so that an oversized upload is cheap to send

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clrface.pipeline import Restorer
+from clrface.restorer import Restorer
 from clrface.serve import make_server
 from test_serve import demo_upload  # noqa: E402  (tests/ is on sys.path under pytest)
 

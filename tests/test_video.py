@@ -10,20 +10,15 @@ from PIL import Image
 
 from clrface.cli import main
 from clrface.errors import ClrfaceError
-from clrface.faces.align import align_affine, ffhq_quad
+from clrface.faces.align import ffhq_quad
 from clrface.faces.detect import Face
 from clrface.faces.paste import paste_mask
-from clrface.pipeline import Restorer, RestoreOptions, demo_image, restore_files
-from clrface.video import (FaceTracker, StabilizeConfig, VideoRestorer, VideoWriter, box_iou, estimate_shift,
-                           ffmpeg_exe, fps_fraction, list_media, match_boxes, read_video, smooth_quad,
-                           temporal_blend, warp_to_current)
-from test_pipeline import build_tiny_model  # noqa: E402  (tests/ is on sys.path under pytest)
-
-
-@pytest.fixture(scope="module")
-def restorer(tmp_path_factory) -> Restorer:
-    torch.set_num_threads(1)
-    return Restorer.from_pretrained(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
+from clrface.batch import restore_files
+from clrface.demo import demo_image
+from clrface.options import RestoreOptions
+from clrface.video import (FaceTracker, StabilizeConfig, VideoRestorer, box_iou, estimate_shift, match_boxes,
+                           smooth_quad, temporal_blend, warp_to_current)
+from clrface.video_io import VideoWriter, ffmpeg_exe, fps_fraction, list_media, read_video
 
 
 @pytest.fixture(scope="module")
@@ -146,13 +141,13 @@ def test_face_ids_and_start_hook(restorer):
     o = RestoreOptions(steps=2, guidance_scale=0.0, mode="full")
     ref = restorer.restore_faces(x, o, first_index=5)
     same = restorer.restore_faces(x, o, face_ids=[5, 6], start=lambda z: z)
-    torch.testing.assert_close(same["restored"], ref["restored"])
-    assert same["latent"].shape == (2, 1, 3, 8, 8)
+    torch.testing.assert_close(same.restored, ref.restored)
+    assert same.latent.shape == (2, 1, 3, 8, 8)
     swapped = restorer.restore_faces(x[[1, 0]], o, face_ids=[6, 5])  # a face keeps its noise wherever it sits
-    torch.testing.assert_close(swapped["restored"][[1, 0]], ref["restored"])
+    torch.testing.assert_close(swapped.restored[[1, 0]], ref.restored)
     moved = restorer.restore_faces(x, o, first_index=5, start=lambda z: z + 1.0)
-    assert (moved["restored"] - ref["restored"]).abs().mean() > 1e-3
-    assert restorer.restore_faces(x, RestoreOptions(mode="irn"))["latent"] is None
+    assert (moved.restored - ref.restored).abs().mean() > 1e-3
+    assert restorer.restore_faces(x, RestoreOptions(mode="irn")).latent is None
 
 
 # ------------------------------------------------------------------------------------------ end to end

@@ -1,11 +1,19 @@
-"""The ``clrface`` command: thin argument parsing; each subcommand calls into the package."""
+"""The ``clrface`` command: thin argument parsing; each subcommand calls into the package.
+
+Each subcommand imports the modules it needs when it runs, so that ``clrface --help`` and the commands that do
+not restore start without loading torch and the models.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from pathlib import Path
 
 from clrface.errors import ClrfaceError
+from clrface.options import COLOR_MODES, DTYPE_NAMES, MODES, SAMPLER_NAMES
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -83,8 +91,6 @@ def _add_align(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recursive", action="store_true", help="also look into sub-folders")
 
     def run(args: argparse.Namespace) -> int:
-        from pathlib import Path
-
         from clrface.data.io import list_images, load_image
         from clrface.faces.align import align_files
 
@@ -117,8 +123,6 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=25, help="faces per chunk (default 25)")
 
     def run(args: argparse.Namespace) -> int:
-        import json
-
         from clrface.metrics.evaluate import ALL_METRICS, evaluate_folders, format_table
 
         metrics = ALL_METRICS if args.metrics is None else [m.strip() for m in args.metrics.split(",") if m.strip()]
@@ -153,19 +157,19 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-scale", type=float, default=None, help="override the identity-guidance scale (0: off)")
     p.add_argument("--steps", type=int, default=None,
                    help="sampler steps from sigma_start to 0 (default: the model's, else 20)")
-    p.add_argument("--sampler", default=None, choices=["heun", "euler", "dpmpp_2m"],
+    p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES,
                    help="ODE solver: heun (2 evaluations per step, the paper's), euler or dpmpp_2m (1 each); "
                         "default: the model's, else heun")
     p.add_argument("--seed", type=int, default=0, help="noise seed; face i, sample k always get the same noise")
     p.add_argument("--samples", type=int, default=1,
                    help="N results per face, written as <name>_<k>_s0 .. _s<N-1> (default 1)")
-    p.add_argument("--mode", default=None, choices=["full", "prior", "irn", "direct"],
+    p.add_argument("--mode", default=None, choices=MODES,
                    help="default: the model's measured-best configuration (its restore.json; see docs/RESULTS.md), "
                         "else full. full = IRN + prior + masked identity guidance; prior = the prior alone from the "
                         "degraded latent (from pure noise at --sigma-start >= sigma_max); irn = the IRN output alone; "
                         "direct = the VQGAN reconstruction G(Q(E(x)))")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"], help="torch device (default cpu)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
                    help="compute precision: below float32 the nets run under torch autocast (weights, latents "
                         "and sampler steps stay float32); auto (default): bfloat16 on a CPU with native bf16 "
                         "(AMX / AVX512-BF16: 1.25-3.4x faster, same scores in docs/RESULTS.md), else float32 "
@@ -184,7 +188,7 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bg-tile", type=int, default=192,
                    help="tile size in input pixels for --bg-model (smaller: less memory; default 192)")
     p.add_argument("--max-faces", type=int, default=None, help="restore only the N largest faces of each photo")
-    p.add_argument("--color", default=None, choices=["auto", "keep", "full"],
+    p.add_argument("--color", default=None, choices=COLOR_MODES,
                    help="full: paste the restored colours; keep: paste only the restored luminance, keeping the photo's "
                         "tone (grayscale/sepia stay so, no colour cast at the seam); auto (default): keep for monochrome "
                         "photos, else full. --model colorize defaults to full: it colours the faces of gray photos")
@@ -192,7 +196,8 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
 
 def _restore_setup(args: argparse.Namespace):
     from clrface.background import RealESRGANUpscaler, lanczos_upscale, load_rrdbnet
-    from clrface.pipeline import DTYPES, Restorer, resolve_device, resolve_dtype
+    from clrface.device import DTYPES, resolve_device, resolve_dtype
+    from clrface.restorer import Restorer
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -211,8 +216,6 @@ def _restore_setup(args: argparse.Namespace):
 def _process_group(args: argparse.Namespace):
     """(rank, world, barrier): one process, or the process group of `accelerate launch -m clrface restore ...`
     (each process then restores every world-th input, on its own GPU when --device cuda)."""
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, lambda: None
     from accelerate import PartialState
@@ -245,11 +248,9 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
     _add_restore_model_args(p)
 
     def run(args: argparse.Namespace) -> int:
-        from pathlib import Path
-
+        from clrface.batch import restore_files
         from clrface.data.io import load_image
-        from clrface.pipeline import restore_files
-        from clrface.video import is_video, list_media, probe_video
+        from clrface.video_io import is_video, list_media, probe_video
 
         inputs = list_media(args.input)
         if Path(args.input).is_file():  # a single bad file is the command's error, before any model is loaded
@@ -288,7 +289,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     _add_restore_model_args(p)
 
     def run(args: argparse.Namespace) -> int:
-        from clrface.pipeline import run_demo
+        from clrface.demo import run_demo
 
         restorer, options = _restore_setup(args)
         report = run_demo(args.output, restorer, options)
@@ -312,18 +313,14 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage dtype of the weights")
 
     def run(args: argparse.Namespace) -> int:
-        import json
-        from pathlib import Path
-
         import torch
 
         from clrface.checkpoint import convert_checkpoint
+        from clrface.model_folder import resolve_model
 
         if not args.base and not (args.vqgan and args.prior):
             raise ClrfaceError("pack needs --vqgan and --prior, or --base NAME to take the missing stages from")
         if args.base:
-            from clrface.pipeline import resolve_model
-
             resolve_model(args.base)  # fail now on a name that does not resolve
             spec_path = Path(args.out) / "restore.json"
             spec = json.loads(spec_path.read_text()) if spec_path.is_file() else {}
@@ -354,14 +351,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=7860, help="TCP port (default %(default)s; 0: any free port)")
     p.add_argument("--model", default="default", help="model folder or installed model name (default: %(default)s)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"], help="torch device (default cpu)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
                    help="compute precision (see `clrface restore --help`; default auto)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="refuse larger uploads (default %(default)s)")
     p.add_argument("--max-megapixels", type=float, default=16.0,
                    help="refuse photos with more pixels, read from the header before decoding (default %(default)s)")
 
     def run(args: argparse.Namespace) -> int:
-        from clrface.pipeline import DTYPES, Restorer, resolve_device, resolve_dtype
+        from clrface.device import DTYPES, resolve_device, resolve_dtype
+        from clrface.restorer import Restorer
         from clrface.serve import ServeLimits, serve
 
         if args.max_upload_mb <= 0 or args.max_megapixels <= 0:
@@ -394,8 +392,6 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
     def run(args: argparse.Namespace) -> int:
         from clrface.export import export_onnx
-
-        import json
 
         path = export_onnx(args.model, args.output, opset=args.opset, dynamo=not args.torchscript)
         graphs = json.loads(path.read_text())["graphs"].values()

@@ -1,6 +1,6 @@
 """ONNX export of a model folder, for the torch-free runtime in :mod:`clrface.onnx_runtime`.
 
-``export_onnx(model, out_dir)`` writes one graph per step of :class:`clrface.pipeline.Restorer` that has no
+``export_onnx(model, out_dir)`` writes one graph per step of :class:`clrface.restorer.Restorer` that has no
 autograd in it, each with a dynamic batch axis, plus ``runtime.json``::
 
     encoder.onnx   x [B,3,S,S] in [-1,1]        -> z [B,d,S/f,S/f]  = (E(x) - mean) / std         (Restorer.encode)
@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from clrface.diffusion.prior import LatentPrior
 from clrface.errors import ClrfaceError
+from clrface.restorer import Restorer
 from clrface.vqgan.model import VQGAN
 
 OPSET = 18
@@ -146,7 +147,7 @@ def export_graph(module: nn.Module, args: tuple[Tensor, ...], path: Path, inputs
     and the output."""
     if dynamo:
         try:
-            import onnxscript  # noqa: F401  the dynamo exporter translates through it
+            import onnxscript  # noqa: F401, PLC0415  optional dependency; the dynamo exporter translates through it
         except ImportError:
             raise ClrfaceError("the ONNX exporter needs onnxscript and onnx (pip install onnx onnxscript), or use "
                                "the legacy TorchScript exporter (--torchscript)") from None
@@ -195,8 +196,8 @@ class _NoFacerec(nn.Module):
         raise RuntimeError("export has no face recogniser")
 
 
-def export_restorer(restorer: Any, out_dir: str | Path, *, opset: int = OPSET, dynamo: bool = True) -> Path:
-    """Writes the graphs of a loaded :class:`clrface.pipeline.Restorer` (fp32 weights on the CPU) and
+def export_restorer(restorer: Restorer, out_dir: str | Path, *, opset: int = OPSET, dynamo: bool = True) -> Path:
+    """Writes the graphs of a loaded :class:`clrface.restorer.Restorer` (fp32 weights on the CPU) and
     ``runtime.json`` into ``out_dir``; returns the path of ``runtime.json``."""
     if opset < 17:
         raise ClrfaceError(f"opset must be >= 17, got {opset}")
@@ -218,7 +219,5 @@ def export_onnx(model: str | Path | None, out_dir: str | Path, *, opset: int = O
     """Exports a model folder (or the name of an installed model; None: "default") to ``out_dir`` (see the
     module docstring); returns the path of ``runtime.json``. Only vqgan/, prior/, irn/ and restore.json are
     read; a mask/ (used by identity guidance only) is ignored."""
-    from clrface.pipeline import Restorer
-
     restorer = Restorer.from_pretrained(model, "cpu", facerec=_NoFacerec())
     return export_restorer(restorer, out_dir, opset=opset, dynamo=dynamo)

@@ -4,7 +4,7 @@
 modes ``irn``, ``prior``, ``direct`` and ``full`` *without* identity guidance: the guidance differentiates the
 face recogniser's embedding through the decoder, which needs autograd, so it is torch-only (``clrface
 restore``); a resolved guidance_scale > 0 in mode ``full`` raises. The samplers (Heun, Euler, DPM-Solver++(2M)),
-the Karras schedule and the fidelity map are ports of ``clrface.diffusion`` / ``clrface.pipeline`` to numpy,
+the Karras schedule and the fidelity map are ports of ``clrface.diffusion`` / ``clrface.options`` to numpy,
 step for step in fp32, so that with the same start noise the result matches torch to ~1e-5
 (tests/test_export.py). The start noise itself cannot match: numpy's generator is not torch's. Per face and
 sample it is drawn from its own numpy generator seeded as in the pipeline (seed, sample, face index), so
@@ -18,7 +18,6 @@ This module must not import torch (checked by tests/test_export.py).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -26,9 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from clrface.errors import CheckpointError, ClrfaceError
-
-MODES = ("full", "prior", "irn", "direct")
-SAMPLERS = ("heun", "euler", "dpmpp_2m")
+from clrface.options import MODES, SAMPLER_NAMES, FidelityMap, face_seed, resolve_sampling
 
 Denoise = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """(x [B,...] fp32, sigma [B] fp32) -> x0_hat [B,...]."""
@@ -124,11 +121,6 @@ def nfe(sampler: str, steps: int) -> int:
 # ------------------------------------------------------------------------------------------- options
 
 
-def face_seed(seed: int, sample_k: int, index: int) -> int:
-    """The pipeline's per-face seed (``clrface.pipeline._face_seed``)."""
-    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, sample_k, index]).generate_state(1)[0])
-
-
 def face_noise(shape: tuple[int, ...], seed: int, sample_k: int, first_index: int = 0) -> np.ndarray:
     """Start noise fp32 [B,...] for faces first_index.. and sample k, one numpy generator per face (the same
     seeds as the torch pipeline, but numpy's normal draws, so other numbers)."""
@@ -138,7 +130,7 @@ def face_noise(shape: tuple[int, ...], seed: int, sample_k: int, first_index: in
 
 @dataclass
 class OnnxOptions:
-    """The subset of ``clrface.pipeline.RestoreOptions`` that the runtime honours, same meanings and defaults."""
+    """The subset of ``clrface.options.RestoreOptions`` that the runtime honours, same meanings and defaults."""
 
     fidelity: float = 0.5
     steps: int = 20
@@ -155,8 +147,8 @@ class OnnxOptions:
             raise ClrfaceError(f"fidelity must be in [0, 1], got {self.fidelity}")
         if self.steps < 1 or self.samples < 1 or self.batch_size < 1:
             raise ClrfaceError(f"steps, samples and batch_size must be >= 1: {self}")
-        if self.sampler not in SAMPLERS:
-            raise ClrfaceError(f"unknown sampler {self.sampler!r}; choose from {', '.join(SAMPLERS)}")
+        if self.sampler not in SAMPLER_NAMES:
+            raise ClrfaceError(f"unknown sampler {self.sampler!r}; choose from {', '.join(SAMPLER_NAMES)}")
         if self.mode not in MODES:
             raise ClrfaceError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
         if self.sigma_start is not None and self.sigma_start < 0:
@@ -164,12 +156,8 @@ class OnnxOptions:
 
     def resolve(self, fidelity_map: dict[str, float]) -> tuple[float, float]:
         """(sigma_start, guidance_scale): the explicit values, else the fidelity map's (``FidelityMap``)."""
-        f = float(self.fidelity)
-        s = (math.exp((1 - f) * math.log(fidelity_map["sigma_start_at_0"]) + f * math.log(fidelity_map["sigma_start_at_1"]))
-             if self.sigma_start is None else float(self.sigma_start))
-        g = (fidelity_map["guidance_at_0"] + f * (fidelity_map["guidance_at_1"] - fidelity_map["guidance_at_0"])
-             if self.guidance_scale is None else float(self.guidance_scale))
-        return s, g
+        return resolve_sampling(FidelityMap(**fidelity_map), float(self.fidelity), self.sigma_start,
+                                self.guidance_scale)
 
 
 # ------------------------------------------------------------------------------------------ restorer
@@ -185,7 +173,7 @@ class OnnxRestorer:
     def __init__(self, folder: str | Path, *, threads: int | None = None,
                  providers: tuple[str, ...] = ("CPUExecutionProvider",)):
         try:
-            import onnxruntime as ort
+            import onnxruntime as ort  # noqa: PLC0415  optional dependency, named in the error below
         except ImportError:
             raise ClrfaceError("the ONNX runtime needs onnxruntime (pip install onnxruntime)") from None
         self.folder = Path(folder)

@@ -1,7 +1,7 @@
 """``clrface serve``: a local web page that restores one uploaded photo at a time.
 
 Stack: the standard library's :class:`http.server.ThreadingHTTPServer` and one static HTML page (``PAGE``,
-below) whose few lines of JavaScript POST the chosen file's raw bytes. Why not Gradio or FastAPI: into a fresh
+in clrface/serve_page.py) whose few lines of JavaScript POST the chosen file's raw bytes. Why not Gradio or FastAPI: into a fresh
 venv, ``pip install --dry-run`` brings 52 packages for Gradio (huggingface_hub, pandas, httpx, ...) and 15 for
 FastAPI + uvicorn + python-multipart (starlette, pydantic, anyio, ...), for one form and two routes. Sending the
 file as the raw request body (options in the query string) means no multipart parsing at all (the stdlib ``cgi``
@@ -50,7 +50,10 @@ from PIL import Image
 
 from clrface.data.io import load_image
 from clrface.errors import ClrfaceError, ImageError
-from clrface.pipeline import MODES, Restorer, RestoreOptions, RestoreResult
+from clrface.options import MODES, RestoreOptions
+from clrface.photo import RestoreResult
+from clrface.restorer import Restorer
+from clrface.serve_page import PAGE
 
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 OPTION_KEYS = ("fidelity", "steps", "seed", "mode", "aligned", "format")
@@ -372,124 +375,3 @@ def serve(restorer: Restorer, host: str = "127.0.0.1", port: int = 7860, limits:
         log("clrface: stopped")
     finally:
         server.server_close()
-
-
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>clrface</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-body{font:15px system-ui,sans-serif;margin:1.5em auto;max-width:1100px;padding:0 1em;color:#222}
-fieldset{border:1px solid #ccc;display:flex;flex-wrap:wrap;gap:1em;align-items:end}
-label{display:flex;flex-direction:column;font-size:13px;gap:.2em}
-input[type=number]{width:6em} button{font-size:15px;padding:.4em 1.2em}
-#pair{display:grid;grid-template-columns:1fr 1fr;gap:1em;margin-top:1em}
-figure{margin:0} figure img{width:100%;max-height:70vh;object-fit:contain;background:#eee}
-figcaption{font-size:13px;color:#555}
-#error{color:#b00020;white-space:pre-wrap} #status{color:#555}
-table{border-collapse:collapse;margin-top:1em} td,th{border:1px solid #ddd;padding:.3em .6em;text-align:center}
-td img{width:96px;height:96px}
-</style></head><body>
-<h1>clrface &mdash; face restoration</h1>
-<p id="model" class="small"></p>
-<fieldset><legend>Photo and options</legend>
-<label>Photo <input id="file" type="file" accept="image/*"></label>
-<label>Fidelity <span><input id="fidelity" type="range" min="0" max="1" step="0.05" value="0.5">
- <output id="fidout">0.5</output></span></label>
-<label>Steps <input id="steps" type="number" min="1" max="100" value="20"></label>
-<label>Seed <input id="seed" type="number" value="0"></label>
-<label>Mode <select id="mode"></select></label>
-<label title="the photo is already an FFHQ-aligned face crop: no detection">Aligned crop
- <input id="aligned" type="checkbox"></label>
-<button id="restore" type="button">Restore</button>
-</fieldset>
-<p id="hint" style="font-size:13px;color:#555">Fidelity, steps and seed act in modes full and prior (the diffusion
-sampler); irn and direct ignore them. High fidelity stays close to the input's identity, low lets the prior
-regenerate more. Restores run one at a time on this machine.</p>
-<p id="status"></p><p id="error" role="alert"></p>
-<div id="pair" hidden>
-<figure><img id="before" alt="input"><figcaption>input (as the model read it)</figcaption></figure>
-<figure><img id="after" alt="restored">
-<figcaption>restored &mdash; <a id="download" download="restored.png">download PNG</a></figcaption></figure>
-</div>
-<table id="faces" hidden><thead><tr><th>face</th><th>input crop</th><th>restored</th>
-<th title="cosine of face-recognition embeddings, restored vs input">identity vs input</th>
-<th title="restored vs the Identity Recovery Network's output">identity vs IRN</th></tr></thead><tbody></tbody></table>
-<script>
-"use strict";
-const $ = (id) => document.getElementById(id);
-let info = null, lastUrl = null;
-const DESCR = {full: "full: IRN + diffusion prior + identity guidance", prior: "prior: diffusion prior only",
-  irn: "irn: Identity Recovery Network only", direct: "direct: VQGAN reconstruction"};
-function b64blob(b64) {
-  const s = atob(b64), a = new Uint8Array(s.length);
-  for (let i = 0; i < s.length; i++) a[i] = s.charCodeAt(i);
-  return new Blob([a], {type: "image/png"});
-}
-const png = (b64) => "data:image/png;base64," + b64;
-$("fidelity").addEventListener("input", () => { $("fidout").textContent = $("fidelity").value; });
-fetch("api/info").then((r) => r.json()).then((j) => {
-  info = j;
-  const d = j.defaults;
-  $("model").textContent = "model: " + j.model + " on " + j.device + "; uploads up to " +
-    Math.round(j.limits.max_bytes / 1048576) + " MB and " + (j.limits.max_pixels / 1e6) + " MP";
-  for (const m of j.modes) {
-    const o = document.createElement("option");
-    o.value = m; o.textContent = DESCR[m] || m; o.selected = m === d.mode;
-    o.disabled = m === "irn" && !j.has_irn;
-    $("mode").append(o);
-  }
-  $("fidelity").value = d.fidelity; $("fidout").textContent = d.fidelity;
-  $("steps").value = d.steps; $("steps").max = j.limits.max_steps; $("seed").value = d.seed;
-}).catch((e) => { $("error").textContent = "cannot reach the server: " + e; });
-$("restore").addEventListener("click", async () => {
-  const f = $("file").files[0];
-  $("error").textContent = "";
-  if (!f) { $("error").textContent = "choose a photo first"; return; }
-  if (info && f.size > info.limits.max_bytes) {
-    $("error").textContent = "file too large: " + (f.size / 1048576).toFixed(1) + " MB (limit " +
-      Math.round(info.limits.max_bytes / 1048576) + " MB)";
-    return;
-  }
-  const q = new URLSearchParams({fidelity: $("fidelity").value, steps: $("steps").value, seed: $("seed").value,
-    mode: $("mode").value, aligned: $("aligned").checked ? "1" : "0"});
-  $("restore").disabled = true;
-  const t0 = performance.now();
-  const tick = setInterval(() => { $("status").textContent = "restoring… " +
-    ((performance.now() - t0) / 1000).toFixed(0) + " s"; }, 250);
-  try {
-    const r = await fetch("api/restore?" + q, {method: "POST", body: f,
-      headers: {"Content-Type": "application/octet-stream"}});
-    const j = await r.json().catch(() => ({error: "HTTP " + r.status}));
-    if (!r.ok) throw new Error(j.error || ("HTTP " + r.status));
-    $("before").src = png(j.input);
-    if (lastUrl) URL.revokeObjectURL(lastUrl);
-    lastUrl = URL.createObjectURL(b64blob(j.image));
-    $("after").src = lastUrl; $("download").href = lastUrl;
-    $("download").download = f.name.replace(/\\.[^.]*$/, "") + "_restored.png";
-    $("pair").hidden = false;
-    const tb = $("faces").tBodies[0];
-    tb.replaceChildren();
-    for (const fc of j.faces) {
-      const tr = tb.insertRow();
-      tr.insertCell().textContent = fc.index;
-      for (const b of [fc.crop_in, fc.crop_out]) {
-        const im = document.createElement("img"); im.src = png(b); tr.insertCell().append(im);
-      }
-      tr.insertCell().textContent = fc.id_vs_input.toFixed(3);
-      tr.insertCell().textContent = fc.id_vs_irn.toFixed(3);
-    }
-    $("faces").hidden = j.faces.length === 0;
-    const s = j.sampling;
-    $("status").textContent = (j.no_face ? "no face found: the photo is returned unchanged. " : j.faces.length +
-      " face(s) restored. ") + j.seconds.toFixed(1) + " s; mode " + j.options.mode + ", sigma_start " +
-      s.sigma_start + ", guidance " + s.guidance_scale + ", " + s.nfe + " network evaluations.";
-  } catch (e) {
-    $("status").textContent = "";
-    $("error").textContent = String(e.message || e);
-  } finally {
-    clearInterval(tick);
-    $("restore").disabled = false;
-  }
-});
-</script></body></html>
-"""

@@ -31,175 +31,29 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm import tqdm
 
+from clrface.data.io import ensure_not_input, to_model_range, to_uint8
 from clrface.errors import ClrfaceError
-from clrface.faces.align import _h, align_affine, ffhq_quad, warp_face
+from clrface.faces.align import align_affine, ffhq_quad, homogeneous, warp_face
 from clrface.faces.detect import Face, detect_faces
+from clrface.options import DIFFUSION_MODES, RestoreOptions
+from clrface.photo import paste_back
+from clrface.video_io import VideoWriter, mux_audio, read_video
 
-VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".mkv", ".avi", ".webm"})
-#: libx264 constant quality of the output: visually lossless, so the codec adds little flicker of its own.
-CRF = 17
-DEFAULT_FPS = Fraction(25)
-
-
-def is_video(path: str | os.PathLike) -> bool:
-    return Path(path).suffix.lower() in VIDEO_EXTENSIONS
-
-
-def list_media(path: str | os.PathLike, *, recursive: bool = False) -> list[Path]:
-    """``list_images`` plus the videos (``VIDEO_EXTENSIONS``) of a folder, sorted; a file is returned as is."""
-    from clrface.data.io import list_images
-
-    p = Path(path)
-    if p.is_file():
-        return [p]
-    images = list_images(p, recursive=recursive)  # raises for a missing path
-    it = p.rglob("*") if recursive else p.iterdir()
-    videos = [f for f in it if f.is_file() and is_video(f)
-              and not any(part.startswith(".") for part in f.relative_to(p).parts)]
-    return sorted(images + videos)
-
-
-# ----------------------------------------------------------------------------------------------- ffmpeg
-
-
-def ffmpeg_exe() -> str:
-    """The ffmpeg binary of imageio-ffmpeg (or $IMAGEIO_FFMPEG_EXE)."""
-    try:
-        import imageio_ffmpeg
-    except ImportError:
-        raise ClrfaceError("video needs imageio-ffmpeg (pip install imageio-ffmpeg)") from None
-    return imageio_ffmpeg.get_ffmpeg_exe()
-
-
-def fps_fraction(fps: float) -> Fraction:
-    """ffmpeg prints rates rounded (29.97): snap to an integer or an NTSC N*1000/1001 rate when within 0.006."""
-    if fps <= 0:
-        return DEFAULT_FPS
-    if abs(fps - round(fps)) < 0.006:
-        return Fraction(round(fps))
-    ntsc = Fraction(round(fps * 1.001) * 1000, 1001)
-    if abs(float(ntsc) - fps) < 0.006:
-        return ntsc
-    return Fraction(fps).limit_denominator(1000)
-
-
-@dataclass(frozen=True)
-class VideoInfo:
-    """size: (W, H) of the frames read; fps as a fraction; frames: estimated from duration x fps (0: unknown)."""
-
-    size: tuple[int, int]
-    fps: Fraction
-    frames: int
-    duration: float
-    has_audio: bool
-    codec: str
-
-
-def read_video(path: str | os.PathLike) -> tuple[VideoInfo, Iterator[np.ndarray]]:
-    """(VideoInfo, frames uint8 [H, W, 3] RGB, streamed); an unreadable file raises ClrfaceError."""
-    ffmpeg_exe()  # says what to install when imageio-ffmpeg is missing
-    import imageio_ffmpeg
-
-    p = Path(path)
-    if not p.is_file():
-        raise ClrfaceError(f"{p}: no such file")
-    gen = imageio_ffmpeg.read_frames(str(p))
-    try:
-        meta = next(gen)
-    except (OSError, RuntimeError, IndexError, AttributeError, StopIteration) as e:
-        gen.close()
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise ClrfaceError(f"{p}: not a readable video ({reason})") from None
-    w, h = (int(v) for v in meta["size"])
-    fps = fps_fraction(float(meta.get("fps") or 0))
-    dur = float(meta.get("duration") or 0)
-    info = VideoInfo((w, h), fps, int(round(dur * float(fps))), dur, "audio_codec" in meta, str(meta.get("codec", "")))
-
-    def frames() -> Iterator[np.ndarray]:
-        try:
-            for buf in gen:
-                yield np.frombuffer(buf, np.uint8).reshape(h, w, 3)
-        except RuntimeError as e:
-            raise ClrfaceError(f"{p}: cannot decode ({str(e).strip().splitlines()[0]})") from None
-        finally:
-            gen.close()
-
-    return info, frames()
-
-
-def probe_video(path: str | os.PathLike) -> VideoInfo:
-    """VideoInfo of ``path``, after decoding its first frame (so a broken file fails here, before any work)."""
-    info, frames = read_video(path)
-    try:
-        next(frames, None)
-    finally:
-        frames.close()
-    return info
-
-
-class VideoWriter:
-    """Writes uint8 [H, W, 3] frames to an H.264 mp4 at ``fps`` (yuv420p; yuv444p when W or H is odd, which
-    4:2:0 cannot hold, so the size is kept exactly). A context manager; ``frames`` counts what was written."""
-
-    def __init__(self, path: str | os.PathLike, size: tuple[int, int], fps: Fraction, *, crf: int = CRF):
-        ffmpeg_exe()
-        import imageio_ffmpeg
-
-        self.path, self.size, self.frames = Path(path), (int(size[0]), int(size[1])), 0
-        odd = self.size[0] % 2 or self.size[1] % 2
-        self._gen = imageio_ffmpeg.write_frames(
-            str(self.path), self.size, fps=Fraction(fps), quality=None, codec="libx264",
-            pix_fmt_out="yuv444p" if odd else "yuv420p", macro_block_size=1, ffmpeg_log_level="error",
-            output_params=["-crf", str(int(crf)), "-movflags", "+faststart"])
-        self._gen.send(None)
-
-    def write(self, frame: np.ndarray) -> None:
-        a = np.ascontiguousarray(frame, np.uint8)
-        if a.shape != (self.size[1], self.size[0], 3):
-            raise ValueError(f"frame {a.shape} does not match the video size {self.size}")
-        self._gen.send(a.tobytes())
-        self.frames += 1
-
-    def close(self) -> None:
-        try:
-            self._gen.close()
-        except (OSError, RuntimeError) as e:
-            raise ClrfaceError(f"{self.path}: ffmpeg failed to write ({e})") from None
-
-    def __enter__(self) -> "VideoWriter":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def mux_audio(video: str | os.PathLike, source: str | os.PathLike, out: str | os.PathLike) -> str:
-    """``out`` = the video stream of ``video`` (copied) + every audio stream of ``source``. Audio is copied
-    when mp4 can hold its codec, else re-encoded to AAC. Returns "copy" or "aac"."""
-    exe = ffmpeg_exe()
-    for codec in ("copy", "aac"):
-        cmd = [exe, "-y", "-v", "error", "-i", str(video), "-i", str(source), "-map", "0:v:0", "-map", "1:a",
-               "-c:v", "copy", "-c:a", codec, *(["-b:a", "192k"] if codec == "aac" else []),
-               "-movflags", "+faststart", str(out)]
-        r = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
-        if r.returncode == 0:
-            return codec
-    raise ClrfaceError(f"{source}: could not mux its audio into {out} ({r.stderr.strip().splitlines()[-1:]})")
-
+if TYPE_CHECKING:  # the restorer is passed in; importing its module here would only serve the annotations
+    from clrface.restorer import Restorer
 
 # ---------------------------------------------------------------------------------------------- tracking
 
@@ -349,7 +203,7 @@ def warp_to_current(x: Tensor, affine_prev: Sequence[np.ndarray], affine_cur: Se
     n = _norm(size)
     sh = np.zeros((len(affine_prev), 2)) if shift is None else np.asarray(shift, np.float64).reshape(-1, 2)
     back = [np.array([[1.0, 0.0, -dx], [0.0, 1.0, -dy], [0.0, 0.0, 1.0]]) for dx, dy in sh]
-    theta = [n @ _h(mp) @ np.linalg.inv(_h(mc)) @ tb @ np.linalg.inv(n)
+    theta = [n @ homogeneous(mp) @ np.linalg.inv(homogeneous(mc)) @ tb @ np.linalg.inv(n)
              for mp, mc, tb in zip(affine_prev, affine_cur, back)]
     th = torch.tensor(np.stack(theta)[:, :2], dtype=torch.float32, device=x.device)
     grid = F.affine_grid(th, list(x.shape), align_corners=False)
@@ -405,7 +259,7 @@ class VideoRestorer:
     stabilize=False: every frame is an independent photo (``Restorer.restore_image``). Only sample 0 is used.
     """
 
-    def __init__(self, restorer: Any, options: Any, *, stabilize: bool = True,
+    def __init__(self, restorer: Restorer, options: RestoreOptions, *, stabilize: bool = True,
                  config: StabilizeConfig = StabilizeConfig()):
         self.restorer, self.stabilize, self.config = restorer, stabilize, config
         self.options = dataclasses.replace(options, samples=1)
@@ -415,7 +269,7 @@ class VideoRestorer:
 
     @property
     def diffusion(self) -> bool:
-        return self.options.mode in ("full", "prior")
+        return self.options.mode in DIFFUSION_MODES
 
     def __call__(self, frame: np.ndarray) -> tuple[np.ndarray, int]:
         """uint8 [H, W, 3] -> (restored frame uint8 [H*u, W*u, 3], faces restored in it)."""
@@ -424,9 +278,6 @@ class VideoRestorer:
             res = self.restorer.restore_image(frame, self.options)
             self.sampling = res.sampling or self.sampling
             return res.image, len(res.faces)
-        from clrface.faces.paste import paste_face
-        from clrface.pipeline import _from_u8, _u8
-
         r, o, c = self.restorer, self.options, self.config
         s, u = r.resolution, o.upscale
         tracks = self.tracker.update(t, detect_faces(frame, max_faces=o.max_faces))
@@ -435,17 +286,16 @@ class VideoRestorer:
             return base, 0
         affines = [align_affine(tr.quad, s) for tr in tracks]
         # bicubic warp + bicubic paste, as Restorer.restore_image
-        x_d = _from_u8(np.stack([warp_face(frame, m, s, resample="bicubic") for m in affines]))
+        x_d = to_model_range(np.stack([warp_face(frame, m, s, resample="bicubic") for m in affines]))
         motion = self._motion(tracks, affines, x_d, s)  # track index -> its face's shift since the last frame
         restored, latents = [], []
         for lo in range(0, len(tracks), o.batch_size):
             chunk = list(range(lo, min(lo + o.batch_size, len(tracks))))
             out = r.restore_faces(x_d[chunk], o, face_ids=[tracks[i].id for i in chunk],
                                   start=self._start_hook(tracks, affines, motion, chunk, s))
-            restored.append(out["restored"][:, 0].float().cpu())
-            latents += [None] * len(chunk) if out["latent"] is None else list(out["latent"][:, 0].float().cpu())
-            self.sampling = {k: round(float(out[k]), 6) for k in ("sigma_start", "guidance_scale")}
-            self.sampling["nfe"] = int(out["nfe"])
+            restored.append(out.restored[:, 0].float().cpu())
+            latents += [None] * len(chunk) if out.latent is None else list(out.latent[:, 0].float().cpu())
+            self.sampling = out.sampling.as_dict()
         x = torch.cat(restored)
         have = sorted(motion)
         if have and c.blend < 1:
@@ -454,11 +304,7 @@ class VideoRestorer:
             x[have] = temporal_blend(prev, x[have], c.blend, c.blend_tau)
         for i, tr in enumerate(tracks):
             tr.crop, tr.x_d, tr.affine, tr.latent = x[i], x_d[i], affines[i], latents[i]
-        crops = _u8(x)
-        res = base.copy()
-        for i in reversed(range(len(tracks))):  # largest face last: it wins where pastes overlap
-            paste_face(res, crops[i], affines[i], affine_size=s, scale=u, interpolation="bicubic", out=res)
-        return res, len(tracks)
+        return paste_back(base, list(to_uint8(x).numpy()), affines, s, u), len(tracks)
 
     def _motion(self, tracks: list[Track], affines: list[np.ndarray], x_d: Tensor, s: int) -> dict[int, np.ndarray]:
         """Per track with a previous frame: the face's own shift (dx, dy) in current-crop pixels, measured on the
@@ -473,7 +319,7 @@ class VideoRestorer:
         return {i: sh for i, sh in zip(have, shifts) if np.hypot(*sh) <= self.config.max_shift * s}
 
     def _start_hook(self, tracks: list[Track], affines: list[np.ndarray], motion: dict[int, np.ndarray],
-                    chunk: list[int], s: int):
+                    chunk: list[int], s: int) -> Callable[[Tensor], Tensor] | None:
         """z_init -> z_init + latent_blend (previous latent, motion-compensated into this crop - z_init), per
         track that has one."""
         beta = self.config.latent_blend
@@ -492,15 +338,11 @@ class VideoRestorer:
         return start
 
 
-def restore_video(path: str | os.PathLike, out_path: str | os.PathLike, restorer: Any, options: Any, *,
+def restore_video(path: str | os.PathLike, out_path: str | os.PathLike, restorer: Restorer, options: RestoreOptions, *,
                   stabilize: bool = True, config: StabilizeConfig = StabilizeConfig(),
                   inputs: Iterable[str | os.PathLike] = (), progress: bool = True) -> dict[str, Any]:
     """Restores every face of every frame of ``path`` into ``out_path`` (.mp4, H.264, same fps and frame count,
     size x options.upscale), with the source's audio; returns the report entry. Never writes over an input."""
-    from tqdm import tqdm
-
-    from clrface.data.io import ensure_not_input
-
     t0 = time.perf_counter()
     src, out = Path(path), Path(out_path)
     inputs = list(inputs) or [src]

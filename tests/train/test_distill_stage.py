@@ -6,7 +6,6 @@ import torch
 from clrface.diffusion.prior import load_prior
 from clrface.diffusion.schedule import ScheduleConfig, sigmas_from
 from clrface.train.distill import DistillStage, DistillTrainConfig, distill_targets, start_kind
-from tests.test_pipeline import build_tiny_model
 
 
 def test_distill_targets_follow_the_gaussian_ode():
@@ -29,9 +28,9 @@ def test_start_kinds_take_their_shares():
     assert kinds.count("d") / 2000 == pytest.approx(0.375, abs=0.01)
 
 
-def test_stage_trajectories_training_and_export(tiny_models, tmp_path):
+def test_stage_trajectories_training_and_export(tiny_models, tmp_path, tiny_model_builder):
     torch.set_num_threads(1)
-    model = build_tiny_model(tmp_path / "teacher")
+    model = tiny_model_builder(tmp_path / "teacher")
     cfg = DistillTrainConfig(model=str(model), train_dir=str(tiny_models["faces"]), val_dir=str(tiny_models["faces"]),
                              val_count=4, pairs=8, traj_batch=4, teacher_steps=3)
     out = tmp_path / "run"

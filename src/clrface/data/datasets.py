@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from clrface.data.degradation import DegradationConfig, degrade, get_preset
-from clrface.data.io import IMAGE_EXTENSIONS, ensure_not_input, list_images, load_image, save_image
+from clrface.data.io import IMAGE_EXTENSIONS, ensure_not_input, list_images, load_image, save_image, to_model_range
 from clrface.errors import ClrfaceError, ImageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -51,16 +51,6 @@ def load_face_folder(folder: str | Path | list[str | Path], size: int | None = N
     if len(shapes) != 1:
         raise ClrfaceError(f"{folder}: faces have different sizes {sorted(shapes)[:3]}; pass size=")
     return torch.from_numpy(np.stack(arrays))
-
-
-def to_model_range(x: torch.Tensor) -> torch.Tensor:
-    """uint8 [N,H,W,3] -> float [N,3,H,W] in [-1, 1]."""
-    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """float [N,3,H,W] in [-1, 1] -> uint8 [N,H,W,3] (rounded, clamped)."""
-    return x.detach().float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
 # ---------------------------------------------------------------- paired (GT, LQ) faces

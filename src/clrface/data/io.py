@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clrface.errors import ClrfaceError, ImageError
@@ -31,6 +32,26 @@ SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 MAX_PIXELS = 60_000_000
 #: Smaller than this no face can be found or restored.
 MIN_SIDE = 16
+
+DATA_ENV = "CLRFACE_DATA"
+DEFAULT_DATA = "../shared/data"
+
+
+def data_root() -> Path:
+    """The shared data folder (faces128/, lfw128/, real_lq/, ...): ``$CLRFACE_DATA``, else ``../shared/data``
+    (relative to the current folder, as the paths in configs/*.yaml are)."""
+    return Path(os.environ.get(DATA_ENV) or DEFAULT_DATA)
+
+
+def to_model_range(x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """uint8 [B,H,W,3] -> float32 [B,3,H,W] in [-1, 1]: the nets' input range."""
+    t = torch.from_numpy(np.array(x)) if isinstance(x, np.ndarray) else x
+    return t.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float [B,3,H,W] in [-1, 1] -> uint8 [B,H,W,3] on the CPU (clamped, rounded); ``.numpy()`` for an array."""
+    return x.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
 def load_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE) -> np.ndarray:

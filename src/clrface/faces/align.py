@@ -82,7 +82,7 @@ def crop_corners(size: int) -> np.ndarray:
     return np.array([[lo, lo], [lo, hi], [hi, hi], [hi, lo]], np.float64)
 
 
-def _h(m: np.ndarray) -> np.ndarray:
+def homogeneous(m: np.ndarray) -> np.ndarray:
     """2x3 -> 3x3 homogeneous."""
     return np.vstack([np.asarray(m, np.float64).reshape(2, 3), [0.0, 0.0, 1.0]])
 
@@ -107,7 +107,7 @@ def align_affine(quad: np.ndarray, size: int) -> np.ndarray:
 
 def invert_affine(m: np.ndarray) -> np.ndarray:
     """Inverse of a 2x3 affine matrix (crop -> photo for an ``align_affine`` result)."""
-    return np.linalg.inv(_h(m))[:2].copy()
+    return np.linalg.inv(homogeneous(m))[:2].copy()
 
 
 def affine_scale(m: np.ndarray) -> float:
@@ -148,7 +148,7 @@ def warp_face(image: np.ndarray, affine: np.ndarray, size: int, *, supersample: 
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"expected uint8 [H, W, 3] RGB, got {img.dtype} {img.shape}")
     h, w = img.shape[:2]
-    crop_to_photo = np.linalg.inv(_h(affine))  # centre coordinates, 3x3
+    crop_to_photo = np.linalg.inv(homogeneous(affine))  # centre coordinates, 3x3
     quad = apply_affine(crop_to_photo[:2], crop_corners(size))
     qsize = size / affine_scale(affine)
 

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.ndimage
 
-from clrface.faces.align import _h, crop_corners
+from clrface.faces.align import crop_corners
+from clrface.faces.align import homogeneous as _h
 
 
 def _ramp(t: np.ndarray) -> np.ndarray:

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from clrface.checkpoint import load_weights, save_checkpoint
-from clrface.data.datasets import load_face_folder, to_model_range
+from clrface.data.datasets import load_face_folder
+from clrface.data.io import to_model_range
 from clrface.data.degradation import degrade_batch, get_preset
 from clrface.diffusion.loss import edm_loss
 from clrface.diffusion.prior import LatentPrior, PriorConfig
@@ -21,8 +22,8 @@ from clrface.diffusion.schedule import ScheduleConfig, sample_train_sigma
 from clrface.diffusion.unet import UNetConfig
 from clrface.metrics.psnr_ssim import psnr
 from clrface.train.engine import Objective, step_indices
-from clrface.train.vqgan import load_vqgan, save_grid
-from clrface.vqgan.model import VQGAN
+from clrface.train.vqgan import save_grid
+from clrface.vqgan.model import VQGAN, load_vqgan
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Few-step refinement by trajectory distillation (issue 10): a student prior D_s(x; sigma, z^d) trained to
+"""Few-step refinement by trajectory distillation: a student prior D_s(x; sigma, z^d) trained to
 jump from any point of the teacher's probability-flow ODE trajectory straight to its end point.
 
 Method: knowledge distillation of a deterministic sampler (Luhman & Luhman 2021, "Knowledge Distillation in
@@ -24,6 +24,7 @@ with the final latent as its target. The student starts from the teacher's weigh
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -33,7 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from clrface.checkpoint import save_checkpoint
-from clrface.data.datasets import load_face_folder, to_model_range
+from clrface.data.datasets import load_face_folder
+from clrface.data.io import to_model_range
 from clrface.data.degradation import degrade_batch, get_preset
 from clrface.diffusion.loss import denoiser_loss
 from clrface.diffusion.prior import LatentPrior
@@ -42,6 +44,8 @@ from clrface.diffusion.schedule import ScheduleConfig, sigmas_from
 from clrface.metrics.psnr_ssim import psnr
 from clrface.train.engine import Objective, step_indices
 from clrface.train.vqgan import save_grid
+from clrface.device import autocast
+from clrface.model_folder import ModelFolder, apply_irn, decode_latent, encode_latent, load_model_folder
 
 
 @dataclass(frozen=True)
@@ -83,12 +87,34 @@ def start_kind(index: int, noise_fraction: float, id_fraction: float) -> str:
     return "id" if (u - noise_fraction) / (1 - noise_fraction) < id_fraction else "d"
 
 
+class Teacher:
+    """The teacher model folder's nets and the latent steps distillation takes from them; ``dtype`` is the
+    compute precision of the nets (autocast), the latents stay fp32."""
+
+    def __init__(self, model: ModelFolder, dtype: torch.dtype = torch.float32):
+        self.vqgan, self.prior, self.irn, self.dtype = model.vqgan, model.prior, model.irn, dtype
+        self.device = next(model.vqgan.parameters()).device
+        self.resolution = int(model.vqgan.config.resolution)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return encode_latent(self.vqgan, self.prior, x.to(self.device))
+
+    def decode(self, z: Tensor) -> Tensor:
+        return decode_latent(self.vqgan, self.prior, z)
+
+    def run_irn(self, x_d: Tensor) -> Tensor:
+        return apply_irn(self.irn, x_d.to(self.device))
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.dtype)
+
+
 @torch.no_grad()
-def make_trajectories(restorer, faces_u8: Tensor, cfg: DistillTrainConfig, schedule: ScheduleConfig, seed: int,
+def make_trajectories(teacher: Teacher, faces_u8: Tensor, cfg: DistillTrainConfig, schedule: ScheduleConfig, seed: int,
                       log=print) -> dict[str, Tensor]:
     """Teacher trajectories of ``faces_u8`` [N,S,S,3] (see the module docstring) -> dict of
     states [N,K,C,h,w] fp16, sigmas [N,K], x0 [N,C,h,w], zd [N,C,h,w] (normalised latents, fp32)."""
-    deg = get_preset(cfg.preset, restorer.resolution)
+    deg = get_preset(cfg.preset, teacher.resolution)
     out: dict[str, list[Tensor]] = {"states": [], "sigmas": [], "x0": [], "zd": []}
     g = torch.Generator().manual_seed(seed)
     n_batches = math.ceil(len(faces_u8) / cfg.traj_batch)
@@ -97,17 +123,17 @@ def make_trajectories(restorer, faces_u8: Tensor, cfg: DistillTrainConfig, sched
         x_d, _ = degrade_batch(x, deg, generator=int(torch.randint(0, 2**31, (1,), generator=g)))
         kind = start_kind(b, cfg.noise_fraction, cfg.id_fraction)
         u = float(torch.rand((), generator=g))
-        unet = restorer.prior.config.unet
+        unet = teacher.prior.config.unet
         eps = torch.randn((len(x), unet.latent_channels, unet.resolution, unet.resolution), generator=g)
-        with restorer.autocast():  # the nets only; the lists are joined outside autocast (it cannot cat fp16)
-            z_d = restorer.encode(x_d)
+        with teacher.autocast():  # the nets only; the lists are joined outside autocast (it cannot cat fp16)
+            z_d = teacher.encode(x_d)
             if kind == "noise":
                 s, base = schedule.sigma_max, torch.zeros_like(z_d)
             else:
                 s = math.exp(math.log(cfg.start_min) + u * (math.log(cfg.start_max) - math.log(cfg.start_min)))
-                base = restorer.encode(restorer.run_irn(x_d)) if kind == "id" else z_d
+                base = teacher.encode(teacher.run_irn(x_d)) if kind == "id" else z_d
             sigmas = sigmas_from(schedule, s, cfg.teacher_steps)
-            states, x0 = distill_targets(functools.partial(restorer.prior, cond=z_d), base + s * eps, sigmas)
+            states, x0 = distill_targets(functools.partial(teacher.prior, cond=z_d), base + s * eps, sigmas)
         out["states"].append(states.half())
         out["sigmas"].append(sigmas[:-1].expand(len(x), -1))
         out["x0"].append(x0.float())
@@ -120,10 +146,8 @@ class DistillStage:
     ema_name = "prior"
 
     def __init__(self, cfg: DistillTrainConfig, seed: int, batch_size: int, out_dir: Path):
-        from clrface.pipeline import Restorer
-
         self.cfg, self.seed, self.batch_size = cfg, seed, batch_size
-        teacher = Restorer.from_pretrained(cfg.model, dtype=torch.bfloat16 if cfg.teacher_bf16 else torch.float32)
+        teacher = Teacher(load_model_folder(cfg.model), torch.bfloat16 if cfg.teacher_bf16 else torch.float32)
         self.teacher = teacher
         self.schedule = teacher.prior.config.schedule
         size = teacher.resolution

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from clrface.checkpoint import load_weights, save_checkpoint
-from clrface.data.datasets import load_face_folder, to_model_range
+from clrface.data.datasets import load_face_folder
+from clrface.data.io import to_model_range
 from clrface.data.degradation import degrade_batch, get_preset
 from clrface.data.realistic import RealisticConfig, degrade_realistic
 from clrface.identity.facerec import DlibFaceRecognizer, feature_distance, identity_loss, perceptual_distance

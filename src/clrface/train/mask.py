@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from clrface.checkpoint import save_checkpoint
-from clrface.data.datasets import load_face_folder, to_model_range
+from clrface.data.datasets import load_face_folder
+from clrface.data.io import to_model_range
 from clrface.data.degradation import degrade_batch, get_preset
 from clrface.diffusion.prior import load_prior
 from clrface.identity.facerec import identity_loss, load_facerec, perceptual_distance
@@ -27,7 +28,8 @@ from clrface.identity.guidance import LatentMask, MaskConfig, identity_guided
 from clrface.identity.irn import load_irn
 from clrface.metrics.psnr_ssim import psnr
 from clrface.train.engine import Objective, step_indices
-from clrface.train.vqgan import load_vqgan, save_grid
+from clrface.train.vqgan import save_grid
+from clrface.vqgan.model import load_vqgan
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from clrface.checkpoint import load_weights, read_config, save_checkpoint
-from clrface.data.datasets import load_face_folder, to_model_range, to_uint8
+from clrface.data.datasets import load_face_folder
+from clrface.data.io import to_model_range, to_uint8
 from clrface.metrics.psnr_ssim import psnr
 from clrface.train.engine import Objective, step_indices
 from clrface.vqgan.losses import adaptive_weight, generator_adv_loss, gradient_l1, hinge_d_loss
@@ -141,12 +142,3 @@ class VQGANStage:
 
     def export(self, ema: nn.Module, folder: Path) -> None:
         save_checkpoint(folder, ema, self.model_cfg, "vqgan")
-
-
-def load_vqgan(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> VQGAN:
-    """A frozen VQGAN from a checkpoint folder, in eval mode."""
-    cfg, _ = read_config(folder, "vqgan", VQGANConfig)
-    model = load_weights(folder, VQGAN(cfg))
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clrface.checkpoint import load_weights, read_config
 from clrface.vqgan.quantizer import VectorQuantizer
 
 
@@ -199,3 +201,10 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+
+def load_vqgan(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> VQGAN:
+    """A frozen VQGAN from a checkpoint folder, in eval mode."""
+    cfg, _ = read_config(folder, "vqgan", VQGANConfig)
+    model = load_weights(folder, VQGAN(cfg))
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -1,0 +1,229 @@
+"""What the scripts under ``benchmarks/`` share: one timer, one machine header, one markdown table, one way to
+load faces, and the named rows of restore settings that the comparison scripts put side by side."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import platform
+import re
+import shlex
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from time import perf_counter
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from clrface.data.datasets import load_face_folder
+from clrface.data.io import to_model_range, to_uint8
+from clrface.device import cpu_flags
+from clrface.errors import ClrfaceError
+from clrface.options import MODES, RestoreOptions
+from clrface.restorer import Restorer
+
+
+def sync(device: torch.device | str) -> None:
+    """Waits for queued kernels, so wall time covers the work (CUDA launches are asynchronous)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], reps: int, device: torch.device | str = "cpu", label: str = "", *,
+            warmup: int = 1, clock: Callable[[], float] = perf_counter) -> float:
+    """Median wall time of ``fn()`` in ms over ``reps`` runs after ``warmup`` runs (allocator, autotune, caches),
+    each run ended by a device sync. With ``label`` the figure is also printed to stderr at once, so a run cut
+    short still shows what it measured."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    ts = []
+    for _ in range(max(int(reps), 1)):
+        t = clock()
+        fn()
+        sync(device)
+        ts.append((clock() - t) * 1e3)
+    ms = statistics.median(ts)
+    if label:
+        print(f"  {label}: {ms:.1f} ms", file=sys.stderr, flush=True)
+    return ms
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo, else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def machine(device: torch.device | str = "cpu", threads: int | None = None) -> str:
+    """One line naming the machine: CPU and its bf16 flags, torch threads, GPU, torch version."""
+    device = torch.device(device)
+    bf16 = ", ".join(sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile"})) or "none"
+    gpu = f"; GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    n = torch.get_num_threads() if threads is None else threads
+    return f"CPU {cpu_name()} (bf16 flags: {bf16}), torch threads {n}{gpu}; torch {torch.__version__}"
+
+
+def command_line(argv: Sequence[str] | None = None, script: str | None = None) -> str:
+    """The command that ran: ``python <script> <args>`` (argv None: this process's own)."""
+    script = sys.argv[0] if script is None else script
+    args = sys.argv[1:] if argv is None else list(argv)
+    return " ".join(shlex.quote(a) for a in ["python", script, *args])
+
+
+def header(device: torch.device | str = "cpu", threads: int | None = None, command: str | None = None) -> str:
+    """The environment header above every table: machine, date and the exact command."""
+    when = datetime.datetime.now().isoformat(timespec="seconds")
+    return f"{machine(device, threads)}; {when}\ncommand: `{command or command_line()}`"
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[object]], *, align: str | None = None,
+                   fmt: str = ".3f") -> str:
+    """A markdown table; floats are written with ``fmt`` and NaN as an em dash. ``align``: one character per
+    column, "l" or "r" (default: the first column left, the others right)."""
+    align = align or "l" + "r" * (len(columns) - 1)
+
+    def cell(v: object) -> str:
+        if isinstance(v, float):
+            return "—" if v != v else format(v, fmt)
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def load_faces(folder: str | Path, limit: int | None = None, size: int | None = None) -> torch.Tensor:
+    """The faces of a folder (sorted by name) as float32 [N,3,S,S] in [-1, 1]."""
+    return to_model_range(load_face_folder(folder, size=size, limit=limit))
+
+
+# ---------------------------------------------------------------- rows: named restore settings compared in one table
+
+
+def _value(s: str) -> Any:
+    if s.lower() == "none":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(s)
+        except ValueError:
+            pass
+    return s
+
+
+def select_rows(defaults: dict[str, Any], specs: Sequence[str], only: Sequence[str] | None) -> dict[str, Any]:
+    """The default rows plus ``--row`` specs, restricted to ``--only`` names (an unknown name raises)."""
+    rows = dict(defaults)
+    for spec in specs:
+        name, kw = parse_row(spec)
+        rows[name] = kw
+    if only:
+        missing = sorted(set(only) - set(rows))
+        if missing:
+            raise ClrfaceError(f"--only: no row named {', '.join(missing)}; rows are {', '.join(rows)}")
+        rows = {k: v for k, v in rows.items() if k in only}
+    return rows
+
+
+def parse_row(spec: str) -> tuple[str, dict[str, Any]]:
+    """``NAME=MODE[:key=val,key=val]`` -> (NAME, {"mode": MODE, key: val, ...}); values become int/float/None
+    where they parse, ``mask=off|on`` is kept for :func:`row_options`. Raises ClrfaceError on a malformed spec."""
+    m = re.fullmatch(rf"(?P<name>.+?)=(?P<mode>{'|'.join(MODES)})(?::(?P<kvs>.*))?", spec.strip())
+    if m is None or not m["name"].strip():
+        raise ClrfaceError(f"--row {spec!r}: expected NAME=MODE[:key=val,...] with MODE one of {', '.join(MODES)}, "
+                           "e.g. 'f0.8=full:fidelity=0.8'")
+    name, kvs = m["name"], m["kvs"] or ""
+    kw: dict[str, Any] = {"mode": m["mode"]}
+    for item in filter(None, (p.strip() for p in kvs.split(","))):
+        k, eq, v = item.partition("=")
+        if not eq:
+            raise ClrfaceError(f"--row {spec!r}: {item!r} is not key=val")
+        kw[k.strip()] = _value(v.strip())
+    row_options(kw)  # validate now, not after an hour of restoring
+    return name.strip(), kw
+
+
+def row_options(kw: dict[str, Any], batch_size: int = 8, defaults: dict[str, Any] | None = None
+                ) -> tuple[RestoreOptions, bool]:
+    """(RestoreOptions, use the learned mask) of a row spec over the model's ``defaults`` (restore.json; e.g. the
+    sampler and steps a distilled model was made for); unknown keys raise ClrfaceError."""
+    kw = dict(kw)
+    mask = str(kw.pop("mask", "on")).lower()
+    if mask not in ("on", "off", "1", "0", "true", "false"):
+        raise ClrfaceError(f"mask must be on or off, got {mask!r}")
+    known = {f.name for f in dataclasses.fields(RestoreOptions)}
+    bad = sorted(set(kw) - known)
+    if bad:
+        raise ClrfaceError(f"unknown RestoreOptions field(s) {', '.join(bad)}; choose from {', '.join(sorted(known))}, mask")
+    kw.setdefault("batch_size", batch_size)
+    return RestoreOptions(**{**(defaults or {}), **kw}), mask in ("on", "1", "true")
+
+
+def slug(name: str) -> str:
+    """A file-name-safe version of a row name."""
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", name).strip("_") or "row"
+
+
+def consecutive_runs(indices: Sequence[int], batch: int) -> list[tuple[int, int]]:
+    """(start position, length) chunks of at most ``batch`` items whose ``indices`` are consecutive integers, so
+    each chunk can go to restore_faces with first_index = its first index (per-face noise seeds stay global)."""
+    out, start = [], 0
+    for i in range(1, len(indices) + 1):
+        if i == len(indices) or indices[i] != indices[i - 1] + 1 or i - start == batch:
+            out.append((start, i - start))
+            start = i
+    return out
+
+
+def restore_row(restorer: Restorer, faces: np.ndarray, opts: RestoreOptions, use_mask: bool = True,
+                indices: Sequence[int] | None = None) -> tuple[np.ndarray, float]:
+    """Restores uint8 [N,S,S,3] faces -> (uint8 [N,S,S,3] first samples, seconds per face of restoration).
+
+    ``indices``: global face numbers for the per-face noise seeds (default 0..N-1), so a face restores the same
+    whatever subset it is restored with. The learned mask is removed for the call when ``use_mask`` is False.
+    """
+    idx = list(range(len(faces))) if indices is None else [int(i) for i in indices]
+    mask = restorer.mask
+    restorer.mask = mask if use_mask else None
+    parts = []
+    t0 = perf_counter()
+    try:
+        for start, n in consecutive_runs(idx, opts.batch_size):
+            x = to_model_range(faces[start:start + n])
+            parts.append(restorer.restore_faces(x, opts, first_index=idx[start]).restored[:, 0].cpu())
+        sync(restorer.device)
+    finally:
+        restorer.mask = mask
+    dt = (perf_counter() - t0) / max(len(faces), 1)
+    return to_uint8(torch.cat(parts)).numpy(), dt
+
+
+def resize_square(img: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H,W,3] -> [size,size,3], PIL bicubic (antialiased when shrinking)."""
+    if img.shape[:2] == (size, size):
+        return img
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BICUBIC))
+
+
+def to_tensor(faces: np.ndarray) -> torch.Tensor:
+    """uint8 [N,H,W,3] -> uint8 [N,3,H,W]."""
+    return torch.from_numpy(np.ascontiguousarray(faces)).permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def embed_faces(restorer: Restorer, faces: np.ndarray, batch: int = 64) -> torch.Tensor:
+    """Unit dlib descriptors [N,128] float64 (CPU) of uint8 [N,S,S,3] faces."""
+    out = []
+    for i in range(0, len(faces), batch):
+        x = to_model_range(faces[i:i + batch]).to(restorer.device)
+        out.append(torch.nn.functional.normalize(restorer.embed(x).double(), dim=-1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, 128, dtype=torch.float64)

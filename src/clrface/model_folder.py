@@ -1,0 +1,134 @@
+"""Model folders: the trained stages that one restore needs, found by path or by installed name.
+
+A model folder holds ``vqgan/`` and ``prior/`` checkpoints (required), ``irn/`` and ``mask/`` (optional) and
+``restore.json`` (optional: ``fidelity_map``, measured-best ``defaults``, and ``base``, an installed model that
+supplies the stages the folder lacks, so a fine-tuned model ships only what it changed). The nets are loaded
+here and nowhere else; the :class:`clrface.restorer.Restorer` and the distillation stage both start from it.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from clrface.diffusion.prior import LatentPrior, load_prior
+from clrface.errors import CheckpointError, ClrfaceError
+from clrface.identity.guidance import LatentMask, load_mask
+from clrface.identity.irn import load_irn
+from clrface.options import FidelityMap, RestoreOptions
+from clrface.vqgan.model import VQGAN, load_vqgan
+
+
+def package_weights(name: str) -> Path:
+    """The folder of the model installed as ``clrface/weights/<name>`` (it may not exist)."""
+    return Path(str(importlib.resources.files("clrface") / "weights" / name))
+
+
+def resolve_model(path_or_name: str | Path | None) -> Path:
+    """A model folder from a path or the name of a model shipped under ``clrface/weights/`` (None: "default")."""
+    if path_or_name is None:
+        path_or_name = "default"
+    p = Path(path_or_name).expanduser()
+    if p.is_dir():
+        return p
+    name = str(path_or_name)
+    if "/" not in name and "\\" not in name:
+        pkg = package_weights(name)
+        if pkg.is_dir():
+            return pkg
+        root = package_weights("")
+        avail = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+        raise CheckpointError(f"model {name!r}: no such folder and no installed model of that name in {root} "
+                              f"(installed: {', '.join(avail) or 'none'}); pass --model FOLDER")
+    raise CheckpointError(f"{p}: model folder not found")
+
+
+@dataclass
+class ModelFolder:
+    """The loaded stages of a model folder (fp32 weights, eval mode) and its restore.json settings."""
+
+    folder: Path
+    vqgan: VQGAN
+    prior: LatentPrior
+    irn: nn.Module | None = None
+    mask: LatentMask | None = None
+    fidelity_map: FidelityMap = FidelityMap()
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+def read_spec(folder: Path) -> dict[str, Any]:
+    """The folder's restore.json as a dict ({} when there is none)."""
+    path = folder / "restore.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path}: invalid ({e})") from None
+
+
+def load_model_folder(path_or_name: str | Path | None = None, device: str | torch.device = "cpu") -> ModelFolder:
+    """Loads the stages of a model folder (see the module docstring) in fp32 on ``device``. A missing or
+    incomplete folder or a checkpoint of the wrong kind/shape raises CheckpointError."""
+    folder = resolve_model(path_or_name)
+    spec = read_spec(folder)
+    base = resolve_model(spec["base"]) if spec.get("base") else None
+
+    def stage(sub: str) -> Path:
+        own = folder / sub
+        return base / sub if base is not None and not own.is_dir() else own
+
+    missing = [sub for sub in ("vqgan", "prior") if not (stage(sub) / "config.json").is_file()
+               or not (stage(sub) / "model.safetensors").is_file()]
+    if missing:
+        raise CheckpointError(f"{folder}: incomplete model folder, missing {' and '.join(s + '/' for s in missing)}"
+                              " (need vqgan/ and prior/ checkpoints; irn/ and mask/ are optional)")
+    device = torch.device(device)
+    vqgan = load_vqgan(stage("vqgan"), device)
+    prior = load_prior(stage("prior"), device)
+    irn = load_irn(stage("irn"), device) if stage("irn").is_dir() else None
+    mask = load_mask(stage("mask"), device) if stage("mask").is_dir() else None
+    try:
+        fmap = FidelityMap(**spec.get("fidelity_map", {}))
+        defaults = spec.get("defaults", {})
+        RestoreOptions(**defaults)  # validate now, not at the first restore
+    except (ValueError, TypeError, ClrfaceError) as e:
+        raise CheckpointError(f"{folder / 'restore.json'}: invalid ({e})") from None
+    check_compatible(vqgan, prior, mask, str(folder))
+    return ModelFolder(folder, vqgan, prior, irn, mask, fmap, defaults)
+
+
+def check_compatible(vqgan: VQGAN, prior: LatentPrior, mask: LatentMask | None, where: str) -> None:
+    """Raises CheckpointError when the prior's or the mask's latent shape does not fit the VQGAN's."""
+    vc, uc = vqgan.config, prior.config.unet
+    lat = vc.resolution // vc.downsample
+    if uc.latent_channels != vc.latent_channels or uc.cond_channels != vc.latent_channels or uc.resolution != lat:
+        raise CheckpointError(
+            f"{where}: prior (latent {uc.latent_channels} ch, cond {uc.cond_channels} ch, {uc.resolution} px) does not "
+            f"fit the VQGAN (latent {vc.latent_channels} ch, {lat} px)")
+    if mask is not None and mask.config.latent_channels != vc.latent_channels:
+        raise CheckpointError(f"{where}: mask expects {mask.config.latent_channels} latent channels, "
+                              f"VQGAN has {vc.latent_channels}")
+
+
+def encode_latent(vqgan: VQGAN, prior: LatentPrior, x: Tensor) -> Tensor:
+    """x [B,3,S,S] in [-1,1] -> normalised latent (E(x) - mean) / std [B,d,S/f,S/f] fp32."""
+    return prior.normalize(vqgan.encode(x.float()).float())
+
+
+def decode_latent(vqgan: VQGAN, prior: LatentPrior, z: Tensor) -> Tensor:
+    """Normalised latent -> G(Q(denormalize(z))) [B,3,S,S] (Q straight-through, so differentiable in z)."""
+    return vqgan.decode(prior.denormalize(z.float())).float()
+
+
+def apply_irn(irn: nn.Module | None, x_d: Tensor) -> Tensor:
+    """f_IRN(x_d) clamped to [-1,1] [B,3,S,S]; without an IRN the input itself (the start latent then is z_d)."""
+    if irn is None:
+        return x_d.float()
+    return irn(x_d.float()).float().clamp(-1, 1)

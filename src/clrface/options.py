@@ -1,0 +1,132 @@
+"""How to restore: the option types and the names of their choices, importable without torch.
+
+One knob, ``fidelity`` in [0, 1], trades the prior's realism against faithfulness to the input/IRN output:
+
+    sigma_start(f)    = sigma_lo_fid^(1 - f) * sigma_hi_fid^f          (geometric; default 4.0 -> 0.05)
+    guidance_scale(f) = guid_lo_fid + f * (guid_hi_fid - guid_lo_fid)  (linear;    default 0.0 -> 10.0)
+
+High fidelity starts the reverse ODE close to the IRN latent (little noise: the prior only polishes) and
+pulls harder toward the IRN identity; low fidelity drowns more of the IRN latent in noise so that the prior
+(conditioned on z_d) regenerates more of the face, with little identity guidance. The end points live in
+:class:`FidelityMap`; a model folder may override them with ``restore.json`` (``{"fidelity_map": {...}}``)
+once they are calibrated for its weights. ``RestoreOptions.sigma_start`` / ``guidance_scale`` override the
+knob explicitly.
+
+The CLI, the web server and the ONNX runtime take their choices from here, so this module must not import
+torch (the ONNX runtime runs without it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from clrface.errors import ClrfaceError
+
+MODES = ("full", "prior", "irn", "direct")
+"""full: IRN + prior + (masked) identity guidance; prior: the prior alone, started from z_d (from pure noise
+when sigma_start >= the schedule's sigma_max), no IRN, no guidance; irn: the IRN output x_id alone;
+direct: G(Q(E(x_d))), the VQGAN's reconstruction of the input."""
+DIFFUSION_MODES = ("full", "prior")
+"""The modes that run the sampler (and so use fidelity, steps, sampler and seed)."""
+
+SAMPLER_NAMES = ("heun", "euler", "dpmpp_2m")
+"""The ODE solvers of ``clrface.diffusion.sampler.SAMPLERS`` (a test keeps the two in step)."""
+COLOR_MODES = ("auto", "keep", "full")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+"""Compute precisions; ``--dtype`` also takes "auto" (see ``clrface.device.auto_dtype``)."""
+MAX_UPSCALE = 8
+
+
+@dataclass(frozen=True)
+class FidelityMap:
+    """End points of the fidelity knob (see the module docstring). Uncalibrated defaults: replace them per
+    model through ``restore.json`` once benchmarks have measured the trade-off."""
+
+    sigma_start_at_0: float = 4.0
+    sigma_start_at_1: float = 0.05
+    guidance_at_0: float = 0.0
+    # Calibrated on the 128 px models: one guided x0 step on 16 test faces lowered the dlib identity loss to the
+    # GT most at scale ~10 (update RMS ~0.01 in normalised latents); 100+ overshoots (docs/RESULTS.md).
+    guidance_at_1: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not (self.sigma_start_at_0 > 0 and self.sigma_start_at_1 > 0):
+            raise ValueError(f"fidelity sigma end points must be > 0: {self}")
+        if self.guidance_at_0 < 0 or self.guidance_at_1 < 0:
+            raise ValueError(f"fidelity guidance end points must be >= 0: {self}")
+
+    def sigma_start(self, fidelity: float) -> float:
+        return math.exp((1 - fidelity) * math.log(self.sigma_start_at_0) + fidelity * math.log(self.sigma_start_at_1))
+
+    def guidance_scale(self, fidelity: float) -> float:
+        return self.guidance_at_0 + fidelity * (self.guidance_at_1 - self.guidance_at_0)
+
+
+def resolve_sampling(fmap: FidelityMap, fidelity: float, sigma_start: float | None, guidance_scale: float | None
+                     ) -> tuple[float, float]:
+    """(sigma_start, guidance_scale): the explicit values, else the fidelity map's."""
+    s = fmap.sigma_start(fidelity) if sigma_start is None else float(sigma_start)
+    g = fmap.guidance_scale(fidelity) if guidance_scale is None else float(guidance_scale)
+    return s, g
+
+
+@dataclass
+class RestoreOptions:
+    """How to restore. ``fidelity`` sets sigma_start and guidance_scale unless those are given explicitly.
+
+    steps: sampler steps from sigma_start down to 0 (a fresh Karras schedule, rho of the prior's schedule).
+    seed: face i, sample k draws its start noise from its own generator seeded by (seed, k, i), so results do
+    not depend on batch_size or the device. samples: independent results per face. batch_size: faces per
+    forward pass (times ``samples``). upscale: integer factor of the output photo/crop over the input.
+    color: what the pasted face takes from the restored crop. "full": its colours; "keep": its luminance only,
+    with the chroma of the photo under it, so grayscale and sepia photos keep their tone; "auto": "keep" for
+    monochrome photos (see ``clrface.photo.is_monochrome``), else "full". A colorization model sets "full" in
+    its restore.json.
+    """
+
+    fidelity: float = 0.5
+    steps: int = 20
+    sampler: str = "heun"
+    sigma_start: float | None = None
+    guidance_scale: float | None = None
+    seed: int = 0
+    samples: int = 1
+    mode: str = "full"
+    batch_size: int = 8
+    upscale: int = 1
+    max_faces: int | None = None
+    color: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.color not in COLOR_MODES:
+            raise ClrfaceError(f"unknown color {self.color!r}; choose from {', '.join(COLOR_MODES)}")
+        if not 0.0 <= float(self.fidelity) <= 1.0:
+            raise ClrfaceError(f"fidelity must be in [0, 1], got {self.fidelity}")
+        if self.steps < 1:
+            raise ClrfaceError(f"steps must be >= 1, got {self.steps}")
+        if self.sampler not in SAMPLER_NAMES:
+            raise ClrfaceError(f"unknown sampler {self.sampler!r}; choose from {', '.join(SAMPLER_NAMES)}")
+        if self.mode not in MODES:
+            raise ClrfaceError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
+        if self.sigma_start is not None and self.sigma_start < 0:
+            raise ClrfaceError(f"sigma_start must be >= 0, got {self.sigma_start}")
+        if self.guidance_scale is not None and self.guidance_scale < 0:
+            raise ClrfaceError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.samples < 1 or self.batch_size < 1:
+            raise ClrfaceError(f"samples and batch_size must be >= 1, got {self.samples}, {self.batch_size}")
+        if not (isinstance(self.upscale, int) and 1 <= self.upscale <= MAX_UPSCALE):
+            raise ClrfaceError(f"upscale must be an integer in [1, {MAX_UPSCALE}], got {self.upscale}")
+        if self.max_faces is not None and self.max_faces < 1:
+            raise ClrfaceError(f"max_faces must be >= 1, got {self.max_faces}")
+
+    def resolve(self, fmap: FidelityMap) -> tuple[float, float]:
+        """(sigma_start, guidance_scale): the explicit values, else the fidelity map's."""
+        return resolve_sampling(fmap, self.fidelity, self.sigma_start, self.guidance_scale)
+
+
+def face_seed(seed: int, sample_k: int, index: int) -> int:
+    """The seed of the start noise of face ``index``, sample ``sample_k`` (torch and ONNX runtimes alike)."""
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, sample_k, index]).generate_state(1)[0])
