@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-DATA = Path(os.environ.get("CLRFACE_DATA", "/work/shared/data"))
+from clrface.data.io import DATA_ENV, data_root
+
+DATA = data_root()
 
 
 def smooth_photo(h: int, w: int, seed: int = 0, fmax: float = 0.08) -> np.ndarray:
@@ -26,7 +27,7 @@ def smooth_photo(h: int, w: int, seed: int = 0, fmax: float = 0.08) -> np.ndarra
 @pytest.fixture(scope="session")
 def real_data() -> Path:
     if not (DATA / "faces128" / "val").is_dir():
-        pytest.skip(f"shared data not found at {DATA} (set CLRFACE_DATA)")
+        pytest.skip(f"shared data not found at {DATA} (set {DATA_ENV})")
     return DATA
 
 

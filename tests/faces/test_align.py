@@ -8,8 +8,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clrface.faces.align import (affine_scale, align_affine, align_faces, apply_affine, crop_corners, ffhq_quad,
-                                 invert_affine, warp_face)
+from clrface.data.io import data_root
+from clrface.faces.align import (
+    affine_scale,
+    align_affine,
+    align_faces,
+    apply_affine,
+    crop_corners,
+    ffhq_quad,
+    invert_affine,
+    warp_face,
+)
 from clrface.faces.detect import detect_faces
 
 
@@ -73,7 +82,7 @@ def test_warp_face_integer_translation_is_a_copy(make_photo):
 
 
 def _build_data():
-    path = "/work/shared/data/build_data.py"
+    path = data_root() / "build_data.py"
     try:
         spec = importlib.util.spec_from_file_location("build_data", path)
         mod = importlib.util.module_from_spec(spec)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from clrface.data.io import data_root
 from clrface.errors import ClrfaceError
 from clrface.identity import facerec
 from clrface.identity.dlib_format import _Reader
@@ -20,8 +21,9 @@ from clrface.identity.facerec import (
     warp_chip,
 )
 
-DATA = Path("/work/shared/data")
-needs_data = pytest.mark.skipif(not (DATA / "faces128/val").is_dir(), reason="shared face data absent")
+DATA = data_root()
+needs_data = pytest.mark.skipif(not (DATA / "faces128/val").is_dir(),
+                                reason=f"shared data {DATA / 'faces128/val'} not found (set CLRFACE_DATA)")
 
 
 def _have_models() -> bool:

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-DATA = Path(os.environ.get("CLRFACE_DATA", "/work/shared/data"))
+from clrface.data.io import DATA_ENV, data_root
+
+DATA = data_root()
 
 
 @pytest.fixture(scope="session")
 def val_dir() -> Path:
     d = DATA / "faces128" / "val"
     if not d.is_dir():
-        pytest.skip(f"shared data not found at {DATA} (set CLRFACE_DATA)")
+        pytest.skip(f"shared data not found at {DATA} (set {DATA_ENV})")
     return d
 
 

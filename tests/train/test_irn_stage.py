@@ -6,10 +6,11 @@ import torch
 import yaml
 
 from clrface.checkpoint import load_weights
+from clrface.data.io import data_root
 from clrface.errors import ClrfaceError
 from clrface.identity.irn import IRN, IRNConfig, load_irn
 
-DATA = Path("/work/shared/data/faces128/val")
+DATA = data_root() / "faces128" / "val"
 TINY = IRNConfig(body="conv", channels=(8, 16), blocks=(1, 1))
 
 

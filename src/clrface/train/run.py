@@ -9,8 +9,20 @@ from typing import Any
 import torch
 import yaml
 
+from clrface.diffusion.schedule import ScheduleConfig
+from clrface.diffusion.unet import UNetConfig
 from clrface.errors import ClrfaceError
+from clrface.identity.facerec import load_facerec, perceptual_distance
+from clrface.identity.guidance import MaskConfig
+from clrface.identity.irn import IRNConfig
+from clrface.train.diffusion import PriorStage, PriorTrainConfig
+from clrface.train.distill import DistillStage, DistillTrainConfig
 from clrface.train.engine import EngineConfig, train, train_device
+from clrface.train.irn import IRNStage, IRNTrainConfig
+from clrface.train.mask import MaskStage, MaskTrainConfig
+from clrface.train.vqgan import VQGANStage, VQGANTrainConfig
+from clrface.train.vqvae_rest import RestStage, RestTrainConfig
+from clrface.vqgan.model import VQGANConfig
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
@@ -41,56 +53,61 @@ def build(cls: type, section: dict[str, Any] | None, name: str) -> Any:
     return cls(**section)
 
 
+# The config dataclass of every YAML section a stage reads ("train" -> EngineConfig for all stages). The prior's
+# "precond" section holds sigma_data only (Precond(net, sigma_data)), so it has no dataclass of its own.
+STAGE_SECTIONS: dict[str, dict[str, type]] = {
+    "vqgan": {"model": VQGANConfig, "stage": VQGANTrainConfig},
+    "prior": {"unet": UNetConfig, "schedule": ScheduleConfig, "stage": PriorTrainConfig},
+    "irn": {"model": IRNConfig, "stage": IRNTrainConfig},
+    "mask": {"model": MaskConfig, "stage": MaskTrainConfig},
+    "distill": {"stage": DistillTrainConfig},
+    "vqvae-rest": {"stage": RestTrainConfig},
+}
+PRECOND_KEYS = frozenset({"sigma_data"})
+
+
+def stage_configs(stage: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """Every section of a loaded config as its dataclass, plus "sigma_data" for the prior: what ``run_stage``
+    builds its stage from. Unknown stages, sections or keys raise ClrfaceError."""
+    if stage not in STAGE_SECTIONS:
+        raise ClrfaceError(f"stage '{stage}' is not implemented; choose from {', '.join(STAGE_SECTIONS)}")
+    sections = {"train": EngineConfig, **STAGE_SECTIONS[stage]}
+    extra = sorted(set(raw) - set(sections) - ({"precond"} if stage == "prior" else set()))
+    if extra:
+        raise ClrfaceError(f"config: unknown sections {extra} for stage {stage}")
+    out = {name: build(cls, raw.get(name), name) for name, cls in sections.items()}
+    if stage == "prior":
+        precond = raw.get("precond") or {}
+        unknown = sorted(set(precond) - PRECOND_KEYS)
+        if unknown:
+            raise ClrfaceError(f"config section 'precond': unknown keys {unknown}")
+        out["sigma_data"] = float(precond.get("sigma_data", 1.0))
+    return out
+
+
 def run_stage(stage: str, config: str | Path, overrides: list[str] = (), out: str | None = None,
               resume: bool = False) -> int:
     raw = load_config(config, overrides)
     if out:
         raw.setdefault("train", {})["out_dir"] = out
-    engine_cfg = build(EngineConfig, raw.get("train"), "train")
+    cfg = stage_configs(stage, raw)
+    engine_cfg: EngineConfig = cfg["train"]
     torch.manual_seed(engine_cfg.seed)  # stages build their networks here, before the engine seeds its loop
+    seed, batch, out_dir = engine_cfg.seed, engine_cfg.batch_size, Path(engine_cfg.out_dir)
     if stage == "vqgan":
-        from clrface.train.vqgan import VQGANStage, VQGANTrainConfig
-        from clrface.vqgan.model import VQGANConfig
-
-        model_cfg = build(VQGANConfig, raw.get("model"), "model")
-        stage_cfg = build(VQGANTrainConfig, raw.get("stage"), "stage")
         perceptual = None
-        if stage_cfg.perceptual == "facerec" and stage_cfg.perceptual_weight > 0:
-            from clrface.identity.facerec import load_facerec, perceptual_distance
-
+        if cfg["stage"].perceptual == "facerec" and cfg["stage"].perceptual_weight > 0:
             fr = load_facerec(train_device())
             perceptual = lambda a, b: perceptual_distance(fr, a, b)  # noqa: E731
-        st = VQGANStage(model_cfg, stage_cfg, engine_cfg.seed, engine_cfg.batch_size, perceptual)
+        st = VQGANStage(cfg["model"], cfg["stage"], seed, batch, perceptual)
     elif stage == "prior":
-        from clrface.diffusion.schedule import ScheduleConfig
-        from clrface.diffusion.unet import UNetConfig
-        from clrface.train.diffusion import PriorStage, PriorTrainConfig
-
-        st = PriorStage(build(UNetConfig, raw.get("unet"), "unet"), float((raw.get("precond") or {}).get("sigma_data", 1.0)),
-                        build(ScheduleConfig, raw.get("schedule"), "schedule"), build(PriorTrainConfig, raw.get("stage"), "stage"),
-                        engine_cfg.seed, engine_cfg.batch_size, Path(engine_cfg.out_dir))
+        st = PriorStage(cfg["unet"], cfg["sigma_data"], cfg["schedule"], cfg["stage"], seed, batch, out_dir)
     elif stage == "irn":
-        from clrface.identity.facerec import load_facerec
-        from clrface.identity.irn import IRNConfig
-        from clrface.train.irn import IRNStage, IRNTrainConfig
-
-        st = IRNStage(build(IRNConfig, raw.get("model"), "model"), build(IRNTrainConfig, raw.get("stage"), "stage"),
-                      engine_cfg.seed, engine_cfg.batch_size, load_facerec())
+        st = IRNStage(cfg["model"], cfg["stage"], seed, batch, load_facerec())
     elif stage == "mask":
-        from clrface.identity.guidance import MaskConfig
-        from clrface.train.mask import MaskStage, MaskTrainConfig
-
-        st = MaskStage(build(MaskConfig, raw.get("model"), "model"), build(MaskTrainConfig, raw.get("stage"), "stage"),
-                       engine_cfg.seed, engine_cfg.batch_size)
+        st = MaskStage(cfg["model"], cfg["stage"], seed, batch)
     elif stage == "distill":
-        from clrface.train.distill import DistillStage, DistillTrainConfig
-
-        st = DistillStage(build(DistillTrainConfig, raw.get("stage"), "stage"), engine_cfg.seed, engine_cfg.batch_size,
-                          Path(engine_cfg.out_dir))
-    elif stage == "vqvae-rest":
-        from clrface.train.vqvae_rest import RestStage, RestTrainConfig
-
-        st = RestStage(build(RestTrainConfig, raw.get("stage"), "stage"), engine_cfg.seed, engine_cfg.batch_size)
-    else:
-        raise ClrfaceError(f"stage '{stage}' is not implemented yet")
+        st = DistillStage(cfg["stage"], seed, batch, out_dir)
+    else:  # vqvae-rest
+        st = RestStage(cfg["stage"], seed, batch)
     return train(st, engine_cfg, resume=resume, config_dump=raw)

@@ -1,0 +1,46 @@
+"""Every configs/*.yaml maps onto the dataclasses of its stage (what ``clrface train`` builds), so a renamed
+field or a typo in a config fails here rather than at the start of a training run."""
+
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from clrface.errors import ClrfaceError
+from clrface.train.run import STAGE_SECTIONS, load_config, stage_configs
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+def stage_of(path: Path) -> str:
+    """The stage a config trains, from its file name (<stage>-<size>[-variant].yaml); longest name first, so
+    vqvae-rest-128 is not read as a vqgan config."""
+    return next(s for s in sorted(STAGE_SECTIONS, key=len, reverse=True) if path.name.startswith(f"{s}-"))
+
+
+def test_there_are_configs_for_every_stage():
+    assert {stage_of(p) for p in CONFIGS} == set(STAGE_SECTIONS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_loads_onto_its_dataclasses(path):
+    raw = load_config(path)
+    cfg = stage_configs(stage_of(path), raw)
+    for name, section in raw.items():
+        if name == "precond":
+            assert cfg["sigma_data"] == section["sigma_data"]
+            continue
+        values = asdict(cfg[name])
+        assert all(values[k] == v or list(values[k]) == v for k, v in section.items() if not isinstance(v, dict))
+
+
+def test_typos_and_unknown_sections_raise(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: {stpes: 10}\n")
+    with pytest.raises(ClrfaceError, match="stpes"):
+        stage_configs("irn", load_config(path))
+    path.write_text("train: {steps: 10}\nunet: {resolution: 8}\n")
+    with pytest.raises(ClrfaceError, match="unknown sections"):
+        stage_configs("irn", load_config(path))
+    with pytest.raises(ClrfaceError, match="not implemented"):
+        stage_configs("gan", {})
