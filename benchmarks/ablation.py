@@ -1,6 +1,7 @@
 """Quality tables on the fixed synthetic test set (paper Tables 4 and the NFE study, at 128 px).
 
-    python benchmarks/ablation.py --model runs/pack --testset runs/testset-val-bfr --rows prior-table --out runs/ablation
+    python benchmarks/ablation.py --model runs/pack --testset runs/testset-val-bfr --rows prior-table \\
+        --out runs/ablation
 
 Each row restores every LQ face of the test set with one configuration, writes the faces to
 ``OUT/<row>/`` and evaluates them against ``gt/`` with `clrface.metrics.evaluate` (PSNR/SSIM RGB,
@@ -20,13 +21,14 @@ from pathlib import Path
 import torch
 
 from clrface.data.datasets import load_face_folder
-from clrface.data.io import to_model_range, to_uint8
-from clrface.data.io import load_image, save_image
+from clrface.data.io import load_image, save_image, to_model_range, to_uint8
+from clrface.device import DTYPES
 from clrface.metrics.evaluate import evaluate_folders
 from clrface.metrics.noref import colorfulness
-from clrface.device import DTYPES
 from clrface.options import RestoreOptions
 from clrface.restorer import Restorer
+from clrface.vqgan.rest import load_rest_encoder
+
 
 @dataclass(frozen=True)
 class Row:
@@ -93,8 +95,9 @@ TABLES: dict[str, dict[str, Row]] = {
         "VQVAE-direct": Row({"mode": "direct"}),
         "default model (IRN^ID)": Row({"mode": "irn"}),
         "extreme model (IRN^ID fine-tuned)": Row({"mode": "irn"}, model="src/clrface/weights/extreme"),
-        "extreme model + Diff. Prior (s=0.5, Heun-10)": Row({"mode": "full", "steps": 10, "sigma_start": 0.5,
-                                                             "guidance_scale": 0.0}, model="src/clrface/weights/extreme"),
+        "extreme model + Diff. Prior (s=0.5, Heun-10)": Row(
+            {"mode": "full", "steps": 10, "sigma_start": 0.5, "guidance_scale": 0.0},
+            model="src/clrface/weights/extreme"),
     },
     # Issue 8: colorization (run on the gray test set).
     "colorize": {
@@ -122,8 +125,6 @@ def run_row(restorer: Restorer, lq: torch.Tensor, names: list[str], out: Path, o
     restorer.mask = mask if use_mask else None
     rest = None
     if rest_encoder:
-        from clrface.vqgan.rest import load_rest_encoder
-
         rest = load_rest_encoder(rest_encoder, restorer.device)
     t0 = time.perf_counter()
     try:
@@ -154,7 +155,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/ablation")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute precision (autocast below fp32)")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                    help="compute precision (autocast below fp32)")
     ap.add_argument("--fid", action="store_true",
                     help="add FID against --fid-ref (clean training faces; with a few hundred faces only the "
                          "differences between rows mean anything)")

@@ -1,56 +1,33 @@
 """Speed of the degradation: torch path (``degrade_batch``) per face, and the numpy path for comparison.
 
-    python benchmarks/degrade_speed.py --threads 2 --faces /work/shared/data/faces128/val
+    python benchmarks/degrade_speed.py --threads 2 --faces ../shared/data/faces128/val
 
 Faces are read from ``--faces`` (the shared 128-px set) and bicubic-upsampled to 512 px for the
 512-px run, or are smooth synthetic images when no folder is given; content barely matters for
 speed (JPEG of noisy low-res images is the only content-dependent step). Prints one line per size
-and path with seconds per face (median over ``--repeats`` batches), the device, torch version and
-thread count, for docs/RESULTS.md.
+and path with seconds per face (median over ``--repeats`` batches) under the machine header.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clrface.bench import header, load_faces, time_ms
 from clrface.data.degradation import degrade, degrade_batch, get_preset
+from clrface.data.io import to_uint8
 
 
 def load_batch(folder: str | None, n: int) -> torch.Tensor:
     """float [n, 3, 128, 128] in [-1, 1]."""
     if folder:
-        from clrface.data.datasets import load_face_folder
-        from clrface.data.io import to_model_range
-
-        return to_model_range(load_face_folder(folder, size=128, limit=n))
+        return load_faces(folder, limit=n, size=128)
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 128), torch.linspace(-1, 1, 128), indexing="ij")
     base = torch.stack([torch.exp(-(xx**2 + yy**2) * k) for k in (1.0, 2.0, 3.0)]) * 2 - 1
     return base.expand(n, 3, 128, 128).clone()
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-def time_it(fn, repeats: int) -> float:
-    fn()  # warm-up: FFT plans, allocator
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def main() -> None:
@@ -67,25 +44,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     x128 = load_batch(args.faces, args.batch)
     dev = torch.device(args.device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
-    print(f"device={args.device} ({name}) torch={torch.__version__} threads={args.threads} "
-          f"batch={args.batch} preset={args.preset} repeats={args.repeats}")
+    print(header(dev, args.threads))
+    print(f"batch={args.batch} preset={args.preset} repeats={args.repeats}")
     for size in args.sizes:
         x = F.interpolate(x128, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1).to(dev)
         cfg = get_preset(args.preset, size)
         g = torch.Generator().manual_seed(0)
 
-        def run_torch() -> None:
-            degrade_batch(x, cfg, g)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-
-        t = time_it(run_torch, args.repeats)
+        t = time_ms(lambda: degrade_batch(x, cfg, g), args.repeats, dev) / 1e3
         print(f"torch  {size:4d}px: {t / args.batch:.4f} s/face ({t:.3f} s per batch of {args.batch})")
         if args.numpy:
-            imgs = ((x.cpu().permute(0, 2, 3, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+            imgs = to_uint8(x).numpy()
             rng = np.random.default_rng(0)
-            t = time_it(lambda: [degrade(im, cfg, rng) for im in imgs], args.repeats)
+            t = time_ms(lambda: [degrade(im, cfg, rng) for im in imgs], args.repeats) / 1e3
             print(f"numpy  {size:4d}px: {t / args.batch:.4f} s/face ({t:.3f} s per {args.batch} faces)")
 
 

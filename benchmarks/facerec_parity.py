@@ -14,16 +14,18 @@ degradation (128 -> 16 -> 128).
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from collections import Counter
 from pathlib import Path
 
+import dlib
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from clrface.bench import machine, time_ms
+from clrface.data.io import data_root, to_model_range
 from clrface.identity.facerec import (
     DlibFaceRecognizer,
     dlib_models_dir,
@@ -32,7 +34,7 @@ from clrface.identity.facerec import (
 )
 from clrface.metrics.verification import rank_k_accuracy, verification_accuracy
 
-DATA = Path("/work/shared/data")
+DATA = data_root()
 UP = 4  # dlib's HOG detector and shape predictor want faces larger than our 128 px crops
 
 
@@ -41,14 +43,11 @@ def _load(path: Path) -> np.ndarray:
 
 
 def _to_tensor(imgs: list[np.ndarray]) -> torch.Tensor:
-    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float()
-    return x / 127.5 - 1
+    return to_model_range(np.stack(imgs))
 
 
 class _Dlib:
     def __init__(self) -> None:
-        import dlib
-
         m = dlib_models_dir()
         self.dlib = dlib
         self.det = dlib.get_frontal_face_detector()
@@ -120,11 +119,13 @@ def parity(fr: DlibFaceRecognizer, n: int) -> None:
     def line(name: str, c: np.ndarray) -> None:
         print(f"  {name}: cos mean {c.mean():.6f}  min {c.min():.6f}  p5 {np.percentile(c, 5):.6f}")
 
-    print(f"parity on {n} faces of faces128/val ({missed} without HOG detection -> mean box), dlib {dl.dlib.__version__}")
+    print(f"parity on {n} faces of faces128/val ({missed} without HOG detection -> mean box), "
+          f"dlib {dl.dlib.__version__}")
     print(f"  dlib descriptor from its chip vs from (image, shape): max |diff| {np.abs(ref_chip - ref_img).max():.2e}")
     c = cos(port_chip, ref_chip)
     line("NETWORK port vs dlib, identical dlib chip", c)
-    print(f"    max |descriptor diff| {np.abs(port_chip.numpy() - ref_chip).max():.2e}; faces with cos >= 0.999: {(c >= 0.999).sum()}/{n}")
+    print(f"    max |descriptor diff| {np.abs(port_chip.numpy() - ref_chip).max():.2e}; "
+          f"faces with cos >= 0.999: {(c >= 0.999).sum()}/{n}")
     line("port fixed FFHQ warp (128 px) vs dlib landmark chip", cos(e_fixed, ref_img))
     line("port landmark warp (128 px, same landmarks) vs dlib", cos(e_lm, ref_img))
     e = F.normalize(torch.from_numpy(ref_img), dim=-1)
@@ -190,20 +191,11 @@ def lfw(fr: DlibFaceRecognizer, batch: int = 64) -> None:
 def speed(fr: DlibFaceRecognizer) -> None:
     x = torch.rand(16, 3, 128, 128) * 2 - 1
     with torch.no_grad():
-        fr.embed(x)
-        ts = []
-        for _ in range(5):
-            t = time.perf_counter()
-            fr.embed(x)
-            ts.append(time.perf_counter() - t)
+        fwd = time_ms(lambda: fr.embed(x), 5)
     xg = x.clone().requires_grad_()
-    tb = []
-    for _ in range(3):
-        t = time.perf_counter()
-        identity_loss(fr.embed(xg), fr.embed(x).detach()).sum().backward()
-        tb.append(time.perf_counter() - t)
-    print(f"speed ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads): embed batch 16 "
-          f"@128 px: {np.median(ts) * 1000:.0f} ms (no grad), {np.median(tb) * 1000:.0f} ms forward+backward to the image")
+    bwd = time_ms(lambda: identity_loss(fr.embed(xg), fr.embed(x).detach()).sum().backward(), 3, warmup=0)
+    print(f"speed ({machine()}): embed batch 16 @128 px: {fwd:.0f} ms (no grad), {bwd:.0f} ms forward+backward to "
+          "the image")
 
 
 def main() -> None:

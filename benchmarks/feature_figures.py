@@ -28,13 +28,20 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
-from clrface.data.io import load_image
+from clrface.bench import undo_camera_motion
+from clrface.data.io import data_root, load_image, to_model_range
 from clrface.demo import demo_image
-from clrface.restorer import Restorer
+from clrface.export import export_restorer
+from clrface.faces.align import align_faces
+from clrface.onnx_runtime import OnnxRestorer, to_uint8
+from clrface.restorer import Restorer, face_noise
+from clrface.serve import make_server
+from clrface.video_io import read_video
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = data_root()
 LABEL_H = 18
 MAX_WIDTH = 1400
 
@@ -91,25 +98,19 @@ def fig_bg(r: Restorer) -> Image.Image:
     x0, y0, x1, y1 = res.faces[0].box
     m = 0.4 * max(x1 - x0, y1 - y0)
     box = [int(max(0, x0 - m)), int(max(0, y0 - m)), int(min(w, x1 + m)), int(min(h, y1 + m))]
-    near = Image.fromarray(photo).crop(box).resize((2 * (box[2] - box[0]), 2 * (box[3] - box[1])), Image.Resampling.NEAREST)
+    near = Image.fromarray(photo).crop(box).resize((2 * (box[2] - box[0]), 2 * (box[3] - box[1])),
+                                                   Image.Resampling.NEAREST)
     out = Image.fromarray(res.image).crop([2 * v for v in box])
     return hstack([labelled(np.asarray(near), "input (nearest x2)"),
                    labelled(np.asarray(out), "--bg-upscale 2: lanczos background + restored face")])
 
 
 def video_frames(path: Path, n: int) -> list[np.ndarray]:
-    from clrface.video_io import read_video
-
     _, it = read_video(path)
     return [f for _, f in zip(range(n), it)]
 
 
 def fig_video(r: Restorer, video_dir: Path) -> Image.Image:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from video_flicker import unshift  # the clip's known motion, undone
-
-    from clrface.faces.align import align_faces
-
     rows = []
     clip = video_frames(video_dir / "clip.mp4", 5)
     _, info = align_faces(clip[0], 128, max_faces=1)[0]
@@ -117,7 +118,7 @@ def fig_video(r: Restorer, video_dir: Path) -> Image.Image:
     x1, y1 = np.ceil(info.quad.max(0)).astype(int)
     for name, label in (("clip.mp4", "input"), ("irn-nostab.mp4", "irn, no stabilisation"),
                         ("irn-stab.mp4", "irn, stabilised (default)")):
-        frames = unshift(video_frames(video_dir / name, 5))
+        frames = undo_camera_motion(video_frames(video_dir / name, 5))
         crops = [np.clip(np.rint(f[y0:y1, x0:x1]), 0, 255).astype(np.uint8) for f in frames]
         diff = np.clip(16 * np.abs(frames[4] - frames[3])[y0:y1, x0:x1], 0, 255).astype(np.uint8)
         rows.append(hstack([labelled(c, f"{label}, t={t}" if t == 1 else f"t={t}") for t, c in enumerate(crops[1:5], 1)]
@@ -126,18 +127,9 @@ def fig_video(r: Restorer, video_dir: Path) -> Image.Image:
 
 
 def fig_onnx(r: Restorer, work: Path) -> Image.Image:
-    from clrface.export import export_restorer
-    from clrface.onnx_runtime import OnnxRestorer
-
-    from clrface.faces.align import align_faces
-
     crop = align_faces(demo_upload(), r.resolution, max_faces=1)[0][0]
     # the ONNX path has no identity guidance: compare the full pipeline with guidance 0 (IRN -> prior -> decode),
     # from the same start noise (the ONNX runtime draws its own with numpy otherwise)
-    from clrface.onnx_runtime import to_uint8
-    from clrface.data.io import to_model_range
-    from clrface.restorer import face_noise
-
     x = to_model_range(crop[None])
     o = r.options(mode="full", guidance_scale=0.0, seed=0)
     torch_out = to_uint8(r.restore_faces(x, o).restored[0, 0].numpy())
@@ -173,18 +165,16 @@ def fig_batch(work: Path) -> Image.Image:
 def fig_webui(r: Restorer, work: Path) -> Image.Image | None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.common.by import By
-        from selenium.webdriver.support.ui import WebDriverWait
+    try:  # optional: the web-page figure needs selenium (pip install -e '.[browser]')
+        from selenium import webdriver  # noqa: PLC0415
+        from selenium.webdriver.common.by import By  # noqa: PLC0415
+        from selenium.webdriver.support.ui import WebDriverWait  # noqa: PLC0415
     except ImportError:
         print("webui: selenium not installed; skipped", file=sys.stderr)
         return None
     if not (chromium and driver):
         print("webui: chromium / chromedriver not found; skipped", file=sys.stderr)
         return None
-    from clrface.serve import make_server
-
     srv = make_server(r, "127.0.0.1", 0, quiet=True)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     photo = work / "astronaut_lq.jpg"
@@ -217,16 +207,15 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=["api", "bg", "video", "onnx", "batch", "webui"])
     ap.add_argument("--video-dir", default="runs/video-flicker")
     args = ap.parse_args()
-    import torch
-
     torch.set_num_threads(2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     r = Restorer.from_pretrained()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        makers = {"api": lambda: fig_api(r), "bg": lambda: fig_bg(r), "video": lambda: fig_video(r, Path(args.video_dir)),
-                  "onnx": lambda: fig_onnx(r, work), "batch": lambda: fig_batch(work), "webui": lambda: fig_webui(r, work)}
+        makers = {"api": lambda: fig_api(r), "bg": lambda: fig_bg(r),
+                  "video": lambda: fig_video(r, Path(args.video_dir)), "onnx": lambda: fig_onnx(r, work),
+                  "batch": lambda: fig_batch(work), "webui": lambda: fig_webui(r, work)}
         for name in args.only:
             fig = makers[name]()
             if fig is not None:

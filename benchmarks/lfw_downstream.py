@@ -1,4 +1,4 @@
-"""Face recognition on restored LFW faces (paper Table 5 analogue; issue 8 item 4).
+"""Face recognition on restored LFW faces (paper Table 5 analogue).
 
     python benchmarks/lfw_downstream.py --model runs/pack --preset x8 --out runs/lfw
     python benchmarks/lfw_downstream.py --model runs/pack --preset bfr --out runs/lfw --limit-pairs 600
@@ -10,8 +10,8 @@ scaled to S (``get_preset("bfr", S)``: x1-x8 at 128 px, blur, noise, JPEG); ``x8
 preset scaled to S (blur sigma 0.025-2.5 px at 128, noise 0-20, no JPEG) with the down-scale fixed to 8 / 16
 (x8 at 128 px is the paper's x32 at 512 px).
 
-Rows: clean, degraded (the S-px LQ input), IRN (mode irn), full model (mode full, the model's restore.json defaults otherwise), plus
-``--row NAME=MODE[:key=val,...]`` as in ``real_world.py``. Per-face noise seeds use the face's position in the
+Rows: clean, degraded (the S-px LQ input), IRN (mode irn), full model (mode full, the model's restore.json defaults
+otherwise), plus ``--row NAME=MODE[:key=val,...]`` as in ``real_world.py``. Per-face noise seeds use the face's position in the
 sorted list of all View-2 images, so ``--limit-pairs`` subsets restore each face exactly as the full run does.
 
 Every face is embedded with the dlib ResNet descriptor (clrface port, 128-d, unit norm) and scored by cosine:
@@ -43,7 +43,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from clrface.bench import embed_faces, machine, resize_square, restore_row, row_options, select_rows, slug
+from clrface.bench import (
+    embed_faces,
+    machine,
+    markdown_table,
+    resize_square,
+    restore_row,
+    row_options,
+    select_rows,
+    slug,
+)
 from clrface.data.degradation import DegradationConfig, degrade, get_preset
 from clrface.data.io import data_root, list_images, load_image, save_image
 from clrface.device import resolve_device
@@ -301,21 +310,21 @@ def run(model: str | Path | None, out: str | Path, *, preset: str = "bfr", lfw: 
 
 def format_markdown(result: dict[str, Any]) -> str:
     m, p = result["meta"], result["protocol"]
-    lines = [f"\n**LFW, preset {m['preset']}** ({result['n_images']} images, {m['resolution']} px)\n",
-             "| row | verification acc ↑ | rank-1 ↑ | rank-3 ↑ | rank-5 ↑ | IDS vs clean ↑ | cos same / diff | s/face |",
-             "|---|---|---|---|---|---|---|---|"]
+    table = []
     for r in result["rows"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['row']} | {r['status']} | | | | | | |")
+            table.append((r["row"], r["status"], "", "", "", "", "", ""))
             continue
         v, i = r["verification"], r["identification"] or {}
         rk = [f"{i[f'rank{k}']:.4f}" if f"rank{k}" in i else "–" for k in RANKS]
         cs = "–" if v["cos_same"] is None or v["cos_diff"] is None else f"{v['cos_same']:.3f} / {v['cos_diff']:.3f}"
         sp = "–" if r["s_per_face"] is None else f"{r['s_per_face']:.3f}"
-        lines.append(f"| {r['row']} | {v['accuracy']:.4f} ± {v['std']:.4f} | {' | '.join(rk)} | "
-                     f"{r['ids_vs_clean']:.4f} | {cs} | {sp} |")
-    lines += ["", f"Verification: {p['verification']}.", f"Identification: {p['identification']}.",
-              f"Input: {p['input']}.", f"Timing: {p['seconds']}."]
+        table.append((r["row"], f"{v['accuracy']:.4f} ± {v['std']:.4f}", *rk, f"{r['ids_vs_clean']:.4f}", cs, sp))
+    columns = ["row", "verification acc ↑", *(f"rank-{k} ↑" for k in RANKS), "IDS vs clean ↑", "cos same / diff",
+               "s/face"]
+    lines = [f"\n**LFW, preset {m['preset']}** ({result['n_images']} images, {m['resolution']} px)\n",
+             markdown_table(columns, table), "", f"Verification: {p['verification']}.",
+             f"Identification: {p['identification']}.", f"Input: {p['input']}.", f"Timing: {p['seconds']}."]
     return "\n".join(lines)
 
 

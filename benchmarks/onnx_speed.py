@@ -1,8 +1,8 @@
-"""Torch vs onnxruntime, per face (issue 9, item 5): the same restore of aligned faces in both runtimes.
+"""Torch vs onnxruntime, per face: the same restore of aligned faces in both runtimes.
 
     python benchmarks/onnx_speed.py --model default --threads 1 --reps 3 [--onnx DIR] [--md docs/RESULTS.md]
 
-The faces are the demo portrait's face (``pipeline.demo_image()``), FFHQ-aligned at the model's S and degraded
+The faces are the demo portrait's face (``clrface.demo.demo_image()``), FFHQ-aligned at the model's S and degraded
 with the bfr preset, repeated to 1 and ``--batch`` (16) faces. Modes: ``irn`` and ``prior`` (the model's default
 fidelity, so sigma_start from its fidelity map, ``--steps`` Heun steps = 2 steps - 1 denoiser calls). Columns, ms
 per face, median of ``--reps`` runs after one warm-up run:
@@ -21,43 +21,26 @@ appended to that file under a header naming the machine and the exact command.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
-import shlex
-import statistics
 import sys
 import tempfile
-import time
-from pathlib import Path
-from typing import Callable
 
 import numpy as np
+import onnxruntime
 import torch
 
-from clrface.onnx_runtime import OnnxRestorer
+from clrface.bench import command_line, header, markdown_table, time_ms
+from clrface.data.degradation import degrade, get_preset
 from clrface.data.io import to_model_range
-from clrface.demo import demo_image
+from clrface.demo import DEMO_SEED, demo_image
+from clrface.export import export_restorer
+from clrface.faces.align import align_faces
+from clrface.onnx_runtime import OnnxRestorer
 from clrface.options import RestoreOptions
 from clrface.restorer import Restorer, face_noise
 
 
-def time_ms(fn: Callable[[], object], reps: int) -> float:
-    """Median wall time of ``fn()`` in ms over ``reps`` runs after one warm-up run."""
-    fn()
-    ts = []
-    for _ in range(max(int(reps), 1)):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
-
-
 def demo_faces(size: int, n: int) -> torch.Tensor:
     """[n,3,S,S] in [-1,1]: the bfr-degraded demo face, repeated (content does not change the cost)."""
-    from clrface.data.degradation import degrade, get_preset
-    from clrface.faces.align import align_faces
-    from clrface.demo import DEMO_SEED
-
     crop = align_faces(demo_image(), size, max_faces=1)[0][0]
     lq, _ = degrade(crop, get_preset("bfr", size), DEMO_SEED)
     return to_model_range(np.repeat(lq[None], n, 0))
@@ -87,25 +70,10 @@ def measure(restorer: Restorer, runtime: OnnxRestorer, x: torch.Tensor, o: Resto
         "torch nets": time_ms(lambda: torch_nets(restorer, x, o, noise), reps) / b,
         "onnxruntime": time_ms(lambda: runtime.restore_faces(xo, oo, noise=noise.numpy()[:, None]), reps) / b,
     }
-    ref = restorer.restore_faces(x, o)["restored"][:, 0].numpy()
+    ref = restorer.restore_faces(x, o).restored[:, 0].numpy()
     out["max |diff|"] = float(np.abs(runtime.restore_faces(xo, oo, noise=noise.numpy()[:, None])["restored"][:, 0]
                                      - ref).max())
     return out
-
-
-def machine(threads: int) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import onnxruntime
-
-    return (f"{cpu}, {threads} thread(s), torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
-            f"{datetime.date.today().isoformat()}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,8 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.onnx
         if folder is None:
-            from clrface.export import export_restorer
-
             folder = str(export_restorer(restorer, tmp).parent)
         runtime = OnnxRestorer(folder, threads=args.threads)
         faces = demo_faces(restorer.resolution, args.batch)
@@ -135,18 +101,17 @@ def main(argv: list[str] | None = None) -> int:
             for b in (1, args.batch):
                 t = measure(restorer, runtime, faces[:b], o, args.reps)
                 sigma = o.resolve(restorer.fidelity_map)[0] if mode == "prior" else 0.0
-                label = "irn" if mode == "irn" else f"prior, Heun {args.steps} ({2 * args.steps - 1} NFE, sigma_start {sigma:.3g})"
+                label = ("irn" if mode == "irn"
+                         else f"prior, Heun {args.steps} ({2 * args.steps - 1} NFE, sigma_start {sigma:.3g})")
                 rows.append((label, b, t))
                 print(f"{label}, {b} face(s): " + ", ".join(f"{k} {v:.4g}" for k, v in t.items()), file=sys.stderr)
 
-    cmd = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    lines = [f"ONNX vs torch, ms per face, median of {args.reps} runs ({machine(args.threads)}):", "", f"    {cmd}", "",
-             "| mode | faces | torch restore_faces (incl. id scores) | torch nets | onnxruntime | nets / ORT "
-             "| max abs diff |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for label, b, t in rows:
-        lines.append(f"| {label} | {b} | {t['torch restore_faces']:.0f} | {t['torch nets']:.0f} | "
-                     f"{t['onnxruntime']:.0f} | {t['torch nets'] / t['onnxruntime']:.2f}x | {t['max |diff|']:.1e} |")
-    table = "\n".join(lines)
+    env = header("cpu", args.threads, command_line(argv)) + f"; onnxruntime {onnxruntime.__version__}"
+    cells = [(label, b, f"{t['torch restore_faces']:.0f}", f"{t['torch nets']:.0f}", f"{t['onnxruntime']:.0f}",
+              f"{t['torch nets'] / t['onnxruntime']:.2f}x", f"{t['max |diff|']:.1e}") for label, b, t in rows]
+    table = (f"ONNX vs torch, ms per face, median of {args.reps} runs\n\n{env}\n\n"
+             + markdown_table(["mode", "faces", "torch restore_faces (incl. id scores)", "torch nets", "onnxruntime",
+                               "nets / ORT", "max abs diff"], cells))
     print(table)
     if args.md:
         with open(args.md, "a") as f:

@@ -9,19 +9,19 @@
    ~0 px means our quad + affine reproduce build_data.py's geometry.
 3. Speed: paste one 512 px crop into a 2000 x 2000 photo.
 
-    .venv/bin/python benchmarks/paste_roundtrip.py [--data /work/shared/data] [--val 100] [--save out/paste]
+    .venv/bin/python benchmarks/paste_roundtrip.py [--data ../shared/data] [--val 100] [--save out/paste]
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from clrface.data.io import list_images, load_image, save_image
+from clrface.bench import time_ms
+from clrface.data.io import data_root, list_images, load_image, save_image
 from clrface.faces.align import align_affine, align_faces, apply_affine, crop_corners, ffhq_quad, warp_face
 from clrface.faces.detect import detect_faces
 from clrface.faces.paste import paste_faces, paste_mask
@@ -41,9 +41,8 @@ def round_trip(data: Path, size: int, save: Path | None) -> None:
         photo = load_image(path)
         aligned = align_faces(photo, size)
         affines = [a.affine for _, a in aligned]
-        t = time.perf_counter()
+        dt = time_ms(lambda: paste_faces(photo, [c for c, _ in aligned], affines), 1, warmup=0) / 1e3
         out = paste_faces(photo, [c for c, _ in aligned], affines)
-        dt = time.perf_counter() - t
         sharp_crops = [warp_face(photo, m, size, resample="bicubic") for m in affines]
         sharp = paste_faces(photo, sharp_crops, affines, interpolation="bicubic")
         # what `clrface restore` does: build_data's bilinear warp to align, bicubic paste back
@@ -88,22 +87,22 @@ def identity(data: Path, n: int) -> None:
     o = np.array(offs)
     print(f"signed bias: centre dx {o[:, 0].mean():+.2f} dy {o[:, 1].mean():+.2f} px, side {o[:, 2].mean():+.2f} px "
           f"(std {o[:, 0].std():.2f} {o[:, 1].std():.2f} {o[:, 2].std():.2f})")
-    print(f"mean corner error {e.mean():.2f} px (median {np.median(e):.2f}, 90th pct {np.percentile(e, 90):.2f}) in 128 px crops")
+    print(f"mean corner error {e.mean():.2f} px (median {np.median(e):.2f}, 90th pct {np.percentile(e, 90):.2f}) "
+          "in 128 px crops")
 
 
 def speed(data: Path, size: int) -> None:
     photo = load_image(data / "real_lq" / "whole" / "gfpgan_00.jpg")
     big = np.asarray(Image.fromarray(photo).resize((2000, 2000), Image.Resampling.BICUBIC))
     (crop, a), *_ = align_faces(big, size)
-    t = time.perf_counter()
-    paste_faces(big, [crop], [a.affine])
-    dt = time.perf_counter() - t
-    print(f"== speed: one {size} px face (quad {np.linalg.norm(a.quad[3] - a.quad[0]):.0f} px) into 2000x2000: {dt:.3f} s")
+    dt = time_ms(lambda: paste_faces(big, [crop], [a.affine]), 3) / 1e3
+    side = np.linalg.norm(a.quad[3] - a.quad[0])
+    print(f"== speed: one {size} px face (quad {side:.0f} px) into 2000x2000: {dt:.3f} s")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=Path("/work/shared/data"))
+    ap.add_argument("--data", type=Path, default=data_root(), help="the shared data folder (default: $CLRFACE_DATA)")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--val", type=int, default=500, help="faces128/val images for the identity check")
     ap.add_argument("--save", type=Path, default=None, help="folder for the pasted photos")

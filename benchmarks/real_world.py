@@ -1,4 +1,4 @@
-"""Real-world faces without ground truth (paper Table 3 analogue; issue 8 item 3).
+"""Real-world faces without ground truth (paper Table 3 analogue).
 
     python benchmarks/real_world.py --model runs/pack --out runs/real_world
     python benchmarks/real_world.py --model runs/pack --out runs/real_world \\
@@ -9,7 +9,8 @@ with PIL bicubic, antialiased) and every face that ``clrface.faces.align_faces``
 quad) finds in ``real_lq/whole``, aligned directly at S px. Each subset and their union ("all") gets a table.
 
 Rows: the S-px input itself ("bicubic input"), VQVAE-direct G(Q(E(x_d))) (mode direct), the IRN alone (mode irn),
-the full model (mode full, the model's restore.json defaults otherwise), plus any ``--row NAME=MODE[:key=val,...]`` (RestoreOptions
+the full model (mode full, the model's restore.json defaults otherwise), plus any ``--row NAME=MODE[:key=val,...]``
+(RestoreOptions
 fields, and ``mask=off`` to drop the learned latent mask).
 
 Columns:
@@ -40,7 +41,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from clrface.bench import embed_faces, machine, resize_square, restore_row, row_options, select_rows, slug, to_tensor
+from clrface.bench import (
+    embed_faces,
+    machine,
+    markdown_table,
+    resize_square,
+    restore_row,
+    row_options,
+    select_rows,
+    slug,
+    to_tensor,
+)
 from clrface.data.io import data_root, list_images, load_image, save_image
 from clrface.device import resolve_device
 from clrface.errors import ClrfaceError
@@ -228,16 +239,17 @@ def format_markdown(result: dict[str, Any]) -> str:
     lines = []
     for g in groups:
         n = next(r["subsets"][g]["n"] for r in rows if r.get("status") == "ok")
-        lines += [f"\n**{g}** ({n} faces, {result['meta']['resolution']} px)\n",
-                  "| row | FID ↓ | Laplacian var | noise σ̂ | excess Lap. var | ID cos vs input ↑ | s/face |",
-                  "|---|---|---|---|---|---|---|"]
+        table = []
         for r in rows:
             if r.get("status") != "ok":
-                lines.append(f"| {r['row']} | {r['status']} | | | | | |")
+                table.append((r["row"], r["status"], "", "", "", "", ""))
                 continue
             v = r["subsets"][g]
-            lines.append(f"| {r['row']} | {_fmt(v['fid'], 1)} | {v['laplacian_var']:.1f} | {v['noise_sigma']:.2f} | "
-                         f"{v['excess_laplacian_var']:.1f} | {v['id_vs_input']:.4f} | {r['s_per_face']:.3f} |")
+            table.append((r["row"], _fmt(v["fid"], 1), f"{v['laplacian_var']:.1f}", f"{v['noise_sigma']:.2f}",
+                          f"{v['excess_laplacian_var']:.1f}", f"{v['id_vs_input']:.4f}", f"{r['s_per_face']:.3f}"))
+        lines += [f"\n**{g}** ({n} faces, {result['meta']['resolution']} px)\n",
+                  markdown_table(["row", "FID ↓", "Laplacian var", "noise σ̂", "excess Lap. var", "ID cos vs input ↑",
+                                  "s/face"], table)]
     p = result["protocol"]
     lines += ["", f"FID: {p['fid']}.", f"No-reference: {p['noref']}.", f"Identity: {p['identity']}.",
               f"Timing: {p['seconds']}."]

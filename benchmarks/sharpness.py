@@ -1,5 +1,5 @@
 """Where a restore loses detail: Laplacian variance and PSNR of the GT, the LQ input, the VQGAN's reconstruction of
-the GT, the IRN's output and its VQGAN reconstruction, on the first N faces of a test set (issue 6, "sharper faces").
+the GT, the IRN's output and its VQGAN reconstruction, on the first N faces of a test set.
 
     python benchmarks/sharpness.py --model default --testset runs/testset-val-bfr --limit 50
     python benchmarks/sharpness.py --model default --testset runs/testset-val-bfr --limit 50 \\
@@ -16,9 +16,8 @@ from pathlib import Path
 
 import torch
 
+from clrface.bench import header, load_faces, markdown_table
 from clrface.checkpoint import load_weights
-from clrface.data.datasets import load_face_folder
-from clrface.data.io import to_model_range
 from clrface.metrics.noref import laplacian_variance
 from clrface.metrics.psnr_ssim import psnr
 from clrface.restorer import Restorer
@@ -30,7 +29,8 @@ def sharpness_rows(restorer: Restorer, lq: torch.Tensor, gt: torch.Tensor) -> di
         x_id = restorer.run_irn(lq)
         outs = {"GT": gt, "LQ input": lq, "VQGAN G(Q(E(GT)))": restorer.decode(restorer.encode(gt)),
                 "IRN(LQ)": x_id, "VQGAN of IRN(LQ)": restorer.decode(restorer.encode(x_id))}
-    return {k: (laplacian_variance(v.float()).mean().item(), psnr(v.float(), gt).mean().item()) for k, v in outs.items()}
+    return {k: (laplacian_variance(v.float()).mean().item(), psnr(v.float(), gt).mean().item())
+            for k, v in outs.items()}
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -49,11 +49,10 @@ def main(argv: list[str] | None = None) -> str:
     if args.irn:
         load_weights(args.irn, r.irn)
     t = Path(args.testset)
-    lq = to_model_range(load_face_folder(t / "lq", limit=args.limit))
-    gt = to_model_range(load_face_folder(t / "gt", limit=args.limit))
-    lines = ["| image | Laplacian var | PSNR vs GT (dB) |", "|---|---:|---:|"]
-    lines += [f"| {k} | {lv:.1f} | {'—' if k == 'GT' else f'{p:.2f}'} |" for k, (lv, p) in sharpness_rows(r, lq, gt).items()]
-    report = "\n".join(lines)
+    lq = load_faces(t / "lq", limit=args.limit)
+    gt = load_faces(t / "gt", limit=args.limit)
+    rows = [(k, f"{lv:.1f}", "—" if k == "GT" else f"{p:.2f}") for k, (lv, p) in sharpness_rows(r, lq, gt).items()]
+    report = header() + "\n\n" + markdown_table(["image", "Laplacian var", "PSNR vs GT (dB)"], rows)
     print(report)
     return report
 

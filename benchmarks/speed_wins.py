@@ -1,4 +1,4 @@
-"""Cheap CPU speed-ups measured one at a time (issue 10 item 2): each variant against the same fp32 baseline.
+"""Cheap CPU speed-ups measured one at a time: each variant against the same fp32 baseline.
 
     python benchmarks/speed_wins.py --model default --fast fast --threads 2 --reps 5
 
@@ -21,17 +21,14 @@ import argparse
 import dataclasses
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from restore_speed import time_ms  # noqa: E402  (median after a warm-up, the stage table's timer)
-
-from clrface.faces.align import align_faces
+from clrface.bench import time_ms
 from clrface.data.io import to_model_range
 from clrface.demo import demo_image
-from clrface.options import RestoreOptions
+from clrface.faces.align import align_faces
+from clrface.identity.facerec import load_facerec
 from clrface.restorer import Restorer
 
 
@@ -66,8 +63,6 @@ def main() -> None:
     ap.add_argument("--variants", nargs="*", default=["baseline", "bf16", "channels_last", "compile"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from clrface.identity.facerec import load_facerec
-
     facerec = load_facerec()
     crop = align_faces(demo_image(), 128, max_faces=1)[0][0]
     x1 = to_model_range(crop[None])
@@ -76,7 +71,8 @@ def main() -> None:
     if args.heun:
         work.append(("full, Heun-10 (19 guided NFE)", args.model, {**full, "steps": 10}))
     if args.fast:
-        work.append(("full, distilled Euler-1 (1 guided NFE; --model fast)", args.fast, {**full, "steps": 1, "sampler": "euler"}))
+        work.append(("full, distilled Euler-1 (1 guided NFE; --model fast)", args.fast,
+                     {**full, "steps": 1, "sampler": "euler"}))
     rows, base = [], {}
     for v in args.variants:
         for label, model, opts in work:

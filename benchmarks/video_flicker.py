@@ -1,14 +1,15 @@
-"""Temporal flicker of video restoration, with and without stabilisation (issue 9 item 2).
+"""Temporal flicker of video restoration, with and without stabilisation.
 
     python benchmarks/video_flicker.py --out runs/video-flicker                     # irn, prior, full
     python benchmarks/video_flicker.py --modes irn --frames 12 --out runs/vf-quick
 
-The clip is built from one still photo (default: the public-domain astronaut portrait, ``pipeline.demo_image``,
+The clip is built from one still photo (default: the public-domain astronaut portrait, ``clrface.demo.demo_image``,
 resized to ``--size``): the photo is degraded once with the bfr preset at ``--seed`` (its spatial ranges scaled
 to the face's FFHQ quad side, so they mean what they mean for a 512 px face crop), then frame t is that degraded
 photo translated by a known offset (dx_t, dy_t) = (2 sin(2 pi t / 12), sin(2 pi t / 8)) px, rounded (cubic
-spline with --subpixel) plus fresh Gaussian noise of std ``--noise`` (0-255 scale). A static scene under a moving camera: after
-undoing the known motion, every frame should be the same, so whatever changes from frame to frame is flicker.
+spline with --subpixel) plus fresh Gaussian noise of std ``--noise`` (0-255 scale). A static scene under a moving
+camera: after undoing the known motion, every frame should be the same, so whatever changes from frame to frame
+is flicker.
 
 Each mode (``--modes``; the shipped default model's options otherwise) restores the clip twice through
 ``clrface.video.VideoRestorer`` (in memory, no codec in the loop): ``--no-stabilize`` (each frame an independent
@@ -36,41 +37,27 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import time
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-import scipy.ndimage
 import torch
 from PIL import Image
 
+from clrface.bench import camera_offset, command_line, header, machine, markdown_table, shift_image, undo_camera_motion
 from clrface.data.degradation import degrade, get_preset
-from clrface.faces.align import align_faces, warp_face
-from clrface.faces.paste import paste_mask
 from clrface.data.io import to_model_range
 from clrface.demo import demo_image
+from clrface.faces.align import align_faces, warp_face
+from clrface.faces.paste import paste_mask
 from clrface.restorer import Restorer
 from clrface.video import StabilizeConfig, VideoRestorer, quad_side
 from clrface.video_io import VideoWriter
 
 
-SUBPIXEL = False  # --subpixel: keep the fractional offsets (undoing them then blurs; see the module docstring)
-
-
-def offsets(t: int) -> tuple[float, float]:
-    """Known camera motion of frame t: (dx, dy) in pixels, rounded to whole pixels unless SUBPIXEL."""
-    dx, dy = 2.0 * np.sin(2 * np.pi * t / 12), 1.0 * np.sin(2 * np.pi * t / 8)
-    return (dx, dy) if SUBPIXEL else (float(round(dx)), float(round(dy)))
-
-
-def shift(img: np.ndarray, dx: float, dy: float) -> np.ndarray:
-    """Translate uint8/float [H, W, 3] by (dx, dy) px (content moves right/down), cubic spline, float32."""
-    return scipy.ndimage.shift(img.astype(np.float32), (dy, dx, 0), order=3, mode="reflect")
-
-
-def make_clip(clean: np.ndarray, frames: int, seed: int, noise: float) -> tuple[list[np.ndarray], dict]:
+def make_clip(clean: np.ndarray, frames: int, seed: int, noise: float, subpixel: bool = False
+              ) -> tuple[list[np.ndarray], dict]:
     found = align_faces(clean, 512, max_faces=1)
     if not found:
         raise SystemExit("no face in the clean photo")
@@ -79,18 +66,14 @@ def make_clip(clean: np.ndarray, frames: int, seed: int, noise: float) -> tuple[
     rng = np.random.default_rng(seed + 1)
     clip = []
     for t in range(frames):
-        f = shift(degraded, *offsets(t)) + rng.normal(0, noise, degraded.shape).astype(np.float32)
+        f = shift_image(degraded, *camera_offset(t, subpixel)) + rng.normal(0, noise, degraded.shape).astype(np.float32)
         clip.append(np.clip(np.rint(f), 0, 255).astype(np.uint8))
     return clip, {"quad_side": side, "params": params.to_dict()}
 
 
-def unshift(frames: list[np.ndarray]) -> list[np.ndarray]:
-    return [shift(f, -dx, -dy) for t, f in enumerate(frames) for dx, dy in [offsets(t)]]
-
-
 def score(frames: list[np.ndarray], clean: np.ndarray, region: np.ndarray, affine: np.ndarray,
-          restorer: Restorer) -> dict[str, float]:
-    u = unshift(frames)
+          restorer: Restorer, subpixel: bool = False) -> dict[str, float]:
+    u = undo_camera_motion(frames, subpixel)
     flick = [float(np.abs(a - b)[region].mean()) for a, b in zip(u[1:], u[:-1])]
     s = restorer.resolution
     crops = [warp_face(np.clip(np.rint(f), 0, 255).astype(np.uint8), affine, s, resample="bicubic") for f in u]
@@ -108,7 +91,9 @@ def main() -> None:
     ap.add_argument("--photo", help="a still photo with one face (default: the astronaut portrait)")
     ap.add_argument("--size", type=int, default=384, help="resize the photo's long side to this (default 384)")
     ap.add_argument("--frames", type=int, default=24)
-    ap.add_argument("--seed", type=int, default=5, help="degradation seed (bfr preset; 5: x1.4 down, blur 2.1, noise 8.2, JPEG q53 at the astronaut's 130 px face, found by dlib in every frame)")
+    ap.add_argument("--seed", type=int, default=5,
+                    help="degradation seed (bfr preset; 5: x1.4 down, blur 2.1, noise 8.2, JPEG q53 at the "
+                         "astronaut's 130 px face, found by dlib in every frame)")
     ap.add_argument("--noise", type=float, default=4.0, help="per-frame Gaussian noise std, 0-255 scale")
     ap.add_argument("--modes", default="irn,prior,full", help="comma-separated restore modes")
     ap.add_argument("--latent-blend-modes", default="prior",
@@ -119,8 +104,6 @@ def main() -> None:
     ap.add_argument("--out", default="runs/video-flicker")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    global SUBPIXEL
-    SUBPIXEL = args.subpixel
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -128,7 +111,7 @@ def main() -> None:
     f = args.size / max(photo.shape[:2])
     w, h = round(photo.shape[1] * f) // 2 * 2, round(photo.shape[0] * f) // 2 * 2
     clean = np.asarray(Image.fromarray(photo).resize((w, h), Image.Resampling.LANCZOS))
-    clip, deg = make_clip(clean, args.frames, args.seed, args.noise)
+    clip, deg = make_clip(clean, args.frames, args.seed, args.noise, args.subpixel)
     with VideoWriter(out / "clip.mp4", (w, h), Fraction(12)) as wr:
         for fr in clip:
             wr.write(fr)
@@ -139,12 +122,10 @@ def main() -> None:
     affine = found[0][1].affine
     region = paste_mask(clean.shape[:2], affine, affine_size=s) >= 1.0
     region[:2], region[-2:], region[:, :2], region[:, -2:] = False, False, False, False
-    rows = {"input": score([c.astype(np.float32) for c in clip], clean, region, affine, restorer)}
+    rows = {"input": score([c.astype(np.float32) for c in clip], clean, region, affine, restorer, args.subpixel)}
 
     def save() -> None:  # after every row: a long run killed midway keeps what it measured
-        result = {"command": "python benchmarks/video_flicker.py " + " ".join(
-                      f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)),
-                  "machine": platform.processor() or platform.machine(), "threads": args.threads,
+        result = {"command": command_line(), "machine": machine(), "threads": args.threads,
                   "clip": {"size": [w, h], "frames": args.frames, "noise": args.noise, "degradation": deg},
                   "stabilize_config": dataclasses.asdict(StabilizeConfig()), "rows": rows}
         (out / "video_flicker.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -164,7 +145,7 @@ def main() -> None:
             with VideoWriter(out / f"{name}.mp4", (w, h), Fraction(12)) as wr:
                 for img, _ in res:
                     wr.write(img)
-            row = score([r.astype(np.float32) for r, _ in res], clean, region, affine, restorer)
+            row = score([r.astype(np.float32) for r, _ in res], clean, region, affine, restorer, args.subpixel)
             row.update(s_per_frame=round(sec, 3), faces_per_frame=float(np.mean([n for _, n in res])),
                        sampling=vr.sampling)
             rows[name] = row
@@ -173,20 +154,21 @@ def main() -> None:
 
     save()
     inp = rows["input"]["flicker"]
-    print("\n| mode | stabilised | flicker ↓ (0-255) | vs input | IDS ↑ | PSNR face (dB) | s/frame |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| input (degraded, noisy) | – | {inp:.2f} | 1.00 | {rows['input']['ids']:.4f} | "
-          f"{rows['input']['psnr']:.2f} | – |")
+    table = [("input (degraded, noisy)", "–", f"{inp:.2f}", "1.00", f"{rows['input']['ids']:.4f}",
+              f"{rows['input']['psnr']:.2f}", "–")]
     for name, r in rows.items():
         if name == "input":
             continue
         mode, stab = name.rsplit("-", 1)
         stab = {"nostab": "no", "stab": "yes"}.get(stab, stab.replace("stab+", "yes, "))
-        print(f"| {mode} | {stab} | {r['flicker']:.2f} | {r['flicker'] / inp:.2f} | "
-              f"{r['ids']:.4f} | {r['psnr']:.2f} | {r['s_per_frame']:.2f} |")
+        table.append((mode, stab, f"{r['flicker']:.2f}", f"{r['flicker'] / inp:.2f}", f"{r['ids']:.4f}",
+                      f"{r['psnr']:.2f}", f"{r['s_per_frame']:.2f}"))
+    print("\n" + header() + "\n")
+    print(markdown_table(["mode", "stabilised", "flicker ↓ (0-255)", "vs input", "IDS ↑", "PSNR face (dB)", "s/frame"],
+                         table, align="llrrrrr"))
     for mode in args.modes.split(","):
         a, b = rows.get(f"{mode}-nostab"), rows.get(f"{mode}-stab")
-        if a and b:  # the issue's acceptance: <= 0.5 at equal IDS
+        if a and b:
             print(f"{mode}: stabilised / unstabilised flicker = {b['flicker'] / a['flicker']:.3f}, "
                   f"IDS {b['ids']:.4f} vs {a['ids']:.4f}")
 

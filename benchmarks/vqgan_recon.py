@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 
 from clrface.data.datasets import load_face_folder
-from clrface.data.io import to_model_range, to_uint8
-from clrface.data.io import save_image
+from clrface.data.io import save_image, to_model_range, to_uint8
 from clrface.metrics.evaluate import evaluate_folders
 from clrface.metrics.psnr_ssim import psnr
 from clrface.train.vqgan import load_vqgan

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -10,9 +11,11 @@ from types import ModuleType
 
 import pytest
 import torch
+from PIL import Image
 
 from clrface.checkpoint import save_checkpoint
 from clrface.data.io import DATA_ENV, data_root
+from clrface.demo import demo_image
 from clrface.diffusion.prior import LatentPrior, PriorConfig
 from clrface.diffusion.schedule import ScheduleConfig
 from clrface.diffusion.unet import UNetConfig
@@ -83,6 +86,14 @@ def load_benchmark(name: str) -> ModuleType:
 def benchmark_script() -> Callable[[str], ModuleType]:
     """``benchmark_script("real_world")``: a benchmark script loaded as a module."""
     return load_benchmark
+
+
+@pytest.fixture(scope="session")
+def demo_upload() -> bytes:
+    """The demo portrait degraded as a phone would: 512 -> 256 px bicubic, JPEG q30 (dlib still finds the face)."""
+    buf = io.BytesIO()
+    Image.fromarray(demo_image()).resize((256, 256), Image.Resampling.BICUBIC).save(buf, "JPEG", quality=30)
+    return buf.getvalue()
 
 
 def shared_path(*parts: str) -> Path:

@@ -4,6 +4,10 @@ import re
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
+from clrface import Restorer
+from clrface.demo import demo_image
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -29,11 +33,6 @@ def test_readme_example_runs_and_restores_the_demo_face(capsys):
 
 
 def test_api_accepts_paths_and_pil_and_takes_overrides(tmp_path):
-    from PIL import Image
-
-    from clrface import Restorer
-    from clrface.demo import demo_image
-
     r = Restorer.from_pretrained("default")
     crop = np.asarray(Image.fromarray(demo_image()[40:260, 130:350]).resize((128, 128)))
     Image.fromarray(crop).save(tmp_path / "crop.png")

@@ -2,8 +2,16 @@ import numpy as np
 import pytest
 import torch
 
-from clrface.background import (RealESRGANUpscaler, RRDBNet, RRDBNetConfig, infer_rrdbnet_config, lanczos_upscale,
-                                load_rrdbnet, tile_spans, tiled_apply)
+from clrface.background import (
+    RealESRGANUpscaler,
+    RRDBNet,
+    RRDBNetConfig,
+    infer_rrdbnet_config,
+    lanczos_upscale,
+    load_rrdbnet,
+    tile_spans,
+    tiled_apply,
+)
 from clrface.errors import CheckpointError
 
 TINY = dict(num_feat=8, num_block=2, num_grow_ch=4)

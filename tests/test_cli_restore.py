@@ -101,8 +101,9 @@ def test_never_overwrites_inputs(tmp_path, model_dir, capsys):
 
 def test_help_names_every_flag():
     text = build_parser()._subparsers._group_actions[0].choices["restore"].format_help()
-    for flag in ("--model", "--aligned", "--upscale", "--bg-upscale", "--bg-model", "--bg-tile", "--fidelity", "--steps", "--sampler", "--seed", "--samples",
-                 "--device", "--dtype", "--batch-size", "--mode", "--output"):
+    for flag in ("--model", "--aligned", "--upscale", "--bg-upscale", "--bg-model", "--bg-tile", "--fidelity",
+                 "--steps", "--sampler", "--seed", "--samples", "--device", "--dtype", "--batch-size", "--mode",
+                 "--output"):
         assert flag in text
     assert "sigma_start" in text and "guidance" in text  # the fidelity mapping is documented
     fm = FidelityMap()  # ... with the numbers the code uses

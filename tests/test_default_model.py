@@ -2,11 +2,15 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from clrface.data.datasets import load_face_folder, to_model_range
 from clrface.data.degradation import degrade_batch, get_preset
+from clrface.demo import demo_image
+from clrface.metrics.noref import colorfulness
 from clrface.metrics.psnr_ssim import psnr
 from clrface.restorer import Restorer
 
@@ -45,13 +49,6 @@ def test_fine_tuned_models_load_by_name_on_the_default_base(restorer, name, colo
 
 
 def test_colorize_model_colours_a_gray_face(restorer):
-    from clrface.metrics.noref import colorfulness
-
-    import numpy as np
-    from PIL import Image
-
-    from clrface.demo import demo_image
-
     face = np.array(Image.fromarray(demo_image()[40:260, 130:350]).convert("L").resize((128, 128)))
     gray = torch.from_numpy(face).float().div(127.5).sub(1)[None, None].expand(1, 3, -1, -1)
     col = Restorer.from_pretrained("colorize", facerec=restorer.facerec)

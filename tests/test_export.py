@@ -12,17 +12,22 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+import onnx
+import onnxruntime as ort
+
+from clrface import onnx_runtime as rt  # noqa: E402
 from clrface.cli import main  # noqa: E402
+from clrface.data.degradation import degrade, get_preset
+from clrface.data.io import to_model_range
+from clrface.data.io import to_uint8 as torch_to_uint8
+from clrface.demo import DEMO_SEED, demo_image
 from clrface.diffusion import sampler as torch_sampler  # noqa: E402
 from clrface.diffusion.schedule import ScheduleConfig, karras_sigmas, sigmas_from  # noqa: E402
 from clrface.errors import CheckpointError, ClrfaceError  # noqa: E402
 from clrface.export import GRAPH_IO, export_graph, graph_modules  # noqa: E402
+from clrface.faces.align import align_faces
 from clrface.onnx_runtime import OnnxOptions, OnnxRestorer, face_noise, to_uint8  # noqa: E402
-from clrface import onnx_runtime as rt  # noqa: E402
-from clrface.data.io import to_model_range
-from clrface.data.io import to_uint8 as torch_to_uint8
-from clrface.demo import demo_image
-from clrface.options import FidelityMap, RestoreOptions
+from clrface.options import SAMPLER_NAMES, FidelityMap, RestoreOptions
 from clrface.restorer import Restorer  # noqa: E402
 from clrface.restorer import face_noise as torch_face_noise  # noqa: E402
 
@@ -49,9 +54,6 @@ def runtime(exported) -> OnnxRestorer:
 @pytest.fixture(scope="module")
 def demo_faces() -> np.ndarray:
     """uint8 [2,128,128,3]: the demo portrait's face aligned at 128 px, and its bfr-degraded version."""
-    from clrface.data.degradation import get_preset, degrade
-    from clrface.faces.align import align_faces
-    from clrface.demo import DEMO_SEED
 
     crop = align_faces(demo_image(), 128, max_faces=1)[0][0]
     lq, _ = degrade(crop, get_preset("bfr", 128), DEMO_SEED)
@@ -59,8 +61,6 @@ def demo_faces() -> np.ndarray:
 
 
 def test_runtime_json_and_opset(exported, restorer):
-    import onnx
-
     spec = json.loads((exported / "runtime.json").read_text())
     pc = restorer.prior.config
     assert spec["resolution"] == 128 and spec["latent_size"] == 32 and spec["latent_channels"] == 3
@@ -150,11 +150,12 @@ def test_samplers_and_schedule_match_torch_ports():
     cfg = ScheduleConfig(sigma_min=0.002, sigma_max=20.0, rho=7.0)
     sched = {"sigma_min": 0.002, "sigma_max": 20.0, "rho": 7.0}
     for start, steps in ((20.0, 10), (2.0, 5), (0.001, 3), (0.0, 3), (35.0, 1)):
-        np.testing.assert_allclose(rt.sigmas_from(sched, start, steps), sigmas_from(cfg, start, steps).numpy(), rtol=1e-6)
+        np.testing.assert_allclose(rt.sigmas_from(sched, start, steps), sigmas_from(cfg, start, steps).numpy(),
+                                   rtol=1e-6)
     np.testing.assert_allclose(rt.karras_sigmas(40, 0.002, 80.0), karras_sigmas(40, 0.002, 80.0).numpy(), rtol=1e-6)
     x = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 5
     sig = karras_sigmas(6, 0.002, 5.0)
-    for name in rt.SAMPLERS:
+    for name in SAMPLER_NAMES:
         ref = torch_sampler.SAMPLERS[name](ideal_t, x, sig)
         out = rt.SAMPLER_FNS[name](ideal_n, x.numpy(), sig.numpy())
         assert out.dtype == np.float32
@@ -184,8 +185,6 @@ def test_onnx_runtime_imports_without_torch():
 @pytest.mark.slow
 def test_legacy_torchscript_exporter_agrees(tmp_path, restorer):
     mods = graph_modules(restorer.vqgan, restorer.prior, restorer.irn)
-    import onnxruntime as ort
-
     for name, (module, args) in mods.items():
         path = export_graph(module, args, tmp_path / f"{name}.onnx", *GRAPH_IO[name], dynamo=False)
         a3 = tuple(torch.cat([a, a[:1]]) for a in args)

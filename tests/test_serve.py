@@ -18,19 +18,12 @@ import torch
 from PIL import Image
 
 from clrface.cli import build_parser
-from clrface.errors import ClrfaceError
 from clrface.demo import demo_image
+from clrface.errors import ClrfaceError
 from clrface.restorer import Restorer
 from clrface.serve import ServeLimits, make_server, parse_options
 
 MAX_BYTES = 1 << 20  # 1 MiB here, so that an oversized upload is cheap to send
-
-
-def demo_upload() -> bytes:
-    """The demo portrait degraded as a phone would: 512 -> 256 px bicubic, JPEG q30 (dlib still finds the face)."""
-    buf = io.BytesIO()
-    Image.fromarray(demo_image()).resize((256, 256), Image.Resampling.BICUBIC).save(buf, "JPEG", quality=30)
-    return buf.getvalue()
 
 
 def png_bomb(side: int = 20000) -> bytes:
@@ -95,8 +88,8 @@ def test_page_and_info(server):
     assert request(server, "GET", "/nope")[0] == 404
 
 
-def test_restores_demo_photo(server):
-    data = demo_upload()
+def test_restores_demo_photo(demo_upload, server):
+    data = demo_upload
     st, hdr, body = post(server, data, "fidelity=0.5&steps=10&seed=0&mode=irn",
                          headers={"Content-Type": "application/octet-stream"})
     assert st == 200 and hdr["Content-Type"] == "application/json"
@@ -139,9 +132,9 @@ def _oversize_claim(srv) -> tuple[int, bytes]:
     return int(head.split()[1]), body
 
 
-def test_bad_uploads_are_refused_and_server_keeps_serving(server, tmp_path, monkeypatch):
+def test_bad_uploads_are_refused_and_server_keeps_serving(demo_upload, server, tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the only place the server may write
-    good = demo_upload()
+    good = demo_upload
     png = io.BytesIO()
     Image.fromarray(demo_image()).save(png, "PNG")
     truncated = png.getvalue()[: len(png.getvalue()) // 3]
@@ -179,10 +172,10 @@ def test_bad_uploads_are_refused_and_server_keeps_serving(server, tmp_path, monk
     assert list(tmp_path.iterdir()) == []  # each upload's temporary folder is gone
 
 
-def test_host_and_origin_guards(server):
+def test_host_and_origin_guards(demo_upload, server):
     assert request(server, "GET", "/", headers={"Host": "attacker.example:7860"})[0] == 403
     assert request(server, "GET", "/", headers={"Host": "localhost:7860"})[0] == 200
-    st, _, body = post(server, demo_upload(), headers={"Origin": "http://attacker.example"})
+    st, _, body = post(server, demo_upload, headers={"Origin": "http://attacker.example"})
     assert st == 403 and "cross-origin" in json.loads(body)["error"]
     assert request(server, "POST", "/elsewhere", b"x")[0] == 404
     assert request(server, "PUT", "/api/restore", b"x")[0] == 405
@@ -203,7 +196,7 @@ def test_connection_survives_a_refusal(server):
         conn.close()
 
 
-def test_restores_run_one_at_a_time(server, restorer, monkeypatch):
+def test_restores_run_one_at_a_time(demo_upload, server, restorer, monkeypatch):
     active, peak, lock = [0], [0], threading.Lock()
     real = restorer.restore_image
 
@@ -219,7 +212,7 @@ def test_restores_run_one_at_a_time(server, restorer, monkeypatch):
 
     monkeypatch.setattr(restorer, "restore_image", counting)
     crop = io.BytesIO()
-    Image.fromarray(np.asarray(Image.open(io.BytesIO(demo_upload())))[20:148, 60:188]).save(crop, "PNG")
+    Image.fromarray(np.asarray(Image.open(io.BytesIO(demo_upload)))[20:148, 60:188]).save(crop, "PNG")
     codes: list[int] = []
     threads = [threading.Thread(target=lambda: codes.append(post(server, crop.getvalue(), "aligned=1")[0]))
                for _ in range(3)]

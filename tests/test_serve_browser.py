@@ -14,7 +14,6 @@ from PIL import Image
 
 from clrface.restorer import Restorer
 from clrface.serve import make_server
-from test_serve import demo_upload  # noqa: E402  (tests/ is on sys.path under pytest)
 
 pytestmark = pytest.mark.browser
 
@@ -50,12 +49,13 @@ def browser():
     drv.quit()
 
 
-def test_upload_restore_download(server, browser, tmp_path):
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+def test_upload_restore_download(server, browser, tmp_path, demo_upload):
+    # selenium is optional (the browser extra): imported here, so the default run collects this file without it
+    from selenium.webdriver.common.by import By  # noqa: PLC0415
+    from selenium.webdriver.support.ui import WebDriverWait  # noqa: PLC0415
 
     photo = tmp_path / "astronaut_lq.jpg"
-    photo.write_bytes(demo_upload())
+    photo.write_bytes(demo_upload)
     browser.get(server.url)
     wait = WebDriverWait(browser, 60)
     wait.until(lambda d: d.find_element(By.ID, "mode").get_attribute("value") == "irn")  # /api/info arrived
@@ -87,8 +87,9 @@ def test_upload_restore_download(server, browser, tmp_path):
 
 
 def test_page_shows_refusal(server, browser, tmp_path):
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    # selenium is optional (the browser extra): imported here, so the default run collects this file without it
+    from selenium.webdriver.common.by import By  # noqa: PLC0415
+    from selenium.webdriver.support.ui import WebDriverWait  # noqa: PLC0415
 
     bad = tmp_path / "notes.png"
     bad.write_bytes(b"this is not a picture")

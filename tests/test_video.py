@@ -8,23 +8,33 @@ import pytest
 import torch
 from PIL import Image
 
+from clrface.batch import restore_files
 from clrface.cli import main
+from clrface.demo import demo_image
 from clrface.errors import ClrfaceError
 from clrface.faces.align import ffhq_quad
 from clrface.faces.detect import Face
 from clrface.faces.paste import paste_mask
-from clrface.batch import restore_files
-from clrface.demo import demo_image
 from clrface.options import RestoreOptions
-from clrface.video import (FaceTracker, StabilizeConfig, VideoRestorer, box_iou, estimate_shift, match_boxes,
-                           smooth_quad, temporal_blend, warp_to_current)
+from clrface.video import (
+    FaceTracker,
+    StabilizeConfig,
+    VideoRestorer,
+    box_iou,
+    estimate_shift,
+    match_boxes,
+    smooth_quad,
+    temporal_blend,
+    warp_to_current,
+)
 from clrface.video_io import VideoWriter, ffmpeg_exe, fps_fraction, list_media, read_video
 
 
 @pytest.fixture(scope="module")
 def portrait() -> np.ndarray:
     """The astronaut at 192 x 144 (one face of ~60 px, which dlib finds after its automatic upsampling)."""
-    return np.asarray(Image.fromarray(demo_image()).crop((0, 64, 512, 448)).resize((192, 144), Image.Resampling.LANCZOS))
+    photo = Image.fromarray(demo_image()).crop((0, 64, 512, 448))
+    return np.asarray(photo.resize((192, 144), Image.Resampling.LANCZOS))
 
 
 def _clip(path: Path, frames: list[np.ndarray], fps: Fraction, audio: bool) -> Path:

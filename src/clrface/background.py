@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from clrface.errors import CheckpointError
@@ -131,8 +132,6 @@ def load_rrdbnet(path: str | Path, device: str | torch.device = "cpu") -> RRDBNe
         raise CheckpointError(f"{path}: no such file (place Real-ESRGAN RRDBNet weights, e.g. RealESRGAN_x4plus.pth)")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)

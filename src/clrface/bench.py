@@ -1,5 +1,6 @@
 """What the scripts under ``benchmarks/`` share: one timer, one machine header, one markdown table, one way to
-load faces, and the named rows of restore settings that the comparison scripts put side by side."""
+load faces, the named rows of restore settings that the comparison scripts put side by side, and the known camera
+motion of the synthetic video clips."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from time import perf_counter
 from typing import Any
 
 import numpy as np
+import scipy.ndimage
 import torch
 from PIL import Image
 
@@ -163,7 +165,8 @@ def row_options(kw: dict[str, Any], batch_size: int = 8, defaults: dict[str, Any
     known = {f.name for f in dataclasses.fields(RestoreOptions)}
     bad = sorted(set(kw) - known)
     if bad:
-        raise ClrfaceError(f"unknown RestoreOptions field(s) {', '.join(bad)}; choose from {', '.join(sorted(known))}, mask")
+        raise ClrfaceError(f"unknown RestoreOptions field(s) {', '.join(bad)}; "
+                           f"choose from {', '.join(sorted(known))}, mask")
     kw.setdefault("batch_size", batch_size)
     return RestoreOptions(**{**(defaults or {}), **kw}), mask in ("on", "1", "true")
 
@@ -227,3 +230,23 @@ def embed_faces(restorer: Restorer, faces: np.ndarray, batch: int = 64) -> torch
         x = to_model_range(faces[i:i + batch]).to(restorer.device)
         out.append(torch.nn.functional.normalize(restorer.embed(x).double(), dim=-1).cpu())
     return torch.cat(out) if out else torch.zeros(0, 128, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------- a still photo under a known camera motion
+
+
+def camera_offset(t: int, subpixel: bool = False) -> tuple[float, float]:
+    """Known camera motion of frame t: (dx, dy) = (2 sin(2 pi t / 12), sin(2 pi t / 8)) px, rounded to whole
+    pixels unless ``subpixel`` (undoing a whole-pixel shift is exact; a fractional one blurs)."""
+    dx, dy = 2.0 * np.sin(2 * np.pi * t / 12), 1.0 * np.sin(2 * np.pi * t / 8)
+    return (dx, dy) if subpixel else (float(round(dx)), float(round(dy)))
+
+
+def shift_image(img: np.ndarray, dx: float, dy: float) -> np.ndarray:
+    """Translate uint8/float [H, W, 3] by (dx, dy) px (content moves right/down), cubic spline, float32."""
+    return scipy.ndimage.shift(img.astype(np.float32), (dy, dx, 0), order=3, mode="reflect")
+
+
+def undo_camera_motion(frames: Sequence[np.ndarray], subpixel: bool = False) -> list[np.ndarray]:
+    """Frame t shifted back by its :func:`camera_offset`: every frame of a static scene then lines up."""
+    return [shift_image(f, -dx, -dy) for t, f in enumerate(frames) for dx, dy in [camera_offset(t, subpixel)]]

@@ -63,7 +63,8 @@ def read_config(folder: str | Path, kind: str, config_cls: type[C]) -> tuple[C, 
 
 
 def load_weights(folder: str | Path, model: nn.Module, *, strict: bool = True) -> nn.Module:
-    """Loads ``model.safetensors`` into ``model`` (cast to the model's dtype); shape mismatches raise CheckpointError."""
+    """Loads ``model.safetensors`` into ``model`` (cast to the model's dtype); shape mismatches raise
+    CheckpointError."""
     path = Path(folder) / "model.safetensors"
     if not path.is_file():
         raise CheckpointError(f"{folder}: no model.safetensors")
@@ -74,7 +75,8 @@ def load_weights(folder: str | Path, model: nn.Module, *, strict: bool = True) -
     own = model.state_dict()
     bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if bad:
-        raise CheckpointError(f"{path}: shape mismatch for {bad[0]} ({tuple(state[bad[0]].shape)} vs {tuple(own[bad[0]].shape)})")
+        raise CheckpointError(f"{path}: shape mismatch for {bad[0]} "
+                              f"({tuple(state[bad[0]].shape)} vs {tuple(own[bad[0]].shape)})")
     missing = [k for k in own if k not in state]
     if strict and missing:
         raise CheckpointError(f"{path}: missing tensors, e.g. {missing[0]} (wrong kind of checkpoint?)")
@@ -90,7 +92,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype = to
     if not (src / "config.json").is_file() or not (src / "model.safetensors").is_file():
         raise CheckpointError(f"{src}: not a checkpoint folder (needs config.json and model.safetensors)")
     meta = json.loads((src / "config.json").read_text())
-    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in load_file(str(src / "model.safetensors")).items()}
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
+             for k, v in load_file(str(src / "model.safetensors")).items()}
     dst.mkdir(parents=True, exist_ok=True)
     save_file(state, str(dst / "model.safetensors"), metadata={"kind": str(meta.get("kind"))})
     (dst / "config.json").write_text(json.dumps(meta, indent=2) + "\n")

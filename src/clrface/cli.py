@@ -17,8 +17,10 @@ from clrface.options import COLOR_MODES, DTYPE_NAMES, MODES, SAMPLER_NAMES
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train one stage (vqgan, prior, irn, mask, distill: the few-step prior; vqvae-rest: the ablation baseline) with the shared Accelerate engine")
-    p.add_argument("stage", choices=["vqgan", "prior", "irn", "mask", "distill", "vqvae-rest"], help="which model to train")
+    p = sub.add_parser("train", help="train one stage (vqgan, prior, irn, mask, distill: the few-step prior; "
+                                     "vqvae-rest: the ablation baseline) with the shared Accelerate engine")
+    p.add_argument("stage", choices=["vqgan", "prior", "irn", "mask", "distill", "vqvae-rest"],
+                   help="which model to train")
     p.add_argument("--config", required=True, help="YAML file under configs/ (model + training settings)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config entry, e.g. --set train.steps=1000 (repeatable)")
@@ -37,7 +39,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _add_degrade(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("degrade", help="apply the synthetic BFR degradation (blur, downscale, noise, JPEG) to images")
     p.add_argument("input", help="an image file or a folder of images")
-    p.add_argument("output", help="output image (for a file input, .png/.jpg) or folder; manifest.json records the parameters")
+    p.add_argument("output", help="output image (for a file input, .png/.jpg) or folder; manifest.json records "
+                                  "the parameters")
     p.add_argument("--preset", default="bfr", choices=["bfr", "x32", "x64", "extreme", "gray"],
                    help="degradation preset (paper Sec. 4.1; x32/x64: fixed x32/x64 at 512 px, i.e. x8/x16 at 128 px; "
                         "extreme: x32..x64)")
@@ -58,7 +61,8 @@ def _add_degrade(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_make_testset(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("make-testset", help="build a fixed synthetic test set (gt/, lq/, manifest.json) from aligned faces")
+    p = sub.add_parser("make-testset",
+                       help="build a fixed synthetic test set (gt/, lq/, manifest.json) from aligned faces")
     p.add_argument("src", help="folder of aligned square faces")
     p.add_argument("out", help="output folder")
     p.add_argument("--preset", default="bfr", choices=["bfr", "x32", "x64", "extreme", "gray"],
@@ -110,13 +114,16 @@ def _add_align(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="PSNR/SSIM/LPIPS/IDS/LMD/FID of restored faces vs ground truth; LFW verification")
-    p.add_argument("--pred", required=True, help="folder of restored faces (files matched to --gt by name, any extension)")
+    p = sub.add_parser("evaluate",
+                       help="PSNR/SSIM/LPIPS/IDS/LMD/FID of restored faces vs ground truth; LFW verification")
+    p.add_argument("--pred", required=True,
+                   help="folder of restored faces (files matched to --gt by name, any extension)")
     p.add_argument("--gt", help="folder of ground-truth faces, same size as the restored ones")
     p.add_argument("--pairs", help="LFW pairs.txt: 10-fold verification on --pred laid out as <Name>/<Name>_NNNN.*")
     p.add_argument("--fid-ref", help="reference folder for FID (statistics cached) or a stats .npz")
     p.add_argument("--metrics", default=None,
-                   help="comma-separated subset of psnr,ssim,psnr_y,ssim_y,lpips,facerec_perceptual,ids,lmd,fid (default: all)")
+                   help="comma-separated subset of psnr,ssim,psnr_y,ssim_y,lpips,facerec_perceptual,ids,lmd,fid "
+                        "(default: all)")
     p.add_argument("--lpips-weights", help="folder holding alexnet-owt-7be5be79.pth and alex.pth for LPIPS")
     p.add_argument("--json", help="also write the result rows (with protocols and timings) to this JSON file")
     p.add_argument("--device", default="cpu", help="torch device for the networks (default cpu)")
@@ -148,7 +155,8 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
                         "installed model under clrface/weights/: default, extreme (tiny faces, x8-x16), colorize "
                         "(black-and-white photos), fast (the full pipeline in one step); default: %(default)s")
     p.add_argument("--fidelity", type=float, default=None,
-                   help="0..1, one knob for realism vs faithfulness (default: the model's, else 0.5). High fidelity starts the "
+                   help="0..1, one knob for realism vs faithfulness (default: the model's, else 0.5). High fidelity "
+                        "starts the "
                         "sampler close to the IRN output (small sigma_start) with stronger identity guidance; low "
                         "fidelity lets the prior regenerate more. Default map: sigma_start = 4.0^(1-f) * 0.05^f, "
                         "guidance scale = 10.0 * f (a model's restore.json may recalibrate it)")
@@ -183,14 +191,15 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
                         "before the restored faces are pasted at that resolution (aligned crops: the crop size x N); "
                         "default 1")
     p.add_argument("--bg-model", default=None, metavar="WEIGHTS",
-                   help="Real-ESRGAN RRDBNet weights for the background (e.g. RealESRGAN_x4plus.pth or x2plus, placed by "
-                        "you; nothing is downloaded); run on tiles, then resampled to --bg-upscale")
+                   help="Real-ESRGAN RRDBNet weights for the background (e.g. RealESRGAN_x4plus.pth or x2plus, "
+                        "placed by you; nothing is downloaded); run on tiles, then resampled to --bg-upscale")
     p.add_argument("--bg-tile", type=int, default=192,
                    help="tile size in input pixels for --bg-model (smaller: less memory; default 192)")
     p.add_argument("--max-faces", type=int, default=None, help="restore only the N largest faces of each photo")
     p.add_argument("--color", default=None, choices=COLOR_MODES,
-                   help="full: paste the restored colours; keep: paste only the restored luminance, keeping the photo's "
-                        "tone (grayscale/sepia stay so, no colour cast at the seam); auto (default): keep for monochrome "
+                   help="full: paste the restored colours; keep: paste only the restored luminance, keeping the "
+                        "photo's tone (grayscale/sepia stay so, no colour cast at the seam); auto (default): keep for "
+                        "monochrome "
                         "photos, else full. --model colorize defaults to full: it colours the faces of gray photos")
 
 
@@ -208,7 +217,8 @@ def _restore_setup(args: argparse.Namespace):
     options = restorer.options(fidelity=args.fidelity, steps=args.steps, sampler=args.sampler,
                                sigma_start=args.sigma_start, guidance_scale=args.guidance_scale, seed=args.seed,
                                samples=args.samples, mode=args.mode,
-                               batch_size=args.batch_size or (16 if dtype == "bfloat16" or device.type == "cuda" else 4),
+                               batch_size=args.batch_size or (16 if dtype == "bfloat16" or device.type == "cuda"
+                                                              else 4),
                                upscale=args.upscale, max_faces=args.max_faces, color=args.color)
     return restorer, options
 
@@ -269,7 +279,8 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
             skipped = f", {report['skipped']} already done" if report["skipped"] else ""
             procs = f" by {world} processes" if world > 1 else ""
             vids = [r for r in report["images"] if r.get("video")]
-            what = [f"{report['faces_total']} face(s) in {n_ok - len(vids)} image(s)"] if n_ok > len(vids) or not vids else []
+            what = ([f"{report['faces_total']} face(s) in {n_ok - len(vids)} image(s)"]
+                    if n_ok > len(vids) or not vids else [])
             what += [f"{sum(r['face_frames'] for r in vids)} face(s) in {sum(r['frames'] for r in vids)} frame(s) of "
                      f"{len(vids)} video(s)"] if vids else []
             print(f"restored {' and '.join(what)} into {args.output}{procs} ({no_face} without a face, {n_bad} "
@@ -302,7 +313,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_pack(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pack", help="assemble trained stages into one model folder for `clrface restore --model` (fp16 by default)")
+    p = sub.add_parser("pack", help="assemble trained stages into one model folder for `clrface restore --model` "
+                                    "(fp16 by default)")
     p.add_argument("-o", "--out", required=True, help="model folder to write (gets vqgan/, prior/, irn/, mask/)")
     for stage in ("vqgan", "prior", "irn", "mask"):
         p.add_argument(f"--{stage}",

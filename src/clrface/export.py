@@ -110,7 +110,8 @@ GRAPH_IO: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
-def graph_modules(vqgan: VQGAN, prior: LatentPrior, irn: nn.Module | None) -> dict[str, tuple[nn.Module, tuple[Tensor, ...]]]:
+def graph_modules(vqgan: VQGAN, prior: LatentPrior, irn: nn.Module | None
+                  ) -> dict[str, tuple[nn.Module, tuple[Tensor, ...]]]:
     """The modules to export with example inputs (batch 2, so that no size-1 axis gets specialised)."""
     s = int(vqgan.config.resolution)
     c, h = int(vqgan.config.latent_channels), s // vqgan.config.downsample

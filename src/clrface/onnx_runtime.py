@@ -179,7 +179,8 @@ class OnnxRestorer:
         self.folder = Path(folder)
         path = self.folder / "runtime.json"
         if not path.is_file():
-            raise CheckpointError(f"{self.folder}: no runtime.json; write one with `clrface export onnx -o {self.folder}`")
+            raise CheckpointError(f"{self.folder}: no runtime.json; "
+                                  f"write one with `clrface export onnx -o {self.folder}`")
         self.spec: dict[str, Any] = json.loads(path.read_text())
         if self.spec.get("format") != 1:
             raise CheckpointError(f"{path}: unsupported format {self.spec.get('format')!r} (this runtime reads 1)")

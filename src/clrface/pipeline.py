@@ -10,7 +10,7 @@ from clrface.device import DTYPES, auto_dtype, cpu_flags, resolve_device, resolv
 from clrface.model_folder import resolve_model
 from clrface.options import COLOR_MODES, MODES, FidelityMap, RestoreOptions
 from clrface.photo import FaceResult, RestoreResult, is_monochrome, keep_tone
-from clrface.restorer import Restorer, RestoredFaces, face_noise
+from clrface.restorer import RestoredFaces, Restorer, face_noise
 
 __all__ = ["COLOR_MODES", "DEMO_SEED", "DONE_DIR", "DTYPES", "MODES", "FaceResult", "FidelityMap", "RestoreOptions",
            "RestoreResult", "RestoredFaces", "Restorer", "auto_dtype", "cpu_flags", "demo_image", "face_noise",

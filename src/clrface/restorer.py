@@ -29,13 +29,13 @@ from torch import Tensor, nn
 
 from clrface.background import Upscaler, lanczos_upscale
 from clrface.data.io import load_image, to_model_range, to_rgb_uint8
+from clrface.device import autocast
 from clrface.diffusion.prior import LatentPrior
 from clrface.diffusion.sampler import SAMPLERS, Denoise, nfe, sample
 from clrface.diffusion.schedule import sigmas_from
 from clrface.errors import ClrfaceError
 from clrface.identity.facerec import load_facerec
 from clrface.identity.guidance import LatentMask, identity_guided
-from clrface.device import autocast
 from clrface.model_folder import apply_irn, check_compatible, decode_latent, encode_latent, load_model_folder
 from clrface.options import DIFFUSION_MODES, FidelityMap, RestoreOptions, face_seed
 from clrface.photo import RestoreResult, restore_photo
@@ -166,7 +166,8 @@ class Restorer:
                noise: Tensor) -> Tensor:
         """Reverse ODE (paper Eq. 10) from z_init + sigma_start * noise to sigma 0 -> latent [B,d,h,w] fp32."""
         sigmas = sigmas_from(self.prior.config.schedule, sigma_start, options.steps)
-        z = sample(SAMPLERS[options.sampler], denoise, z_init.float(), sigmas, noise=noise.to(self.device, torch.float32))
+        z = sample(SAMPLERS[options.sampler], denoise, z_init.float(), sigmas,
+                   noise=noise.to(self.device, torch.float32))
         return z.float()
 
     def autocast(self) -> contextlib.AbstractContextManager:

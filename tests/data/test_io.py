@@ -72,7 +72,8 @@ def test_rgba_and_la_composited_on_white(tmp_path):
     np.testing.assert_array_equal(b[15, 0], [255, 255, 255])  # transparent: white
     a = 128 / 255
     np.testing.assert_allclose(b[9, 0], np.rint([200 * a + 255 * (1 - a), 255 * (1 - a), 255 * (1 - a)]), atol=1)
-    la = np.stack([np.full((16, 16), 40, np.uint8), np.where(np.arange(16)[:, None] < 8, 255, 0).repeat(16, 1).astype(np.uint8)], -1)
+    alpha = np.where(np.arange(16)[:, None] < 8, 255, 0).repeat(16, 1).astype(np.uint8)
+    la = np.stack([np.full((16, 16), 40, np.uint8), alpha], -1)
     Image.fromarray(la, "LA").save(tmp_path / "la.png")
     c = load_image(tmp_path / "la.png")
     np.testing.assert_array_equal(c[0, 0], [40, 40, 40])
@@ -204,7 +205,8 @@ def test_list_images(tmp_path):
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_bytes(b"x")
     assert [p.name for p in list_images(tmp_path)] == ["a.jpg", "b.PNG"]
-    assert [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path, recursive=True)] == ["a.jpg", "b.PNG", "sub/d.jpeg"]
+    found = [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path, recursive=True)]
+    assert found == ["a.jpg", "b.PNG", "sub/d.jpeg"]
     assert list_images(tmp_path / "c.txt") == [tmp_path / "c.txt"]
     with pytest.raises(ClrfaceError, match="no such file or folder"):
         list_images(tmp_path / "missing")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from clrface.diffusion.loss import edm_loss
+from clrface.diffusion.loss import denoiser_loss, edm_loss
 from clrface.diffusion.precond import Precond, edm_scalings
 
 F64 = torch.float64
@@ -103,8 +103,6 @@ def test_pure_and_differentiable():
 
 
 def test_denoiser_loss_is_edm_loss_at_the_noised_point():
-    from clrface.diffusion.loss import denoiser_loss
-
     g = torch.Generator().manual_seed(3)
     z0, cond, noise = (torch.randn(3, 2, 4, 4, generator=g) for _ in range(3))
     sigma = torch.tensor([0.1, 1.0, 7.0])

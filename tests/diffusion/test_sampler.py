@@ -27,7 +27,9 @@ def gaussian_ode_solution(x_t, sd, sigma_t, mu=0.0):
 
 
 # 1-d mixture: 0.3 N(-2, 0.5^2) + 0.7 N(1.5, 0.3^2)
-MIX_W, MIX_MU, MIX_SD = torch.tensor([0.3, 0.7], dtype=F64), torch.tensor([-2.0, 1.5], dtype=F64), torch.tensor([0.5, 0.3], dtype=F64)
+MIX_W = torch.tensor([0.3, 0.7], dtype=F64)
+MIX_MU = torch.tensor([-2.0, 1.5], dtype=F64)
+MIX_SD = torch.tensor([0.5, 0.3], dtype=F64)
 
 
 def mixture_denoiser(x, s):
@@ -114,7 +116,8 @@ def test_convergence_orders():
     exact = gaussian_ode_solution(x, sd, smax)
 
     def err(name, n):
-        return (SAMPLERS[name](gaussian_denoiser(sd), x, karras_sigmas(n, 0.002, smax, dtype=F64)) - exact).abs().max().item()
+        out = SAMPLERS[name](gaussian_denoiser(sd), x, karras_sigmas(n, 0.002, smax, dtype=F64))
+        return (out - exact).abs().max().item()
 
     for name, lo, hi in (("heun", 3.3, 5.0), ("dpmpp_2m", 3.0, 5.0), ("euler", 1.7, 2.3)):
         ratio = err(name, 40) / err(name, 80)
@@ -164,7 +167,8 @@ def test_sigma_start_zero_returns_input():
     x = torch.randn(2, 3, 4, 4)
     den = CountingDenoise(gaussian_denoiser(1.0))
     for name, f in SAMPLERS.items():
-        out = sample(f, den, x, karras_sigmas(10, 0.002, 20.0), sigma_start=0.0, generator=torch.Generator().manual_seed(0))
+        out = sample(f, den, x, karras_sigmas(10, 0.002, 20.0), sigma_start=0.0,
+                     generator=torch.Generator().manual_seed(0))
         assert torch.equal(out, x) and out is not x
     assert den.nfe == 0
 
@@ -207,7 +211,8 @@ def test_callback_sees_every_step():
     sig = karras_sigmas(5, 0.002, 20.0)
     for f in SAMPLERS.values():
         seen.clear()
-        out = f(gaussian_denoiser(1.0), torch.randn(2, 3) * 20, sig, callback=lambda i, s, x: seen.append((i, float(s), x)))
+        out = f(gaussian_denoiser(1.0), torch.randn(2, 3) * 20, sig,
+                callback=lambda i, s, x: seen.append((i, float(s), x)))
         assert [i for i, _, _ in seen] == list(range(5))
         assert [s for _, s, _ in seen] == pytest.approx(sig[1:].tolist())
         assert torch.equal(seen[-1][2], out)

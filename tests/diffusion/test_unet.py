@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -8,7 +9,8 @@ import yaml
 
 from clrface.checkpoint import load_weights, read_config, save_checkpoint
 from clrface.diffusion.precond import Precond, edm_scalings
-from clrface.diffusion.schedule import ScheduleConfig
+from clrface.diffusion.sampler import heun, sample
+from clrface.diffusion.schedule import ScheduleConfig, karras_sigmas
 from clrface.diffusion.unet import UNet, UNetConfig, count_parameters
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "prior-128.yaml"
@@ -138,10 +140,6 @@ def test_bad_config_raises():
 def test_untrained_prior_samples_standard_normal_closed_form():
     # At init D = c_skip x = x / (1 + sigma^2): the ideal denoiser of N(0, 1) data, so Heun through the
     # real Precond+UNet stack lands on the closed-form ODE solution x_T / sqrt(1 + sigma_max^2).
-    import functools
-
-    from clrface.diffusion.sampler import heun, sample
-    from clrface.diffusion.schedule import karras_sigmas
 
     torch.manual_seed(0)
     pre = Precond(UNet(TINY), 1.0)

@@ -6,6 +6,7 @@ import importlib.util
 
 import numpy as np
 import pytest
+import scipy.ndimage
 from PIL import Image
 
 from clrface.data.io import data_root
@@ -120,8 +121,6 @@ def test_warp_face_antialiases_large_faces():
 def test_warp_face_shrink_branch_geometry(make_photo):
     # with shrinking (quad 5x the crop) the crop of a photo that is smooth at crop scale equals a
     # direct bilinear sample through the affine; a quarter-pixel offset would be clearly worse
-    import scipy.ndimage
-
     img = make_photo(700, 700, seed=5, fmax=0.015)
     quad = _rot_quad((350, 340), 160.0, 21.0)
     s = 64

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import numpy as np
@@ -71,8 +72,6 @@ def test_reader_decodes_dlib_scalars():
 
 @needs_models
 def test_cache_round_trip(fr: DlibFaceRecognizer):
-    import os
-
     cached = Path(os.environ["CLRFACE_CACHE"]) / "facerec" / "dlib_resnet_v1.safetensors"
     assert cached.is_file()
     again = load_facerec()  # now from safetensors

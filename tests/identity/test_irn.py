@@ -58,7 +58,8 @@ def test_a_few_steps_reduce_l1_on_a_tiny_batch(cfg):
     torch.manual_seed(0)
     net = IRN(cfg)
     gt = _faces(4, 16, seed=1)
-    x_d = F.avg_pool2d(gt, 3, 1, 1, count_include_pad=False) + 0.05 * torch.randn(gt.shape, generator=torch.Generator().manual_seed(2))
+    noise = torch.randn(gt.shape, generator=torch.Generator().manual_seed(2))
+    x_d = F.avg_pool2d(gt, 3, 1, 1, count_include_pad=False) + 0.05 * noise
     opt = torch.optim.Adam(net.parameters(), lr=4e-3)
     start = (net(x_d) - gt).abs().mean().item()
     for _ in range(40):

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from clrface.data.io import DATA_ENV, data_root
 
@@ -24,8 +25,6 @@ def val_dir() -> Path:
 @pytest.fixture(scope="session")
 def real_val_faces(val_dir) -> torch.Tensor:
     """[8,3,128,128] in [-1,1]: the first 8 val faces."""
-    from PIL import Image
-
     files = sorted(val_dir.glob("*.jpg"))[:8]
     a = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
     return torch.from_numpy(a).permute(0, 3, 1, 2).float() / 127.5 - 1

@@ -2,9 +2,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import linalg
 
-from clrface.metrics.fid import (FID, feature_stats, fid, fid_weights_path, folder_stats, frechet_distance,
-                                 inception_features, load_inception, resize_tf_bilinear)
+from clrface.metrics.fid import (
+    FID,
+    feature_stats,
+    fid,
+    fid_weights_path,
+    folder_stats,
+    frechet_distance,
+    inception_features,
+    load_inception,
+    resize_tf_bilinear,
+)
 from clrface.metrics.lpips import MetricUnavailable
 
 
@@ -18,8 +28,6 @@ def test_frechet_distance_diagonal_closed_form():
 
 
 def test_frechet_distance_matches_scipy_sqrtm():
-    from scipy import linalg
-
     rng = np.random.default_rng(1)
     f1, f2 = rng.normal(size=(30, 8)), rng.normal(size=(25, 8)) * 1.3 + 0.2
     (m1, s1), (m2, s2) = feature_stats(f1), feature_stats(f2)

@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from clrface.identity.facerec import load_facerec
 from clrface.metrics.ids import IDS, cosine, ids
 
 
@@ -34,8 +35,6 @@ def test_ids_matches_definition_and_meter_means():
 
 
 def test_ids_real_network_identical_and_degraded(real_val_faces):
-    from clrface.identity.facerec import load_facerec
-
     fr = load_facerec()
     x = real_val_faces[:4]
     same = ids(x, x, fr.embed)

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from clrface.metrics import lmd as lmd_mod
 from clrface.metrics.lmd import FFHQ_DLIB_BOX, LMD, landmark_distance, lmd_pair, to_uint8_hwc
@@ -32,7 +33,7 @@ def test_lmd_meter_uses_gt_box_for_both(monkeypatch):
         boxes.append(tuple(np.round(box, 6)))
         return np.zeros((68, 2)) + img.mean() / 255 * np.array([3.0, 4.0]) * 10
 
-    monkeypatch.setattr("clrface.faces.detect.landmarks68", fake_landmarks68)
+    monkeypatch.setattr(lmd_mod, "landmarks68", fake_landmarks68)
     monkeypatch.setattr(lmd_mod, "face_box", lambda g, detect=True: (np.array([10.0, 20.0, 30.0, 40.0]), True))
     gt = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
     pred = gt + 255
@@ -47,8 +48,6 @@ def test_lmd_real_identical_is_zero_and_blur_positive(real_val_faces):
     for f in faces:
         d, _ = lmd_pair(f, f)
         assert d == 0.0
-    from PIL import Image
-
     blurred = np.asarray(Image.fromarray(faces[0]).resize((24, 24), Image.Resampling.BICUBIC).resize((128, 128)))
     d, _ = lmd_pair(blurred, faces[0])
     assert 0.0 < d < 60.0

@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clrface.metrics.lpips import LPIPSMeter, MetricUnavailable, load_lpips
+from clrface.identity.facerec import load_facerec
+from clrface.metrics.lpips import FacerecPerceptualMeter, LPIPSMeter, MetricUnavailable, load_lpips
 
 _ALEX_CONVS = {0: (64, 3, 11), 3: (192, 64, 5), 6: (384, 192, 3), 8: (256, 384, 3), 10: (256, 256, 3)}
 
@@ -80,9 +81,6 @@ def test_missing_weights_name_the_files(tmp_path, monkeypatch):
 
 
 def test_facerec_perceptual_meter_identical_zero(real_val_faces):
-    from clrface.identity.facerec import load_facerec
-    from clrface.metrics.lpips import FacerecPerceptualMeter
-
     m = FacerecPerceptualMeter(load_facerec())
     x = real_val_faces[:2]
     assert m.update(x, x).abs().max().item() == 0.0

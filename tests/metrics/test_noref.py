@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from clrface.metrics.noref import (
     FACE_REGION,
     MAD_TO_SIGMA,
+    colorfulness,
     haar_hh,
     laplacian_variance,
     luminance,
@@ -117,8 +118,6 @@ def test_real_faces_blur_monotone(real_val_faces):
 
 
 def test_colorfulness_zero_for_gray_and_exact_for_two_colours():
-    from clrface.metrics.noref import colorfulness
-
     gray = torch.full((1, 3, 40, 40), 77, dtype=torch.uint8)
     assert colorfulness(gray, region=(0, 1, 0, 1)).item() == 0
     # half pure red (255,0,0), half pure blue (0,0,255): rg = 255 / 0, yb = 127.5 / -255

@@ -4,7 +4,18 @@ import pytest
 import torch
 from torchmetrics.functional.image import structural_similarity_index_measure as tm_ssim
 
-from clrface.metrics.psnr_ssim import PSNR, PSNR_CAP_DB, SSIM, gaussian_window, psnr, psnr_y, rgb_to_y, ssim, ssim_y, to_unit
+from clrface.metrics.psnr_ssim import (
+    PSNR,
+    PSNR_CAP_DB,
+    SSIM,
+    gaussian_window,
+    psnr,
+    psnr_y,
+    rgb_to_y,
+    ssim,
+    ssim_y,
+    to_unit,
+)
 
 
 def _rand(b=2, h=32, w=40, seed=0):

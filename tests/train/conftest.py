@@ -16,7 +16,8 @@ def tiny_models(tmp_path: Path, tiny_model_builder) -> dict[str, Path]:
     yy, xx = np.mgrid[0:32, 0:32] / 32.0
     for i in range(12):
         c = rng.uniform(0, 1, 3)
-        img = (255 * np.clip(c[None, None] * (0.5 + 0.5 * np.sin(6 * xx + i)[..., None] * yy[..., None]), 0, 1)).astype(np.uint8)
+        shade = 0.5 + 0.5 * np.sin(6 * xx + i)[..., None] * yy[..., None]
+        img = (255 * np.clip(c[None, None] * shade, 0, 1)).astype(np.uint8)
         Image.fromarray(img).save(faces / f"f{i:02d}.png")
     model = tiny_model_builder(tmp_path / "model", mask=False)
     out = {"faces": faces, **{stage: model / stage for stage in ("vqgan", "prior", "irn")}}

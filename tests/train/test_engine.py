@@ -1,8 +1,10 @@
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 import torch
+from accelerate import debug_launcher
 from torch import nn
 
 from clrface.checkpoint import load_weights, save_checkpoint
@@ -33,8 +35,8 @@ class ToyStage:
 
         def loss(batch, step, cache):
             self.seen.append(step)
-            l = (net(batch["x"]) - batch["y"]).pow(2).mean()
-            return l, {"mse": l.item()}
+            loss = (net(batch["x"]) - batch["y"]).pow(2).mean()
+            return loss, {"mse": loss.item()}
 
         return [Objective("net", list(net.parameters()), loss, lr=0.05, final_lr_ratio=1.0)]
 
@@ -100,10 +102,6 @@ def _two_process_run(out: str) -> None:
 
 @pytest.mark.slow
 def test_two_process_accelerate_step(tmp_path):
-    from accelerate import debug_launcher
-
     debug_launcher(_two_process_run, args=(str(tmp_path / "ddp"),), num_processes=2)
-    import json
-
     assert json.loads((tmp_path / "ddp" / "train_state" / "progress.json").read_text())["step"] == 3
     assert torch.isfinite(_weights(tmp_path / "ddp" / "model")["weight"]).all()

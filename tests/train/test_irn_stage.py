@@ -6,9 +6,14 @@ import torch
 import yaml
 
 from clrface.checkpoint import load_weights
-from clrface.data.io import data_root
+from clrface.data.datasets import load_face_folder
+from clrface.data.io import data_root, to_model_range
 from clrface.errors import ClrfaceError
+from clrface.identity.facerec import load_facerec
 from clrface.identity.irn import IRN, IRNConfig, load_irn
+from clrface.metrics.psnr_ssim import psnr
+from clrface.train.irn import IRNStage, IRNTrainConfig, descriptor, irn_loss
+from clrface.train.run import run_stage
 
 DATA = data_root() / "faces128" / "val"
 TINY = IRNConfig(body="conv", channels=(8, 16), blocks=(1, 1))
@@ -16,8 +21,6 @@ TINY = IRNConfig(body="conv", channels=(8, 16), blocks=(1, 1))
 
 @pytest.fixture(scope="module")
 def facerec():
-    from clrface.identity.facerec import load_facerec
-
     try:
         return load_facerec()
     except ClrfaceError as e:
@@ -39,16 +42,11 @@ def faces_dirs(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _stage(faces_dirs, facerec, **kw):
-    from clrface.train.irn import IRNStage, IRNTrainConfig
-
     cfg = IRNTrainConfig(train_dir=str(faces_dirs[0]), val_dir=str(faces_dirs[1]), val_count=4, **kw)
     return IRNStage(TINY, cfg, seed=0, batch_size=2, facerec=facerec)
 
 
 def test_irn_loss_is_eq11_and_facerec_stays_frozen(facerec, faces_dirs):
-    from clrface.data.datasets import load_face_folder, to_model_range
-    from clrface.train.irn import descriptor, irn_loss
-
     gt = to_model_range(load_face_folder(faces_dirs[1]))[:2]
     x_id = (gt.flip(0) * 0.9).requires_grad_()  # the other face, dimmed: a real identity gap
     loss, logs = irn_loss(x_id, gt, facerec, alpha=2.5)
@@ -63,9 +61,6 @@ def test_irn_loss_is_eq11_and_facerec_stays_frozen(facerec, faces_dirs):
 
 
 def test_irn_loss_without_identity_is_l1_only(facerec, faces_dirs):
-    from clrface.data.datasets import load_face_folder, to_model_range
-    from clrface.train.irn import irn_loss
-
     gt = to_model_range(load_face_folder(faces_dirs[1]))[:2]
     x_id = gt.flip(0) * 0.9
     loss, logs = irn_loss(x_id, gt, facerec, alpha=2.5, identity_weight=0.0)
@@ -77,8 +72,6 @@ def test_irn_loss_without_identity_is_l1_only(facerec, faces_dirs):
 
 
 def test_identity_gradient_flows_to_the_irn(facerec, faces_dirs):
-    from clrface.train.irn import irn_loss
-
     st = _stage(faces_dirs, facerec)
     b = st.batch(0, 0, 1)
     net = st.modules["irn"]
@@ -99,8 +92,6 @@ def test_batches_are_a_pure_function_of_the_step(facerec, faces_dirs):
 
 
 def test_validate_reports_input_and_output_numbers(facerec, faces_dirs, tmp_path):
-    from clrface.train.vqgan import psnr
-
     st = _stage(faces_dirs, facerec)
     vals = st.validate(IRN(TINY).eval(), 0, tmp_path)  # untrained IRN = identity: output numbers == input's
     assert vals["psnr"] == pytest.approx(vals["psnr_in"], abs=1e-4)
@@ -111,8 +102,6 @@ def test_validate_reports_input_and_output_numbers(facerec, faces_dirs, tmp_path
 
 
 def test_two_steps_through_the_engine_and_exact_resume(facerec, faces_dirs, tmp_path):
-    from clrface.train.run import run_stage
-
     cfg = {
         "model": {"body": "conv", "channels": [8, 16], "blocks": [1, 1]},
         "stage": {"train_dir": str(faces_dirs[0]), "val_dir": str(faces_dirs[1]), "val_count": 4, "warmup": 0},

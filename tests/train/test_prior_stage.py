@@ -9,7 +9,9 @@ from clrface.train.engine import EngineConfig, train
 
 
 def test_latent_stats_normalise_to_zero_mean_unit_std():
-    z = torch.randn(50, 3, 4, 4) * torch.tensor([2.0, 0.5, 1.0]).view(1, 3, 1, 1) + torch.tensor([1.0, -3.0, 0.0]).view(1, 3, 1, 1)
+    std_true = torch.tensor([2.0, 0.5, 1.0]).view(1, 3, 1, 1)
+    mean_true = torch.tensor([1.0, -3.0, 0.0]).view(1, 3, 1, 1)
+    z = torch.randn(50, 3, 4, 4) * std_true + mean_true
     mean, std = latent_stats(z)
     zn = (z - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     torch.testing.assert_close(zn.mean((0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
@@ -20,7 +22,8 @@ def test_prior_stage_trains_and_exports_with_stats(tiny_models, tmp_path):
     out = tmp_path / "run"
     cfg = PriorTrainConfig(vqgan=str(tiny_models["vqgan"]), train_dir=str(tiny_models["faces"]),
                            val_dir=str(tiny_models["faces"]), val_count=4, val_steps=2, warmup=1)
-    stage = PriorStage(tiny_models["unet_cfg"], 1.0, ScheduleConfig(sigma_max=20.0, p_mean=0.3), cfg, seed=0, batch_size=4, out_dir=out)
+    stage = PriorStage(tiny_models["unet_cfg"], 1.0, ScheduleConfig(sigma_max=20.0, p_mean=0.3), cfg, seed=0,
+                       batch_size=4, out_dir=out)
     b1, b2 = stage.batch(3, 0, 1), stage.batch(3, 0, 1)
     assert all(torch.equal(b1[k], b2[k]) for k in b1)  # deterministic per step: exact resume
     assert b1["zd"].shape == b1["z0"].shape == (4, 3, 8, 8)

@@ -5,8 +5,8 @@ from clrface.train.vqvae_rest import RestStage, RestTrainConfig
 
 def test_loss_falls_from_the_irn_start(tiny_models, tmp_path):
     torch.manual_seed(0)
-    cfg = RestTrainConfig(vqgan=str(tiny_models["vqgan"]), irn=str(tiny_models["irn"]), train_dir=str(tiny_models["faces"]),
-                          val_dir=str(tiny_models["faces"]), val_count=4)
+    cfg = RestTrainConfig(vqgan=str(tiny_models["vqgan"]), irn=str(tiny_models["irn"]),
+                          train_dir=str(tiny_models["faces"]), val_dir=str(tiny_models["faces"]), val_count=4)
     stage = RestStage(cfg, seed=0, batch_size=4)
     b = stage.batch(0, 0, 1)
     assert b["lq"].shape == (4, 3, 32, 32) and b["z"].shape == (4, 3, 8, 8)

@@ -207,7 +207,8 @@ def _as_rng(rng: int | np.random.Generator | None) -> np.random.Generator:
 def _resize_float(x: np.ndarray, h: int, w: int, mode: str) -> np.ndarray:
     """float32 HWC resized per channel in PIL "F" mode (antialiased when shrinking, no clamping)."""
     resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[mode]
-    chans = [np.asarray(Image.fromarray(np.ascontiguousarray(x[..., c])).resize((w, h), resample)) for c in range(x.shape[2])]
+    chans = [np.asarray(Image.fromarray(np.ascontiguousarray(x[..., c])).resize((w, h), resample))
+             for c in range(x.shape[2])]
     return np.stack(chans, axis=-1)
 
 

@@ -81,7 +81,8 @@ def load_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS, min_sid
             with Image.open(p) as im:
                 w, h = im.size
                 if w * h > max_pixels:
-                    raise ImageError(p, f"too large: {w}x{h} = {w * h / 1e6:.0f} MP exceeds the {max_pixels / 1e6:.0f} MP cap")
+                    raise ImageError(p, f"too large: {w}x{h} = {w * h / 1e6:.0f} MP exceeds the "
+                                        f"{max_pixels / 1e6:.0f} MP cap")
                 if min(w, h) < min_side:
                     raise ImageError(p, f"too small: {w}x{h}, need at least {min_side} px on each side")
                 im.load()

@@ -47,7 +47,8 @@ class PriorConfig:
         object.__setattr__(self, "latent_std", tuple(float(v) for v in self.latent_std))
         c = self.unet.latent_channels
         if len(self.latent_mean) != c or len(self.latent_std) != c:
-            raise ValueError(f"latent_mean/latent_std need {c} entries, got {len(self.latent_mean)}/{len(self.latent_std)}")
+            raise ValueError(f"latent_mean/latent_std need {c} entries, "
+                             f"got {len(self.latent_mean)}/{len(self.latent_std)}")
         if min(self.latent_std) <= 0:
             raise ValueError(f"latent_std must be positive, got {self.latent_std}")
         if self.sigma_data <= 0:
@@ -82,7 +83,8 @@ class LatentPrior(nn.Module):
         return self.precond(x, sigma, cond=cond)
 
 
-def load_prior(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LatentPrior:
+def load_prior(folder: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> LatentPrior:
     """A frozen LatentPrior (eval mode) from a checkpoint folder of kind ``"prior"``.
 
     Raises CheckpointError for a missing folder, another kind, a config that does not fit PriorConfig or

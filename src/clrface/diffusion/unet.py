@@ -146,7 +146,8 @@ class UNet(nn.Module):
             return ResBlock(cin, cout, emb_ch, groups, cfg.dropout)
 
         self.conv_in = nn.Conv2d(cfg.in_channels, mc, 3, padding=1)
-        self.down = nn.ModuleList()  # entries: ResBlock, Attention, or a stride-2 conv; each ResBlock/down pushes a skip
+        # entries: ResBlock, Attention, or a stride-2 conv; each ResBlock/down pushes a skip
+        self.down = nn.ModuleList()
         skips = [mc]
         ch, res = mc, cfg.resolution
         for level, mult in enumerate(cfg.channel_mult):
@@ -169,7 +170,8 @@ class UNet(nn.Module):
                 if res in cfg.attn_resolutions:
                     self.up.append(Attention(ch, cfg.head_channels, groups))
             if level > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)))
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                             nn.Conv2d(ch, ch, 3, padding=1)))
                 res *= 2
         assert not skips
         self.norm_out = nn.GroupNorm(groups, ch)

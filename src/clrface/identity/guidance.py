@@ -45,7 +45,8 @@ class MaskConfig:
         if self.num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
         if self.out_channels not in (1, self.latent_channels):
-            raise ValueError(f"out_channels must be 1 or latent_channels ({self.latent_channels}), got {self.out_channels}")
+            raise ValueError(f"out_channels must be 1 or latent_channels ({self.latent_channels}), "
+                             f"got {self.out_channels}")
 
 
 class LatentMask(nn.Module):

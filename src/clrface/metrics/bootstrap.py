@@ -21,7 +21,8 @@ def bootstrap_ci(values: Sequence[float] | np.ndarray, *, resamples: int = 2000,
     return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
-def paired_diff_ci(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, **kw) -> tuple[float, float, float]:
+def paired_diff_ci(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray,
+                   **kw) -> tuple[float, float, float]:
     """Mean of ``a - b`` over the same faces and its bootstrap interval: (mean, low, high)."""
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     lo, hi = bootstrap_ci(d, **kw)

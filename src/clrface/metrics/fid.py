@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from clrface.data.io import list_images, load_image
+from clrface.errors import ClrfaceError
 from clrface.metrics.lpips import MetricUnavailable
 
 FID_SIZE = 299
@@ -141,8 +143,6 @@ def _folder_key(files: Sequence[Path], root: Path, weights: Path) -> str:
 
 
 def _load_folder(files: Sequence[Path]) -> Tensor:
-    from clrface.data.io import load_image
-
     return torch.from_numpy(np.stack([load_image(f) for f in files])).permute(0, 3, 1, 2)
 
 
@@ -153,8 +153,6 @@ def folder_stats(folder: str | Path, model: torch.nn.Module | None = None, *, we
 
     Images of one folder must share one size (they are stacked per chunk).
     """
-    from clrface.data.io import list_images
-    from clrface.errors import ClrfaceError
 
     p = Path(folder)
     if p.is_file() and p.suffix == ".npz":

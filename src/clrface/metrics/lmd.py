@@ -24,6 +24,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from clrface.faces.detect import detect_faces, landmarks68
+
 LMD_SIZE = 512
 
 #: Mean dlib HOG box (x0, y0, x1, y1) on FFHQ-aligned crops, unit coordinates: 177 detected faces of the first
@@ -58,8 +60,6 @@ def face_box(gt: np.ndarray, *, detect: bool = True) -> tuple[np.ndarray, bool]:
 
     Largest HOG detection (no upsampling: at 512 px the face is ~300 px), else the fixed ``FFHQ_DLIB_BOX``.
     """
-    from clrface.faces.detect import detect_faces
-
     h, w = gt.shape[:2]
     if detect:
         faces = detect_faces(gt, upsample=0, max_faces=1)
@@ -73,8 +73,6 @@ def lmd_pair(pred: np.ndarray, gt: np.ndarray, *, size: int = LMD_SIZE, detect: 
 
     Returns (distance, gt_box_detected).
     """
-    from clrface.faces.detect import landmarks68
-
     p, g = _resize(pred, size), _resize(gt, size)
     box, found = face_box(g, detect=detect)
     return float(landmark_distance(landmarks68(p, box), landmarks68(g, box))), found

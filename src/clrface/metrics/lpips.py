@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from clrface.errors import ClrfaceError
+from clrface.identity.facerec import perceptual_distance
 
 
 class MetricUnavailable(ClrfaceError):
@@ -201,8 +202,6 @@ class FacerecPerceptualMeter:
 
     @torch.no_grad()
     def update(self, pred: Tensor, gt: Tensor) -> Tensor:
-        from clrface.identity.facerec import perceptual_distance
-
         p = next(self.fr.parameters())
         a = _as_float(pred).to(device=p.device, dtype=p.dtype)
         b = _as_float(gt).to(device=p.device, dtype=p.dtype)

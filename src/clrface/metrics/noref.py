@@ -133,8 +133,8 @@ def colorfulness(x: Tensor, region: Region = FACE_REGION) -> Tensor:
     v = x.detach().to(torch.float64)
     if x.dtype != torch.uint8:
         v = (v.clamp(-1, 1) + 1) * 127.5
-    t, b, l, r = region_bounds(x.shape[2], x.shape[3], region)
-    v = v[:, :, t:b, l:r].flatten(2)
+    t, b, left, r = region_bounds(x.shape[2], x.shape[3], region)
+    v = v[:, :, t:b, left:r].flatten(2)
     rg = v[:, 0] - v[:, 1]
     yb = 0.5 * (v[:, 0] + v[:, 1]) - v[:, 2]
     spread = (rg.var(1, unbiased=False) + yb.var(1, unbiased=False)).sqrt()

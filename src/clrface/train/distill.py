@@ -35,17 +35,17 @@ from torch import Tensor, nn
 
 from clrface.checkpoint import save_checkpoint
 from clrface.data.datasets import load_face_folder
-from clrface.data.io import to_model_range
 from clrface.data.degradation import degrade_batch, get_preset
+from clrface.data.io import to_model_range
+from clrface.device import autocast
 from clrface.diffusion.loss import denoiser_loss
 from clrface.diffusion.prior import LatentPrior
 from clrface.diffusion.sampler import Denoise, euler, heun, sample
 from clrface.diffusion.schedule import ScheduleConfig, sigmas_from
 from clrface.metrics.psnr_ssim import psnr
+from clrface.model_folder import ModelFolder, apply_irn, decode_latent, encode_latent, load_model_folder
 from clrface.train.engine import Objective, step_indices
 from clrface.train.vqgan import save_grid
-from clrface.device import autocast
-from clrface.model_folder import ModelFolder, apply_irn, decode_latent, encode_latent, load_model_folder
 
 
 @dataclass(frozen=True)

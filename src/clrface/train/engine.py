@@ -15,7 +15,7 @@ import math
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -158,7 +158,8 @@ def train(stage: Stage, cfg: EngineConfig, *, resume: bool = False, config_dump:
     def on_signal(signum: int, _frame: Any) -> None:
         stop["flag"] = True
 
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if acc.is_main_process else {}
+    old_handlers = ({s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+                    if acc.is_main_process else {})
 
     def save() -> None:
         tmp = out / "train_state.tmp"

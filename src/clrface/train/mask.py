@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from clrface.checkpoint import save_checkpoint
 from clrface.data.datasets import load_face_folder
-from clrface.data.io import to_model_range
 from clrface.data.degradation import degrade_batch, get_preset
+from clrface.data.io import to_model_range
 from clrface.diffusion.prior import load_prior
 from clrface.identity.facerec import identity_loss, load_facerec, perceptual_distance
 from clrface.identity.guidance import LatentMask, MaskConfig, identity_guided
@@ -85,7 +85,8 @@ class MaskStage:
         x_d, _ = degrade_batch(gt, self.degradation, generator=int(torch.randint(0, 2**31, (1,), generator=g)))
         b = self._condition(gt, x_d)
         u = torch.rand(len(idx), generator=g)  # log-uniform sigma along the refinement trajectory
-        b["sigma"] = torch.exp(math.log(self.cfg.sigma_lo) + u * (math.log(self.cfg.sigma_hi) - math.log(self.cfg.sigma_lo)))
+        lo, hi = math.log(self.cfg.sigma_lo), math.log(self.cfg.sigma_hi)
+        b["sigma"] = torch.exp(lo + u * (hi - lo))
         b["noise"] = torch.randn(b["zid"].shape, generator=g)
         return b
 
@@ -126,12 +127,12 @@ class MaskStage:
         x0, m = self.guided_step(ema, b)
         face = self.decode(x0).float()
         unguided = self.decode(self.prior.precond(b["zid"] + 0.5 * b["noise"], b["sigma"], b["zd"])).float()
-        save_grid(out_dir / "val" / f"{step:07d}.png", [self.val_lq[:8], b["x_id"][:8], unguided[:8], face[:8],
-                                                          m[:8].expand(-1, 3, -1, -1).mul(2).sub(1).repeat_interleave(4, -1).repeat_interleave(4, -2),
-                                                          self.val_gt[:8]])
+        mask_img = m[:8].expand(-1, 3, -1, -1).mul(2).sub(1).repeat_interleave(4, -1).repeat_interleave(4, -2)
+        save_grid(out_dir / "val" / f"{step:07d}.png",
+                  [self.val_lq[:8], b["x_id"][:8], unguided[:8], face[:8], mask_img, self.val_gt[:8]])
         cos = lambda a: (1 - identity_loss(self.fr.embed(a), b["e_gt"])).mean().item()  # noqa: E731
-        return {"ids_guided": cos(face), "ids_unguided": cos(unguided), "psnr_guided": psnr(face, self.val_gt).mean().item(),
-                "mask_mean": m.mean().item()}
+        return {"ids_guided": cos(face), "ids_unguided": cos(unguided),
+                "psnr_guided": psnr(face, self.val_gt).mean().item(), "mask_mean": m.mean().item()}
 
     def export(self, ema: nn.Module, folder: Path) -> None:
         save_checkpoint(folder, ema, self.mask_cfg, "mask")

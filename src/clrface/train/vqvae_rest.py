@@ -12,8 +12,8 @@ from torch import Tensor, nn
 
 from clrface.checkpoint import save_checkpoint
 from clrface.data.datasets import load_face_folder
-from clrface.data.io import to_model_range
 from clrface.data.degradation import degrade_batch, get_preset
+from clrface.data.io import to_model_range
 from clrface.identity.irn import load_irn
 from clrface.metrics.psnr_ssim import psnr
 from clrface.train.engine import Objective, step_indices
@@ -78,7 +78,8 @@ class RestStage:
         """PSNR of G(Q(E'(x_d, x_id))) beside those of x_id and of VQVAE-direct G(Q(E(x_d)))."""
         out = self.vq.decode(ema(self.val_lq, self.val_id)).float().clamp(-1, 1)
         direct = self.vq.decode(self.vq.encode(self.val_lq)).float().clamp(-1, 1)
-        save_grid(out_dir / "val" / f"{step:07d}.png", [self.val_lq[:8], direct[:8], self.val_id[:8], out[:8], self.val_gt[:8]])
+        save_grid(out_dir / "val" / f"{step:07d}.png",
+                  [self.val_lq[:8], direct[:8], self.val_id[:8], out[:8], self.val_gt[:8]])
         return {"psnr": psnr(out, self.val_gt).mean().item(), "psnr_irn": psnr(self.val_id, self.val_gt).mean().item(),
                 "psnr_direct": psnr(direct, self.val_gt).mean().item()}
 

@@ -106,7 +106,8 @@ class Encoder(nn.Module):
             if i < len(chs) - 1:
                 self.downs.append(Downsample(c))
                 res //= 2
-        self.mid = nn.Sequential(ResBlock(c, c), Attention(c) if cfg.attn_resolutions else nn.Identity(), ResBlock(c, c))
+        self.mid = nn.Sequential(ResBlock(c, c), Attention(c) if cfg.attn_resolutions else nn.Identity(),
+                                 ResBlock(c, c))
         self.out = nn.Sequential(_norm(c), nn.SiLU(), nn.Conv2d(c, cfg.latent_channels, 3, padding=1))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -128,7 +129,8 @@ class Decoder(nn.Module):
         n = cfg.num_res_blocks + 1 if cfg.decoder_res_blocks is None else cfg.decoder_res_blocks
         c = chs[0]
         self.conv_in = nn.Conv2d(cfg.latent_channels, c, 3, padding=1)
-        self.mid = nn.Sequential(ResBlock(c, c), Attention(c) if cfg.attn_resolutions else nn.Identity(), ResBlock(c, c))
+        self.mid = nn.Sequential(ResBlock(c, c), Attention(c) if cfg.attn_resolutions else nn.Identity(),
+                                 ResBlock(c, c))
         self.levels, self.ups = nn.ModuleList(), nn.ModuleList()
         res = cfg.resolution // cfg.downsample
         for i, ch in enumerate(chs):
@@ -191,7 +193,8 @@ class PatchDiscriminator(nn.Module):
         for i in range(1, layers + 1):
             cout = channels * min(2**i, 8)
             stride = 2 if i < layers else 1
-            mods += [nn.Conv2d(c, cout, 4, stride, 1, bias=False), nn.GroupNorm(min(32, cout // 4), cout), nn.LeakyReLU(0.2)]
+            mods += [nn.Conv2d(c, cout, 4, stride, 1, bias=False), nn.GroupNorm(min(32, cout // 4), cout),
+                     nn.LeakyReLU(0.2)]
             c = cout
         mods.append(nn.Conv2d(c, 1, 4, 1, 1))
         self.net = nn.Sequential(*mods)
