@@ -11,8 +11,9 @@ preset scaled to S (blur sigma 0.025-2.5 px at 128, noise 0-20, no JPEG) with th
 (x8 at 128 px is the paper's x32 at 512 px).
 
 Rows: clean, degraded (the S-px LQ input), IRN (mode irn), full model (mode full, the model's restore.json defaults
-otherwise), plus ``--row NAME=MODE[:key=val,...]`` as in ``real_world.py``. Per-face noise seeds use the face's position in the
-sorted list of all View-2 images, so ``--limit-pairs`` subsets restore each face exactly as the full run does.
+otherwise), plus ``--row NAME=MODE[:key=val,...]`` as in ``real_world.py``. Per-face noise seeds use the face's
+position in the sorted list of all View-2 images, so ``--limit-pairs`` subsets restore each face exactly as the full
+run does.
 
 Every face is embedded with the dlib ResNet descriptor (clrface port, 128-d, unit norm) and scored by cosine:
 * verification: LFW View-2 10-fold accuracy (``metrics.verification.verification_accuracy``; threshold chosen on

@@ -295,12 +295,20 @@ class OnnxRestorer:
             raise ClrfaceError(f"restore_crops needs uint8 [F,S,S,3], got {crops.dtype} {crops.shape}")
         out = []
         for i in range(0, len(crops), o.batch_size):
-            x = crops[i:i + o.batch_size].transpose(0, 3, 1, 2).astype(np.float32) / np.float32(127.5) - np.float32(1)
+            x = to_model_range(crops[i:i + o.batch_size])
             out.append(to_uint8(self.restore_faces(x, o, first_index=i)["restored"]))
         return np.concatenate(out)
 
 
+# The numpy twins of clrface.data.io.to_model_range / to_uint8, same values (this module runs without torch).
+
+
+def to_model_range(x: np.ndarray) -> np.ndarray:
+    """uint8 [...,H,W,3] -> float32 [...,3,H,W] in [-1, 1]."""
+    return np.moveaxis(x, -1, -3).astype(np.float32) / np.float32(127.5) - np.float32(1)
+
+
 def to_uint8(x: np.ndarray) -> np.ndarray:
-    """[...,3,H,W] in [-1,1] -> uint8 [...,H,W,3] (round half to even, as the pipeline's torch.round)."""
+    """[...,3,H,W] in [-1,1] -> uint8 [...,H,W,3] (round half to even, as torch.round)."""
     u = np.rint((np.clip(x, -1, 1) + np.float32(1)) * np.float32(127.5)).astype(np.uint8)
     return np.moveaxis(u, -3, -1)

@@ -3,10 +3,10 @@
 Stack: the standard library's :class:`http.server.ThreadingHTTPServer` and one static HTML page (``PAGE``, in
 clrface/serve_page.py) whose few lines of JavaScript POST the chosen file's raw bytes. Why not Gradio or FastAPI:
 into a fresh venv, ``pip install --dry-run`` brings 52 packages for Gradio (huggingface_hub, pandas, httpx, ...)
-and 15 for FastAPI + uvicorn + python-multipart (starlette, pydantic, anyio, ...), for one form and two routes. Sending the
-file as the raw request body (options in the query string) means no multipart parsing at all (the stdlib ``cgi``
-module is gone from Python 3.13), so the server needs no dependency beyond the package's own. The cost: no
-progress bar, and restores queue behind one lock.
+and 15 for FastAPI + uvicorn + python-multipart (starlette, pydantic, anyio, ...), for one form and two routes.
+Sending the file as the raw request body (options in the query string) means no multipart parsing at all (the
+stdlib ``cgi`` module is gone from Python 3.13), so the server needs no dependency beyond the package's own. The
+cost: no progress bar, and restores queue behind one lock.
 
 Routes::
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clrface.data.io import DATA_ENV, data_root
+from clrface.data.io import DATA_ENV, data_root, to_model_range
 
 DATA = data_root()
 
@@ -27,4 +27,4 @@ def real_val_faces(val_dir) -> torch.Tensor:
     """[8,3,128,128] in [-1,1]: the first 8 val faces."""
     files = sorted(val_dir.glob("*.jpg"))[:8]
     a = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
-    return torch.from_numpy(a).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return to_model_range(a)

@@ -43,15 +43,17 @@ def data_root() -> Path:
     return Path(os.environ.get(DATA_ENV) or DEFAULT_DATA)
 
 
-def to_model_range(x: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """uint8 [B,H,W,3] -> float32 [B,3,H,W] in [-1, 1]: the nets' input range."""
+def to_model_range(x: torch.Tensor | np.ndarray, *, channels_last: bool = True) -> torch.Tensor:
+    """uint8 [B,H,W,3] (``channels_last=False``: [B,3,H,W]) -> float32 [B,3,H,W] in [-1, 1]: the nets' range."""
     t = torch.from_numpy(np.array(x)) if isinstance(x, np.ndarray) else x
-    return t.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return (t.permute(0, 3, 1, 2) if channels_last else t).float().div(127.5).sub(1.0)
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """float [B,3,H,W] in [-1, 1] -> uint8 [B,H,W,3] on the CPU (clamped, rounded); ``.numpy()`` for an array."""
-    return x.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+def to_uint8(x: torch.Tensor, *, channels_last: bool = True) -> torch.Tensor:
+    """float [B,3,H,W] in [-1, 1] -> uint8 [B,H,W,3] (``channels_last=False``: [B,3,H,W]) on the CPU, clamped and
+    rounded; ``.numpy()`` for an array."""
+    u = x.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    return (u.permute(0, 2, 3, 1) if channels_last else u).cpu()
 
 
 def load_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from clrface.data.io import list_images, load_image
+from clrface.data.io import list_images, load_image, to_model_range
 from clrface.errors import ClrfaceError, ImageError
 from clrface.identity.facerec import load_facerec
 from clrface.metrics import ids, lmd, lpips, psnr_ssim
@@ -339,7 +339,7 @@ def lfw_verification(folder: str | Path, pairs_file: str | Path, *, facerec=None
     emb: dict[str, Tensor] = {}
     for i in range(0, len(need), batch_size):
         ks = need[i:i + batch_size]
-        x = _load_batch([index[k] for k in ks]).to(device=prm.device, dtype=prm.dtype) / 127.5 - 1
+        x = to_model_range(_load_batch([index[k] for k in ks]), channels_last=False).to(prm.device, prm.dtype)
         for k, e in zip(ks, facerec.embed(x).double().cpu()):
             emb[k] = e
         if log:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clrface.data.io import list_images, load_image
+from clrface.data.io import list_images, load_image, to_uint8
 from clrface.errors import ClrfaceError
 from clrface.metrics.lpips import MetricUnavailable
 
@@ -88,7 +88,7 @@ def resize_tf_bilinear(x: Tensor, size: int = FID_SIZE) -> Tensor:
 def _to_255(x: Tensor) -> Tensor:
     if x.dtype == torch.uint8:
         return x.float()
-    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round()
+    return to_uint8(x, channels_last=False).to(x.device).float()
 
 
 @torch.no_grad()

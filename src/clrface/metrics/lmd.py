@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from clrface.data.io import to_uint8
 from clrface.faces.detect import detect_faces, landmarks68
 
 LMD_SIZE = 512
@@ -45,7 +46,7 @@ def landmark_distance(pred_lm: Tensor | np.ndarray, gt_lm: Tensor | np.ndarray) 
 def to_uint8_hwc(x: Tensor) -> list[np.ndarray]:
     """[B,3,H,W] float in [-1,1] or uint8 -> list of uint8 [H,W,3] (floats rounded, as when saved to a file)."""
     if x.dtype != torch.uint8:
-        x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return list(to_uint8(x).numpy())
     return list(x.permute(0, 2, 3, 1).cpu().numpy())
 
 

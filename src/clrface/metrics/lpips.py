@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from clrface.data.io import to_model_range
 from clrface.errors import ClrfaceError
 from clrface.identity.facerec import perceptual_distance
 
@@ -186,7 +187,7 @@ class LPIPSMeter:
 
 def _as_float(x: Tensor) -> Tensor:
     """uint8 [0,255] or float [-1,1] -> float32 [-1,1]."""
-    return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
+    return to_model_range(x, channels_last=False) if x.dtype == torch.uint8 else x.float()
 
 
 

@@ -13,8 +13,8 @@ from torch import Tensor, nn
 
 from clrface.checkpoint import load_weights, save_checkpoint
 from clrface.data.datasets import load_face_folder
-from clrface.data.io import to_model_range
 from clrface.data.degradation import degrade_batch, get_preset
+from clrface.data.io import to_model_range
 from clrface.diffusion.loss import edm_loss
 from clrface.diffusion.prior import LatentPrior, PriorConfig
 from clrface.diffusion.sampler import heun, sample

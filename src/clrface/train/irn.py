@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from clrface.checkpoint import load_weights, save_checkpoint
 from clrface.data.datasets import load_face_folder
-from clrface.data.io import to_model_range
 from clrface.data.degradation import degrade_batch, get_preset
+from clrface.data.io import to_model_range
 from clrface.data.realistic import RealisticConfig, degrade_realistic
 from clrface.identity.facerec import DlibFaceRecognizer, feature_distance, identity_loss, perceptual_distance
 from clrface.identity.irn import IRN, IRNConfig
@@ -27,6 +27,7 @@ from clrface.metrics.psnr_ssim import psnr
 from clrface.train.engine import Objective, step_indices
 from clrface.train.vqgan import save_grid
 from clrface.vqgan.losses import adaptive_weight, generator_adv_loss, hinge_d_loss
+from clrface.vqgan.model import PatchDiscriminator
 
 
 @dataclass(frozen=True)
@@ -110,8 +111,6 @@ class IRNStage:
             load_weights(cfg.init_from, irn)
         self.modules: dict[str, nn.Module] = {"irn": irn}
         if cfg.adv_weight > 0:
-            from clrface.vqgan.model import PatchDiscriminator
-
             self.modules["disc"] = PatchDiscriminator(cfg.disc_channels, cfg.disc_layers)
         self.facerec = facerec.eval().requires_grad_(False)  # frozen; kept out of `modules` (not trained)
         self.degradation = get_preset(cfg.degradation, size=cfg.size)
