@@ -48,7 +48,7 @@ FAST = "runs/pack-fast"  # the distilled prior (`clrface train distill`) packed 
 
 
 TABLES: dict[str, dict[str, Row]] = {
-    # Issue 5: the prior alone, from pure noise and from z_d at a few sigma_start, vs VQVAE-direct.
+    # The prior alone, from pure noise and from z_d at a few sigma_start, vs VQVAE-direct.
     "prior-table": {
         "VQVAE-direct G(Q(E(x_d)))": Row({"mode": "direct"}),
         "prior, Heun-40 from noise": Row({"mode": "prior", "steps": 40, "sigma_start": 20.0}),
@@ -56,13 +56,13 @@ TABLES: dict[str, dict[str, Row]] = {
         "prior, Heun-40 from z_d, s=2": Row({"mode": "prior", "steps": 40, "sigma_start": 2.0}),
         "prior, Heun-40 from z_d, s=5": Row({"mode": "prior", "steps": 40, "sigma_start": 5.0}),
     },
-    # Issue 5: NFE vs quality, from noise (the prior's own job).
+    # NFE vs quality, from noise (the prior's own job).
     "nfe-table": {
         **{f"Heun-{n} from noise": Row({"mode": "prior", "steps": n, "sigma_start": 20.0}) for n in (5, 10, 20, 40)},
         **{f"DPM++2M-{n} from noise": Row({"mode": "prior", "steps": n, "sigma_start": 20.0, "sampler": "dpmpp_2m"})
            for n in (5, 10, 20)},
     },
-    # Issue 6 / paper Table 4: the ablation of the full method.
+    # Paper Table 4: the ablation of the full method.
     "ablation": {
         "VQVAE-direct": Row({"mode": "direct"}),
         "VQVAE-Rest E'(x_d, x_id)": Row({}, rest_encoder="runs/vqvae-rest-128/model"),
@@ -76,7 +76,7 @@ TABLES: dict[str, dict[str, Row]] = {
         "IRN^ID + Diff. Prior + ID guidance + M_l": Row({"mode": "full", "steps": 10, "sigma_start": 0.5,
                                                         "guidance_scale": 10.0}, mask=True),
     },
-    # Issue 10: quality vs speed of the samplers, teacher and distilled (Euler on the distilled prior = the
+    # Quality vs speed of the samplers, teacher and distilled (Euler on the distilled prior = the
     # multistep consistency sampler); from noise (the prior's own job) and in the full pipeline.
     "speed-table": {
         **{f"from noise, Heun-{n}": Row({"mode": "prior", "steps": n, "sigma_start": 20.0}) for n in (40, 10)},
@@ -84,13 +84,13 @@ TABLES: dict[str, dict[str, Row]] = {
            for n in (5, 10)},
         **{f"from noise, distilled-{n}": Row({"mode": "prior", "steps": n, "sigma_start": 20.0, "sampler": "euler"},
                                              model=FAST) for n in (1, 2, 4)},
-        # full Heun-40 (79 guided calls, ~20 s/face here) is left out; Heun-10 is the session-12 ablation's row
+        # full Heun-40 (79 guided calls, ~20 s/face on 2 CPU cores) is left out; Heun-10 is the ablation table's row
         "full + M_l, Heun-10": Row({**FULL, "steps": 10}, mask=True),
         "full + M_l, DPM++2M-5": Row({**FULL, "steps": 5, "sampler": "dpmpp_2m"}, mask=True),
         **{f"full + M_l, distilled-{n}": Row({**FULL, "steps": n, "sampler": "euler"}, mask=True, model=FAST)
            for n in (1, 2, 4)},
     },
-    # Issue 8 / paper Table 2 at our scale: extreme upsampling (run on the x32 and x64 test sets).
+    # Paper Table 2 at 128 px: extreme upsampling (run on the x32 and x64 test sets).
     "extreme": {
         "VQVAE-direct": Row({"mode": "direct"}),
         "default model (IRN^ID)": Row({"mode": "irn"}),
@@ -99,7 +99,7 @@ TABLES: dict[str, dict[str, Row]] = {
             {"mode": "full", "steps": 10, "sigma_start": 0.5, "guidance_scale": 0.0},
             model="src/clrface/weights/extreme"),
     },
-    # Issue 8: colorization (run on the gray test set).
+    # Colorization (run on the gray test set).
     "colorize": {
         "VQVAE-direct": Row({"mode": "direct"}),
         "default model (IRN^ID)": Row({"mode": "irn"}),

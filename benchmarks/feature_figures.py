@@ -1,4 +1,4 @@
-"""Before/after figures of the tool's features for the README (issue 9): writes docs/features/*.jpg.
+"""Before/after figures of the tool's features for the README: writes docs/features/*.jpg.
 
     python benchmarks/feature_figures.py --out docs/features [--only api bg video onnx batch webui]
         [--video-dir runs/video-flicker]

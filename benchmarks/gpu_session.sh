@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# One lent-GPU session, run on the device machine from the repo root (README of the device tool): a GPU speed row,
-# then three trainings side by side on the one GPU (issue 6, "sharper faces"): the IRN's adversarial fine-tune at
+# Times the restore and trains on one CUDA GPU, run from the repository root: a GPU speed row
+# (benchmarks/restore_speed.py), then trainings side by side on the one GPU: the IRN's adversarial fine-tune at
 # adv_weight 0.5 and 1.0 (configs/irn-128-gan-long.yaml) and the VQGAN decoder's (configs/vqgan-128-ft-long.yaml).
-# ../shared does not travel, so the call carries .gpu/ (git-ignored): .gpu/cache/facerec (the dlib ResNet cache in
-# fp16), .gpu/data/train (every second face of faces128/train, the first 2,550) and .gpu/data/val (64 faces).
+# Its inputs sit in .gpu/ (git-ignored, so they travel with the call on a machine that has no ../shared):
+# .gpu/cache/facerec (the dlib ResNet cache in fp16), .gpu/data/train (every second face of faces128/train, the
+# first 2,550) and .gpu/data/val (64 faces).
 # Results land in $OUT: log.txt, speed.md, and one tar per run (fp16 model/, log.csv, config, last val grids).
-# Session 14 ran it twice: `bash benchmarks/gpu_session.sh`, then with SPEED=0 RUNS="irn-w025 vqgan" BUDGET_S=200.
+#   bash benchmarks/gpu_session.sh
+#   SPEED=0 RUNS="irn-w025 vqgan" BUDGET_S=200 bash benchmarks/gpu_session.sh
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 BUDGET_S=${BUDGET_S:-470}  # the trainings stop (and checkpoint) this many seconds after the script started
@@ -16,8 +18,8 @@ log="$OUT/log.txt"
   python3 -c "import torch, accelerate; print('torch', torch.__version__, 'accelerate', accelerate.__version__, torch.cuda.get_device_name())"
 } > "$log" 2>&1
 
-# SPEED=0 skips the speed row; RUNS picks the trainings (session 14: first call the default RUNS, second call
-# SPEED=0 RUNS="irn-w025 vqgan" BUDGET_S=200: the decoder continued from its first run, now the shipped one).
+# SPEED=0 skips the speed row; RUNS picks the trainings: irn-w05, irn-w1, irn-w025 (IRN at that adv_weight) and
+# vqgan (the decoder; a second run continues from the first one's checkpoint).
 SPEED=${SPEED:-1}
 RUNS=${RUNS:-"irn-w05 irn-w1 vqgan"}
 if [ "$SPEED" = 1 ]; then

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from clrface.bench import (
+    add_row_arguments,
     embed_faces,
     machine,
     markdown_table,
@@ -337,12 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--lfw", default=str(DATA / "lfw128"), help="lfw128 folder (<Name>/<Name>_NNNN.jpg)")
     ap.add_argument("--pairs", help="pairs.txt (default: LFW/pairs.txt)")
     ap.add_argument("--limit-pairs", type=int, help="about N pairs: N/20 matched + N/20 mismatched per fold")
-    ap.add_argument("--row", action="append", default=[], metavar="NAME=MODE[:k=v,...]", help="extra row (repeatable)")
-    ap.add_argument("--only", nargs="*", help="run only these row names (clean is always embedded)")
     ap.add_argument("--seed", type=int, default=0, help="degradation seed (combined with each file's name)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=8)
+    add_row_arguments(ap)
     ap.add_argument("--save-examples", type=int, default=8, help="write the first N faces of each row as PNG")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from clrface.bench import (
+    add_row_arguments,
     embed_faces,
     machine,
     markdown_table,
@@ -264,13 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--whole", default=str(DATA / "real_lq" / "whole"), help="whole photos ('' to skip)")
     ap.add_argument("--fid-ref", default=str(DATA / "faces128" / "train"),
                     help="FID reference folder or stats .npz ('' to skip FID)")
-    ap.add_argument("--row", action="append", default=[], metavar="NAME=MODE[:k=v,...]",
-                    help="extra row, e.g. 'f0.8=full:fidelity=0.8,steps=10' or 'no mask=full:mask=off' (repeatable)")
-    ap.add_argument("--only", nargs="*", help="run only these row names")
     ap.add_argument("--limit", type=int, help="first LIMIT files of each folder")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=8)
+    add_row_arguments(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:

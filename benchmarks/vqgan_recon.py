@@ -1,4 +1,4 @@
-"""VQGAN reconstruction quality (issue 4 acceptance), at 128 px.
+"""VQGAN reconstruction quality at 128 px.
 
     python benchmarks/vqgan_recon.py --vqgan runs/vqgan-128/model --out runs/vqgan-recon
 

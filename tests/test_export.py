@@ -26,8 +26,8 @@ from clrface.diffusion.schedule import ScheduleConfig, karras_sigmas, sigmas_fro
 from clrface.errors import CheckpointError, ClrfaceError  # noqa: E402
 from clrface.export import GRAPH_IO, export_graph, graph_modules  # noqa: E402
 from clrface.faces.align import align_faces
-from clrface.onnx_runtime import OnnxOptions, OnnxRestorer, face_noise, to_uint8  # noqa: E402
-from clrface.options import SAMPLER_NAMES, FidelityMap, RestoreOptions
+from clrface.onnx_runtime import OnnxRestorer, face_noise, to_uint8  # noqa: E402
+from clrface.options import SAMPLER_NAMES, RestoreOptions
 from clrface.restorer import Restorer  # noqa: E402
 from clrface.restorer import face_noise as torch_face_noise  # noqa: E402
 
@@ -117,8 +117,8 @@ def test_whole_restore_of_demo_faces_matches_torch(restorer, runtime, demo_faces
 def test_restore_crops_is_independent_of_batch_size(runtime, demo_faces):
     crops = np.concatenate([demo_faces, demo_faces[:1]])
     o = runtime.options(mode="prior", steps=1, sigma_start=1.0)
-    one = runtime.restore_crops(crops, OnnxOptions(**{**o.__dict__, "batch_size": 1}))
-    three = runtime.restore_crops(crops, OnnxOptions(**{**o.__dict__, "batch_size": 3}))
+    one = runtime.restore_crops(crops, RestoreOptions(**{**o.__dict__, "batch_size": 1}))
+    three = runtime.restore_crops(crops, RestoreOptions(**{**o.__dict__, "batch_size": 3}))
     assert one.shape == (3, 1, 128, 128, 3) and one.dtype == np.uint8
     assert np.abs(one.astype(int) - three.astype(int)).max() <= 1
     assert not np.array_equal(one[0], one[2])  # face 0 and face 2 (same pixels) draw different noise
@@ -163,14 +163,10 @@ def test_samplers_and_schedule_match_torch_ports():
         assert rt.nfe(name, 6) == torch_sampler.nfe(name, 6)
 
 
-def test_options_and_noise_follow_the_pipeline():
-    fm = FidelityMap()
-    fmd = {k: getattr(fm, k) for k in ("sigma_start_at_0", "sigma_start_at_1", "guidance_at_0", "guidance_at_1")}
-    for f in (0.0, 0.3, 1.0):
-        assert OnnxOptions(fidelity=f).resolve(fmd) == pytest.approx(RestoreOptions(fidelity=f).resolve(fm))
-    assert OnnxOptions(sigma_start=0.7, guidance_scale=0).resolve(fmd) == (0.7, 0.0)
+def test_options_and_noise_follow_the_pipeline(runtime):
+    assert runtime.options(steps=3, upscale=None) == RestoreOptions(**{**runtime.defaults, "steps": 3})
     with pytest.raises(ClrfaceError):
-        OnnxOptions(sampler="ddim")
+        runtime.options(sampler="ddim")
     # per-face generators: face 3 of a batch of 4 is face 0 of a batch starting at index 3
     a, b = face_noise((4, 3, 8, 8), 7, 1), face_noise((1, 3, 8, 8), 7, 1, first_index=3)
     np.testing.assert_array_equal(a[3], b[0])

@@ -4,6 +4,7 @@ motion of the synthetic video clips."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import platform
@@ -109,6 +110,16 @@ def load_faces(folder: str | Path, limit: int | None = None, size: int | None = 
 
 
 # ---------------------------------------------------------------- rows: named restore settings compared in one table
+
+
+def add_row_arguments(ap: argparse.ArgumentParser) -> None:
+    """The flags of the scripts that compare named rows: --row, --only, --device, --threads, --batch-size."""
+    ap.add_argument("--row", action="append", default=[], metavar="NAME=MODE[:k=v,...]",
+                    help="extra row, e.g. 'f0.8=full:fidelity=0.8,steps=10' or 'no mask=full:mask=off' (repeatable)")
+    ap.add_argument("--only", nargs="*", help="run only these row names")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=8)
 
 
 def _value(s: str) -> Any:

@@ -36,26 +36,39 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+PRESETS = ["bfr", "x32", "x64", "extreme", "gray"]
+
+
+def _add_degradation_args(p: argparse.ArgumentParser, item: str, size_help: str) -> None:
+    """--preset, --seed and --size of the commands that degrade images (``item``: what the seeds number)."""
+    p.add_argument("--preset", default="bfr", choices=PRESETS,
+                   help="degradation preset (paper Sec. 4.1; x32/x64: fixed x32/x64 at 512 px, i.e. x8/x16 at 128 px; "
+                        "extreme: x32..x64)")
+    p.add_argument("--seed", type=int, default=0, help=f"{item} i of the sorted input gets seed SEED+i")
+    p.add_argument("--size", type=int, help=size_help)
+
+
+def _summary(manifest: dict, done: str) -> int:
+    """Prints what a degrading command did (and how many inputs failed); the exit status."""
+    bad = len(manifest["failures"])
+    print(done + (f"; {bad} failed" if bad else ""))
+    return 1 if bad else 0
+
+
 def _add_degrade(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("degrade", help="apply the synthetic BFR degradation (blur, downscale, noise, JPEG) to images")
     p.add_argument("input", help="an image file or a folder of images")
     p.add_argument("output", help="output image (for a file input, .png/.jpg) or folder; manifest.json records "
                                   "the parameters")
-    p.add_argument("--preset", default="bfr", choices=["bfr", "x32", "x64", "extreme", "gray"],
-                   help="degradation preset (paper Sec. 4.1; x32/x64: fixed x32/x64 at 512 px, i.e. x8/x16 at 128 px; "
-                        "extreme: x32..x64)")
-    p.add_argument("--seed", type=int, default=0, help="image i of the sorted input gets seed SEED+i")
-    p.add_argument("--size", type=int, help="resize to SIZE x SIZE first; the preset's 512-px ranges scale to SIZE "
-                   "(default: to each image's shorter side)")
+    _add_degradation_args(p, "image", "resize to SIZE x SIZE first; the preset's 512-px ranges scale to SIZE "
+                                      "(default: to each image's shorter side)")
 
     def run(args: argparse.Namespace) -> int:
         from clrface.data.datasets import degrade_files
 
         m = degrade_files(args.input, args.output, args.preset, args.seed, args.size,
                           log=lambda s: print(s, file=sys.stderr))
-        n, bad = len(m["images"]), len(m["failures"])
-        print(f"degraded {n} image(s) with preset {args.preset}" + (f"; {bad} failed" if bad else ""))
-        return 1 if bad else 0
+        return _summary(m, f"degraded {len(m['images'])} image(s) with preset {args.preset}")
 
     p.set_defaults(func=run)
 
@@ -65,10 +78,7 @@ def _add_make_testset(sub: argparse._SubParsersAction) -> None:
                        help="build a fixed synthetic test set (gt/, lq/, manifest.json) from aligned faces")
     p.add_argument("src", help="folder of aligned square faces")
     p.add_argument("out", help="output folder")
-    p.add_argument("--preset", default="bfr", choices=["bfr", "x32", "x64", "extreme", "gray"],
-                   help="degradation preset (see `clrface degrade --help`)")
-    p.add_argument("--seed", type=int, default=0, help="face i of the sorted folder gets seed SEED+i")
-    p.add_argument("--size", type=int, help="resize faces to SIZE x SIZE (ranges scale to SIZE)")
+    _add_degradation_args(p, "face", "resize faces to SIZE x SIZE (ranges scale to SIZE)")
     p.add_argument("--limit", type=int, help="use only the first LIMIT faces")
 
     def run(args: argparse.Namespace) -> int:
@@ -76,9 +86,7 @@ def _add_make_testset(sub: argparse._SubParsersAction) -> None:
 
         m = build_testset(args.src, args.out, args.preset, args.seed, args.size, args.limit,
                           log=lambda s: print(s, file=sys.stderr))
-        n, bad = len(m["images"]), len(m["failures"])
-        print(f"wrote {n} pair(s) to {args.out}" + (f"; {bad} failed" if bad else ""))
-        return 1 if bad else 0
+        return _summary(m, f"wrote {len(m['images'])} pair(s) to {args.out}")
 
     p.set_defaults(func=run)
 

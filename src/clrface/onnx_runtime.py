@@ -18,14 +18,13 @@ This module must not import torch (checked by tests/test_export.py).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from clrface.errors import CheckpointError, ClrfaceError
-from clrface.options import MODES, SAMPLER_NAMES, FidelityMap, face_seed, resolve_sampling
+from clrface.options import FidelityMap, RestoreOptions, face_seed
 
 Denoise = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """(x [B,...] fp32, sigma [B] fp32) -> x0_hat [B,...]."""
@@ -128,38 +127,6 @@ def face_noise(shape: tuple[int, ...], seed: int, sample_k: int, first_index: in
                      .standard_normal(shape[1:], dtype=np.float32) for i in range(shape[0])])
 
 
-@dataclass
-class OnnxOptions:
-    """The subset of ``clrface.options.RestoreOptions`` that the runtime honours, same meanings and defaults."""
-
-    fidelity: float = 0.5
-    steps: int = 20
-    sampler: str = "heun"
-    sigma_start: float | None = None
-    guidance_scale: float | None = None
-    seed: int = 0
-    samples: int = 1
-    mode: str = "full"
-    batch_size: int = 8
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= float(self.fidelity) <= 1.0:
-            raise ClrfaceError(f"fidelity must be in [0, 1], got {self.fidelity}")
-        if self.steps < 1 or self.samples < 1 or self.batch_size < 1:
-            raise ClrfaceError(f"steps, samples and batch_size must be >= 1: {self}")
-        if self.sampler not in SAMPLER_NAMES:
-            raise ClrfaceError(f"unknown sampler {self.sampler!r}; choose from {', '.join(SAMPLER_NAMES)}")
-        if self.mode not in MODES:
-            raise ClrfaceError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
-        if self.sigma_start is not None and self.sigma_start < 0:
-            raise ClrfaceError(f"sigma_start must be >= 0, got {self.sigma_start}")
-
-    def resolve(self, fidelity_map: dict[str, float]) -> tuple[float, float]:
-        """(sigma_start, guidance_scale): the explicit values, else the fidelity map's (``FidelityMap``)."""
-        return resolve_sampling(FidelityMap(**fidelity_map), float(self.fidelity), self.sigma_start,
-                                self.guidance_scale)
-
-
 # ------------------------------------------------------------------------------------------ restorer
 
 
@@ -200,12 +167,11 @@ class OnnxRestorer:
     def has_irn(self) -> bool:
         return "irn" in self.sessions
 
-    def options(self, **overrides: Any) -> OnnxOptions:
-        """The model's default options (restore.json at export), then ``overrides`` that are not None; keys of
-        RestoreOptions this runtime does not use (upscale, max_faces) are dropped."""
-        known = OnnxOptions.__dataclass_fields__
-        merged = {**self.defaults, **{k: v for k, v in overrides.items() if v is not None}}
-        return OnnxOptions(**{k: v for k, v in merged.items() if k in known})
+    def options(self, **overrides: Any) -> RestoreOptions:
+        """The model's default options (restore.json at export), then ``overrides`` that are not None. The runtime
+        honours fidelity, steps, sampler, sigma_start, guidance_scale, seed, samples, mode and batch_size; the
+        photo-level fields (upscale, max_faces, color) belong to the torch path."""
+        return RestoreOptions(**{**self.defaults, **{k: v for k, v in overrides.items() if v is not None}})
 
     def _run(self, name: str, **inputs: np.ndarray) -> np.ndarray:
         feed = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()}
@@ -232,7 +198,7 @@ class OnnxRestorer:
 
     # ------------------------------------------------------------------------------ restore
 
-    def restore_faces(self, x_d: np.ndarray, options: OnnxOptions | None = None, *, noise: np.ndarray | None = None,
+    def restore_faces(self, x_d: np.ndarray, options: RestoreOptions | None = None, *, noise: np.ndarray | None = None,
                       first_index: int = 0) -> dict[str, Any]:
         """Aligned faces x_d fp32 [B,3,S,S] in [-1,1] -> dict ``restored`` [B,N,3,S,S] in [-1,1], ``x_id``
         [B,3,S,S], ``sigma_start``, ``guidance_scale`` (always 0) and ``nfe`` (as ``Restorer.restore_faces``
@@ -243,7 +209,7 @@ class OnnxRestorer:
         s, b, n = self.resolution, x_d.shape[0], o.samples
         if x_d.ndim != 4 or x_d.shape[1:] != (3, s, s):
             raise ClrfaceError(f"restore_faces needs faces [B,3,{s},{s}], got {tuple(x_d.shape)}")
-        sigma_start, scale = o.resolve(self.spec["fidelity_map"])
+        sigma_start, scale = o.resolve(FidelityMap(**self.spec["fidelity_map"]))
         x_id, calls = x_d, 0
         if o.mode == "direct":
             restored = np.repeat(self.decode(self.encode(x_d))[:, None], n, 1)
@@ -277,7 +243,7 @@ class OnnxRestorer:
         return {"restored": np.clip(restored, -1, 1).astype(np.float32), "x_id": x_id.astype(np.float32),
                 "sigma_start": sigma_start, "guidance_scale": 0.0, "nfe": calls}
 
-    def refine(self, z_init: np.ndarray, z_d: np.ndarray, sigma_start: float, options: OnnxOptions,
+    def refine(self, z_init: np.ndarray, z_d: np.ndarray, sigma_start: float, options: RestoreOptions,
                noise: np.ndarray) -> np.ndarray:
         """Reverse ODE (paper Eq. 10) from z_init + sigma_start * noise to sigma 0 (``Restorer.refine``)."""
         sigmas = sigmas_from(self.spec["schedule"], sigma_start, options.steps)
@@ -286,7 +252,7 @@ class OnnxRestorer:
         x = z_init + np.float32(sigma_start) * noise
         return SAMPLER_FNS[options.sampler](lambda v, sig: self.denoise(v, sig, z_d), x, sigmas)
 
-    def restore_crops(self, crops: np.ndarray, options: OnnxOptions | None = None) -> np.ndarray:
+    def restore_crops(self, crops: np.ndarray, options: RestoreOptions | None = None) -> np.ndarray:
         """uint8 [F,S,S,3] aligned faces -> uint8 [F,N,S,S,3] restored, in chunks of ``batch_size`` faces
         (face i keeps its own noise, so the chunking does not change the result)."""
         o = options or self.options()

@@ -112,7 +112,7 @@ PRESETS: dict[str, DegradationConfig] = {
     "x32": DegradationConfig(name="x32", scale=(32.0, 32.0), jpeg=None),
     # colorization: grayscale input plus the bfr degradation
     "gray": DegradationConfig(name="gray", gray=True),
-    # ×64 at 512 px is ×16 at 128 px: an 8-px face, the "×16" test at our scale
+    # ×64 at 512 px is ×16 at 128 px: an 8-px face, the paper's "×16" setting at 128 px
     "x64": DegradationConfig(name="x64", scale=(64.0, 64.0), jpeg=None),
     # the extreme-SR model's training mix: ×32..×64 at 512 px (×8..×16 at 128 px: 16- to 8-px faces)
     "extreme": DegradationConfig(name="extreme", scale=(32.0, 64.0), jpeg=None),
