@@ -22,7 +22,7 @@ from tqdm import tqdm
 from clrface.data.io import ensure_not_input, load_image, save_image
 from clrface.errors import ClrfaceError
 from clrface.options import RestoreOptions
-from clrface.photo import side_by_side
+from clrface.photo import restore_photo, side_by_side
 from clrface.restorer import Restorer
 from clrface.video import restore_video
 from clrface.video_io import is_video
@@ -54,7 +54,8 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def restore_input(path: Path, name: str, out: Path, restorer: Restorer, options: RestoreOptions, aligned: bool,
-                  inputs: list[Path], emit: Callable[[str], None], stabilize: bool = True) -> dict[str, Any]:
+                  inputs: list[Path], emit: Callable[[str], None], stabilize: bool = True, keep_detail: bool = True
+                  ) -> dict[str, Any]:
     """Restores one photo or video into ``out`` and returns its report record."""
     t0 = time.perf_counter()
     if is_video(path):  # final/<name>.mp4; faces are detected per frame, so --aligned does not apply
@@ -66,7 +67,8 @@ def restore_input(path: Path, name: str, out: Path, restorer: Restorer, options:
             emit(f"clrface: warning: {path}: {wmsg}")
         return rec
     photo = load_image(path)
-    res = restorer.restore_image(photo, options, aligned=aligned)
+    res = (restorer.restore_image(photo, options, aligned=aligned) if keep_detail  # restore_image keeps detail
+           else restore_photo(restorer, photo, options, aligned=aligned, keep_detail=False))
 
     def sfx(j: int) -> str:
         return f"_s{j}" if options.samples > 1 else ""
@@ -79,6 +81,8 @@ def restore_input(path: Path, name: str, out: Path, restorer: Restorer, options:
         fr: dict[str, Any] = {"index": k, "box": [round(float(v), 2) for v in f.box],
                               "id_vs_irn": [round(v, 4) for v in f.id_vs_irn],
                               "id_vs_input": [round(v, 4) for v in f.id_vs_input]}
+        if f.detail is not None:  # what the input kept: estimates, gate and high-band weight (clrface.faces.detail)
+            fr["keep_detail"] = f.detail
         save_image(out / "cropped_faces" / f"{name}_{k}.png", f.crop_in, inputs=inputs)
         for j, c in enumerate(f.crops_out):
             save_image(out / "restored_faces" / f"{name}_{k}{sfx(j)}.png", c, inputs=inputs)
@@ -94,11 +98,12 @@ def restore_input(path: Path, name: str, out: Path, restorer: Restorer, options:
 def restore_files(inputs: list[Path], out_dir: str | Path, restorer: Restorer, options: RestoreOptions, *,
                   aligned: bool = False, log: Callable[[str], None] | None = None, progress: bool = True,
                   rank: int = 0, world: int = 1, barrier: Callable[[], None] = lambda: None,
-                  overwrite: bool = False, stabilize: bool = True) -> dict[str, Any]:
+                  overwrite: bool = False, stabilize: bool = True, keep_detail: bool = True) -> dict[str, Any]:
     """Restores each input photo into ``out_dir``: cropped_faces/, restored_faces/, cmp/, final/, report.json.
 
     Videos (``clrface.video.VIDEO_EXTENSIONS``) go to ``final/<name>.mp4`` with their audio, every face of every
-    frame restored; ``stabilize`` turns their temporal stabilisation on (see clrface.video).
+    frame restored; ``stabilize`` turns their temporal stabilisation on (see clrface.video). ``keep_detail``: faces
+    keep the input's own detail where it has it (see clrface.photo.restore_photo; photos only).
 
     Files: ``<name>_<k>.png`` per face k (``_s<j>`` appended per sample when samples > 1), ``final/<name>.png``.
     Unreadable inputs are reported through ``log`` and recorded under ``failures``; photos without a face go to
@@ -114,6 +119,7 @@ def restore_files(inputs: list[Path], out_dir: str | Path, restorer: Restorer, o
     inputs = [Path(p) for p in inputs]
     emit = log or (lambda line: tqdm.write(line, file=sys.stderr))
     key = run_key(restorer, options, aligned) + ("" if stabilize else " no-stabilize")
+    key += " keep-detail" if keep_detail else ""
     done = out / DONE_DIR
     done.mkdir(parents=True, exist_ok=True)
     named = list(zip(inputs, output_names(inputs)))
@@ -133,7 +139,7 @@ def restore_files(inputs: list[Path], out_dir: str | Path, restorer: Restorer, o
                disable=not progress or len(todo) < 2, file=sys.stderr)
     for path, name in bar:
         try:
-            rec = restore_input(path, name, out, restorer, options, aligned, inputs, emit, stabilize)
+            rec = restore_input(path, name, out, restorer, options, aligned, inputs, emit, stabilize, keep_detail)
             write_atomic(done / f"{name}.done.json", json.dumps({"key": key, "record": rec}))
         except (ClrfaceError, MemoryError) as e:
             msg = str(e) if isinstance(e, ClrfaceError) else f"{path}: out of memory"

@@ -263,6 +263,12 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-stabilize", action="store_true",
                    help="videos: restore every frame as an independent photo (no face tracking, landmark smoothing, "
                         "per-track noise or temporal blending); for comparison, it flickers more")
+    p.add_argument("--keep-detail", action=argparse.BooleanOptionalAction, default=True,
+                   help="photos: paste each face at the input's own resolution, the restored face supplying only "
+                        "what the input lacks: the input's detail above the model's resolution is kept where it is "
+                        "signal rather than noise or JPEG blocking, and a face that is already clean is kept as it "
+                        "is; report.json records per face the estimates and weights (keep_detail). "
+                        "--no-keep-detail pastes the restored face alone (default: on)")
     _add_restore_model_args(p)
 
     def run(args: argparse.Namespace) -> int:
@@ -280,7 +286,8 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
         rank, world, barrier = _process_group(args)
         restorer, options = _restore_setup(args)
         report = restore_files(inputs, args.output, restorer, options, aligned=args.aligned, rank=rank, world=world,
-                               barrier=barrier, overwrite=args.overwrite, stabilize=not args.no_stabilize)
+                               barrier=barrier, overwrite=args.overwrite, stabilize=not args.no_stabilize,
+                               keep_detail=args.keep_detail)
         n_ok, n_bad = len(report["images"]), len(report["failures"])
         if rank == 0:
             no_face = sum(r["no_face"] for r in report["images"])

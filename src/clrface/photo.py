@@ -15,6 +15,7 @@ from PIL import Image
 from clrface.data.io import to_uint8
 from clrface.errors import ClrfaceError
 from clrface.faces.align import align_faces
+from clrface.faces.detail import input_face, keep_input_detail, photo_blockiness
 from clrface.faces.paste import paste_faces
 from clrface.options import RestoreOptions
 
@@ -33,6 +34,7 @@ class FaceResult:
     affine: np.ndarray
     id_vs_irn: list[float]
     id_vs_input: list[float]
+    detail: dict | None = None  # keep-detail estimates and weights (clrface.faces.detail); None: not applied
 
 
 @dataclass
@@ -98,8 +100,8 @@ def paste_back(base: np.ndarray, crops: list[np.ndarray], affines: list[np.ndarr
     return paste_faces(base, crops[::-1], affines[::-1], affine_size=size, scale=scale, interpolation="bicubic")
 
 
-def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions, *, aligned: bool = False
-                  ) -> RestoreResult:
+def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions, *, aligned: bool = False,
+                  keep_detail: bool = True) -> RestoreResult:
     """Restores every face of ``photo`` uint8 [H,W,3] and pastes them back (bicubic) at ``upscale`` x the size.
 
     aligned=False: faces are detected and FFHQ-aligned at S px; the photo is resized by ``upscale`` (the
@@ -108,6 +110,9 @@ def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions
     exactly. No face: the (resized) photo is returned with ``no_face=True`` and a warning.
     aligned=True: ``photo`` is one aligned face crop of any size; it is resized to S x S, restored and resized
     back to (W*u, H*u).
+    keep_detail: each face is pasted at the input's own resolution, the restored face supplying only what the
+    input lacks (:mod:`clrface.faces.detail`: its detail above S px where that is signal, and all of it where
+    the face is clean); ``FaceResult.detail`` records the estimates and weights. Off: the S-px restored face.
     """
     o = options
     img = np.asarray(photo)
@@ -123,9 +128,13 @@ def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions
         if keep:
             crops_out = [keep_tone(c, crop) for c in crops_out]
         images = [resize_lanczos(c, w * u, h * u) for c in crops_out]
+        detail = None
+        if keep_detail and w == h >= s:  # a square crop at or above S px: the blend works in its own pixels
+            kept = [keep_input_detail(img, c, block=photo_blockiness(img)) for c in crops_out]
+            images, detail = [resize_lanczos(k, w * u, h * u) for k, _ in kept], kept[0][1].to_json()
         affine = np.array([[s / w, 0, 0.5 * s / w - 0.5], [0, s / h, 0.5 * s / h - 0.5]])
         face = FaceResult(crop, crops_out, np.array([0.0, 0.0, w, h]), affine,
-                          out.id_vs_irn[0].tolist(), out.id_vs_input[0].tolist())
+                          out.id_vs_irn[0].tolist(), out.id_vs_input[0].tolist(), detail)
         return RestoreResult(images, [face], sampling=out.sampling.as_dict())
     # bicubic warp + bicubic paste: the round trip keeps > 47 dB on every real_lq photo (docs/RESULTS.md)
     found = align_faces(img, s, max_faces=o.max_faces, resample="bicubic")
@@ -141,5 +150,14 @@ def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions
     faces = [FaceResult(crops[i], list(restored[i]), info.box, info.affine, out.id_vs_irn[i].tolist(),
                         out.id_vs_input[i].tolist()) for i, (_, info) in enumerate(found)]
     affines = [f.affine for f in faces]
-    images = [paste_back(base, [f.crops_out[k] for f in faces], affines, s, u) for k in range(o.samples)]
+    pasted = [[f.crops_out[k] for f in faces] for k in range(o.samples)]
+    if keep_detail:  # paste each face at the input's resolution in the output (N >= S px crops)
+        for i, f in enumerate(faces):
+            x_in = input_face(img, f.affine, s)  # estimates on the photo's own pixels, blend in the output's
+            x_out = x_in if u == 1 else input_face(base, f.affine, s, scale=u)
+            block = photo_blockiness(img, f.box)
+            for k in range(o.samples):
+                pasted[k][i], est = keep_input_detail(x_out, f.crops_out[k], block=block, measured=x_in)
+            f.detail = est.to_json()
+    images = [paste_back(base, crops_k, affines, s, u) for crops_k in pasted]
     return RestoreResult(images, faces, sampling=out.sampling.as_dict())
