@@ -1,20 +1,21 @@
 """The shipped default model: loads offline from the package and improves degraded faces with its defaults."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from clrface.data.datasets import load_face_folder, to_model_range
+from clrface.data.datasets import load_face_folder
 from clrface.data.degradation import degrade_batch, get_preset
+from clrface.data.io import data_root, to_model_range
 from clrface.demo import demo_image
 from clrface.metrics.noref import colorfulness
 from clrface.metrics.psnr_ssim import psnr
 from clrface.restorer import Restorer
 
-VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "faces128" / "val"
+VAL = data_root() / "faces128" / "val"
+NO_VAL = f"shared data {VAL} not found (set CLRFACE_DATA)"
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def test_default_model_loads_with_its_measured_defaults(restorer):
     assert restorer.options().mode == restorer.defaults.get("mode", "full")
 
 
-@pytest.mark.skipif(not VAL.is_dir(), reason="shared data not present")
+@pytest.mark.skipif(not VAL.is_dir(), reason=NO_VAL)
 def test_default_restore_improves_psnr_of_degraded_val_faces(restorer):
     gt = to_model_range(load_face_folder(VAL, limit=8))
     lq, _ = degrade_batch(gt, get_preset("bfr", 128), generator=0)
@@ -57,7 +58,7 @@ def test_colorize_model_colours_a_gray_face(restorer):
     assert colorfulness(out).mean().item() > 5  # 30 on the gray test set (docs/RESULTS.md, 'Colorization')
 
 
-@pytest.mark.skipif(not VAL.is_dir(), reason="shared data not present")
+@pytest.mark.skipif(not VAL.is_dir(), reason=NO_VAL)
 def test_fast_model_matches_the_teacher_in_one_evaluation(restorer):
     fast = Restorer.from_pretrained("fast", facerec=restorer.facerec)
     o = fast.options()
