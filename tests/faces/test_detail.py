@@ -100,9 +100,12 @@ def test_band_split_sums_back_exactly():
     torch.testing.assert_close(low + high, x, rtol=0, atol=1e-10)
     _, high_s = band_split(resize(x, 128), 128)
     assert high_s.abs().max().item() == 0  # nothing above the model's resolution at the model's resolution
-    # a 128 px image enlarged has little high band (bicubic down after up is not the identity: not none)
-    _, high_up = band_split(resize(resize(x, 128), 512), 128)
-    assert high_up.pow(2).mean().sqrt().item() < 0.25 * high.pow(2).mean().sqrt().item()
+    # a 128 px image enlarged has little high band: one residual step leaves 17 % of x's, two leave 7 %
+    small = resize(resize(x, 128), 512)
+    _, high_up = band_split(small, 128)
+    one_step = small - resize(resize(small, 128), 512)
+    rms = lambda t: t.pow(2).mean().sqrt().item()  # noqa: E731
+    assert rms(high_up) < 0.08 * rms(high) and rms(high_up) < 0.45 * rms(one_step)
 
 
 def test_blend_end_points():
@@ -110,8 +113,8 @@ def test_blend_end_points():
     r = _t(dead_leaves(64, seed=5))
     torch.testing.assert_close(blend(x, r, 1.0, 1.0), x, rtol=0, atol=1e-9)  # the input itself
     torch.testing.assert_close(blend(x, r, 0.0, 0.0), resize(r, 256), rtol=0, atol=1e-9)  # today's paste
-    mid = blend(x, r, 0.5, 0.0)
-    torch.testing.assert_close(mid, 0.5 * (resize(resize(x, 64), 256) + resize(r, 256)), rtol=0, atol=1e-9)
+    low, high = band_split(x, 64)
+    torch.testing.assert_close(blend(x, r, 0.5, 0.25), 0.5 * (low + resize(r, 256)) + 0.25 * high, rtol=0, atol=1e-9)
 
 
 def test_clean_input_passes_through_within_45_db():
