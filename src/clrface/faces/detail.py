@@ -24,12 +24,12 @@ restored face. Both come from measured estimates of the input crop's face region
 * ``high_signal``: the signal fraction of the high band, ``1 - (median|h| / 0.6745)^2 / mean(h^2)`` (a Gaussian
   band -- noise -- gives ~0, a sparse band of edges and texture gives close to 1);
 * ``sharpness``: rms of the finest octave at S px over the rms of the octave below it (clean faces measure
-  0.58-0.77, blurred or upsampled small faces 0.23-0.45);
+  0.58-0.77, blurred or upsampled small faces 0.23-0.53);
 * ``blockiness``: strength of an 8-px grid in the photo pixels around the face (1 for none; JPEG photos of
   real_lq up to 1.25, a quality-10 JPEG above 1.3).
 
 The thresholds of :class:`DetailRule` were chosen by measurement (``benchmarks/keep_detail.py``, docs/keep_detail.md):
-clean portraits are kept, the degraded faces of ``real_lq`` are restored as before.
+clean portraits are kept; of the 72 degraded faces of ``real_lq`` the gate opens on 5.
 """
 
 from __future__ import annotations
@@ -56,9 +56,9 @@ class DetailRule:
     high_weight = ramp(high_signal, *high_signal) * ramp(noise, *high_noise) * ramp(blockiness, *high_blockiness)
 
     Measured (docs/keep_detail.md): the clean astronaut portrait has sharpness 0.70-0.71, noise 0.31-0.57 and
-    blockiness <= 1.02; clean faces128/val faces enlarged 0.58-0.77, <= 0.31 and <= 1.03. The degraded real_lq
-    crops that the model improves are blurred (sharpness 0.23-0.53) or noisy: 8-bit grayscale scans measure
-    noise 0.741 exactly (median |HH| on a half-integer grid), noisy colour photos 1.2-11.6. JPEG photos measure
+    blockiness <= 1.02; clean faces128/val faces enlarged 0.58-0.77, <= 0.31 and <= 1.04. The degraded real_lq
+    faces that the model improves are blurred (sharpness 0.23-0.53) or noisy: 8-bit grayscale scans measure
+    noise 0.741 exactly (median |HH| on a half-integer grid), noisy colour photos 1.1-11.8. JPEG photos measure
     blockiness up to 1.25. The gate is a strict one, so that only faces as clean as the clean portraits are kept.
     """
 
