@@ -67,8 +67,7 @@ def restore_input(path: Path, name: str, out: Path, restorer: Restorer, options:
             emit(f"clrface: warning: {path}: {wmsg}")
         return rec
     photo = load_image(path)
-    res = (restorer.restore_image(photo, options, aligned=aligned) if keep_detail  # restore_image keeps detail
-           else restore_photo(restorer, photo, options, aligned=aligned, keep_detail=False))
+    res = restore_photo(restorer, photo, options, aligned=aligned, keep_detail=keep_detail)
 
     def sfx(j: int) -> str:
         return f"_s{j}" if options.samples > 1 else ""
