@@ -17,7 +17,8 @@ The MMOD CNN costs ~6 s per scaled megapixel on one core, so it runs on ``--cnn-
 of the smallest size only.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/detect_recall.py [--data /work/shared/data] \\
-        [--sizes 2.5 6 12] [--photos 3] [--cnn-photos 1] [--seed 0]
+        [--sizes 2.5 6 12] [--photos 3] [--cnn-photos 1] [--seed 0] [--skip-real]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/detect_recall.py --memory   # peak memory only
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import argparse
 import io
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -63,13 +63,16 @@ def run(method: str, img: np.ndarray, min_face: float) -> tuple[np.ndarray, floa
     return boxes, time.perf_counter() - t
 
 
+def _area(b: np.ndarray) -> np.ndarray:
+    return (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+
+
 def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """[N, M] IoU of boxes a [N, 4] and b [M, 4]."""
     iw = (np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])).clip(0)
     ih = (np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])).clip(0)
     inter = iw * ih
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])
-    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
+    return inter / (_area(a)[:, None] + _area(b)[None, :] - inter)
 
 
 def match(gt: np.ndarray, det: np.ndarray, thr: float = 0.4) -> np.ndarray:
@@ -94,7 +97,8 @@ def faceless_backgrounds(data: Path) -> list[Image.Image]:
     for p in sorted((data / "real_lq" / "whole").iterdir()):
         im = Image.open(p).convert("RGB")
         a = np.asarray(im)
-        boxes = [f.box for f in detect_faces(a, min_face=20)] + [f.box for f in detect_faces(a, upsample=0, detector="cnn")]
+        boxes = [f.box for f in detect_faces(a, min_face=20)]
+        boxes += [f.box for f in detect_faces(a, upsample=0, detector="cnn")]
         blurred = im.filter(ImageFilter.GaussianBlur(12))
         mask = Image.new("L", im.size, 0)
         for x0, y0, x1, y1 in boxes:
@@ -135,8 +139,10 @@ def group_photo(rng: np.random.Generator, mp: float, backgrounds: list[Image.Ima
         else:
             continue
         taken.append((x, y, side))
-        crop = Image.open(faces[int(rng.integers(len(faces)))]).convert("RGB").resize((side, side), Image.Resampling.LANCZOS)
-        d = np.minimum.reduce(np.meshgrid(np.arange(side), np.arange(side)) + np.meshgrid(np.arange(side)[::-1], np.arange(side)[::-1]))
+        crop = Image.open(faces[int(rng.integers(len(faces)))]).convert("RGB")
+        crop = crop.resize((side, side), Image.Resampling.LANCZOS)
+        r = np.arange(side)
+        d = np.minimum.reduce(np.meshgrid(r, r) + np.meshgrid(r[::-1], r[::-1]))  # distance to the crop's edge
         alpha = Image.fromarray((255 * np.clip(d / (0.12 * side), 0, 1)).astype(np.uint8))
         canvas.paste(crop, (x, y), alpha)
         gt.append(REL_BOX * side + np.array([x, y, x, y]))
@@ -152,6 +158,28 @@ def degrade(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(Image.open(buf).convert("RGB"))
 
 
+def _vm(key: str) -> float:
+    """MB of a /proc/self/status field (VmRSS: now, VmHWM: peak since the last reset)."""
+    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(key))
+    return int(line.split()[1]) / 1024
+
+
+def memory(data: Path, sizes: list[float]) -> None:
+    """Peak RSS of the default HOG search above the RSS before it, per photo size (Linux)."""
+    src = Image.open(data / "real_lq" / "whole" / "codeformer_02.png").convert("RGB")
+    detect_faces(np.asarray(src)[:200, :200])  # load the models first
+    for mp in sizes:
+        w = round(np.sqrt(mp * 1e6 * 1.5))
+        img = np.asarray(src.resize((w, round(w / 1.5)), Image.Resampling.BICUBIC))
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        before = _vm("VmRSS")
+        t = time.perf_counter()
+        n = len(detect_faces(img))
+        print(f"{mp:g} MP ({img.shape[1]} x {img.shape[0]}), hog: {n} faces in {time.perf_counter() - t:.1f} s; "
+              f"RSS {before:.0f} MB before, peak during the search +{_vm('VmHWM') - before:.0f} MB")
+        del img
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=Path("/work/shared/data"))
@@ -161,11 +189,15 @@ def main() -> None:
     ap.add_argument("--min-face", type=float, default=DETECT_MIN_FACE)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-real", action="store_true")
+    ap.add_argument("--memory", action="store_true", help="only: peak memory of the HOG search at --sizes")
     args = ap.parse_args()
+    if args.memory:
+        memory(args.data, args.sizes)
+        return
 
     print("command: OMP_NUM_THREADS=1 .venv/bin/python " + " ".join(sys.argv))
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else platform.machine()
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    cpu = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), platform.machine())
     print(f"machine: {cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start, "
           f"python {platform.python_version()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     rng = np.random.default_rng(args.seed)
@@ -189,14 +221,14 @@ def main() -> None:
                           f"found {hit.sum()} extra {len(det) - hit.sum()} {sec:.1f} s", file=sys.stderr, flush=True)
 
     print(f"\nSynthetic group photos (min face {args.min_face:g} px, seed {args.seed}):\n")
-    print("| photo | variant | method | photos | faces | recall 32-48 px | recall 64-160 px | extra / photo | s / photo |")
+    print("| photo | variant | method | photos | faces | recall 32-48 px | recall 64-160 px "
+          "| extra / photo | s / photo |")
     print("|---|---|---|---|---|---|---|---|---|")
     for (mp, variant, method), r in rows.items():
         a = np.array(r, np.float64)
         print(f"| {mp:g} MP | {variant} | {method} | {len(a)} | {int(a[:, 1].sum() + a[:, 3].sum())} "
               f"| {a[:, 0].sum() / a[:, 1].sum():.3f} | {a[:, 2].sum() / max(a[:, 3].sum(), 1):.3f} "
               f"| {a[:, 4].mean():.1f} | {a[:, 5].mean():.1f} |")
-    print(f"\npeak RSS of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
     if args.skip_real:
         return

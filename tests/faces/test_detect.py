@@ -1,4 +1,5 @@
-"""dlib detection and landmarks: model lookup, sorting, capped working resolution."""
+"""dlib detection and landmarks: model lookup, sorting, capped working resolution, small faces in big
+photos (multi-scale passes in overlapping tiles, merged boxes), the CNN backup."""
 
 from __future__ import annotations
 
@@ -92,11 +93,15 @@ def _group_photo(real_data, make_photo, h: int, w: int, widths: list[float]) -> 
     gt = []
     for k, (f, fw) in enumerate(zip(files, widths)):
         side = round(fw / (REL_BOX[2] - REL_BOX[0]))
-        x = int((k % 6 + 0.3) * w / 6) + 7 * (k // 6)  # rows shifted so no face sits on a tile grid line
+        x = int((k % 6 + 0.3) * w / 6) + 7 * (k // 6)  # rows shifted: varied offsets to the tile grid
         y = int((k // 6 + 0.3) * h / rows)
         photo.paste(Image.open(f).convert("RGB").resize((side, side), Image.Resampling.LANCZOS), (x, y))
         gt.append(REL_BOX * side + np.array([x, y, x, y]))
     return np.asarray(photo), np.array(gt)
+
+
+def _area(b: np.ndarray) -> np.ndarray:
+    return (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
 
 
 def _recall(gt: np.ndarray, boxes: np.ndarray, thr: float = 0.4) -> tuple[int, int]:
@@ -105,8 +110,7 @@ def _recall(gt: np.ndarray, boxes: np.ndarray, thr: float = 0.4) -> tuple[int, i
         return 0, 0
     iw = (np.minimum(gt[:, None, 2], boxes[None, :, 2]) - np.maximum(gt[:, None, 0], boxes[None, :, 0])).clip(0)
     ih = (np.minimum(gt[:, None, 3], boxes[None, :, 3]) - np.maximum(gt[:, None, 1], boxes[None, :, 1])).clip(0)
-    area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    iou = iw * ih / (area(gt)[:, None] + area(boxes)[None, :] - iw * ih)
+    iou = iw * ih / (_area(gt)[:, None] + _area(boxes)[None, :] - iw * ih)
     return int((iou.max(1) >= thr).sum()), int((iou.max(0) < thr).sum())
 
 

@@ -11,14 +11,18 @@ exclusive edges, so ``x1 - x0`` is the box width in pixels.
 Small faces at any photo size: dlib's detectors see faces of >= ~80 px, so a group photo with
 faces of 32-48 px has to be searched enlarged x2.5, which for a 12 MP photo is 75 MP. The search
 runs in passes (x2.5, x1.25, ... until the photo fits one tile) over overlapping tiles of at most
-2.5 MP each, drops boxes cut by a tile edge and merges the rest (:func:`merge_boxes`). Measured on
-synthetic group photos (``benchmarks/detect_recall.py``, ``docs/detection.md``; one core of a
-2-core machine also running two trainings): HOG recall of 32-48 px faces 0.97 / 0.98 / 0.96 at
-2.5 / 6 / 12 MP (0.91 / 0.91 / 0.83 on the "old photo" variant), 3.9 / 7.7 / 16.6 s per photo,
-+18 MB peak memory at 12 MP; the former capped search found 0-3 % of them in 0.3 s. The MMOD CNN
-finds slightly more (1.00 on the one 2.5 MP photo it ran on) at ~290 s per 2.5 MP photo, ~75x
-HOG's time, so HOG is the default and the CNN only backs it up on small photos where HOG sees
-nothing (``CNN_FALLBACK_PIXELS``).
+2.5 MP each, drops boxes cut by a tile edge and merges the rest (:func:`merge_boxes`).
+
+Measured on synthetic group photos (``benchmarks/detect_recall.py``, table in
+``docs/detection.md``; one core of a 2-core machine also running two trainings):
+- HOG recall of 32-48 px faces: 0.97 / 0.98 / 0.96 at 2.5 / 6 / 12 MP. On the "old photo"
+  variant: 0.91 / 0.91 / 0.83.
+- HOG time: 3.9 / 7.7 / 16.6 s per photo. Peak memory: < 90 MB above the photo's, at any size.
+- The former capped search found 0-3 % of these faces in 0.3 s.
+- The MMOD CNN found all of them (3 photos of 2.5 MP, clean and old) in ~250 s per photo, ~60x
+  HOG's time.
+So HOG is the default, and the CNN only backs it up on small photos where HOG sees nothing
+(``CNN_FALLBACK_PIXELS``).
 """
 
 from __future__ import annotations
