@@ -26,7 +26,8 @@ SIGMAS = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
 @torch.no_grad()
-def losses_by_sigma(prior, z0: torch.Tensor, zd: torch.Tensor, sigmas=SIGMAS, batch: int = 50) -> dict[float, torch.Tensor]:
+def losses_by_sigma(prior, z0: torch.Tensor, zd: torch.Tensor, sigmas=SIGMAS,
+                    batch: int = 50) -> dict[float, torch.Tensor]:
     """Per-face EDM loss [N] at each sigma; z0, zd: raw latents [N,C,h,w] (normalised here by the prior)."""
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(z0.shape, generator=g)

@@ -55,6 +55,10 @@ from clrface.video_io import VideoWriter, mux_audio, read_video
 if TYPE_CHECKING:  # the restorer is passed in; importing its module here would only serve the annotations
     from clrface.restorer import Restorer
 
+#: Smallest face box (px) searched for in video frames: a quarter of the still-photo search's work per frame
+#: (every frame is searched), and faces below it carry too little for a steady track.
+VIDEO_MIN_FACE = 64
+
 # ---------------------------------------------------------------------------------------------- tracking
 
 
@@ -280,7 +284,7 @@ class VideoRestorer:
             return res.image, len(res.faces)
         r, o, c = self.restorer, self.options, self.config
         s, u = r.resolution, o.upscale
-        tracks = self.tracker.update(t, detect_faces(frame, max_faces=o.max_faces))
+        tracks = self.tracker.update(t, detect_faces(frame, max_faces=o.max_faces, min_face=VIDEO_MIN_FACE))
         base = r.background(frame, u)
         if not tracks:
             return base, 0

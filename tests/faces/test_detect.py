@@ -3,6 +3,8 @@ photos (multi-scale passes in overlapping tiles, merged boxes), the CNN backup."
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -17,8 +19,6 @@ def _photo(real_data, name: str) -> np.ndarray:
 
 
 def test_models_found_without_importing_the_package():
-    import sys
-
     d = models_dir()
     for f in detect.MODEL_FILES.values():
         assert (d / f).is_file(), f
