@@ -106,7 +106,8 @@ class PriorStage:
         z0 = self.z0[idx, flip.long()]
         sigma = sample_train_sigma(len(idx), self.schedule.p_mean, self.schedule.p_std, g)
         noise = torch.randn(z0.shape, generator=g)
-        return {"z0": prior.normalize(z0), "zd": prior.normalize(self._encode_cond(x_d)), "sigma": sigma, "noise": noise}
+        zd = prior.normalize(self._encode_cond(x_d))
+        return {"z0": prior.normalize(z0), "zd": zd, "sigma": sigma, "noise": noise}
 
     def objectives(self, m: dict[str, nn.Module]) -> list[Objective]:
         prior = m["prior"]
@@ -137,7 +138,8 @@ class PriorStage:
         direct = self.vq.decode(ema.denormalize(zd)).float()
         rec_noise = self.vq.decode(ema.denormalize(from_noise)).float()
         rec_zd = self.vq.decode(ema.denormalize(from_zd)).float()
-        save_grid(out_dir / "val" / f"{step:07d}.png", [self.val_lq[:8], direct[:8], rec_noise[:8], rec_zd[:8], self.val_gt[:8]])
+        save_grid(out_dir / "val" / f"{step:07d}.png",
+                  [self.val_lq[:8], direct[:8], rec_noise[:8], rec_zd[:8], self.val_gt[:8]])
         logs.update({"psnr_direct": psnr(direct, self.val_gt).mean().item(),
                      "psnr_noise": psnr(rec_noise, self.val_gt).mean().item(),
                      "psnr_zd": psnr(rec_zd, self.val_gt).mean().item()})
