@@ -44,7 +44,7 @@ class Row:
 
 
 FULL = {"mode": "full", "sigma_start": 0.5, "guidance_scale": 10.0}  # the ablation's full-model setting
-FAST = "runs/pack-fast"  # the distilled prior (`clrface train distill`) packed with --base default
+FAST = "fast"  # the shipped distilled prior (`clrface train distill`), packed with --base default
 
 
 TABLES: dict[str, dict[str, Row]] = {
@@ -91,6 +91,15 @@ TABLES: dict[str, dict[str, Row]] = {
            for n in (1, 2, 4)},
     },
     # Paper Table 2 at 128 px: extreme upsampling (run on the x32 and x64 test sets).
+    # Where identity is lost on the way x_id -> E -> refine -> G: each row adds one arrow.
+    "arrows": {
+        "IRN^ID: x_id": Row({"mode": "irn"}),
+        "G(Q(E(x_id))): VQGAN round trip": Row({"mode": "full", "steps": 1, "sampler": "euler",
+                                                "sigma_start": 0.002, "guidance_scale": 0.0}),
+        "+ refine, distilled-1, no guidance": Row({**FULL, "steps": 1, "sampler": "euler", "guidance_scale": 0.0},
+                                                  model=FAST),
+        "+ ID guidance + M_l, distilled-1": Row({**FULL, "steps": 1, "sampler": "euler"}, mask=True, model=FAST),
+    },
     "extreme": {
         "VQVAE-direct": Row({"mode": "direct"}),
         "default model (IRN^ID)": Row({"mode": "irn"}),
