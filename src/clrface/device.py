@@ -1,8 +1,12 @@
-"""Where and in which precision the nets run: ``--device`` and ``--dtype`` made concrete."""
+"""Where, in which precision and on how many CPU threads the nets run: ``--device``, ``--dtype`` and
+``--threads`` made concrete."""
 
 from __future__ import annotations
 
 import contextlib
+import math
+import os
+from pathlib import Path
 
 import torch
 
@@ -51,3 +55,45 @@ def resolve_device(name: str | torch.device) -> torch.device:
     if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise ClrfaceError("device 'mps' requested but MPS is not available; use --device cpu")
     return dev
+
+
+def available_cpus(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPUs this process may run on: its affinity mask (``taskset``, cpusets), further capped by a cgroup v2 CPU
+    quota (``docker --cpus``), which limits time rather than cores and so is invisible to the mask."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = cgroup.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def auto_threads(cpus: int | None = None, load: float | None = None, machine_cpus: int | None = None) -> int:
+    """The torch thread count when ``--threads`` is not given: the CPUs available to this process less the share
+    of them that other work keeps busy (1-minute load average over the machine's CPUs), at least 1.
+
+    OpenMP threads spin and wait for each other at every op, so a thread on a core that another process holds
+    stalls all of them: on 2 cores busy with two trainings, 2 threads took several times longer per face than 1
+    (docs/threads.md). The load average is the machine's (in a container: the host's), hence scaled by
+    ``machine_cpus``; where it cannot be read (Windows) all available CPUs are used."""
+    cpus = available_cpus() if cpus is None else cpus
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (OSError, AttributeError):
+            load = 0.0
+    machine = max(cpus, (os.cpu_count() or cpus) if machine_cpus is None else machine_cpus)
+    free = cpus * (1.0 - min(1.0, load / machine))
+    return max(1, min(cpus, math.floor(free + 0.5)))
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Sets torch's intra-op thread count to ``threads`` (``--threads N``), else :func:`auto_threads`; -> the
+    count set. Raises ClrfaceError for N < 1."""
+    if threads is not None and threads < 1:
+        raise ClrfaceError(f"--threads must be >= 1, got {threads}")
+    n = auto_threads() if threads is None else threads
+    torch.set_num_threads(n)
+    return n
