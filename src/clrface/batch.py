@@ -7,25 +7,28 @@ so a killed run resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from clrface.data.io import ensure_not_input, load_image, save_image
+from clrface.data.io import ensure_not_input, is_image_file, load_image, save_image
 from clrface.errors import ClrfaceError
 from clrface.options import RestoreOptions
 from clrface.photo import restore_photo, side_by_side
 from clrface.restorer import Restorer
 from clrface.video import restore_video
-from clrface.video_io import is_video
+from clrface.video_io import is_video, list_media, probe_video
 
 DONE_DIR = ".clrface-done"
 """Per-input completion records under the output folder: a rerun with the same model and options skips inputs
@@ -33,9 +36,86 @@ whose record exists (resumable after a kill); records are written only after all
 
 
 def output_names(inputs: list[Path]) -> list[str]:
-    """The output name of each input: its stem, with the extension appended where two inputs share a stem."""
-    dup = Counter(p.stem for p in inputs)
-    return [p.stem if dup[p.stem] == 1 else f"{p.stem}_{p.suffix.lstrip('.').lower()}" for p in inputs]
+    """The output name of each input, unique (also ignoring case) by construction.
+
+    Its stem, with the extension appended where two inputs share a stem (``x.png``, ``x.jpg`` -> ``x_png``,
+    ``x_jpg``). Where that still collides (``x_png.jpg`` beside those two), each colliding input gets a suffix
+    hashed from its file name, else from its path: the names depend on the list alone, never on which process
+    restores which input, and the names without a collision stay as they are.
+    """
+    stems = Counter(p.stem for p in inputs)
+    base = [p.stem if stems[p.stem] == 1 else f"{p.stem}_{p.suffix.lstrip('.').lower()}" for p in inputs]
+    names = list(base)
+    for key in (lambda i, p: p.name, lambda i, p: p.as_posix(), lambda i, p: f"{i}:{p.as_posix()}"):
+        count = Counter(n.casefold() for n in names)
+        if max(count.values(), default=1) == 1:
+            break
+        names = [n if count[n.casefold()] == 1
+                 else f"{b}_{hashlib.sha1(key(i, p).encode()).hexdigest()[:8]}"
+                 for i, (p, n, b) in enumerate(zip(inputs, names, base))]
+    return names
+
+
+def input_stamp(path: Path) -> dict[str, Any]:
+    """What identifies an input's content for resuming: path, size and modification time (ns)."""
+    st = path.stat()
+    return {"input": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def check_writable(out: Path) -> None:
+    """Raises a one-line ``ClrfaceError`` unless files can be created in the folder ``out`` (created if missing)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".clrface-write-test"):
+            pass
+    except OSError as e:
+        raise ClrfaceError(f"{out}: cannot write to this output folder ({e.strerror or e})") from None
+
+
+def prepare_inputs(source: str | Path, out_dir: str | Path) -> tuple[list[Path], list[dict[str, str]]]:
+    """The inputs of ``clrface restore`` and the files of the folder that will not be restored (with the reason),
+    checked before any model is loaded: a single bad input file or an unwritable output folder raises here.
+
+    Files of a folder whose extension is not a known image or video one are restored when PIL reads their header
+    (AVIF, PPM, ...); the others are listed as ``{"input", "reason"}``. Hidden files are ignored.
+    """
+    src, out = Path(source), Path(out_dir)
+    inputs = list_media(src)
+    ignored: list[dict[str, str]] = []
+    if src.is_file():  # a single bad file is the command's error
+        probe_video(inputs[0]) if is_video(inputs[0]) else load_image(inputs[0])
+    else:
+        listed = set(inputs)
+        for f in sorted(src.iterdir()):
+            if f.name.startswith(".") or f in listed or not f.is_file():
+                continue
+            if is_image_file(f):
+                inputs.append(f)
+            else:
+                ext = f.suffix.lower() or "no extension"
+                ignored.append({"input": str(f), "reason": f"not an image or video this installation reads ({ext})"})
+        inputs.sort()
+        if not inputs:
+            raise ClrfaceError(f"{src}: no image or video files in this folder")
+    if out.is_file():
+        raise ClrfaceError(f"{out}: is a file; --output must be a folder")
+    check_writable(out)
+    return inputs, ignored
+
+
+def summary_line(report: dict[str, Any], out_dir: str | Path, world: int = 1) -> str:
+    """The one line ``clrface restore`` prints at the end of a run."""
+    n_ok, n_bad = len(report["images"]), len(report["failures"])
+    no_face = sum(r["no_face"] for r in report["images"])
+    skipped = f", {report['skipped']} already done" if report["skipped"] else ""
+    ignored = f", {len(report['ignored'])} other file(s) not restored" if report.get("ignored") else ""
+    procs = f" by {world} processes" if world > 1 else ""
+    vids = [r for r in report["images"] if r.get("video")]
+    what = [f"{report['faces_total']} face(s) in {n_ok - len(vids)} image(s)"] if n_ok > len(vids) or not vids else []
+    what += [f"{sum(r['face_frames'] for r in vids)} face(s) in {sum(r['frames'] for r in vids)} frame(s) of "
+             f"{len(vids)} video(s)"] if vids else []
+    return (f"restored {' and '.join(what)} into {out_dir}{procs} ({no_face} without a face, {n_bad} failed"
+            f"{skipped}{ignored}) in {report['seconds']:.1f} s")
 
 
 def run_key(restorer: Restorer, options: RestoreOptions, aligned: bool) -> str:
@@ -48,9 +128,14 @@ def run_key(restorer: Restorer, options: RestoreOptions, aligned: bool) -> str:
 
 def write_atomic(path: Path, text: str) -> None:
     """Writes through a temporary file and a rename, so a reader never sees half a file."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def restore_input(path: Path, name: str, out: Path, restorer: Restorer, options: RestoreOptions, aligned: bool,
@@ -68,6 +153,10 @@ def restore_input(path: Path, name: str, out: Path, restorer: Restorer, options:
         return rec
     photo = load_image(path)
     res = restore_photo(restorer, photo, options, aligned=aligned, keep_detail=keep_detail)
+    h, w = photo.shape[:2]
+    if aligned and h != w:  # the model sees square crops: a non-square one is stretched to a square
+        res.warnings.insert(0, f"--aligned: the crop is {w}x{h}, not square; it was resized to a square, so the "
+                               "face is distorted (crop it square, or restore without --aligned)")
 
     def sfx(j: int) -> str:
         return f"_s{j}" if options.samples > 1 else ""
@@ -97,22 +186,28 @@ def restore_input(path: Path, name: str, out: Path, restorer: Restorer, options:
 def restore_files(inputs: list[Path], out_dir: str | Path, restorer: Restorer, options: RestoreOptions, *,
                   aligned: bool = False, log: Callable[[str], None] | None = None, progress: bool = True,
                   rank: int = 0, world: int = 1, barrier: Callable[[], None] = lambda: None,
-                  overwrite: bool = False, stabilize: bool = True, keep_detail: bool = True) -> dict[str, Any]:
+                  overwrite: bool = False, stabilize: bool = True, keep_detail: bool = True,
+                  ignored: Sequence[dict[str, str]] = ()) -> dict[str, Any]:
     """Restores each input photo into ``out_dir``: cropped_faces/, restored_faces/, cmp/, final/, report.json.
 
     Videos (``clrface.video.VIDEO_EXTENSIONS``) go to ``final/<name>.mp4`` with their audio, every face of every
     frame restored; ``stabilize`` turns their temporal stabilisation on (see clrface.video). ``keep_detail``: faces
     keep the input's own detail where it has it (see clrface.photo.restore_photo; photos only).
 
-    Files: ``<name>_<k>.png`` per face k (``_s<j>`` appended per sample when samples > 1), ``final/<name>.png``.
-    Unreadable inputs are reported through ``log`` and recorded under ``failures``; photos without a face go to
-    final/ unchanged (resized by upscale) with a warning. Never writes over an input.
+    Files: ``<name>_<k>.png`` per face k (``_s<j>`` appended per sample when samples > 1), ``final/<name>.png``;
+    ``<name>`` from ``output_names``, unique per input. Images and report.json are written under a temporary name
+    and renamed, so a kill never leaves a truncated file. Unreadable inputs and write errors (``OSError``: disk
+    full, permissions) are reported through ``log`` and recorded under ``failures``, and the run goes on with the
+    other inputs; ``ignored`` (files not restored, with the reason, see ``prepare_inputs``) is copied to the
+    report. Photos without a face go to final/ unchanged (resized by upscale) with a warning. Never writes over
+    an input.
 
     Distributed: process ``rank`` of ``world`` restores inputs rank, rank+world, ... (names are fixed on the
     whole list, so every output has one writer); ``barrier`` waits for all processes, then rank 0 merges the
     completion records of all inputs into report.json. Inputs finished by an earlier run with the same model and
-    options are skipped (``skipped`` in the report) unless ``overwrite``. Returns the report (rank 0: all
-    inputs; other ranks: their own).
+    options, whose file has not changed since (path, size, mtime), are skipped (``skipped`` in the report) unless
+    ``overwrite``. A single process interrupted by Ctrl-C writes the report of what finished before it stops.
+    Returns the report (rank 0: all inputs; other ranks: their own).
     """
     out = Path(out_dir)
     inputs = [Path(p) for p in inputs]
@@ -123,29 +218,63 @@ def restore_files(inputs: list[Path], out_dir: str | Path, restorer: Restorer, o
     done.mkdir(parents=True, exist_ok=True)
     named = list(zip(inputs, output_names(inputs)))
 
-    def finished(name: str) -> dict[str, Any] | None:
+    def finished(path: Path, name: str) -> dict[str, Any] | None:
         try:
             rec = json.loads((done / f"{name}.done.json").read_text())
+            return rec if rec.get("key") == key and rec.get("source") == input_stamp(path) else None
         except (OSError, ValueError):
             return None
-        return rec if rec.get("key") == key else None
 
     mine = named[rank::world]
-    todo = [(p, n) for p, n in mine if overwrite or finished(n) is None]
+    todo = [(p, n) for p, n in mine if overwrite or finished(p, n) is None]
     failures: list[dict[str, str]] = []
     t_all = time.perf_counter()
+
+    def write_report(covered: list[tuple[Path, str]], failures: list[dict[str, str]], skipped: int,
+                     **extra: Any) -> dict[str, Any]:
+        failed = {f["input"] for f in failures}
+        report: dict[str, Any] = {"model": restorer.source, "device": str(restorer.device),
+                                  "dtype": str(restorer.dtype).removeprefix("torch."), "aligned": aligned,
+                                  "options": asdict(options), "processes": world,
+                                  "images": [rec["record"] for p, n in covered
+                                             if str(p) not in failed and (rec := finished(p, n)) is not None],
+                                  "failures": failures, "skipped": skipped, "ignored": list(ignored), **extra}
+        report["seconds"] = round(time.perf_counter() - t_all, 3)
+        report["faces_total"] = sum(len(r["faces"]) for r in report["images"])
+        if rank == 0:
+            path = out / "report.json"
+            ensure_not_input(path, inputs)
+            try:
+                write_atomic(path, json.dumps(report, indent=1) + "\n")
+            except OSError as e:
+                raise ClrfaceError(f"{path}: cannot write ({e.strerror or e})") from None
+        return report
+
     bar = tqdm(todo, desc="restore" if world == 1 else f"restore [{rank}/{world}]", unit="img",
                disable=not progress or len(todo) < 2, file=sys.stderr)
     for path, name in bar:
         try:
+            stamp = input_stamp(path)  # before reading: a file replaced during its restore is redone next time
             rec = restore_input(path, name, out, restorer, options, aligned, inputs, emit, stabilize, keep_detail)
-            write_atomic(done / f"{name}.done.json", json.dumps({"key": key, "record": rec}))
-        except (ClrfaceError, MemoryError) as e:
-            msg = str(e) if isinstance(e, ClrfaceError) else f"{path}: out of memory"
+            write_atomic(done / f"{name}.done.json", json.dumps({"key": key, "source": stamp, "record": rec}))
+        except (ClrfaceError, MemoryError, OSError) as e:
+            if isinstance(e, ClrfaceError):
+                msg = str(e)
+            elif isinstance(e, MemoryError):
+                msg = f"{path}: out of memory"
+            else:
+                msg = f"{path}: {e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
             failures.append({"input": str(path), "error": msg})
             emit(f"clrface: error: {msg}")
+        except KeyboardInterrupt:
+            if world == 1:
+                write_report(named, failures, len(mine) - len(todo), interrupted=True)
+            raise
     skipped = len(mine) - len(todo)
-    write_atomic(done / f"_process{rank}.json", json.dumps({"failures": failures, "skipped": skipped}))
+    try:
+        write_atomic(done / f"_process{rank}.json", json.dumps({"failures": failures, "skipped": skipped}))
+    except OSError as e:
+        raise ClrfaceError(f"{done}: cannot write ({e.strerror or e})") from None
     barrier()
     covered = mine
     if rank == 0:  # the merged view of every process's records
@@ -153,16 +282,4 @@ def restore_files(inputs: list[Path], out_dir: str | Path, restorer: Restorer, o
         for r in range(world):
             part = json.loads((done / f"_process{r}.json").read_text())
             failures, skipped = failures + part["failures"], skipped + part["skipped"]
-    failed = {f["input"] for f in failures}
-    report: dict[str, Any] = {"model": restorer.source, "device": str(restorer.device),
-                              "dtype": str(restorer.dtype).removeprefix("torch."), "aligned": aligned,
-                              "options": asdict(options), "processes": world,
-                              "images": [rec["record"] for p, n in covered
-                                         if str(p) not in failed and (rec := finished(n)) is not None],
-                              "failures": failures, "skipped": skipped}
-    report["seconds"] = round(time.perf_counter() - t_all, 3)
-    report["faces_total"] = sum(len(r["faces"]) for r in report["images"])
-    if rank == 0:
-        ensure_not_input(out / "report.json", inputs)
-        (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    return report
+    return write_report(covered, failures, skipped)

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from clrface.errors import ClrfaceError
-from clrface.options import COLOR_MODES, DTYPE_NAMES, MODES, SAMPLER_NAMES
+from clrface.options import COLOR_MODES, DTYPE_NAMES, MODES, SAMPLER_NAMES, finite_float, positive_int
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -162,15 +162,16 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
                    help="model folder (with vqgan/, prior/ and optional irn/, mask/, restore.json) or the name of an "
                         "installed model under clrface/weights/: default, extreme (tiny faces, x8-x16), colorize "
                         "(black-and-white photos), fast (the full pipeline in one step); default: %(default)s")
-    p.add_argument("--fidelity", type=float, default=None,
+    p.add_argument("--fidelity", type=finite_float, default=None,
                    help="0..1, one knob for realism vs faithfulness (default: the model's, else 0.5). High fidelity "
                         "starts the "
                         "sampler close to the IRN output (small sigma_start) with stronger identity guidance; low "
                         "fidelity lets the prior regenerate more. Default map: sigma_start = 4.0^(1-f) * 0.05^f, "
                         "guidance scale = 10.0 * f (a model's restore.json may recalibrate it)")
-    p.add_argument("--sigma-start", type=float, default=None,
+    p.add_argument("--sigma-start", type=finite_float, default=None,
                    help="override the noise level the sampler starts from (0: no sampling, decode the start latent)")
-    p.add_argument("--guidance-scale", type=float, default=None, help="override the identity-guidance scale (0: off)")
+    p.add_argument("--guidance-scale", type=finite_float, default=None,
+                   help="override the identity-guidance scale (0: off)")
     p.add_argument("--steps", type=int, default=None,
                    help="sampler steps from sigma_start to 0 (default: the model's, else 20)")
     p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES,
@@ -190,7 +191,7 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
                         "and sampler steps stay float32); auto (default): bfloat16 on a CPU with native bf16 "
                         "(AMX / AVX512-BF16: 1.25-3.4x faster, same scores in docs/RESULTS.md), else float32 "
                         "(also on GPUs: bf16 measured slower for single faces on an H200)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help="faces per forward pass (x samples); default: the fastest measured, 16 on a GPU (H200: 13x "
                         "faster per face than 1 at a time) and on CPU under bfloat16 (2.2x), 4 on CPU under float32 "
                         "(larger batches are slower there)")
@@ -272,35 +273,17 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
     _add_restore_model_args(p)
 
     def run(args: argparse.Namespace) -> int:
-        from clrface.batch import restore_files
-        from clrface.data.io import load_image
-        from clrface.video_io import is_video, list_media, probe_video
+        from clrface.batch import prepare_inputs, restore_files, summary_line
 
-        inputs = list_media(args.input)
-        if Path(args.input).is_file():  # a single bad file is the command's error, before any model is loaded
-            probe_video(inputs[0]) if is_video(inputs[0]) else load_image(inputs[0])
-        elif not inputs:
-            raise ClrfaceError(f"{args.input}: no image or video files in this folder")
-        if Path(args.output).is_file():
-            raise ClrfaceError(f"{args.output}: is a file; --output must be a folder")
+        inputs, ignored = prepare_inputs(args.input, args.output)  # fails here, before any model is loaded
         rank, world, barrier = _process_group(args)
         restorer, options = _restore_setup(args)
         report = restore_files(inputs, args.output, restorer, options, aligned=args.aligned, rank=rank, world=world,
                                barrier=barrier, overwrite=args.overwrite, stabilize=not args.no_stabilize,
-                               keep_detail=args.keep_detail)
-        n_ok, n_bad = len(report["images"]), len(report["failures"])
+                               keep_detail=args.keep_detail, ignored=ignored)
         if rank == 0:
-            no_face = sum(r["no_face"] for r in report["images"])
-            skipped = f", {report['skipped']} already done" if report["skipped"] else ""
-            procs = f" by {world} processes" if world > 1 else ""
-            vids = [r for r in report["images"] if r.get("video")]
-            what = ([f"{report['faces_total']} face(s) in {n_ok - len(vids)} image(s)"]
-                    if n_ok > len(vids) or not vids else [])
-            what += [f"{sum(r['face_frames'] for r in vids)} face(s) in {sum(r['frames'] for r in vids)} frame(s) of "
-                     f"{len(vids)} video(s)"] if vids else []
-            print(f"restored {' and '.join(what)} into {args.output}{procs} ({no_face} without a face, {n_bad} "
-                  f"failed{skipped}) in {report['seconds']:.1f} s")
-        return 1 if n_bad else 0
+            print(summary_line(report, args.output, world))
+        return 1 if report["failures"] else 0
 
     p.set_defaults(func=run)
 
@@ -380,8 +363,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"], help="torch device (default cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
                    help="compute precision (see `clrface restore --help`; default auto)")
-    p.add_argument("--max-upload-mb", type=float, default=20.0, help="refuse larger uploads (default %(default)s)")
-    p.add_argument("--max-megapixels", type=float, default=16.0,
+    p.add_argument("--max-upload-mb", type=finite_float, default=20.0,
+                   help="refuse larger uploads (default %(default)s)")
+    p.add_argument("--max-megapixels", type=finite_float, default=16.0,
                    help="refuse photos with more pixels, read from the header before decoding (default %(default)s)")
 
     def run(args: argparse.Namespace) -> int:
@@ -433,8 +417,13 @@ _COMMANDS = [_add_train, _add_degrade, _add_make_testset, _add_align, _add_evalu
              _add_serve, _add_export]
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line; the usage block is what --help is for
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="clrface",
         description="Restore degraded face photos (CLR-Face: conditional latent refinement with a score-based prior).",
     )

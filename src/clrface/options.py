@@ -18,6 +18,7 @@ torch (the ONNX runtime runs without it).
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
 
@@ -111,6 +112,10 @@ class RestoreOptions:
             raise ClrfaceError(f"unknown sampler {self.sampler!r}; choose from {', '.join(SAMPLER_NAMES)}")
         if self.mode not in MODES:
             raise ClrfaceError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
+        for name in ("fidelity", "sigma_start", "guidance_scale"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ClrfaceError(f"{name} must be a finite number, got {value}")
         if self.sigma_start is not None and self.sigma_start < 0:
             raise ClrfaceError(f"sigma_start must be >= 0, got {self.sigma_start}")
         if self.guidance_scale is not None and self.guidance_scale < 0:
@@ -125,6 +130,29 @@ class RestoreOptions:
     def resolve(self, fmap: FidelityMap) -> tuple[float, float]:
         """(sigma_start, guidance_scale): the explicit values, else the fidelity map's."""
         return resolve_sampling(fmap, self.fidelity, self.sigma_start, self.guidance_scale)
+
+
+def finite_float(text: str) -> float:
+    """argparse ``type=`` for float flags: a finite number (``inf`` and ``nan`` would reach the sampler as a
+    black face with NaN scores)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type=`` for counts such as ``--batch-size``: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def face_seed(seed: int, sample_k: int, index: int) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -210,3 +211,26 @@ def test_list_images(tmp_path):
     assert list_images(tmp_path / "c.txt") == [tmp_path / "c.txt"]
     with pytest.raises(ClrfaceError, match="no such file or folder"):
         list_images(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_save_image_never_leaves_a_truncated_file(tmp_path, monkeypatch, failure):
+    target = tmp_path / "out.png"
+    old = np.full((20, 20, 3), 7, np.uint8)
+    save_image(target, old)
+    good = target.read_bytes()
+    real_save = Image.Image.save
+
+    def dies_midway(self, fp, *args, **kwargs):
+        real_save(self, fp, *args, **kwargs)
+        Path(fp).write_bytes(Path(fp).read_bytes()[:33])  # what a kill or a full disk leaves behind
+        raise failure
+
+    monkeypatch.setattr(Image.Image, "save", dies_midway)
+    with pytest.raises(ClrfaceError if isinstance(failure, OSError) else KeyboardInterrupt):
+        save_image(target, np.zeros((20, 20, 3), np.uint8))
+    assert target.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+    monkeypatch.undo()
+    new = np.full((20, 20, 3), 9, np.uint8)
+    save_image(target, new)  # written through a temporary name: the pixels are those given
+    assert np.array_equal(np.asarray(Image.open(target)), new)

@@ -12,6 +12,7 @@ colour that the hidden RGB channels carry under alpha 0.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Iterable
@@ -176,16 +177,36 @@ def save_image(path: str | os.PathLike, img: np.ndarray, *, inputs: Iterable[str
     if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)):
         raise ClrfaceError(f"{p}: save_image needs uint8 [H, W, 3] or [H, W], got {a.dtype} {a.shape}")
     ensure_not_input(p, inputs)
-    p.parent.mkdir(parents=True, exist_ok=True)
     im = Image.fromarray(np.ascontiguousarray(a))
+    # A hidden temporary name in the same folder, renamed over the final one: a kill or a full disk mid-write
+    # leaves the earlier file (or none), never a truncated image under the final name.
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
     try:
+        p.parent.mkdir(parents=True, exist_ok=True)
         if fmt == "JPEG":
-            im.save(p, fmt, quality=quality, subsampling=0)
+            im.save(tmp, fmt, quality=quality, subsampling=0)
         else:
-            im.save(p, fmt)
-    except OSError as e:
-        raise ClrfaceError(f"{p}: cannot write ({e})") from e
+            im.save(tmp, fmt)
+        os.replace(tmp, p)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise ClrfaceError(f"{p}: cannot write ({e.strerror or e})") from e
+        raise
     return p
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """Whether PIL recognises the file's header (whatever its extension): formats such as AVIF or PPM that
+    ``IMAGE_EXTENSIONS`` does not list but this PIL build reads."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with Image.open(path):
+                return True
+        except Exception:  # any reader's failure means "not an image we can restore"
+            return False
 
 
 def list_images(path: str | os.PathLike, *, recursive: bool = False) -> list[Path]:

@@ -1,0 +1,149 @@
+"""Folder restores keep every result: unique names, resume by content, write errors, files not restored."""
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, features
+
+from clrface.batch import output_names, restore_files
+from clrface.cli import main
+from clrface.errors import ClrfaceError
+from clrface.options import RestoreOptions
+
+QUIET = dict(aligned=True, progress=False, log=lambda s: None)
+
+
+def _crop(path: Path, seed: int, size: tuple[int, int] = (40, 40)) -> np.ndarray:
+    a = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(a).save(path, quality=95) if path.suffix == ".jpg" else Image.fromarray(a).save(path)
+    return a
+
+
+def test_output_names_keep_todays_names_and_disambiguate_collisions():
+    assert output_names([Path("in/a.png"), Path("in/b.jpg")]) == ["a", "b"]
+    assert output_names([Path("in/a.png"), Path("in/a.jpg")]) == ["a_png", "a_jpg"]
+    clash = [Path("in/x.jpg"), Path("in/x.png"), Path("in/x_png.jpg")]
+    names = output_names(clash)
+    assert len({n.casefold() for n in names}) == 3
+    assert names[0] == "x_jpg" and names[1].startswith("x_png_") and names[2].startswith("x_png_")
+    # a name depends on the input list only, not on the shard that restores it
+    assert output_names(clash) == names and output_names(clash[::-1]) == names[::-1]
+    assert len({n.casefold() for n in output_names([Path("A.png"), Path("a.jpg")])}) == 2  # case-insensitive disks
+    same_file_name = output_names([Path("one/a.png"), Path("two/a.png")])
+    assert len(set(same_file_name)) == 2
+
+
+def test_colliding_inputs_each_get_their_own_result(tmp_path, restorer):
+    src = tmp_path / "in"
+    src.mkdir()
+    inputs = [src / "x.jpg", src / "x.png", src / "x_png.jpg"]
+    for i, p in enumerate(inputs):
+        _crop(p, seed=i)
+    out = tmp_path / "out"
+    report = restore_files(inputs, out, restorer, restorer.options(steps=1, mode="prior"), **QUIET)
+    assert [r["input"] for r in report["images"]] == [str(p) for p in inputs]
+    finals = sorted((out / "final").glob("*.png"))
+    assert len(finals) == 3 and len({f.read_bytes() for f in finals}) == 3
+    assert (out / "final" / "x_jpg.png").is_file()  # the input without a collision keeps its name
+    assert {r["final"][0] for r in report["images"]} == {str(f) for f in finals}
+
+
+def test_resume_redoes_an_input_replaced_since(tmp_path, restorer):
+    src = tmp_path / "in"
+    src.mkdir()
+    inputs = [src / f"face{i}.png" for i in range(3)]
+    for i, p in enumerate(inputs):
+        _crop(p, seed=i)
+    out = tmp_path / "out"
+    o = restorer.options(steps=1, mode="prior")
+    restore_files(inputs, out, restorer, o, **QUIET)
+    before = (out / "final" / "face1.png").read_bytes()
+    _crop(inputs[1], seed=99)  # same name, new content
+    st = inputs[1].stat()
+    os.utime(inputs[1], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    again = restore_files(inputs, out, restorer, o, **QUIET)
+    assert again["skipped"] == 2 and len(again["images"]) == 3
+    assert (out / "final" / "face1.png").read_bytes() != before
+
+
+def test_unwritable_output_fails_before_the_model_loads(tmp_path, capsys):
+    _crop(tmp_path / "a.png", seed=0)
+    (tmp_path / "file").write_text("x")
+    rc = main(["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "file" / "out"), "--model", "no-such-model"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1  # about the output folder: the (missing) model was never looked at
+    assert err[0].startswith(f"clrface: error: {tmp_path / 'file' / 'out'}: cannot write") and "no-such" not in err[0]
+
+
+def test_a_full_disk_fails_that_input_only_and_the_report_is_written(tmp_path, model_dir, capsys, monkeypatch):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, name in enumerate(["a", "b", "c"]):
+        _crop(src / f"{name}.png", seed=i)
+    save = Image.Image.save
+
+    def full_disk(self, fp, *args, **kwargs):
+        if "b.png" in str(fp) and "final" in str(fp):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    out = tmp_path / "out"
+    rc = main(["restore", str(src), "-o", str(out), "--model", str(model_dir), "--aligned", "--steps", "1"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("clrface:")]
+    assert rc == 1 and err == [f"clrface: error: {out / 'final' / 'b.png'}: cannot write (No space left on device)"]
+    report = json.loads((out / "report.json").read_text())
+    assert [Path(r["input"]).name for r in report["images"]] == ["a.png", "c.png"]
+    assert [Path(f["input"]).name for f in report["failures"]] == ["b.png"]
+    assert not (out / "final" / "b.png").exists() and not list((out / "final").glob(".*"))
+
+
+def test_files_not_restored_are_reported(tmp_path, model_dir, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    _crop(src / "good.png", seed=0)
+    (src / "notes.txt").write_text("holiday 1962")
+    (src / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic not decodable here")
+    (src / ".hidden.png").write_bytes(b"ours")
+    readable = features.check("avif")
+    if readable:
+        Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(src / "new.avif")
+    out = tmp_path / "out"
+    rc = main(["restore", str(src), "-o", str(out), "--model", str(model_dir), "--aligned", "--steps", "1"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    report = json.loads((out / "report.json").read_text())
+    ignored = {Path(r["input"]).name: r["reason"] for r in report["ignored"]}
+    assert set(ignored) == {"notes.txt", "phone.heic"} and "(.heic)" in ignored["phone.heic"]
+    assert "2 other file(s) not restored" in cap.out
+    assert [Path(r["input"]).name for r in report["images"]] == ["good.png", "new.avif"][:1 + readable]
+
+
+def test_aligned_non_square_crop_warns(tmp_path, model_dir, capsys):
+    _crop(tmp_path / "wide.png", seed=0, size=(48, 32))
+    out = tmp_path / "out"
+    rc = main(["restore", str(tmp_path / "wide.png"), "-o", str(out), "--model", str(model_dir), "--aligned",
+               "--steps", "1"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "48x32, not square" in err and "warning" in err
+    (img,) = json.loads((out / "report.json").read_text())["images"]
+    assert any("not square" in w for w in img["warnings"])
+
+
+@pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--batch-size", "-2"), ("--sigma-start", "inf"),
+                                        ("--fidelity", "nan"), ("--guidance-scale", "nan"), ("--sigma-start", "-inf")])
+def test_bad_numbers_are_rejected_at_parse_time(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        main(["restore", str(tmp_path), "-o", str(tmp_path / "out"), f"{flag}={value}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and flag in err[0] and value in err[0]
+
+
+def test_options_refuse_non_finite_values():
+    for kw in ({"sigma_start": float("inf")}, {"guidance_scale": float("nan")}, {"fidelity": float("nan")}):
+        with pytest.raises(ClrfaceError, match="finite|fidelity"):
+            RestoreOptions(**kw)
