@@ -9,7 +9,10 @@ import socket
 import struct
 import tempfile
 import threading
+import time
+import tracemalloc
 import zlib
+from dataclasses import replace
 
 import numpy as np
 import psutil
@@ -17,11 +20,12 @@ import pytest
 import torch
 from PIL import Image
 
+from clrface import serve as serve_mod
 from clrface.cli import build_parser
 from clrface.demo import demo_image
 from clrface.errors import ClrfaceError
 from clrface.restorer import Restorer
-from clrface.serve import ServeLimits, make_server, parse_options
+from clrface.serve import ServeLimits, check_cost, evaluations_per_face, make_server, parse_options
 
 MAX_BYTES = 1 << 20  # 1 MiB here, so that an oversized upload is cheap to send
 
@@ -43,14 +47,44 @@ def restorer() -> Restorer:
     return Restorer.from_pretrained()  # shipped model; its default mode (irn) restores a face in < 1 s
 
 
-@pytest.fixture(scope="module")
-def server(restorer):
-    srv = make_server(restorer, "127.0.0.1", 0, ServeLimits(max_bytes=MAX_BYTES), quiet=True)
+def running(restorer, limits: ServeLimits):
+    srv = make_server(restorer, "127.0.0.1", 0, limits, quiet=True)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     yield srv
     srv.shutdown()
     srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def server(restorer):
+    yield from running(restorer, ServeLimits(max_bytes=MAX_BYTES))
+
+
+@pytest.fixture(scope="module")
+def small_server(restorer):
+    """Little work allowed per request (30 evaluations), and 1 s for a client to take its answer."""
+    yield from running(restorer, ServeLimits(max_bytes=8 * 2**20, max_evaluations=30, send_seconds=1.0))
+
+
+@pytest.fixture(scope="module")
+def four_faces(demo_upload) -> bytes:
+    """2 x 2 copies of the degraded demo portrait: a 512 x 512 photo with four faces."""
+    face = np.asarray(Image.open(io.BytesIO(demo_upload)).convert("RGB"))
+    buf = io.BytesIO()
+    Image.fromarray(np.concatenate([np.concatenate([face, face], 1)] * 2, 0)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def send_raw(srv, query: str, body: bytes, rcvbuf: int | None = None) -> socket.socket:
+    """Sends a POST and returns the open socket, nothing read."""
+    s = socket.socket()
+    if rcvbuf:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.connect(srv.server_address[:2])
+    s.sendall(f"POST /api/restore?{query} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n\r\n"
+              .encode() + body)
+    return s
 
 
 def request(srv, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
@@ -85,6 +119,9 @@ def test_page_and_info(server):
     st, _, body = request(server, "GET", "/api/info")
     info = json.loads(body)
     assert st == 200 and info["defaults"]["mode"] == "irn" and info["limits"]["max_bytes"] == MAX_BYTES
+    assert info["model"] == "default" and info["limits"]["max_evaluations"] == 400  # the name, not the server's path
+    assert hdr["Server"] == "clrface"  # no Python version
+    assert 'id="maxeval"' in page and "max_evaluations" in page
     assert request(server, "GET", "/nope")[0] == 404
 
 
@@ -198,7 +235,7 @@ def test_connection_survives_a_refusal(server):
 
 def test_restores_run_one_at_a_time(demo_upload, server, restorer, monkeypatch):
     active, peak, lock = [0], [0], threading.Lock()
-    real = restorer.restore_image
+    real = restorer.restore_faces
 
     def counting(*a, **kw):
         with lock:
@@ -210,7 +247,7 @@ def test_restores_run_one_at_a_time(demo_upload, server, restorer, monkeypatch):
             with lock:
                 active[0] -= 1
 
-    monkeypatch.setattr(restorer, "restore_image", counting)
+    monkeypatch.setattr(restorer, "restore_faces", counting)
     crop = io.BytesIO()
     Image.fromarray(np.asarray(Image.open(io.BytesIO(demo_upload)))[20:148, 60:188]).save(crop, "PNG")
     codes: list[int] = []
@@ -236,3 +273,104 @@ def test_cli_defaults_and_busy_port(restorer, server):
     assert (args.host, args.port, args.model, args.max_upload_mb) == ("127.0.0.1", 7860, "default", 20.0)
     with pytest.raises(ClrfaceError, match="cannot listen"):
         make_server(restorer, "127.0.0.1", server.server_address[1])
+
+
+def test_work_per_request_is_bounded(restorer, small_server, four_faces, demo_upload, monkeypatch):
+    o = restorer.options(mode="full", steps=20, sampler="heun")
+    assert evaluations_per_face(restorer, o) == 1 + 39  # heun: 2 x steps - 1 denoiser evaluations
+    assert evaluations_per_face(restorer, replace(o, sampler="euler")) == 21
+    assert evaluations_per_face(restorer, replace(o, mode="irn")) == 1
+    check_cost(restorer, o, 10, 400)  # 400 exactly: allowed
+    calls = []
+    monkeypatch.setattr(restorer, "restore_faces", lambda *a, **kw: calls.append(1))
+    # one face already over the limit: 422 before the upload is even decoded
+    st, _, body = post(small_server, demo_upload, "mode=full&steps=20")
+    err = json.loads(body)
+    assert st == 422 and (err["cost"], err["limit"], err["evaluations_per_face"]) == (40, 30, 40)
+    assert "40 network evaluations per face" in err["error"] and "limit of 30" in err["error"]
+    # 4 faces x (1 + 7) = 32 > 30: 413 once the faces are found, nothing restored
+    st, _, body = post(small_server, four_faces, "mode=prior&steps=4")
+    err = json.loads(body)
+    assert st == 413 and (err["faces"], err["cost"], err["limit"]) == (4, 32, 30), err
+    assert "4 face(s) x 8 network evaluations = 32" in err["error"]
+    assert calls == []
+
+
+def test_client_that_leaves_stops_its_work(restorer, small_server, four_faces, monkeypatch):
+    calls = []
+
+    def slow(*a, **kw):
+        calls.append(time.monotonic())
+        time.sleep(0.6)
+        raise AssertionError("unreachable: the client is gone before this batch ends")
+
+    real_options = restorer.options
+    monkeypatch.setattr(restorer, "options", lambda **kw: replace(real_options(**kw), batch_size=1))
+    monkeypatch.setattr(restorer, "restore_faces", slow)
+    app = small_server.app
+    # gone while restoring: the batch under way ends, no other starts, the lock is free again
+    s = send_raw(small_server, "mode=irn", four_faces)
+    t0 = time.monotonic()
+    while not calls and time.monotonic() - t0 < 30:
+        time.sleep(0.02)
+    s.close()
+    time.sleep(1.5)
+    assert len(calls) == 1
+    assert app.lock.acquire(timeout=5)
+    # gone while waiting for the lock: never restored
+    try:
+        s = send_raw(small_server, "mode=irn", four_faces)
+        time.sleep(0.3)
+        s.close()
+        time.sleep(0.6)
+    finally:
+        app.lock.release()
+    time.sleep(0.5)
+    assert len(calls) == 1 and app.lock.acquire(timeout=1)
+    app.lock.release()
+
+
+def test_stalled_readers_hold_one_answer_at_a_time(restorer, small_server, monkeypatch):
+    """Clients that never read a ~14 MB answer: one answer exists at a time, each stalled one is cut off after
+    send_seconds (1 s), and the live memory (tracemalloc, numpy's buffers included) stays that of one request."""
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()  # noise at JPEG q5: 0.4 MB to send, ~14 MB of base64 PNG to answer
+    Image.fromarray(rng.integers(0, 256, (2800, 3200, 3), dtype=np.uint8)).save(buf, "JPEG", quality=5)
+    upload = buf.getvalue()
+    alive, peak_alive, real = [0], [0], serve_mod.json_chunks
+
+    def counted(*a, **kw):
+        alive[0] += 1
+        peak_alive[0] = max(peak_alive[0], alive[0])
+        try:
+            yield from real(*a, **kw)
+        finally:
+            alive[0] -= 1
+
+    monkeypatch.setattr(serve_mod, "json_chunks", counted)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        st, _, body = post(small_server, upload, "mode=irn&aligned=1")
+        one = (tracemalloc.get_traced_memory()[1] - base - len(body)) / 2**20  # the reply's copy here aside
+        assert st == 200
+        answer_mb = len(body) / 2**20
+        del body
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        n = 8
+        socks = [send_raw(small_server, "mode=irn&aligned=1", upload, rcvbuf=4096) for _ in range(n)]
+        t0 = time.monotonic()
+        st, _, body = post(small_server, upload, "mode=irn&aligned=1")  # queued behind the stalled ones
+        waited = time.monotonic() - t0
+        many = (tracemalloc.get_traced_memory()[1] - base - len(body)) / 2**20
+    finally:
+        tracemalloc.stop()
+    for s in socks:
+        s.close()
+    print(f"answer {answer_mb:.1f} MB; one request's peak {one:.0f} MB; with {n} stalled clients before it "
+          f"{many:.0f} MB; it waited {waited:.1f} s")
+    assert st == 200 and abs(len(body) / 2**20 - answer_mb) < 0.01
+    assert peak_alive[0] == 1
+    assert waited > 0.8 * n  # each stalled client held the answer slot for ~send_seconds, then was cut off
+    assert many < one + answer_mb  # unbounded, it would be one + n x answer (n x 14 MB)

@@ -15,9 +15,11 @@ Routes::
     POST /api/restore?fidelity=F&steps=N&seed=S&mode=M&aligned=0|1[&format=png]
                             body: the image file's bytes (any format load_image reads)
                             200: JSON {image, input: base64 PNG, faces: [{index, box, id_vs_input, id_vs_irn,
-                                 crop_in, crop_out}], no_face, warnings, sampling, options, seconds}
-                                 (format=png: the restored photo as image/png, scores in X-Clrface-Faces)
-                            4xx: JSON {error: "one line"}; the server keeps serving
+                                 crop_in, crop_out}], no_face, warnings, sampling, options, seconds}, sent in
+                                 chunks as it is encoded (format=png: the restored photo as image/png, scores in
+                                 X-Clrface-Faces)
+                            4xx: JSON {error: "one line"}; the server keeps serving. 413/422 for too much work
+                                 also carry {cost, limit, faces, evaluations_per_face}
 
 Safety: binds 127.0.0.1 unless told otherwise; on a loopback address it answers only Host headers naming
 loopback (DNS-rebinding) and refuses cross-origin POSTs (Origin must match Host). Uploads are capped in bytes
@@ -26,13 +28,25 @@ image header by :func:`clrface.data.io.load_image` before any pixel is decoded, 
 nothing). The only file written is the upload itself, into a fresh temporary folder that is deleted before the
 response goes out (``load_image`` reads paths). The model is loaded once; one lock serialises decoding and
 restoring, so memory stays that of one request whatever the number of clients.
+
+Work per request is bounded: its cost is faces x network evaluations per face (1 for the IRN / VQGAN pass, plus
+the sampler's denoiser evaluations in modes full and prior: heun 2 x steps - 1, euler and dpmpp_2m one per step),
+at most ``ServeLimits.max_evaluations`` (400 by default: 20 faces at the default 10 heun steps, 2 faces at 100;
+one guided evaluation of the default model takes ~0.1-0.5 s on a CPU). A request over it is refused before any
+restoring: 422 when one face already costs more, 413 when the photo has too many faces for the options; both
+state the cost and the limit. The restore lock is held from decoding the upload until the answer has gone out,
+so the answer (streamed in chunks, never built whole) is the only one in memory; a client that does not take it
+within ``ServeLimits.send_seconds`` is cut off. A client that disconnects stops its work: the handler checks the
+socket while waiting for the lock and between batches of faces, and gives the lock up.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
+import select
 import socket
 import sys
 import tempfile
@@ -42,17 +56,18 @@ import traceback
 from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 from PIL import Image
 
-from clrface.data.io import load_image
+from clrface.data.io import load_image, to_model_range
+from clrface.diffusion.sampler import nfe
 from clrface.errors import ClrfaceError, ImageError
-from clrface.options import MODES, RestoreOptions
-from clrface.photo import RestoreResult
-from clrface.restorer import Restorer
+from clrface.options import DIFFUSION_MODES, MODES, RestoreOptions
+from clrface.photo import RestoreResult, restore_photo
+from clrface.restorer import RestoredFaces, Restorer
 from clrface.serve_page import PAGE
 
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -62,19 +77,48 @@ OPTION_KEYS = ("fidelity", "steps", "seed", "mode", "aligned", "format")
 @dataclass(frozen=True)
 class ServeLimits:
     """max_bytes: upload size; max_pixels: the photo's W*H (below load_image's 60 MP default: a server should
-    stay small); max_steps: sampler steps a request may ask for."""
+    stay small); max_steps: sampler steps a request may ask for; max_evaluations: faces x network evaluations per
+    face (:func:`evaluations_per_face`) a request may cost; send_seconds: time a client has to take its answer."""
 
     max_bytes: int = 20 * 2**20
     max_pixels: int = 16_000_000
     max_steps: int = 100
+    max_evaluations: int = 400
+    send_seconds: float = 120.0
 
 
 class RequestError(ClrfaceError):
     """A refused request: HTTP status + one-line message for the page."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, **fields: Any):
         super().__init__(message)
-        self.status = status
+        self.status, self.fields = status, fields
+
+
+class ClientGone(Exception):
+    """The client closed its connection: its restore stops and nothing is answered."""
+
+
+def evaluations_per_face(restorer: Restorer, options: RestoreOptions) -> int:
+    """Network evaluations one face costs: 1 for the IRN / VQGAN pass, plus the sampler's denoiser evaluations
+    (each a U-Net pass, with a decode and face-recognition pass when guided) in the diffusion modes."""
+    sigma_start, _ = options.resolve(restorer.fidelity_map)
+    sampled = options.mode in DIFFUSION_MODES and sigma_start > 0
+    return 1 + (nfe(options.sampler, options.steps) if sampled else 0) * options.samples
+
+
+def check_cost(restorer: Restorer, options: RestoreOptions, faces: int, limit: int) -> None:
+    """Raises RequestError (422 if one face is over ``limit``, else 413) when faces x evaluations exceeds it."""
+    per_face = evaluations_per_face(restorer, options)
+    cost = faces * per_face
+    if cost <= limit:
+        return
+    what = (f"{faces} face(s) x {per_face} network evaluations = {cost}" if faces > 1
+            else f"{per_face} network evaluations per face")
+    status = 422 if per_face > limit else 413
+    hint = "fewer steps or mode irn" if status == 422 else "fewer faces (a crop), fewer steps or mode irn"
+    raise RequestError(status, f"too much work: {what}, over this server's limit of {limit} per request; "
+                               f"try {hint}", cost=cost, limit=limit, faces=faces, evaluations_per_face=per_face)
 
 
 def parse_options(query: str, restorer: Restorer, limits: ServeLimits) -> tuple[RestoreOptions, bool, str]:
@@ -133,12 +177,35 @@ def _b64png(img: np.ndarray) -> str:
     return base64.b64encode(png_bytes(img)).decode("ascii")
 
 
-def restore_upload(restorer: Restorer, data: bytes, options: RestoreOptions, aligned: bool, limits: ServeLimits
-                   ) -> tuple[np.ndarray, RestoreResult, dict[str, Any]]:
-    """Decodes and restores one upload -> (photo as read, result, JSON-able summary without images)."""
+class GuardedRestorer:
+    """The restorer as :func:`clrface.photo.restore_photo` sees it, with the server's checks around its faces:
+    the request's cost once the faces are found, and the client's connection before each batch."""
+
+    def __init__(self, restorer: Restorer, limit: int, gone: Callable[[], bool]):
+        self.restorer, self.limit, self.gone = restorer, limit, gone
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.restorer, name)
+
+    def restore_crops(self, crops: np.ndarray, options: RestoreOptions) -> RestoredFaces:
+        """Restorer.restore_crops, refused over the limit and stopped between batches when the client is gone."""
+        check_cost(self.restorer, options, len(crops), self.limit)
+        parts = []
+        for i in range(0, len(crops), options.batch_size):
+            if self.gone():
+                raise ClientGone
+            parts.append(self.restorer.restore_faces(to_model_range(crops[i:i + options.batch_size]), options,
+                                                     first_index=i))
+        return RestoredFaces.concat(parts)
+
+
+def restore_upload(restorer: Restorer, data: bytes, options: RestoreOptions, aligned: bool, limits: ServeLimits,
+                   gone: Callable[[], bool] = lambda: False) -> tuple[np.ndarray, RestoreResult, dict[str, Any]]:
+    """Decodes and restores one upload -> (photo as read, result, JSON-able summary without images). Raises
+    RequestError when the faces found cost more than ``limits.max_evaluations``, ClientGone when ``gone()``."""
     t0 = time.perf_counter()
     photo = decode_upload(data, limits.max_pixels)
-    res = restorer.restore_image(photo, options, aligned=aligned)
+    res = restore_photo(GuardedRestorer(restorer, limits.max_evaluations, gone), photo, options, aligned=aligned)
     faces = [{"index": k, "box": [round(float(v), 1) for v in f.box], "id_vs_input": round(f.id_vs_input[0], 4),
               "id_vs_irn": round(f.id_vs_irn[0], 4)} for k, f in enumerate(res.faces)]
     summary = {"size": [int(photo.shape[1]), int(photo.shape[0])], "faces": faces, "no_face": res.no_face,
@@ -147,35 +214,95 @@ def restore_upload(restorer: Restorer, data: bytes, options: RestoreOptions, ali
     return photo, res, summary
 
 
+B64_CHUNK = 3 * 2**18  # PNG bytes per base64 piece: a multiple of 3, so the pieces concatenate to one base64
+
+
+def json_chunks(summary: dict[str, Any], images: dict[str, np.ndarray]) -> Iterator[bytes]:
+    """``summary`` as a JSON object with each of ``images`` added as a base64 PNG string, in pieces of ~1 MB:
+    only one PNG and one piece of its base64 exist at a time (a 16 MP photo's answer is ~130 MB whole)."""
+    head = json.dumps(summary)
+    yield head[:-1].encode()
+    for key, img in images.items():
+        yield f", {json.dumps(key)}: \"".encode()
+        data = png_bytes(img)
+        for i in range(0, len(data), B64_CHUNK):
+            yield base64.b64encode(data[i:i + B64_CHUNK])
+        del data
+        yield b'"'
+    yield b"}"
+
+
+@dataclass
+class Reply:
+    status: int
+    ctype: str
+    chunks: Iterable[bytes]
+    headers: dict[str, str]
+
+
 class App:
-    """The restorer, its lock and the limits; ``handle_restore`` is the one route that computes."""
+    """The restorer, its lock and the limits; ``restoring`` is the one route that computes."""
 
     def __init__(self, restorer: Restorer, limits: ServeLimits = ServeLimits()):
         self.restorer, self.limits = restorer, limits
-        self.lock = threading.Lock()  # one restore at a time: CPU-bound, and bounds memory to one request
+        # One restore at a time, held until its answer has been sent: CPU-bound, and bounds memory to one request
+        self.lock = threading.Lock()
 
     def info(self) -> dict[str, Any]:
-        return {"model": self.restorer.source, "device": str(self.restorer.device),
+        return {"model": model_name(self.restorer.source), "device": str(self.restorer.device),
                 "defaults": asdict(self.restorer.options()), "modes": list(MODES),
                 "has_irn": self.restorer.irn is not None,
                 "limits": asdict(self.limits)}
 
-    def handle_restore(self, query: str, data: bytes) -> tuple[int, str, bytes, dict[str, str]]:
-        """-> (status, content type, body, extra headers). Raises RequestError for refusals."""
+    @contextlib.contextmanager
+    def restoring(self, query: str, data: bytes, gone: Callable[[], bool] = lambda: False) -> Iterator[Reply]:
+        """Holds the lock and yields the Reply to send (its chunks are encoded as they are read); released once
+        the ``with`` body ends. Raises RequestError for refusals, ClientGone when ``gone()`` turns true."""
         options, aligned, fmt = parse_options(query, self.restorer, self.limits)
         if not data:
             raise RequestError(400, "empty upload: send the image file's bytes as the request body")
-        with self.lock:
+        check_cost(self.restorer, options, 1, self.limits.max_evaluations)
+        while not self.lock.acquire(timeout=0.25):
+            if gone():
+                raise ClientGone
+        try:
             try:
-                photo, res, summary = restore_upload(self.restorer, data, options, aligned, self.limits)
+                photo, res, summary = restore_upload(self.restorer, data, options, aligned, self.limits, gone)
             except MemoryError:
                 raise RequestError(507, "out of memory restoring this photo; try a smaller one") from None
             if fmt == "png":
-                return 200, "image/png", png_bytes(res.image), {"X-Clrface-Faces": json.dumps(summary["faces"])}
-            summary["image"], summary["input"] = _b64png(res.image), _b64png(photo)
+                yield Reply(200, "image/png", [png_bytes(res.image)],
+                            {"X-Clrface-Faces": json.dumps(summary["faces"])})
+                return
             for rec, f in zip(summary["faces"], res.faces):
                 rec["crop_in"], rec["crop_out"] = _b64png(f.crop_in), _b64png(f.crops_out[0])
-        return 200, "application/json", json.dumps(summary).encode(), {}
+            yield Reply(200, "application/json", json_chunks(summary, {"image": res.image, "input": photo}), {})
+        finally:
+            self.lock.release()
+
+    def handle_restore(self, query: str, data: bytes) -> tuple[int, str, bytes, dict[str, str]]:
+        """-> (status, content type, whole body, extra headers): ``restoring`` for callers without a socket."""
+        with self.restoring(query, data) as r:
+            return r.status, r.ctype, b"".join(r.chunks), r.headers
+
+
+def model_name(source: str | None) -> str:
+    """What the page says of the model: its folder's name (an installed model's name), not the server's path."""
+    return Path(source).name if source else "model"
+
+
+def client_gone(sock: socket.socket) -> bool:
+    """True when the peer has closed the connection (readable, and a peek reads end-of-stream). Bytes of a
+    pipelined next request are left in place."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        if not readable:
+            return False
+        return sock.recv(1, socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except (OSError, ValueError):  # reset, or already closed
+        return True
 
 
 def _hostname(host_header: str) -> str:
@@ -194,6 +321,9 @@ class Handler(BaseHTTPRequestHandler):
     timeout = 60  # seconds a client may stall mid-request before its thread gives up
     server_version = "clrface"
 
+    def version_string(self) -> str:
+        return self.server_version  # no Python version: it only helps someone matching known flaws
+
     # --------------------------------------------------------------------------------------- responses
 
     def _send(self, status: int, ctype: str, body: bytes, headers: dict[str, str] | None = None) -> None:
@@ -210,8 +340,35 @@ class Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _error(self, status: int, message: str) -> None:
-        self._send(status, "application/json", json.dumps({"error": message}).encode())
+    def _error(self, status: int, message: str, **fields: Any) -> None:
+        self._send(status, "application/json", json.dumps({"error": message, **fields}).encode())
+
+    def _send_chunked(self, reply: Reply) -> None:
+        """Sends ``reply`` with chunked transfer encoding as its pieces are produced. A client that has spent more
+        than ``send_seconds`` taking it (encoding time not counted) is cut off: its thread holds the restore lock
+        meanwhile."""
+        left = self.server.app.limits.send_seconds
+        self.send_response(reply.status)
+        self.send_header("Content-Type", reply.ctype)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for k, v in reply.headers.items():
+            self.send_header(k, v)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        for piece in reply.chunks:
+            if not piece:
+                continue
+            if left <= 0:
+                raise TimeoutError("client did not take its answer in time")
+            self.connection.settimeout(left)  # sendall's timeout bounds the whole piece
+            t0 = time.monotonic()
+            self.wfile.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+            left -= time.monotonic() - t0
+        self.wfile.write(b"0\r\n\r\n")
+        self.connection.settimeout(self.timeout)
 
     def _check_host(self, post: bool) -> bool:
         """DNS-rebinding and cross-origin guards (see the module docstring); False: refused and answered."""
@@ -306,9 +463,20 @@ class Handler(BaseHTTPRequestHandler):
             self._error(400, f"upload truncated: got {len(data)} of {n} bytes")
             return
         try:
-            status, ctype, body, headers = self.server.app.handle_restore(url.query, data)
+            with self.server.app.restoring(url.query, data, lambda: client_gone(self.connection)) as reply:
+                try:
+                    self._send_chunked(reply)
+                except (OSError, TimeoutError):  # gone or stalled mid-answer: drop it, free the lock
+                    self.close_connection = True
+                except Exception:  # noqa: BLE001  the status line is out: no error answer can follow
+                    traceback.print_exc(file=sys.stderr)
+                    self.close_connection = True
+            return
+        except ClientGone:
+            self.close_connection = True
+            return
         except RequestError as e:
-            self._error(e.status, str(e))
+            self._error(e.status, str(e), **e.fields)
             return
         except ClrfaceError as e:  # e.g. mode irn without an irn/ checkpoint
             self._error(400, str(e))
@@ -316,8 +484,6 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as e:  # noqa: BLE001  a bug must not take the server down; the page gets one line
             traceback.print_exc(file=sys.stderr)
             self._error(500, f"internal error: {type(e).__name__}: {e}")
-            return
-        self._send(status, ctype, body, headers)
 
     def do_PUT(self) -> None:  # noqa: N802
         self.close_connection = True

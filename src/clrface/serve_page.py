@@ -31,7 +31,9 @@ td img{width:96px;height:96px}
 </fieldset>
 <p id="hint" style="font-size:13px;color:#555">Fidelity, steps and seed act in modes full and prior (the diffusion
 sampler); irn and direct ignore them. High fidelity stays close to the input's identity, low lets the prior
-regenerate more. Restores run one at a time on this machine.</p>
+regenerate more. Restores run one at a time on this machine, and each is bounded in work: faces &times;
+network evaluations per face (1, plus the sampler's evaluations in modes full and prior: heun 2 &times; steps
+&minus; 1) may not exceed <span id="maxeval">the server's limit</span>.</p>
 <p id="status"></p><p id="error" role="alert"></p>
 <div id="pair" hidden>
 <figure><img id="before" alt="input"><figcaption>input (as the model read it)</figcaption></figure>
@@ -59,6 +61,7 @@ fetch("api/info").then((r) => r.json()).then((j) => {
   const d = j.defaults;
   $("model").textContent = "model: " + j.model + " on " + j.device + "; uploads up to " +
     Math.round(j.limits.max_bytes / 1048576) + " MB and " + (j.limits.max_pixels / 1e6) + " MP";
+  $("maxeval").textContent = String(j.limits.max_evaluations);
   for (const m of j.modes) {
     const o = document.createElement("option");
     o.value = m; o.textContent = DESCR[m] || m; o.selected = m === d.mode;
