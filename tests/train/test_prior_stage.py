@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from clrface.diffusion.prior import load_prior
@@ -42,3 +43,23 @@ def test_prior_stage_init_from_checkpoint(tiny_models, tmp_path):
     ref = load_prior(tiny_models["prior"])
     for a, b in zip(stage.modules["prior"].parameters(), ref.parameters()):
         assert torch.equal(a, b)
+
+
+def test_prior_stage_without_latent_cache_gives_the_cached_targets(tiny_models, tmp_path):
+    common = dict(vqgan=str(tiny_models["vqgan"]), train_dir=str(tiny_models["faces"]),
+                  val_dir=str(tiny_models["faces"]), val_count=4)
+    cached = PriorStage(tiny_models["unet_cfg"], 1.0, ScheduleConfig(), PriorTrainConfig(**common), seed=0,
+                        batch_size=4, out_dir=tmp_path / "a")
+    lazy = PriorStage(tiny_models["unet_cfg"], 1.0, ScheduleConfig(),
+                      PriorTrainConfig(**common, cache_latents=False, stats_faces=10_000), seed=0, batch_size=4,
+                      out_dir=tmp_path / "b")
+    assert not (tmp_path / "b" / "latents.pt").exists()
+    # the same faces give the same statistics, and each batch the same (flipped or not) targets
+    assert lazy.prior_cfg.latent_mean == pytest.approx(cached.prior_cfg.latent_mean, abs=1e-5)
+    a, b = cached.batch(5, 0, 1), lazy.batch(5, 0, 1)
+    assert torch.allclose(a["z0"], b["z0"], atol=1e-4) and torch.equal(a["noise"], b["noise"])
+    # with an init, the init's normalisation is kept
+    init = PriorStage(tiny_models["unet_cfg"], 1.0, ScheduleConfig(),
+                      PriorTrainConfig(**common, cache_latents=False, init_from=str(tiny_models["prior"])), seed=0,
+                      batch_size=4, out_dir=tmp_path / "c")
+    assert list(init.prior_cfg.latent_std) == list(load_prior(tiny_models["prior"]).config.latent_std)
