@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from clrface import device
+from clrface.cli import build_parser
 from clrface.device import auto_threads, available_cpus, set_threads
 from clrface.errors import ClrfaceError
 
@@ -59,3 +60,10 @@ def test_set_threads_forced_and_auto(monkeypatch, tmp_path):
             set_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_cli_threads_flag():
+    parser = build_parser()
+    assert parser.parse_args(["restore", "in", "-o", "out", "--threads", "2"]).threads == 2
+    assert parser.parse_args(["restore", "in", "-o", "out"]).threads is None  # auto
+    assert parser.parse_args(["serve", "--threads", "1"]).threads == 1

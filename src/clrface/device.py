@@ -75,7 +75,7 @@ def auto_threads(cpus: int | None = None, load: float | None = None, machine_cpu
     of them that other work keeps busy (1-minute load average over the machine's CPUs), at least 1.
 
     OpenMP threads spin and wait for each other at every op, so a thread on a core that another process holds
-    stalls all of them: on 2 cores busy with two trainings, 2 threads took several times longer per face than 1
+    stalls all of them: on 2 cores busy with two trainings, 2 threads took 9-38x longer per face than 1
     (docs/threads.md). The load average is the machine's (in a container: the host's), hence scaled by
     ``machine_cpus``; where it cannot be read (Windows) all available CPUs are used."""
     cpus = available_cpus() if cpus is None else cpus
