@@ -188,7 +188,7 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"], help="torch device (default cpu)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: the CPUs this process may use less those other work keeps busy "
-                        "by the load average; on a busy 2-core machine 1 thread was 9-38x faster than 2))")
+                        "by the load average; on a busy 2-core machine 1 thread was 9-38x faster than 2)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
                    help="compute precision: below float32 the nets run under torch autocast (weights, latents "
                         "and sampler steps stay float32); auto (default): bfloat16 on a CPU with native bf16 "
@@ -367,7 +367,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"], help="torch device (default cpu)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: the CPUs this process may use less those other work keeps busy "
-                        "by the load average; on a busy 2-core machine 1 thread was 9-38x faster than 2))")
+                        "by the load average; on a busy 2-core machine 1 thread was 9-38x faster than 2)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
                    help="compute precision (see `clrface restore --help`; default auto)")
     p.add_argument("--max-upload-mb", type=finite_float, default=20.0,
