@@ -348,6 +348,9 @@ def test_stalled_readers_hold_one_answer_at_a_time(restorer, small_server, monke
             alive[0] -= 1
 
     monkeypatch.setattr(serve_mod, "json_chunks", counted)
+    proc = psutil.Process()
+    assert post(small_server, upload, "mode=irn&aligned=1")[0] == 200  # the worker's arena at one request's size
+    rss0 = proc.memory_info().rss
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
@@ -368,8 +371,10 @@ def test_stalled_readers_hold_one_answer_at_a_time(restorer, small_server, monke
         tracemalloc.stop()
     for s in socks:
         s.close()
+    rss_mb = (proc.memory_info().rss - rss0) / 2**20
     print(f"answer {answer_mb:.1f} MB; one request's peak {one:.0f} MB; with {n} stalled clients before it "
-          f"{many:.0f} MB; it waited {waited:.1f} s")
+          f"{many:.0f} MB; it waited {waited:.1f} s; RSS after the {n + 2} requests +{rss_mb:.0f} MB")
+    assert rss_mb < one  # every restore runs on one thread: no malloc arena per connection thread keeps its own
     assert st == 200 and abs(len(body) / 2**20 - answer_mb) < 0.01
     assert peak_alive[0] == 1
     assert waited > 0.8 * n  # each stalled client held the answer slot for ~send_seconds, then was cut off

@@ -27,7 +27,8 @@ loopback (DNS-rebinding) and refuses cross-origin POSTs (Origin must match Host)
 image header by :func:`clrface.data.io.load_image` before any pixel is decoded, so a decompression bomb costs
 nothing). The only file written is the upload itself, into a fresh temporary folder that is deleted before the
 response goes out (``load_image`` reads paths). The model is loaded once; one lock serialises decoding and
-restoring, so memory stays that of one request whatever the number of clients.
+restoring, so memory stays that of one request whatever the number of clients; that work runs on one worker
+thread (:class:`Worker`), so that no connection thread's malloc arena keeps a request's worth of freed memory.
 
 Work per request is bounded: its cost is faces x network evaluations per face (1 for the IRN / VQGAN pass, plus
 the sampler's denoiser evaluations in modes full and prior: heun 2 x steps - 1, euler and dpmpp_2m one per step),
@@ -46,6 +47,7 @@ import base64
 import contextlib
 import io
 import json
+import queue
 import select
 import socket
 import sys
@@ -53,6 +55,7 @@ import tempfile
 import threading
 import time
 import traceback
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -232,6 +235,38 @@ def json_chunks(summary: dict[str, Any], images: dict[str, np.ndarray]) -> Itera
     yield b"}"
 
 
+class Worker:
+    """One daemon thread that runs the calls handed to it, one at a time. Decoding, restoring and encoding all
+    run there rather than in each connection's thread: glibc gives threads their own malloc arenas and keeps
+    what they freed, so a restore in every new connection thread grew the server by one request's working set
+    per thread (measured after 10 requests of a 9 MP photo: RSS +304 MB that way, +11 MB on this one thread).
+    Daemon: Ctrl+C does not wait for a restore."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._loop, name="clrface-restore", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            fn, args, fut = self.jobs.get()
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001  handed to the caller, which re-raises it
+                fut.set_exception(e)
+            del fn, args, fut
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) on the worker thread; its result, or its exception raised here."""
+        fut: Future = Future()
+        self.jobs.put((fn, args, fut))
+        return fut.result()
+
+    def pieces(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        """``chunks``, each produced on the worker thread."""
+        while (piece := self.run(next, chunks, None)) is not None:
+            yield piece
+
+
 @dataclass
 class Reply:
     status: int
@@ -247,6 +282,7 @@ class App:
         self.restorer, self.limits = restorer, limits
         # One restore at a time, held until its answer has been sent: CPU-bound, and bounds memory to one request
         self.lock = threading.Lock()
+        self.worker = Worker()
 
     def info(self) -> dict[str, Any]:
         return {"model": model_name(self.restorer.source), "device": str(self.restorer.device),
@@ -267,16 +303,19 @@ class App:
                 raise ClientGone
         try:
             try:
-                photo, res, summary = restore_upload(self.restorer, data, options, aligned, self.limits, gone)
+                photo, res, summary = self.worker.run(restore_upload, self.restorer, data, options, aligned,
+                                                      self.limits, gone)
             except MemoryError:
                 raise RequestError(507, "out of memory restoring this photo; try a smaller one") from None
             if fmt == "png":
-                yield Reply(200, "image/png", [png_bytes(res.image)],
+                yield Reply(200, "image/png", [self.worker.run(png_bytes, res.image)],
                             {"X-Clrface-Faces": json.dumps(summary["faces"])})
                 return
             for rec, f in zip(summary["faces"], res.faces):
                 rec["crop_in"], rec["crop_out"] = _b64png(f.crop_in), _b64png(f.crops_out[0])
-            yield Reply(200, "application/json", json_chunks(summary, {"image": res.image, "input": photo}), {})
+            chunks = json_chunks(summary, {"image": res.image, "input": photo})
+            del photo, res
+            yield Reply(200, "application/json", self.worker.pieces(chunks), {})
         finally:
             self.lock.release()
 
