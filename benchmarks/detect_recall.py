@@ -16,7 +16,7 @@ while the upsampled copy stays under 2.5 MP); ``hog`` / ``cnn`` = ``detect_faces
 The MMOD CNN costs ~6 s per scaled megapixel on one core, so it runs on ``--cnn-photos`` photos
 of the smallest size only.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/detect_recall.py [--data /work/shared/data] \\
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/detect_recall.py [--data DIR] \\
         [--sizes 2.5 6 12] [--photos 3] [--cnn-photos 1] [--seed 0] [--skip-real]
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/detect_recall.py --memory   # peak memory only
 """
@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from clrface.data.io import data_root
 from clrface.faces.detect import DETECT_MAX_PIXELS, DETECT_MIN_FACE, detect_faces
 
 #: Mean dlib HOG box of an FFHQ-aligned crop, as fractions of the crop side (faces128/val at 512 px).
@@ -182,7 +183,7 @@ def memory(data: Path, sizes: list[float]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", type=Path, default=Path("/work/shared/data"))
+    ap.add_argument("--data", type=Path, default=data_root(), help="the shared data folder (CLRFACE_DATA)")
     ap.add_argument("--sizes", type=float, nargs="+", default=[2.5, 6.0, 12.0], help="photo sizes, megapixels")
     ap.add_argument("--photos", type=int, default=3, help="synthetic photos per size")
     ap.add_argument("--cnn-photos", type=int, default=1, help="photos of the smallest size also run with the CNN")
