@@ -20,12 +20,13 @@ import pytest
 import torch
 from PIL import Image
 
-from clrface import serve as serve_mod
+from clrface import serve_app
 from clrface.cli import build_parser
 from clrface.demo import demo_image
 from clrface.errors import ClrfaceError
 from clrface.restorer import Restorer
-from clrface.serve import ServeLimits, check_cost, evaluations_per_face, make_server, parse_options
+from clrface.serve import make_server
+from clrface.serve_app import ServeLimits, check_cost, evaluations_per_face, parse_options
 
 MAX_BYTES = 1 << 20  # 1 MiB here, so that an oversized upload is cheap to send
 
@@ -337,7 +338,7 @@ def test_stalled_readers_hold_one_answer_at_a_time(restorer, small_server, monke
     buf = io.BytesIO()  # noise at JPEG q5: 0.4 MB to send, ~14 MB of base64 PNG to answer
     Image.fromarray(rng.integers(0, 256, (2800, 3200, 3), dtype=np.uint8)).save(buf, "JPEG", quality=5)
     upload = buf.getvalue()
-    alive, peak_alive, real = [0], [0], serve_mod.json_chunks
+    alive, peak_alive, real = [0], [0], serve_app.json_chunks
 
     def counted(*a, **kw):
         alive[0] += 1
@@ -347,7 +348,7 @@ def test_stalled_readers_hold_one_answer_at_a_time(restorer, small_server, monke
         finally:
             alive[0] -= 1
 
-    monkeypatch.setattr(serve_mod, "json_chunks", counted)
+    monkeypatch.setattr(serve_app, "json_chunks", counted)
     proc = psutil.Process()
     assert post(small_server, upload, "mode=irn&aligned=1")[0] == 200  # the worker's arena at one request's size
     rss0 = proc.memory_info().rss

@@ -183,6 +183,18 @@ def restore_input(path: Path, name: str, out: Path, restorer: Restorer, options:
     return rec
 
 
+def process_group(device: str) -> tuple[int, int, Callable[[], None], str]:
+    """(rank, world, barrier, device): one process, or the process group of `accelerate launch -m clrface restore
+    ...` (each process then restores every world-th input, on its own GPU when ``device`` is cuda: cuda:RANK)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, lambda: None, device
+    from accelerate import PartialState  # noqa: PLC0415  only under accelerate launch: a plain run skips it
+
+    state = PartialState(cpu=device == "cpu")
+    return (state.process_index, state.num_processes, state.wait_for_everyone,
+            str(state.device) if device == "cuda" else device)
+
+
 def restore_files(inputs: list[Path], out_dir: str | Path, restorer: Restorer, options: RestoreOptions, *,
                   aligned: bool = False, log: Callable[[str], None] | None = None, progress: bool = True,
                   rank: int = 0, world: int = 1, barrier: Callable[[], None] = lambda: None,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -236,19 +235,6 @@ def _restore_setup(args: argparse.Namespace):
     return restorer, options
 
 
-def _process_group(args: argparse.Namespace):
-    """(rank, world, barrier): one process, or the process group of `accelerate launch -m clrface restore ...`
-    (each process then restores every world-th input, on its own GPU when --device cuda)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, lambda: None
-    from accelerate import PartialState
-
-    state = PartialState(cpu=args.device == "cpu")
-    if args.device == "cuda":
-        args.device = str(state.device)
-    return state.process_index, state.num_processes, state.wait_for_everyone
-
-
 def _add_restore(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "restore", help="restore the faces of photos, videos (or of aligned face crops) with CLR-Face",
@@ -277,10 +263,10 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
     _add_restore_model_args(p)
 
     def run(args: argparse.Namespace) -> int:
-        from clrface.batch import prepare_inputs, restore_files, summary_line
+        from clrface.batch import prepare_inputs, process_group, restore_files, summary_line
 
         inputs, ignored = prepare_inputs(args.input, args.output)  # fails here, before any model is loaded
-        rank, world, barrier = _process_group(args)
+        rank, world, barrier, args.device = process_group(args.device)
         restorer, options = _restore_setup(args)
         report = restore_files(inputs, args.output, restorer, options, aligned=args.aligned, rank=rank, world=world,
                                barrier=barrier, overwrite=args.overwrite, stabilize=not args.no_stabilize,
@@ -378,7 +364,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         from clrface.device import DTYPES, resolve_device, resolve_dtype, set_threads
         from clrface.restorer import Restorer
-        from clrface.serve import ServeLimits, serve
+        from clrface.serve import serve
+        from clrface.serve_app import ServeLimits
 
         if args.max_upload_mb <= 0 or args.max_megapixels <= 0:
             raise ClrfaceError("--max-upload-mb and --max-megapixels must be > 0")
