@@ -13,6 +13,7 @@ from clrface.diffusion.unet import UNetConfig
 from clrface.errors import CheckpointError, ClrfaceError
 from clrface.faces.paste import paste_mask
 from clrface.options import FidelityMap, RestoreOptions
+from clrface.photo import best_first, restore_photo
 from clrface.restorer import Restorer, face_noise
 
 S = 32  # the resolution of conftest.build_tiny_model
@@ -200,3 +201,23 @@ def test_auto_dtype_picks_bf16_only_on_cpus_with_native_bf16():
     assert auto_dtype(cpu, frozenset({"avx2", "avx512f"})) == "float32"  # emulated bf16 would be slower
     assert auto_dtype(cpu, frozenset()) == "float32"
     assert auto_dtype(cuda, frozenset({"amx_bf16"})) == "float32"  # GPUs: not measured yet
+
+
+def test_samples_are_written_best_identity_first(restorer):
+    x = _faces(2)
+    o = RestoreOptions(steps=3, seed=7, samples=4, fidelity=0.3)
+    raw = restorer.restore_faces(x, o)
+    ranked = best_first(raw)
+    assert (ranked.id_vs_irn[:, :-1] >= ranked.id_vs_irn[:, 1:]).all()
+    for i in range(2):  # the same samples, reordered with their scores and latents
+        order = torch.argsort(raw.id_vs_irn[i], descending=True, stable=True)
+        assert torch.equal(ranked.restored[i], raw.restored[i, order])
+        assert torch.equal(ranked.id_vs_input[i], raw.id_vs_input[i, order])
+        assert torch.equal(ranked.latent[i], raw.latent[i, order])
+    # a whole restore writes them in that order
+    crop = ((x[0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+    res = restore_photo(restorer, crop, o, aligned=True, keep_detail=False)
+    scores = res.faces[0].id_vs_irn
+    assert scores == sorted(scores, reverse=True)
+    single = best_first(restorer.restore_faces(x, RestoreOptions(steps=3, samples=1)))
+    assert single.restored.shape[1] == 1

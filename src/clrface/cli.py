@@ -178,7 +178,8 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
                         "default: the model's, else heun")
     p.add_argument("--seed", type=int, default=0, help="noise seed; face i, sample k always get the same noise")
     p.add_argument("--samples", type=int, default=1,
-                   help="N results per face, written as <name>_<k>_s0 .. _s<N-1> (default 1)")
+                   help="N results per face, written as <name>_<k>_s0 .. _s<N-1>, best first: ranked by the identity "
+                        "cosine to the IRN output (id_vs_irn in report.json; to the input in mode prior) (default 1)")
     p.add_argument("--mode", default=None, choices=MODES,
                    help="default: the model's measured-best configuration (its restore.json; see docs/RESULTS.md), "
                         "else full. full = IRN + prior + masked identity guidance; prior = the prior alone from the "

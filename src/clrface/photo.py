@@ -6,11 +6,13 @@ The faces themselves are restored by any object with the :class:`clrface.restore
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from PIL import Image
+from torch import Tensor
 
 from clrface.data.io import to_uint8
 from clrface.errors import ClrfaceError
@@ -20,7 +22,7 @@ from clrface.faces.paste import paste_faces
 from clrface.options import RestoreOptions
 
 if TYPE_CHECKING:  # the restorer imports this module: the type is for annotations only
-    from clrface.restorer import Restorer
+    from clrface.restorer import RestoredFaces, Restorer
 
 
 @dataclass
@@ -100,6 +102,21 @@ def paste_back(base: np.ndarray, crops: list[np.ndarray], affines: list[np.ndarr
     return paste_faces(base, crops[::-1], affines[::-1], affine_size=size, scale=scale, interpolation="bicubic")
 
 
+def best_first(out: RestoredFaces) -> RestoredFaces:
+    """The samples of each face ordered by identity, best first: descending cosine to the IRN output (to the input
+    where there is no IRN output, mode prior). Stable, so equal scores (modes irn, direct) keep their order."""
+    if out.restored.shape[1] < 2:
+        return out
+    order = torch.sort(out.id_vs_irn.float(), dim=1, descending=True, stable=True).indices  # [B,N]
+
+    def pick(t: Tensor) -> Tensor:
+        idx = order.to(t.device).view(*order.shape, *([1] * (t.ndim - 2))).expand_as(t)
+        return t.gather(1, idx)
+
+    return replace(out, restored=pick(out.restored), id_vs_irn=pick(out.id_vs_irn), id_vs_input=pick(out.id_vs_input),
+                   latent=None if out.latent is None else pick(out.latent))
+
+
 def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions, *, aligned: bool = False,
                   keep_detail: bool = True) -> RestoreResult:
     """Restores every face of ``photo`` uint8 [H,W,3] and pastes them back (bicubic) at ``upscale`` x the size.
@@ -123,7 +140,7 @@ def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions
     keep = o.color == "keep" or (o.color == "auto" and is_monochrome(img))
     if aligned:
         crop = resize_lanczos(img, s, s)
-        out = restorer.restore_crops(crop[None], o)
+        out = best_first(restorer.restore_crops(crop[None], o))
         crops_out = list(to_uint8(out.restored[0]).numpy())
         if keep:
             crops_out = [keep_tone(c, crop) for c in crops_out]
@@ -143,7 +160,7 @@ def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions
         return RestoreResult([base.copy() for _ in range(o.samples)], [], no_face=True,
                              warnings=["no face found; returned unchanged"])
     crops = np.stack([c for c, _ in found])
-    out = restorer.restore_crops(crops, o)
+    out = best_first(restorer.restore_crops(crops, o))
     restored = [to_uint8(out.restored[i]).numpy() for i in range(len(found))]  # per face: [N,S,S,3]
     if keep:  # the aligned input crop is the photo under the face: its chroma is the photo's tone there
         restored = [np.stack([keep_tone(c, crops[i]) for c in r]) for i, r in enumerate(restored)]
