@@ -147,8 +147,11 @@ def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions
         images = [resize_lanczos(c, w * u, h * u) for c in crops_out]
         detail = None
         if keep_detail and w == h >= s:  # a square crop at or above S px: the blend works in its own pixels
-            kept = [keep_input_detail(img, c, block=photo_blockiness(img)) for c in crops_out]
-            images, detail = [resize_lanczos(k, w * u, h * u) for k, _ in kept], kept[0][1].to_json()
+            kept, est, block = [], None, photo_blockiness(img)
+            for c in crops_out:  # the estimates depend on the input only: made once, reused per sample
+                k, est = keep_input_detail(img, c, block=block, estimated=est)
+                kept.append(k)
+            images, detail = [resize_lanczos(k, w * u, h * u) for k in kept], est.to_json()
         affine = np.array([[s / w, 0, 0.5 * s / w - 0.5], [0, s / h, 0.5 * s / h - 0.5]])
         face = FaceResult(crop, crops_out, np.array([0.0, 0.0, w, h]), affine,
                           out.id_vs_irn[0].tolist(), out.id_vs_input[0].tolist(), detail)
@@ -172,9 +175,9 @@ def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions
         for i, f in enumerate(faces):
             x_in = input_face(img, f.affine, s)  # estimates on the photo's own pixels, blend in the output's
             x_out = x_in if u == 1 else input_face(base, f.affine, s, scale=u)
-            block = photo_blockiness(img, f.box)
-            for k in range(o.samples):
-                pasted[k][i], est = keep_input_detail(x_out, f.crops_out[k], block=block, measured=x_in)
+            block, est = photo_blockiness(img, f.box), None
+            for k in range(o.samples):  # the estimates depend on the input only: made once, reused per sample
+                pasted[k][i], est = keep_input_detail(x_out, f.crops_out[k], block=block, measured=x_in, estimated=est)
             f.detail = est.to_json()
     images = [paste_back(base, crops_k, affines, s, u) for crops_k in pasted]
     return RestoreResult(images, faces, sampling=out.sampling.as_dict())

@@ -237,18 +237,20 @@ def blend(x: Tensor, restored: Tensor, gate: Tensor | float, high_weight: Tensor
 
 
 def keep_input_detail(x: np.ndarray, restored: np.ndarray, *, block: float = 1.0, rule: DetailRule = DEFAULT_RULE,
-                measured: np.ndarray | None = None) -> tuple[np.ndarray, DetailEstimate]:
+                      measured: np.ndarray | None = None, estimated: DetailEstimate | None = None
+                      ) -> tuple[np.ndarray, DetailEstimate]:
     """The output face at the input's resolution: x: uint8 [N, N, 3] aligned input face (N >= S), restored: uint8
     [S, S, 3] the model's face of the same crop -> (uint8 [N, N, 3], the estimates and weights used).
 
     ``measured``: the face at the photo's own resolution when ``x`` is an enlarged copy of it (an upscaled
-    output), so that the estimates see the input's pixels, not the upscaler's; default ``x``.
+    output), so that the estimates see the input's pixels, not the upscaler's; default ``x``. ``estimated``: the
+    estimate this call returned for another sample of the same face (it depends on the input only), reused.
     """
     s = restored.shape[0]
     for a in (x, x if measured is None else measured):
         if a.shape[0] < s or a.shape[0] != a.shape[1]:
             raise ValueError(f"input face must be square and at least {s} px, got {a.shape}")
-    e = choose(estimate(x if measured is None else measured, s, block), rule)
+    e = estimated or choose(estimate(x if measured is None else measured, s, block), rule)
     out = blend(_tensor(x), _tensor(restored), e.gate, e.high_weight)
     return out[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy(), e
 
