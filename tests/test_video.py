@@ -25,6 +25,7 @@ from clrface.video import (
     match_boxes,
     smooth_quad,
     temporal_blend,
+    truncated,
     warp_to_current,
 )
 from clrface.video_io import VideoWriter, ffmpeg_exe, fps_fraction, list_media, read_video
@@ -202,7 +203,24 @@ def test_video_round_trip_keeps_frames_size_fps_and_audio(tmp_path, restorer, po
         diff = np.abs(got[3].astype(int) - decoded[3]).mean(-1)
         assert np.median(diff) < 2 and diff.max() > 40
     assert "Audio: aac" in _streams(tmp_path / "out" / "final" / "talk.mp4")
+    assert sorted(p.name for p in (tmp_path / "out" / "final").iterdir()) == ["mute.mp4", "talk.mp4"]  # no temporaries
     assert json.loads((tmp_path / "out" / "report.json").read_text())["images"][0]["frames"] == 6
+
+
+def test_truncation_rule():
+    assert not truncated(40, 40) and not truncated(6, 0) and not truncated(99, 100) and not truncated(39, 40)
+    assert truncated(19, 40) and truncated(97, 100)
+
+
+def test_a_truncated_video_is_restored_with_a_warning(tmp_path, restorer, capsys):
+    rng = np.random.default_rng(0)  # noise frames: the file's bytes spread evenly over time
+    src = _clip(tmp_path / "cut.mp4", [rng.integers(0, 255, (48, 64, 3), np.uint8) for _ in range(40)], Fraction(10),
+                audio=False)
+    src.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    rec = restore_files([src], tmp_path / "out", restorer, RestoreOptions(mode="irn"), progress=False)["images"][0]
+    assert rec["frames_declared"] == 40 and 10 < rec["frames"] < 30
+    assert any("truncated" in w for w in rec["warnings"]) and "truncated" in capsys.readouterr().err
+    assert len(list(read_video(rec["final"][0])[1])) == rec["frames"]
 
 
 def test_odd_sized_video_without_faces_is_copied(tmp_path, restorer):

@@ -342,6 +342,11 @@ class VideoRestorer:
         return start
 
 
+def truncated(decoded: int, declared: int) -> bool:
+    """Fewer frames decoded than the container declares (duration x fps, so allow a frame of rounding per 50)."""
+    return declared > 0 and decoded < declared - max(1, declared // 50)
+
+
 def restore_video(path: str | os.PathLike, out_path: str | os.PathLike, restorer: Restorer, options: RestoreOptions, *,
                   stabilize: bool = True, config: StabilizeConfig = StabilizeConfig(),
                   inputs: Iterable[str | os.PathLike] = (), progress: bool = True) -> dict[str, Any]:
@@ -355,6 +360,7 @@ def restore_video(path: str | os.PathLike, out_path: str | os.PathLike, restorer
     u = options.upscale
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.video{out.suffix}")
+    muxed = out.with_name(f".{out.stem}.muxed{out.suffix}")
     vr = VideoRestorer(restorer, options, stabilize=stabilize, config=config)
     counts: list[int] = []
     warnings = []
@@ -369,16 +375,23 @@ def restore_video(path: str | os.PathLike, out_path: str | os.PathLike, restorer
                 counts.append(n)
         if not counts:
             raise ClrfaceError(f"{src}: no frames could be read")
-        audio = mux_audio(tmp, src, out) if info.has_audio else None
-        if audio is None:
+        audio = None
+        if info.has_audio:  # muxed under a temporary name too: `out` only ever appears whole
+            audio = mux_audio(tmp, src, muxed)
+            os.replace(muxed, out)
+        else:
             os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+        muxed.unlink(missing_ok=True)
+    if truncated(len(counts), info.frames):
+        warnings.append(f"only {len(counts)} of the {info.frames} frames the file declares could be decoded "
+                        "(truncated or damaged file); the output holds those")
     if not any(counts):
         warnings.append("no face found in any frame; frames written unchanged")
     return {
         "input": str(src), "final": [str(out)], "size": list(info.size), "fps": str(info.fps),
-        "frames": len(counts), "audio": audio or "none", "stabilize": stabilize,
+        "frames": len(counts), "frames_declared": info.frames, "audio": audio or "none", "stabilize": stabilize,
         **({"stabilize_config": dataclasses.asdict(config)} if stabilize else {}),
         "face_frames": int(sum(counts)),
         "faces_per_frame": {"mean": round(float(np.mean(counts)), 3), "max": int(max(counts))},
