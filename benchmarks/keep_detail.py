@@ -36,7 +36,8 @@ from clrface.demo import demo_image
 from clrface.faces.align import align_faces, warp_face
 from clrface.faces.detail import input_face
 from clrface.metrics import noref
-from clrface.metrics.fid import feature_stats, folder_stats, frechet_distance, inception_features, load_inception
+from clrface.metrics.bootstrap import paired_set_diff_ci
+from clrface.metrics.fid import folder_stats, frechet_distance_of_set, inception_features, load_inception
 from clrface.options import RestoreOptions
 from clrface.photo import restore_photo
 from clrface.restorer import Restorer
@@ -131,25 +132,31 @@ def run_real(restorer: Restorer, options: RestoreOptions, log: Callable[[str], N
     e_input = embed_faces(restorer, faces_in)
     group = np.array([n.split("/")[0] for n in names])
     result: dict[str, Any] = {"names": names, "details": details, "rows": {}}
+    all_feats: dict[str, np.ndarray] = {}
+
+    def fid_of(feats: np.ndarray) -> float:
+        return frechet_distance_of_set(feats, ref["mu"], ref["sigma"])
+
     for k, faces in [("input", faces_in)] + [(k, np.stack(v)) for k, v in outs.items()]:
         per = {key: v.numpy() for key, v in noref.noref_scores(to_tensor(faces)).items()}
         per["id_vs_input"] = (embed_faces(restorer, faces) * e_input).sum(-1).numpy()
         feats = None
         if inception is not None:
-            feats = inception_features(inception, to_tensor(faces))
+            feats = all_feats[k] = inception_features(inception, to_tensor(faces))
         row = {}
         for g in ("cropped", "whole", "all"):
             sel = np.ones(len(names), bool) if g == "all" else group == g
             v = {key: float(per[key][sel].mean()) for key in per} | {"n": int(sel.sum())}
             if feats is not None:
-                mu, sigma = feature_stats(feats[sel])
-                v["fid"] = float(frechet_distance(mu, sigma, ref["mu"], ref["sigma"]))
+                v["fid"] = fid_of(feats[sel])
             if k in native:
                 nat = np.array(native[k])[sel]
                 v["native_lapvar_share"], v["native_psnr"] = float(nat[:, 0].mean()), float(nat[:, 1].mean())
             row[g] = v
         result["rows"][k] = row
         result.setdefault("per_face", {})[k] = {key: [round(float(x), 5) for x in val] for key, val in per.items()}
+    if all_feats:  # FID is a statistic of the set: its change gets a paired bootstrap over faces
+        result["fid_keep_minus_today"] = paired_set_diff_ci(fid_of, all_feats["keep"], all_feats["today"])
     return result
 
 
@@ -192,6 +199,10 @@ def format_markdown(result: dict[str, Any]) -> str:
             lines += ["", f"real_lq {g} ({real['rows']['input'][g]['n']} faces)", "",
                       markdown_table(["row", "FID ↓", "Laplacian var", "noise σ̂", "excess Lap. var",
                                       "ID cos vs input ↑", "native Lap. var kept", "native PSNR dB"], tab)]
+        if "fid_keep_minus_today" in real:
+            d, lo, hi = real["fid_keep_minus_today"]
+            lines += ["", f"FID change with keep-detail, all faces: {d:+.2f} [{lo:+.2f}, {hi:+.2f}] (paired bootstrap "
+                          "95 % interval over faces)"]
         det = [d for d in real["details"] if d is not None]
         gates = np.array([d["gate"] for d in det])
         hw = np.array([d["high_weight"] for d in det])

@@ -26,7 +26,14 @@ from clrface.demo import demo_image
 from clrface.errors import ClrfaceError
 from clrface.restorer import Restorer
 from clrface.serve import make_server
-from clrface.serve_app import ServeLimits, check_cost, evaluations_per_face, parse_options
+from clrface.serve_app import (
+    ClientGone,
+    GuardedRestorer,
+    ServeLimits,
+    check_cost,
+    evaluations_per_face,
+    parse_options,
+)
 
 MAX_BYTES = 1 << 20  # 1 MiB here, so that an oversized upload is cheap to send
 
@@ -329,6 +336,21 @@ def test_client_that_leaves_stops_its_work(restorer, small_server, four_faces, m
     time.sleep(0.5)
     assert len(calls) == 1 and app.lock.acquire(timeout=1)
     app.lock.release()
+
+
+def test_a_client_gone_mid_sampling_stops_within_one_evaluation(restorer):
+    checks = []
+
+    def gone() -> bool:
+        checks.append(1)
+        return len(checks) > 3  # the batch check, two denoiser evaluations, then gone
+
+    guarded = GuardedRestorer(restorer, 10_000, gone)
+    options = restorer.options(mode="full", steps=50, sampler="euler")
+    with pytest.raises(ClientGone):
+        s = restorer.resolution
+        guarded.restore_crops(np.full((1, s, s, 3), 128, np.uint8), options)
+    assert len(checks) == 4
 
 
 def test_stalled_readers_hold_one_answer_at_a_time(restorer, small_server, monkeypatch):

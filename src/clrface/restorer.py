@@ -94,6 +94,16 @@ class RestoredFaces:
                    latent=None if any(z is None for z in latents) else torch.cat([z.cpu() for z in latents]))
 
 
+def interruptible(denoise: Denoise, interrupt: Callable[[], None]) -> Denoise:
+    """``denoise`` that calls ``interrupt`` first, so a long sampling run can be stopped between evaluations."""
+
+    def wrapped(x: Tensor, sigma: Tensor) -> Tensor:
+        interrupt()
+        return denoise(x, sigma)
+
+    return wrapped
+
+
 class Restorer:
     """Blind face restorer: VQGAN (E, Q, G), conditional latent prior, optional IRN, optional latent mask, face
     recogniser, all with fp32 weights on one device. ``dtype`` is the compute precision: below fp32 the nets run
@@ -178,14 +188,15 @@ class Restorer:
 
     @torch.no_grad()  # guided sampling needs autograd islands, so no inference_mode
     def restore_faces(self, x_d: Tensor, options: RestoreOptions | None = None, *, first_index: int = 0,
-                      face_ids: Sequence[int] | None = None, start: Callable[[Tensor], Tensor] | None = None
-                      ) -> RestoredFaces:
+                      face_ids: Sequence[int] | None = None, start: Callable[[Tensor], Tensor] | None = None,
+                      interrupt: Callable[[], None] | None = None) -> RestoredFaces:
         """Restores aligned faces x_d [B,3,S,S] in [-1,1] (see :class:`RestoredFaces`).
 
         ``first_index`` numbers the faces for the per-face noise seeds (see RestoreOptions); ``face_ids`` [B]
         numbers them explicitly instead (video: a face track keeps its noise). ``start`` maps the start latent
         z_init [B,d,h,w] to the one the sampler starts from (video: blends in the previous frame's latent);
-        diffusion modes only.
+        diffusion modes only. ``interrupt`` is called before every denoiser evaluation; an exception it raises
+        stops the work (the server: a client that has gone).
         """
         o = options or RestoreOptions()
         s = self.resolution
@@ -197,7 +208,7 @@ class Restorer:
             z = e_irn = None
             if o.mode in DIFFUSION_MODES:
                 ids = range(first_index, first_index + b) if face_ids is None else face_ids
-                restored, x_id, e_irn, z, sampling = self._sample(x_d, o, ids, start)
+                restored, x_id, e_irn, z, sampling = self._sample(x_d, o, ids, start, interrupt)
             elif o.mode == "direct":
                 restored, x_id = self.vqgan.decode(self.vqgan.encode(x_d)).float(), x_d
                 sampling = Sampling(0.0, 0.0, 0)
@@ -219,8 +230,8 @@ class Restorer:
         return RestoredFaces(restored, x_id.float(), cosine(e_out, e_irn[:, None]), cosine(e_out, e_in[:, None]),
                              sampling, None if z is None else z.view(b, n, *z.shape[1:]))
 
-    def _sample(self, x_d: Tensor, o: RestoreOptions, ids: Sequence[int], start: Callable[[Tensor], Tensor] | None
-                ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Sampling]:
+    def _sample(self, x_d: Tensor, o: RestoreOptions, ids: Sequence[int], start: Callable[[Tensor], Tensor] | None,
+                interrupt: Callable[[], None] | None = None) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Sampling]:
         """Modes full and prior: (restored [B,N,3,S,S], x_id, e_id or None, sampled latent [B*N,...], Sampling)."""
         s, b, n = self.resolution, x_d.shape[0], o.samples
         sigma_start, scale = o.resolve(self.fidelity_map)
@@ -242,6 +253,8 @@ class Restorer:
             return t.repeat_interleave(n, 0)
 
         denoise = self.denoiser(rep(z_d), None if e_id is None else rep(e_id), scale)
+        if interrupt is not None:
+            denoise = interruptible(denoise, interrupt)
         z = self.refine(rep(z_init), denoise, sigma_start, o, noise.flatten(0, 1))
         restored = self.decode(z).clamp(-1, 1).view(b, n, 3, s, s)
         sampling = Sampling(sigma_start, scale, nfe(o.sampler, o.steps) if sigma_start > 0 else 0)

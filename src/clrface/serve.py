@@ -28,8 +28,8 @@ loopback (DNS-rebinding) and refuses cross-origin POSTs (Origin must match Host)
 image header by :func:`clrface.data.io.load_image` before any pixel is decoded, so a decompression bomb costs
 nothing). Work per request is bounded and serialised by :mod:`clrface.serve_app`. The answer is streamed in
 chunks; a client that does not take it within ``ServeLimits.send_seconds`` is cut off. A client that
-disconnects stops its work: the handler checks the socket while waiting for the lock and between batches of
-faces (:func:`client_gone`).
+disconnects stops its work: the handler checks the socket while waiting for the lock, between batches of faces
+and before each denoiser evaluation (:func:`client_gone`).
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ so that no connection thread's malloc arena keeps a request's worth of freed mem
 decoding the upload until the answer has gone out, so the answer (streamed in chunks, never built whole) is the
 only one in memory. The only file written is the upload itself, into a fresh temporary folder that is deleted
 before the response goes out (``load_image`` reads paths). A client that disconnects stops its work: ``gone()``
-is checked while waiting for the lock and between batches of faces, and the lock is given up.
+is checked while waiting for the lock, before each batch of faces and before each denoiser evaluation, and the
+lock is given up.
 """
 
 from __future__ import annotations
@@ -157,15 +158,19 @@ class GuardedRestorer:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.restorer, name)
 
+    def check(self) -> None:
+        if self.gone():
+            raise ClientGone
+
     def restore_crops(self, crops: np.ndarray, options: RestoreOptions) -> RestoredFaces:
-        """Restorer.restore_crops, refused over the limit and stopped between batches when the client is gone."""
+        """Restorer.restore_crops, refused over the limit and stopped before each batch and each denoiser
+        evaluation when the client is gone."""
         check_cost(self.restorer, options, len(crops), self.limit)
         parts = []
         for i in range(0, len(crops), options.batch_size):
-            if self.gone():
-                raise ClientGone
+            self.check()
             parts.append(self.restorer.restore_faces(to_model_range(crops[i:i + options.batch_size]), options,
-                                                     first_index=i))
+                                                     first_index=i, interrupt=self.check))
         return RestoredFaces.concat(parts)
 
 

@@ -1,6 +1,6 @@
 import numpy as np
 
-from clrface.metrics.bootstrap import bootstrap_ci, paired_diff_ci
+from clrface.metrics.bootstrap import bootstrap_ci, paired_diff_ci, paired_set_diff_ci
 
 
 def test_bootstrap_ci_matches_the_normal_interval_of_a_mean():
@@ -25,3 +25,12 @@ def test_paired_difference_sees_a_shift_hidden_in_the_spread():
     assert abs(mean - 0.002) < 2e-4 and lo > 0
     lo_a, hi_a = bootstrap_ci(a)
     assert hi_a - lo_a > 0.002  # the unpaired intervals would overlap
+
+
+def test_paired_set_statistic_difference():
+    rng = np.random.default_rng(3)
+    a = rng.normal(0, 1, (300, 2))
+    diff, lo, hi = paired_set_diff_ci(lambda f: float(f[:, 0].std()), a * 1.1, a, resamples=300)
+    assert abs(diff - 0.1 * a[:, 0].std()) < 1e-12 and 0 < lo < diff < hi  # the same faces: a tight interval
+    diff, lo, hi = paired_set_diff_ci(lambda f: float(f.mean()), a, a.copy(), resamples=50)
+    assert diff == lo == hi == 0.0

@@ -11,6 +11,7 @@ from clrface.metrics.fid import (
     fid_weights_path,
     folder_stats,
     frechet_distance,
+    frechet_distance_of_set,
     inception_features,
     load_inception,
     resize_tf_bilinear,
@@ -33,6 +34,16 @@ def test_frechet_distance_matches_scipy_sqrtm():
     (m1, s1), (m2, s2) = feature_stats(f1), feature_stats(f2)
     ref = ((m1 - m2) ** 2).sum() + np.trace(s1 + s2) - 2 * np.trace(linalg.sqrtm(s1 @ s2)).real
     assert frechet_distance(m1, s1, m2, s2) == pytest.approx(ref, rel=1e-9)
+
+
+def test_frechet_distance_of_a_small_set_equals_the_full_computation():
+    rng = np.random.default_rng(2)
+    ref = rng.normal(size=(400, 64)) @ rng.normal(size=(64, 64)) * 0.3
+    m2, s2 = feature_stats(ref)
+    for n in (12, 50, 90):  # fewer and more rows than dimensions
+        f = rng.normal(size=(n, 64)) + 0.1
+        assert frechet_distance_of_set(f, m2, s2) == pytest.approx(frechet_distance(*feature_stats(f), m2, s2),
+                                                                   rel=1e-7)
 
 
 def test_feature_stats_unbiased():

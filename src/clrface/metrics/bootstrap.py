@@ -3,7 +3,7 @@ is larger than these intervals (or when the paired interval of the difference ex
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -27,3 +27,20 @@ def paired_diff_ci(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndar
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     lo, hi = bootstrap_ci(d, **kw)
     return float(np.nanmean(d)), lo, hi
+
+
+def paired_set_diff_ci(stat: Callable[[np.ndarray], float], a: np.ndarray, b: np.ndarray, *, resamples: int = 1000,
+                       seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """``stat(a) - stat(b)`` for a statistic of a whole set (FID of feature rows), row i of ``a`` and ``b`` the
+    same face, and its percentile bootstrap interval from resampling faces (the same draw for both):
+    (difference, low, high)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if len(a) != len(b):
+        raise ValueError(f"paired sets need the same faces, got {len(a)} and {len(b)} rows")
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(resamples):
+        i = rng.integers(0, len(a), len(a))
+        diffs.append(stat(a[i]) - stat(b[i]))
+    tail = (1 - level) / 2
+    return float(stat(a) - stat(b)), float(np.quantile(diffs, tail)), float(np.quantile(diffs, 1 - tail))

@@ -130,6 +130,25 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
+def frechet_distance_of_set(feats: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """``frechet_distance(*feature_stats(feats), mu2, sigma2)`` for a small set, N << D, in O(N^2 D).
+
+    With centred rows C [N,D] and S1 = C^T C / (N-1), S1 S2 has the non-zero eigenvalues of C S2 C^T / (N-1)
+    [N,N], so ``tr((S1 S2)^(1/2))`` needs no D x D decomposition: thousands of bootstrap resamples of 72
+    faces cost seconds instead of hours.
+    """
+    f = np.asarray(feats, np.float64)
+    if len(f) < 2:
+        raise ValueError(f"FID needs at least 2 images, got {len(f)}")
+    mu1 = f.mean(0)
+    c = f - mu1
+    m = c @ np.asarray(sigma2, np.float64) @ c.T / (len(f) - 1)
+    tr_covmean = np.sqrt(np.linalg.eigvalsh((m + m.T) / 2).clip(min=0)).sum()
+    diff = mu1 - np.asarray(mu2, np.float64)
+    tr_s1 = float((c * c).sum()) / (len(f) - 1)
+    return float(diff.dot(diff) + tr_s1 + np.trace(sigma2) - 2 * tr_covmean)
+
+
 def _folder_key(files: Sequence[Path], root: Path, weights: Path) -> str:
     h = hashlib.sha1(f"{_PROTOCOL}|{weights.name}|{weights.stat().st_size}|{root.resolve()}".encode())
     for f in files:
