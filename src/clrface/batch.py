@@ -26,6 +26,7 @@ from clrface.data.io import ensure_not_input, is_image_file, load_image, save_im
 from clrface.errors import ClrfaceError
 from clrface.options import RestoreOptions
 from clrface.photo import restore_photo, side_by_side
+from clrface.reference import Reference, ReferencePolicy
 from clrface.restorer import Restorer
 from clrface.video import restore_video
 from clrface.video_io import is_video, list_media, probe_video
@@ -139,7 +140,8 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def restore_input(path: Path, name: str, out: Path, restorer: Restorer, options: RestoreOptions, aligned: bool,
-                  inputs: list[Path], emit: Callable[[str], None], stabilize: bool = True, keep_detail: bool = True
+                  inputs: list[Path], emit: Callable[[str], None], stabilize: bool = True, keep_detail: bool = True,
+                  reference: Reference | None = None, reference_policy: ReferencePolicy = ReferencePolicy()
                   ) -> dict[str, Any]:
     """Restores one photo or video into ``out`` and returns its report record."""
     t0 = time.perf_counter()
@@ -148,11 +150,13 @@ def restore_input(path: Path, name: str, out: Path, restorer: Restorer, options:
                             inputs=inputs, progress=False)
         rec.update(video=True, no_face=rec["frames_without_face"] == rec["frames"], faces=[])
         rec["warnings"] += ["--aligned does not apply to videos: faces are detected per frame"] if aligned else []
+        rec["warnings"] += ["--reference applies to photos: the video was restored without it"] if reference else []
         for wmsg in rec["warnings"]:
             emit(f"clrface: warning: {path}: {wmsg}")
         return rec
     photo = load_image(path)
-    res = restore_photo(restorer, photo, options, aligned=aligned, keep_detail=keep_detail)
+    res = restore_photo(restorer, photo, options, aligned=aligned, keep_detail=keep_detail, reference=reference,
+                        reference_policy=reference_policy)
     h, w = photo.shape[:2]
     if aligned and h != w:  # the model sees square crops: a non-square one is stretched to a square
         res.warnings.insert(0, f"--aligned: the crop is {w}x{h}, not square; it was resized to a square, so the "
@@ -171,6 +175,8 @@ def restore_input(path: Path, name: str, out: Path, restorer: Restorer, options:
                               "id_vs_input": [round(v, 4) for v in f.id_vs_input]}
         if f.detail is not None:  # what the input kept: estimates, gate and high-band weight (clrface.faces.detail)
             fr["keep_detail"] = f.detail
+        if f.reference is not None:  # whether the reference guided this face, and the cosines
+            fr["reference"] = f.reference
         save_image(out / "cropped_faces" / f"{name}_{k}.png", f.crop_in, inputs=inputs)
         for j, c in enumerate(f.crops_out):
             save_image(out / "restored_faces" / f"{name}_{k}{sfx(j)}.png", c, inputs=inputs)
@@ -199,12 +205,14 @@ def restore_files(inputs: list[Path], out_dir: str | Path, restorer: Restorer, o
                   aligned: bool = False, log: Callable[[str], None] | None = None, progress: bool = True,
                   rank: int = 0, world: int = 1, barrier: Callable[[], None] = lambda: None,
                   overwrite: bool = False, stabilize: bool = True, keep_detail: bool = True,
-                  ignored: Sequence[dict[str, str]] = ()) -> dict[str, Any]:
+                  ignored: Sequence[dict[str, str]] = (), reference: Reference | None = None,
+                  reference_policy: ReferencePolicy = ReferencePolicy()) -> dict[str, Any]:
     """Restores each input photo into ``out_dir``: cropped_faces/, restored_faces/, cmp/, final/, report.json.
 
     Videos (``clrface.video.VIDEO_EXTENSIONS``) go to ``final/<name>.mp4`` with their audio, every face of every
     frame restored; ``stabilize`` turns their temporal stabilisation on (see clrface.video). ``keep_detail``: faces
-    keep the input's own detail where it has it (see clrface.photo.restore_photo; photos only).
+    keep the input's own detail where it has it (see clrface.photo.restore_photo; photos only). ``reference``
+    guides the identity of the faces ``reference_policy`` gives it to (photos only; clrface.reference).
 
     Files: ``<name>_<k>.png`` per face k (``_s<j>`` appended per sample when samples > 1), ``final/<name>.png``;
     ``<name>`` from ``output_names``, unique per input. Images and report.json are written under a temporary name
@@ -226,6 +234,8 @@ def restore_files(inputs: list[Path], out_dir: str | Path, restorer: Restorer, o
     emit = log or (lambda line: tqdm.write(line, file=sys.stderr))
     key = run_key(restorer, options, aligned) + ("" if stabilize else " no-stabilize")
     key += " keep-detail" if keep_detail else ""
+    if reference is not None:  # another reference (or policy) is another result
+        key += f" reference {reference.embedding.tolist()} {asdict(reference_policy)}"
     done = out / DONE_DIR
     done.mkdir(parents=True, exist_ok=True)
     named = list(zip(inputs, output_names(inputs)))
@@ -251,6 +261,8 @@ def restore_files(inputs: list[Path], out_dir: str | Path, restorer: Restorer, o
                                   "images": [rec["record"] for p, n in covered
                                              if str(p) not in failed and (rec := finished(p, n)) is not None],
                                   "failures": failures, "skipped": skipped, "ignored": list(ignored), **extra}
+        if reference is not None:
+            report["reference"] = {"photos": list(reference.sources), **asdict(reference_policy)}
         report["seconds"] = round(time.perf_counter() - t_all, 3)
         report["faces_total"] = sum(len(r["faces"]) for r in report["images"])
         if rank == 0:
@@ -267,7 +279,8 @@ def restore_files(inputs: list[Path], out_dir: str | Path, restorer: Restorer, o
     for path, name in bar:
         try:
             stamp = input_stamp(path)  # before reading: a file replaced during its restore is redone next time
-            rec = restore_input(path, name, out, restorer, options, aligned, inputs, emit, stabilize, keep_detail)
+            rec = restore_input(path, name, out, restorer, options, aligned, inputs, emit, stabilize, keep_detail,
+                                reference, reference_policy)
             write_atomic(done / f"{name}.done.json", json.dumps({"key": key, "source": stamp, "record": rec}))
         except (ClrfaceError, MemoryError, OSError) as e:
             if isinstance(e, ClrfaceError):

@@ -261,17 +261,39 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
                         "signal rather than noise or JPEG blocking, and a face that is already clean is kept as it "
                         "is; report.json records per face the estimates and weights (keep_detail). "
                         "--no-keep-detail pastes the restored face alone (default: on)")
+    p.add_argument("--reference", nargs="+", default=None, metavar="PHOTO",
+                   help="clean photo(s) of the person, files or a folder (aligned crops with --aligned): the face "
+                        "that matches them best is guided toward their identity instead of the IRN output's (mode "
+                        "full, which a reference selects unless --mode says otherwise). A face that looks like "
+                        "another person is restored without it, with a warning; report.json says per face whether "
+                        "the reference was used (docs/reference.md)")
+    p.add_argument("--reference-all", action="store_true",
+                   help="with --reference: every face of a photo that matches the reference takes it, not only the "
+                        "best-matching one")
+    p.add_argument("--force-reference", action="store_true",
+                   help="with --reference: use it even on a face that looks like another person (it pulls that "
+                        "face toward the reference's identity)")
     _add_restore_model_args(p)
 
     def run(args: argparse.Namespace) -> int:
         from clrface.batch import prepare_inputs, process_group, restore_files, summary_line
+        from clrface.reference import ReferencePolicy, load_reference
 
+        if (args.reference_all or args.force_reference) and not args.reference:
+            raise ClrfaceError("--reference-all and --force-reference need --reference")
+        if args.reference and args.mode not in (None, "full"):
+            raise ClrfaceError(f"--reference guides the identity of mode full; --mode {args.mode} has no guidance")
         inputs, ignored = prepare_inputs(args.input, args.output)  # fails here, before any model is loaded
         rank, world, barrier, args.device = process_group(args.device)
+        if args.reference:
+            args.mode = "full"
         restorer, options = _restore_setup(args)
+        reference = load_reference(restorer, args.reference, aligned=args.aligned) if args.reference else None
         report = restore_files(inputs, args.output, restorer, options, aligned=args.aligned, rank=rank, world=world,
                                barrier=barrier, overwrite=args.overwrite, stabilize=not args.no_stabilize,
-                               keep_detail=args.keep_detail, ignored=ignored)
+                               keep_detail=args.keep_detail, ignored=ignored, reference=reference,
+                               reference_policy=ReferencePolicy(all_faces=args.reference_all,
+                                                                force=args.force_reference))
         if rank == 0:
             print(summary_line(report, args.output, world))
         return 1 if report["failures"] else 0

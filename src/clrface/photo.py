@@ -14,12 +14,13 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from clrface.data.io import to_uint8
+from clrface.data.io import to_model_range, to_uint8
 from clrface.errors import ClrfaceError
 from clrface.faces.align import align_faces
 from clrface.faces.detail import input_face, keep_input_detail, photo_blockiness
 from clrface.faces.paste import paste_faces
 from clrface.options import RestoreOptions
+from clrface.reference import Reference, ReferencePolicy, assign_reference
 
 if TYPE_CHECKING:  # the restorer imports this module: the type is for annotations only
     from clrface.restorer import RestoredFaces, Restorer
@@ -37,6 +38,7 @@ class FaceResult:
     id_vs_irn: list[float]
     id_vs_input: list[float]
     detail: dict | None = None  # keep-detail estimates and weights (clrface.faces.detail); None: not applied
+    reference: dict | None = None  # whether a reference guided the face and the cosines; None: none was given
 
 
 @dataclass
@@ -103,22 +105,40 @@ def paste_back(base: np.ndarray, crops: list[np.ndarray], affines: list[np.ndarr
 
 
 def best_first(out: RestoredFaces) -> RestoredFaces:
-    """The samples of each face ordered by identity, best first: descending cosine to the IRN output (to the input
-    where there is no IRN output, mode prior). Stable, so equal scores (modes irn, direct) keep their order."""
+    """The samples of each face ordered by identity, best first: descending cosine to the face's guidance target,
+    its reference where it had one, else the IRN output (the input where there is no IRN output, mode prior).
+    Stable, so equal scores (modes irn, direct) keep their order."""
     if out.restored.shape[1] < 2:
         return out
-    order = torch.sort(out.id_vs_irn.float(), dim=1, descending=True, stable=True).indices  # [B,N]
+    order = torch.sort(out.id_vs_target.float(), dim=1, descending=True, stable=True).indices  # [B,N]
 
     def pick(t: Tensor) -> Tensor:
         idx = order.to(t.device).view(*order.shape, *([1] * (t.ndim - 2))).expand_as(t)
         return t.gather(1, idx)
 
     return replace(out, restored=pick(out.restored), id_vs_irn=pick(out.id_vs_irn), id_vs_input=pick(out.id_vs_input),
-                   latent=None if out.latent is None else pick(out.latent))
+                   latent=None if out.latent is None else pick(out.latent),
+                   id_vs_reference=None if out.id_vs_reference is None else pick(out.id_vs_reference))
+
+
+def reference_rows(restorer: Restorer, crops: np.ndarray, reference: Reference, policy: ReferencePolicy
+                   ) -> tuple[Tensor, list[dict], list[str]]:
+    """The per-face guidance rows [F,D] of ``restore_crops`` (the reference's embedding or zeros), the report
+    entry of each face and the warnings (:func:`clrface.reference.assign_reference`)."""
+    with torch.no_grad():
+        e_in = restorer.embed(to_model_range(crops).to(restorer.device)).float().cpu()
+    cos = torch.nn.functional.cosine_similarity(e_in, reference.embedding[None].float(), dim=-1).clamp(-1, 1)
+    used, warnings = assign_reference(cos.tolist(), policy)
+    rows = torch.stack([reference.embedding.float() if u else torch.zeros_like(reference.embedding, dtype=torch.float32)
+                        for u in used])
+    entries = [{"used": u, "cos_input_vs_reference": round(float(c), 4), "photos": reference.count}
+               for u, c in zip(used, cos)]
+    return rows, entries, warnings
 
 
 def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions, *, aligned: bool = False,
-                  keep_detail: bool = True) -> RestoreResult:
+                  keep_detail: bool = True, reference: Reference | None = None,
+                  reference_policy: ReferencePolicy = ReferencePolicy()) -> RestoreResult:
     """Restores every face of ``photo`` uint8 [H,W,3] and pastes them back (bicubic) at ``upscale`` x the size.
 
     aligned=False: faces are detected and FFHQ-aligned at S px; the photo is resized by ``upscale`` (the
@@ -130,6 +150,8 @@ def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions
     keep_detail: each face is pasted at the input's own resolution, the restored face supplying only what the
     input lacks (:mod:`clrface.faces.detail`: its detail above S px where that is signal, and all of it where
     the face is clean); ``FaceResult.detail`` records the estimates and weights. Off: the S-px restored face.
+    reference: a person's identity that guides the face it matches (``reference_policy`` says which faces may take
+    it; :mod:`clrface.reference`) in mode full; ``FaceResult.reference`` records per face whether it did.
     """
     o = options
     img = np.asarray(photo)
@@ -138,9 +160,13 @@ def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions
     h, w = img.shape[:2]
     s, u = restorer.resolution, o.upscale
     keep = o.color == "keep" or (o.color == "auto" and is_monochrome(img))
+    if reference is not None and o.mode != "full":
+        raise ClrfaceError(f"a reference guides the identity of mode full; mode {o.mode!r} has no guidance")
     if aligned:
         crop = resize_lanczos(img, s, s)
-        out = best_first(restorer.restore_crops(crop[None], o))
+        rows, refs, ref_warnings = (None, [None], []) if reference is None else \
+            reference_rows(restorer, crop[None], reference, reference_policy)
+        out = best_first(restorer.restore_crops(crop[None], o, reference=rows))
         crops_out = list(to_uint8(out.restored[0]).numpy())
         if keep:
             crops_out = [keep_tone(c, crop) for c in crops_out]
@@ -154,8 +180,9 @@ def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions
             images, detail = [resize_lanczos(k, w * u, h * u) for k in kept], est.to_json()
         affine = np.array([[s / w, 0, 0.5 * s / w - 0.5], [0, s / h, 0.5 * s / h - 0.5]])
         face = FaceResult(crop, crops_out, np.array([0.0, 0.0, w, h]), affine,
-                          out.id_vs_irn[0].tolist(), out.id_vs_input[0].tolist(), detail)
-        return RestoreResult(images, [face], sampling=out.sampling.as_dict())
+                          out.id_vs_irn[0].tolist(), out.id_vs_input[0].tolist(), detail,
+                          with_result(refs[0], out, 0))
+        return RestoreResult(images, [face], warnings=ref_warnings, sampling=out.sampling.as_dict())
     # bicubic warp + bicubic paste: the round trip keeps > 47 dB on every real_lq photo (docs/RESULTS.md)
     found = align_faces(img, s, max_faces=o.max_faces, resample="bicubic")
     base = restorer.background(img, u)
@@ -163,12 +190,15 @@ def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions
         return RestoreResult([base.copy() for _ in range(o.samples)], [], no_face=True,
                              warnings=["no face found; returned unchanged"])
     crops = np.stack([c for c, _ in found])
-    out = best_first(restorer.restore_crops(crops, o))
+    rows, refs, ref_warnings = (None, [None] * len(crops), []) if reference is None else \
+        reference_rows(restorer, crops, reference, reference_policy)
+    out = best_first(restorer.restore_crops(crops, o, reference=rows))
     restored = [to_uint8(out.restored[i]).numpy() for i in range(len(found))]  # per face: [N,S,S,3]
     if keep:  # the aligned input crop is the photo under the face: its chroma is the photo's tone there
         restored = [np.stack([keep_tone(c, crops[i]) for c in r]) for i, r in enumerate(restored)]
     faces = [FaceResult(crops[i], list(restored[i]), info.box, info.affine, out.id_vs_irn[i].tolist(),
-                        out.id_vs_input[i].tolist()) for i, (_, info) in enumerate(found)]
+                        out.id_vs_input[i].tolist(), reference=with_result(refs[i], out, i))
+             for i, (_, info) in enumerate(found)]
     affines = [f.affine for f in faces]
     pasted = [[f.crops_out[k] for f in faces] for k in range(o.samples)]
     if keep_detail:  # paste each face at the input's resolution in the output (N >= S px crops)
@@ -180,4 +210,11 @@ def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions
                 pasted[k][i], est = keep_input_detail(x_out, f.crops_out[k], block=block, measured=x_in, estimated=est)
             f.detail = est.to_json()
     images = [paste_back(base, crops_k, affines, s, u) for crops_k in pasted]
-    return RestoreResult(images, faces, sampling=out.sampling.as_dict())
+    return RestoreResult(images, faces, warnings=ref_warnings, sampling=out.sampling.as_dict())
+
+
+def with_result(entry: dict | None, out: RestoredFaces, i: int) -> dict | None:
+    """A face's reference entry plus the restored samples' cosine to the reference (where it was used)."""
+    if entry is None or not entry["used"] or out.id_vs_reference is None:
+        return entry
+    return {**entry, "id_vs_reference": [round(float(v), 4) for v in out.id_vs_reference[i]]}

@@ -39,6 +39,7 @@ from clrface.identity.guidance import LatentMask, identity_guided
 from clrface.model_folder import apply_irn, check_compatible, decode_latent, encode_latent, load_model_folder
 from clrface.options import DIFFUSION_MODES, FidelityMap, RestoreOptions, face_seed
 from clrface.photo import RestoreResult, restore_photo
+from clrface.reference import Reference, ReferencePolicy, load_reference
 from clrface.vqgan.model import VQGAN
 
 
@@ -75,7 +76,9 @@ class RestoredFaces:
 
     restored: [B,N,3,S,S] fp32 in [-1,1]; x_id: [B,3,S,S] the IRN output (x_d when there is none or the mode
     is not full/irn); id_vs_irn, id_vs_input: [B,N] cosines of the restored faces' identity embeddings with
-    those of x_id and x_d; latent: [B,N,d,h,w] the sampled latent (None in modes irn/direct)."""
+    those of x_id and x_d; id_vs_reference: [B,N] cosine with the reference identity that guided the face (NaN
+    for faces without one; None when no reference was given); latent: [B,N,d,h,w] the sampled latent (None in
+    modes irn/direct)."""
 
     restored: Tensor
     x_id: Tensor
@@ -83,15 +86,25 @@ class RestoredFaces:
     id_vs_input: Tensor
     sampling: Sampling
     latent: Tensor | None = None
+    id_vs_reference: Tensor | None = None
+
+    @property
+    def id_vs_target(self) -> Tensor:
+        """[B,N] cosine with each face's guidance target: its reference where it had one, else the IRN output."""
+        if self.id_vs_reference is None:
+            return self.id_vs_irn
+        return torch.where(self.id_vs_reference.isnan(), self.id_vs_irn, self.id_vs_reference)
 
     @classmethod
     def concat(cls, parts: Sequence[RestoredFaces]) -> RestoredFaces:
         """The chunks of one batch joined on the CPU (the sampling settings are the same for every chunk)."""
-        latents = [p.latent for p in parts]
-        return cls(*(torch.cat([getattr(p, k).cpu() for p in parts]) for k in ("restored", "x_id", "id_vs_irn",
-                                                                             "id_vs_input")),
-                   sampling=parts[0].sampling,
-                   latent=None if any(z is None for z in latents) else torch.cat([z.cpu() for z in latents]))
+
+        def cat(key: str) -> Tensor | None:
+            ts = [getattr(p, key) for p in parts]
+            return None if any(t is None for t in ts) else torch.cat([t.cpu() for t in ts])
+
+        return cls(*(cat(k) for k in ("restored", "x_id", "id_vs_irn", "id_vs_input")), sampling=parts[0].sampling,
+                   latent=cat("latent"), id_vs_reference=cat("id_vs_reference"))
 
 
 def interruptible(denoise: Denoise, interrupt: Callable[[], None]) -> Denoise:
@@ -189,14 +202,17 @@ class Restorer:
     @torch.no_grad()  # guided sampling needs autograd islands, so no inference_mode
     def restore_faces(self, x_d: Tensor, options: RestoreOptions | None = None, *, first_index: int = 0,
                       face_ids: Sequence[int] | None = None, start: Callable[[Tensor], Tensor] | None = None,
-                      interrupt: Callable[[], None] | None = None) -> RestoredFaces:
+                      interrupt: Callable[[], None] | None = None, reference: Tensor | None = None
+                      ) -> RestoredFaces:
         """Restores aligned faces x_d [B,3,S,S] in [-1,1] (see :class:`RestoredFaces`).
 
         ``first_index`` numbers the faces for the per-face noise seeds (see RestoreOptions); ``face_ids`` [B]
         numbers them explicitly instead (video: a face track keeps its noise). ``start`` maps the start latent
         z_init [B,d,h,w] to the one the sampler starts from (video: blends in the previous frame's latent);
         diffusion modes only. ``interrupt`` is called before every denoiser evaluation; an exception it raises
-        stops the work (the server: a client that has gone).
+        stops the work (the server: a client that has gone). ``reference`` [B,D]: per face a unit identity
+        embedding that replaces the IRN output's as the guidance target (mode full; :mod:`clrface.reference`),
+        or a zero row for a face that keeps its own.
         """
         o = options or RestoreOptions()
         s = self.resolution
@@ -204,11 +220,17 @@ class Restorer:
             raise ClrfaceError(f"restore_faces needs faces [B,3,{s},{s}], got {tuple(x_d.shape)}")
         x_d = x_d.to(self.device, torch.float32)
         b, n = x_d.shape[0], o.samples
+        if reference is not None:
+            if o.mode != "full":
+                raise ClrfaceError(f"a reference guides the identity of mode full; mode {o.mode!r} has no guidance")
+            if reference.ndim != 2 or reference.shape[0] != b:
+                raise ClrfaceError(f"reference needs one embedding row per face [{b}, D], got {tuple(reference.shape)}")
+            reference = reference.to(self.device, torch.float32)
         with self.autocast():
             z = e_irn = None
             if o.mode in DIFFUSION_MODES:
                 ids = range(first_index, first_index + b) if face_ids is None else face_ids
-                restored, x_id, e_irn, z, sampling = self._sample(x_d, o, ids, start, interrupt)
+                restored, x_id, e_irn, z, sampling = self._sample(x_d, o, ids, start, interrupt, reference)
             elif o.mode == "direct":
                 restored, x_id = self.vqgan.decode(self.vqgan.encode(x_d)).float(), x_d
                 sampling = Sampling(0.0, 0.0, 0)
@@ -227,11 +249,16 @@ class Restorer:
             else:
                 e_out = self.embed(restored.reshape(b * n, 3, s, s)).view(b, n, -1)
                 e_irn = e_in if e_irn is None else e_irn  # full mode embedded x_id already (the guidance target)
+        id_ref = None
+        if reference is not None:
+            has = reference.norm(dim=1) > 0
+            id_ref = torch.where(has[:, None], cosine(e_out, reference[:, None]), torch.nan)
         return RestoredFaces(restored, x_id.float(), cosine(e_out, e_irn[:, None]), cosine(e_out, e_in[:, None]),
-                             sampling, None if z is None else z.view(b, n, *z.shape[1:]))
+                             sampling, None if z is None else z.view(b, n, *z.shape[1:]), id_ref)
 
     def _sample(self, x_d: Tensor, o: RestoreOptions, ids: Sequence[int], start: Callable[[Tensor], Tensor] | None,
-                interrupt: Callable[[], None] | None = None) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Sampling]:
+                interrupt: Callable[[], None] | None = None, reference: Tensor | None = None
+                ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Sampling]:
         """Modes full and prior: (restored [B,N,3,S,S], x_id, e_id or None, sampled latent [B*N,...], Sampling)."""
         s, b, n = self.resolution, x_d.shape[0], o.samples
         sigma_start, scale = o.resolve(self.fidelity_map)
@@ -252,7 +279,10 @@ class Restorer:
         def rep(t: Tensor) -> Tensor:  # [B,...] -> [B*N,...], the samples of a face adjacent
             return t.repeat_interleave(n, 0)
 
-        denoise = self.denoiser(rep(z_d), None if e_id is None else rep(e_id), scale)
+        target = e_id
+        if reference is not None:  # the reference's identity where a face has one, its IRN output's elsewhere
+            target = torch.where(reference.norm(dim=1, keepdim=True) > 0, reference, e_id)
+        denoise = self.denoiser(rep(z_d), None if target is None else rep(target), scale)
         if interrupt is not None:
             denoise = interruptible(denoise, interrupt)
         z = self.refine(rep(z_init), denoise, sigma_start, o, noise.flatten(0, 1))
@@ -260,19 +290,28 @@ class Restorer:
         sampling = Sampling(sigma_start, scale, nfe(o.sampler, o.steps) if sigma_start > 0 else 0)
         return restored, x_id, e_id, z, sampling
 
-    def restore_crops(self, crops: np.ndarray, options: RestoreOptions) -> RestoredFaces:
-        """uint8 [F,S,S,3] aligned faces -> restore_faces' result, in chunks of ``options.batch_size`` faces."""
+    def restore_crops(self, crops: np.ndarray, options: RestoreOptions, reference: Tensor | None = None
+                      ) -> RestoredFaces:
+        """uint8 [F,S,S,3] aligned faces -> restore_faces' result, in chunks of ``options.batch_size`` faces;
+        ``reference``: [F,D] rows as in restore_faces."""
+        bs = options.batch_size
         return RestoredFaces.concat([
-            self.restore_faces(to_model_range(crops[i:i + options.batch_size]), options, first_index=i)
-            for i in range(0, len(crops), options.batch_size)])
+            self.restore_faces(to_model_range(crops[i:i + bs]), options, first_index=i,
+                               reference=None if reference is None else reference[i:i + bs])
+            for i in range(0, len(crops), bs)])
 
-    def restore(self, image: str | Path | np.ndarray | Image.Image, *, aligned: bool = False, **options: Any
-                ) -> RestoreResult:
+    def restore(self, image: str | Path | np.ndarray | Image.Image, *, aligned: bool = False,
+                reference: Reference | Sequence[str | Path | np.ndarray] | None = None, reference_all: bool = False,
+                force_reference: bool = False, **options: Any) -> RestoreResult:
         """The Python API: restores a photo given as a path, a PIL image or a uint8 [H,W,3] array.
 
         ``options`` are RestoreOptions fields (fidelity, steps, sampler, seed, samples, mode, upscale, ...); those
         not given take the model's measured-best defaults. The result holds the whole restored photo
         (``.image``), and per face its input crop, restored crops, box and identity cosines (``.faces``).
+        ``reference``: clean photos of the person (paths, folders, arrays; aligned crops when ``aligned``) or a
+        :class:`clrface.reference.Reference`; the face that matches it is guided toward its identity (every face
+        with ``reference_all``; also a face that disagrees with it with ``force_reference``). A reference runs
+        mode full unless ``mode`` is given.
         """
         if isinstance(image, (str, Path)):
             photo = load_image(image)
@@ -280,7 +319,13 @@ class Restorer:
             photo = to_rgb_uint8(ImageOps.exif_transpose(image))
         else:
             photo = np.asarray(image)
-        return self.restore_image(photo, self.options(**options), aligned=aligned)
+        if reference is not None and not isinstance(reference, Reference):
+            reference = load_reference(self, [reference] if isinstance(reference, (str, Path, np.ndarray))
+                                       else reference, aligned=aligned)
+        if reference is not None and options.get("mode") is None:
+            options["mode"] = "full"
+        return restore_photo(self, photo, self.options(**options), aligned=aligned, reference=reference,
+                             reference_policy=ReferencePolicy(all_faces=reference_all, force=force_reference))
 
     def restore_image(self, photo: np.ndarray, options: RestoreOptions | None = None, *, aligned: bool = False
                       ) -> RestoreResult:

@@ -36,7 +36,6 @@ LABELS = {
     "lpips": "LPIPS ↓", "facerec_perceptual": "facerec-perceptual ↓", "ids": "IDS ↑", "lmd": "LMD (px@512) ↓",
     "fid": "FID ↓", "lfw_verification": "LFW verification acc ↑",
 }
-SAME_PERSON_COS = 1 - 0.6**2 / 2  # dlib's verification threshold (distance 0.6) as a cosine of unit descriptors
 RECOGNITION_NETWORK = "dlib_face_recognition_resnet_model_v1 (clrface port, 128-d), whole FFHQ crop via fixed chip"
 
 
@@ -99,7 +98,9 @@ def _meter(name: str, ctx: _Context):
     if name == "ids":
         fr = ctx.facerec
         p = next(fr.parameters())
-        return ids.IDS(lambda x: fr.embed(lpips._as_float(x).to(device=p.device, dtype=p.dtype)))
+        # raw descriptors: IDS normalises them, and their distance gives dlib's same-person rule
+        return ids.IDS(lambda x: fr.descriptor_from_chip(fr.chip(lpips._as_float(x).to(device=p.device,
+                                                                                       dtype=p.dtype))))
     if name == "lmd":
         return lmd.LMD()
     if name == "lpips":
@@ -234,9 +235,9 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path | None, *, metrics
                 row.update(value=None, n=0, status=status[m])
             rows.append(row)
         if "ids" in meters:
-            # the share of faces a verifier would call the same person as the GT: dlib's own threshold,
-            # distance 0.6 between unit descriptors, i.e. cosine above 1 - 0.6**2 / 2 = 0.82
-            same = [float(c > SAME_PERSON_COS) for c in per_face["ids"]]
+            # the share of faces a verifier would call the same person as the GT: dlib's own rule, distance
+            # < 0.6 between raw descriptors
+            same = [float(d < ids.DLIB_SAME_PERSON_DISTANCE) for d in meters["ids"].distances]
             per_face["same_person"] = same
             rows.append({"metric": "same_person", "label": "same-person rate (dlib distance < 0.6) ↑",
                          "protocol": prot["ids"], "value": float(np.mean(same)), "ci95": bootstrap_ci(same),
