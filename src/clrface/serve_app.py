@@ -162,15 +162,17 @@ class GuardedRestorer:
         if self.gone():
             raise ClientGone
 
-    def restore_crops(self, crops: np.ndarray, options: RestoreOptions) -> RestoredFaces:
+    def restore_crops(self, crops: np.ndarray, options: RestoreOptions, reference: Tensor | None = None
+                      ) -> RestoredFaces:
         """Restorer.restore_crops, refused over the limit and stopped before each batch and each denoiser
         evaluation when the client is gone."""
         check_cost(self.restorer, options, len(crops), self.limit)
-        parts = []
-        for i in range(0, len(crops), options.batch_size):
+        parts, bs = [], options.batch_size
+        for i in range(0, len(crops), bs):
             self.check()
-            parts.append(self.restorer.restore_faces(to_model_range(crops[i:i + options.batch_size]), options,
-                                                     first_index=i, interrupt=self.check))
+            parts.append(self.restorer.restore_faces(to_model_range(crops[i:i + bs]), options, first_index=i,
+                                                     interrupt=self.check,
+                                                     reference=None if reference is None else reference[i:i + bs]))
         return RestoredFaces.concat(parts)
 
 
