@@ -270,10 +270,49 @@ def test_restores_run_one_at_a_time(demo_upload, server, restorer, monkeypatch):
 
 def test_parse_options_uses_model_defaults(restorer):
     lim = ServeLimits()
-    o, aligned, fmt = parse_options("", restorer, lim)
+    o, aligned, fmt, policy = parse_options("", restorer, lim)
     assert (o.mode, o.steps, o.fidelity, o.samples, aligned, fmt) == ("irn", 10, 0.5, 1, False, "json")
-    o, aligned, fmt = parse_options("fidelity=0.8&steps=4&seed=7&mode=full&aligned=1&format=png", restorer, lim)
+    assert not policy.all_faces and not policy.force
+    o, aligned, fmt, _ = parse_options("fidelity=0.8&steps=4&seed=7&mode=full&aligned=1&format=png", restorer, lim)
     assert (o.mode, o.steps, o.fidelity, o.seed, aligned, fmt) == ("full", 4, 0.8, 7, True, "png")
+    o, _, _, policy = parse_options("reference_all=1&force_reference=on", restorer, lim, references=1)
+    assert o.mode == "full" and policy.all_faces and policy.force  # a reference selects the guided mode
+    with pytest.raises(serve_app.RequestError, match="mode full"):
+        parse_options("mode=irn", restorer, lim, references=1)
+
+
+def _multipart(fields: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    boundary = "clrfaceBoundary7"
+    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{n}"; filename="{n}.png"\r\n'
+                    f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n" for n, data in fields)
+    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_a_reference_photo_in_a_multipart_upload(restorer, server):
+    s = restorer.resolution
+    face = np.asarray(Image.fromarray(demo_image()).resize((s, s)))
+    buf = io.BytesIO()
+    Image.fromarray(face).save(buf, "PNG")
+    png = buf.getvalue()
+    body, ctype = _multipart([("photo", png), ("reference", png)])
+    status, _, out = request(server, "POST", "/api/restore?aligned=1&steps=2", body, {"Content-Type": ctype})
+    assert status == 200, out[:300]
+    j = json.loads(out)
+    assert j["options"]["mode"] == "full" and j["faces"][0]["reference"]["used"]
+    assert j["faces"][0]["reference"]["cos_input_vs_reference"] > 0.99  # the same picture
+    status, _, out = request(server, "POST", "/api/restore?aligned=1", *_with_ctype(_multipart([("reference", png)])))
+    assert status == 400 and b"one 'photo' field" in out
+    status, _, out = request(server, "POST", "/api/restore?aligned=1&mode=irn", body, {"Content-Type": ctype})
+    assert status == 400 and b"mode full" in out
+    status, _, out = request(server, "POST", "/api/restore", *_with_ctype(_multipart([("photo", png),
+                                                                                   ("reference", b"no image")])))
+    assert status == 400 and b"reference:" in out
+    body, ctype = _multipart([("photo", png)] + [("reference", png)] * (serve_app.MAX_REFERENCES + 1))
+    assert request(server, "POST", "/api/restore?aligned=1", body, {"Content-Type": ctype})[0] == 413
+
+
+def _with_ctype(body_ctype: tuple[bytes, str]) -> tuple[bytes, dict[str, str]]:
+    return body_ctype[0], {"Content-Type": body_ctype[1]}
 
 
 def test_cli_defaults_and_busy_port(restorer, server):

@@ -99,3 +99,25 @@ def test_page_shows_refusal(server, browser, tmp_path):
     browser.find_element(By.ID, "restore").click()
     msg = WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "error").text)
     assert "not an image" in msg
+
+
+def test_upload_with_a_reference_photo(server, browser, tmp_path, demo_upload):
+    from selenium.webdriver.common.by import By  # noqa: PLC0415
+    from selenium.webdriver.support.ui import WebDriverWait  # noqa: PLC0415
+
+    photo, ref = tmp_path / "astronaut_lq.jpg", tmp_path / "astronaut_ref.jpg"
+    photo.write_bytes(demo_upload)
+    ref.write_bytes(demo_upload)
+    browser.get(server.url)
+    wait = WebDriverWait(browser, 120)
+    wait.until(lambda d: d.find_element(By.ID, "mode").get_attribute("value") == "irn")
+    browser.find_element(By.ID, "file").send_keys(str(photo))
+    browser.find_element(By.ID, "ref").send_keys(str(ref))
+    browser.find_element(By.ID, "restore").click()
+    wait.until(lambda d: "face(s) restored" in d.find_element(By.ID, "status").text
+               or d.find_element(By.ID, "error").text)
+    assert browser.find_element(By.ID, "error").text == ""
+    assert "mode full" in browser.find_element(By.ID, "status").text
+    cells = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#faces tbody tr")[0].find_elements(By.TAG_NAME,
+                                                                                                        "td")]
+    assert cells[5].startswith("used (input vs reference 1.000")  # the same picture as reference

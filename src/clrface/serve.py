@@ -224,7 +224,8 @@ class Handler(BaseHTTPRequestHandler):
             self._error(400, f"upload truncated: got {len(data)} of {n} bytes")
             return
         try:
-            with self.server.app.restoring(url.query, data, lambda: client_gone(self.connection)) as reply:
+            with self.server.app.restoring(url.query, data, lambda: client_gone(self.connection),
+                                           self.headers.get("Content-Type", "application/octet-stream")) as reply:
                 try:
                     self._send_chunked(reply)
                 except (OSError, TimeoutError):  # gone or stalled mid-answer: drop it, free the lock

@@ -28,21 +28,27 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
+from email.parser import BytesParser
+from email.policy import HTTP
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 from urllib.parse import parse_qs
 
 import numpy as np
 from PIL import Image
+from torch import Tensor
 
 from clrface.data.io import load_image, to_model_range
 from clrface.diffusion.sampler import nfe
 from clrface.errors import ClrfaceError, ImageError
 from clrface.options import DIFFUSION_MODES, MODES, RestoreOptions
 from clrface.photo import RestoreResult, restore_photo
+from clrface.reference import ReferencePolicy, load_reference
 from clrface.restorer import RestoredFaces, Restorer
 
-OPTION_KEYS = ("fidelity", "steps", "seed", "mode", "aligned", "format")
+OPTION_KEYS = ("fidelity", "steps", "seed", "mode", "aligned", "format", "reference_all", "force_reference")
+#: Reference photos one request may carry (each costs one decode and one embedding).
+MAX_REFERENCES = 5
 
 
 @dataclass(frozen=True)
@@ -92,8 +98,32 @@ def check_cost(restorer: Restorer, options: RestoreOptions, faces: int, limit: i
                                f"try {hint}", cost=cost, limit=limit, faces=faces, evaluations_per_face=per_face)
 
 
-def parse_options(query: str, restorer: Restorer, limits: ServeLimits) -> tuple[RestoreOptions, bool, str]:
-    """Query string -> (RestoreOptions over the model's defaults, aligned, format "json"|"png"); 400 on bad values."""
+def split_upload(data: bytes, content_type: str) -> tuple[bytes, list[bytes]]:
+    """The request body -> (photo bytes, reference photos' bytes). A plain body is the photo; a
+    ``multipart/form-data`` body holds one ``photo`` field and up to ``MAX_REFERENCES`` ``reference`` fields."""
+    if not content_type.lower().startswith("multipart/form-data"):
+        return data, []
+    msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + data)
+    if not msg.is_multipart():
+        raise RequestError(400, "multipart body without parts (or without its boundary)")
+    fields: dict[str, list[bytes]] = {}
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        fields.setdefault(str(name), []).append(part.get_payload(decode=True) or b"")
+    unknown = sorted(set(fields) - {"photo", "reference"})
+    if unknown or len(fields.get("photo", [])) != 1:
+        raise RequestError(400, "a multipart upload holds one 'photo' field and optional 'reference' fields"
+                                + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
+    refs = [r for r in fields.get("reference", []) if r]
+    if len(refs) > MAX_REFERENCES:
+        raise RequestError(413, f"{len(refs)} reference photos: at most {MAX_REFERENCES} per request")
+    return fields["photo"][0], refs
+
+
+def parse_options(query: str, restorer: Restorer, limits: ServeLimits, references: int = 0
+                  ) -> tuple[RestoreOptions, bool, str, ReferencePolicy]:
+    """Query string -> (RestoreOptions over the model's defaults, aligned, format "json"|"png", the reference
+    policy); 400 on bad values. With ``references`` the mode is full unless the query names another (refused)."""
     q = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
     unknown = sorted(set(q) - set(OPTION_KEYS))
     if unknown:
@@ -113,6 +143,9 @@ def parse_options(query: str, restorer: Restorer, limits: ServeLimits) -> tuple[
     mode = q.get("mode") or None
     if mode is not None and mode not in MODES:
         raise RequestError(400, f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    if references and mode not in (None, "full"):
+        raise RequestError(400, f"a reference guides the identity of mode full; mode {mode!r} has no guidance")
+    mode = "full" if references else mode
     fmt = q.get("format") or "json"
     if fmt not in ("json", "png"):
         raise RequestError(400, f"format must be json or png, got {fmt!r}")
@@ -121,10 +154,13 @@ def parse_options(query: str, restorer: Restorer, limits: ServeLimits) -> tuple[
                                 samples=1)
     except ClrfaceError as e:
         raise RequestError(400, str(e)) from None
-    return opts, q.get("aligned", "0") in ("1", "true", "on"), fmt
+    def flag(key: str) -> bool:
+        return q.get(key, "0") in ("1", "true", "on")
+
+    return opts, flag("aligned"), fmt, ReferencePolicy(all_faces=flag("reference_all"), force=flag("force_reference"))
 
 
-def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
+def decode_upload(data: bytes, max_pixels: int, what: str = "upload") -> np.ndarray:
     """Upload bytes -> uint8 [H,W,3] through load_image (same formats, checks and messages as the CLI); the bytes
     sit in a temporary folder only while it reads them. Too many pixels: 413; anything unreadable: 400."""
     with tempfile.TemporaryDirectory(prefix="clrface-serve-") as tmp:
@@ -134,7 +170,7 @@ def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
             return load_image(path, max_pixels=max_pixels)
         except ImageError as e:
             status = 413 if e.reason.startswith("too large") else 400
-            raise RequestError(status, f"upload: {e.reason}") from None
+            raise RequestError(status, f"{what}: {e.reason}") from None
 
 
 def png_bytes(img: np.ndarray) -> bytes:
@@ -177,14 +213,25 @@ class GuardedRestorer:
 
 
 def restore_upload(restorer: Restorer, data: bytes, options: RestoreOptions, aligned: bool, limits: ServeLimits,
-                   gone: Callable[[], bool] = lambda: False) -> tuple[np.ndarray, RestoreResult, dict[str, Any]]:
+                   gone: Callable[[], bool] = lambda: False, references: Sequence[bytes] = (),
+                   policy: ReferencePolicy = ReferencePolicy()) -> tuple[np.ndarray, RestoreResult, dict[str, Any]]:
     """Decodes and restores one upload -> (photo as read, result, JSON-able summary without images). Raises
-    RequestError when the faces found cost more than ``limits.max_evaluations``, ClientGone when ``gone()``."""
+    RequestError when the faces found cost more than ``limits.max_evaluations``, ClientGone when ``gone()``.
+    ``references``: the bytes of reference photos of the person (aligned crops when ``aligned``)."""
     t0 = time.perf_counter()
     photo = decode_upload(data, limits.max_pixels)
-    res = restore_photo(GuardedRestorer(restorer, limits.max_evaluations, gone), photo, options, aligned=aligned)
+    reference = None
+    if references:
+        arrays = [decode_upload(r, limits.max_pixels, "reference") for r in references]
+        try:
+            reference = load_reference(restorer, arrays, aligned=aligned)
+        except ClrfaceError as e:
+            raise RequestError(422, str(e).replace("reference array", "reference photo")) from None
+    res = restore_photo(GuardedRestorer(restorer, limits.max_evaluations, gone), photo, options, aligned=aligned,
+                        reference=reference, reference_policy=policy)
     faces = [{"index": k, "box": [round(float(v), 1) for v in f.box], "id_vs_input": round(f.id_vs_input[0], 4),
-              "id_vs_irn": round(f.id_vs_irn[0], 4)} for k, f in enumerate(res.faces)]
+              "id_vs_irn": round(f.id_vs_irn[0], 4), **({"reference": f.reference} if f.reference else {})}
+             for k, f in enumerate(res.faces)]
     summary = {"size": [int(photo.shape[1]), int(photo.shape[0])], "faces": faces, "no_face": res.no_face,
                "warnings": res.warnings, "sampling": res.sampling, "options": asdict(options), "aligned": aligned,
                "seconds": round(time.perf_counter() - t0, 3)}
@@ -265,10 +312,13 @@ class App:
                 "limits": asdict(self.limits)}
 
     @contextlib.contextmanager
-    def restoring(self, query: str, data: bytes, gone: Callable[[], bool] = lambda: False) -> Iterator[Reply]:
+    def restoring(self, query: str, data: bytes, gone: Callable[[], bool] = lambda: False,
+                  content_type: str = "application/octet-stream") -> Iterator[Reply]:
         """Holds the lock and yields the Reply to send (its chunks are encoded as they are read); released once
-        the ``with`` body ends. Raises RequestError for refusals, ClientGone when ``gone()`` turns true."""
-        options, aligned, fmt = parse_options(query, self.restorer, self.limits)
+        the ``with`` body ends. Raises RequestError for refusals, ClientGone when ``gone()`` turns true. The body
+        is the photo, or a multipart form with the photo and reference photos (:func:`split_upload`)."""
+        data, references = split_upload(data, content_type)
+        options, aligned, fmt, policy = parse_options(query, self.restorer, self.limits, len(references))
         if not data:
             raise RequestError(400, "empty upload: send the image file's bytes as the request body")
         check_cost(self.restorer, options, 1, self.limits.max_evaluations)
@@ -278,7 +328,7 @@ class App:
         try:
             try:
                 photo, res, summary = self.worker.run(restore_upload, self.restorer, data, options, aligned,
-                                                      self.limits, gone)
+                                                      self.limits, gone, references, policy)
             except MemoryError:
                 raise RequestError(507, "out of memory restoring this photo; try a smaller one") from None
             if fmt == "png":
@@ -293,9 +343,10 @@ class App:
         finally:
             self.lock.release()
 
-    def handle_restore(self, query: str, data: bytes) -> tuple[int, str, bytes, dict[str, str]]:
+    def handle_restore(self, query: str, data: bytes, content_type: str = "application/octet-stream"
+                       ) -> tuple[int, str, bytes, dict[str, str]]:
         """-> (status, content type, whole body, extra headers): ``restoring`` for callers without a socket."""
-        with self.restoring(query, data) as r:
+        with self.restoring(query, data, content_type=content_type) as r:
             return r.status, r.ctype, b"".join(r.chunks), r.headers
 
 

@@ -20,6 +20,8 @@ td img{width:96px;height:96px}
 <p id="model" class="small"></p>
 <fieldset><legend>Photo and options</legend>
 <label>Photo <input id="file" type="file" accept="image/*"></label>
+<label title="clean photos of the same person: the face that matches them is guided toward their identity (mode full)">
+Reference photos (optional) <input id="ref" type="file" accept="image/*" multiple></label>
 <label>Fidelity <span><input id="fidelity" type="range" min="0" max="1" step="0.05" value="0.5">
  <output id="fidout">0.5</output></span></label>
 <label>Steps <input id="steps" type="number" min="1" max="100" value="20"></label>
@@ -42,7 +44,9 @@ network evaluations per face (1, plus the sampler's evaluations in modes full an
 </div>
 <table id="faces" hidden><thead><tr><th>face</th><th>input crop</th><th>restored</th>
 <th title="cosine of face-recognition embeddings, restored vs input">identity vs input</th>
-<th title="restored vs the Identity Recovery Network's output">identity vs IRN</th></tr></thead><tbody></tbody></table>
+<th title="restored vs the Identity Recovery Network's output">identity vs IRN</th>
+<th title="whether the reference photos guided this face, and its input's identity cosine to them">reference</th>
+</tr></thead><tbody></tbody></table>
 <script>
 "use strict";
 const $ = (id) => document.getElementById(id);
@@ -75,20 +79,27 @@ $("restore").addEventListener("click", async () => {
   const f = $("file").files[0];
   $("error").textContent = "";
   if (!f) { $("error").textContent = "choose a photo first"; return; }
-  if (info && f.size > info.limits.max_bytes) {
-    $("error").textContent = "file too large: " + (f.size / 1048576).toFixed(1) + " MB (limit " +
+  const refs = Array.from($("ref").files);
+  const total = refs.reduce((n, r) => n + r.size, f.size);
+  if (info && total > info.limits.max_bytes) {
+    $("error").textContent = "files too large: " + (total / 1048576).toFixed(1) + " MB (limit " +
       Math.round(info.limits.max_bytes / 1048576) + " MB)";
     return;
   }
   const q = new URLSearchParams({fidelity: $("fidelity").value, steps: $("steps").value, seed: $("seed").value,
-    mode: $("mode").value, aligned: $("aligned").checked ? "1" : "0"});
+    mode: refs.length ? "full" : $("mode").value, aligned: $("aligned").checked ? "1" : "0"});
+  let body = f, headers = {"Content-Type": "application/octet-stream"};
+  if (refs.length) {  // photo and references as one multipart form (the browser sets its boundary)
+    body = new FormData(); headers = {};
+    body.append("photo", f);
+    for (const r of refs) body.append("reference", r);
+  }
   $("restore").disabled = true;
   const t0 = performance.now();
   const tick = setInterval(() => { $("status").textContent = "restoring… " +
     ((performance.now() - t0) / 1000).toFixed(0) + " s"; }, 250);
   try {
-    const r = await fetch("api/restore?" + q, {method: "POST", body: f,
-      headers: {"Content-Type": "application/octet-stream"}});
+    const r = await fetch("api/restore?" + q, {method: "POST", body: body, headers: headers});
     const j = await r.json().catch(() => ({error: "HTTP " + r.status}));
     if (!r.ok) throw new Error(j.error || ("HTTP " + r.status));
     $("before").src = png(j.input);
@@ -107,12 +118,16 @@ $("restore").addEventListener("click", async () => {
       }
       tr.insertCell().textContent = fc.id_vs_input.toFixed(3);
       tr.insertCell().textContent = fc.id_vs_irn.toFixed(3);
+      const ref = fc.reference;
+      tr.insertCell().textContent = ref ? (ref.used ? "used" : "not used") + " (input vs reference " +
+        ref.cos_input_vs_reference.toFixed(3) + ")" : "–";
     }
     $("faces").hidden = j.faces.length === 0;
     const s = j.sampling;
     $("status").textContent = (j.no_face ? "no face found: the photo is returned unchanged. " : j.faces.length +
       " face(s) restored. ") + j.seconds.toFixed(1) + " s; mode " + j.options.mode + ", sigma_start " +
-      s.sigma_start + ", guidance " + s.guidance_scale + ", " + s.nfe + " network evaluations.";
+      s.sigma_start + ", guidance " + s.guidance_scale + ", " + s.nfe + " network evaluations." +
+      (j.warnings.length ? " " + j.warnings.join(" ") : "");
   } catch (e) {
     $("status").textContent = "";
     $("error").textContent = String(e.message || e);
