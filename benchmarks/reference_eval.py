@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/reference")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fidelity", type=float, default=None)
-    ap.add_argument("--guidance-scale", type=float, default=None, help="override for every full row")
+    ap.add_argument("--guidance-scale", type=float, default=None, help="override for the faces without a reference")
+    ap.add_argument("--reference-guidance", type=float, default=None, help="override for the faces with one")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--calibrate-only", action="store_true", help="only the matched / wrong cosines")
     ap.add_argument("--lmd", action="store_true")
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     images: dict[str, np.ndarray] = {"clean A": clean, "degraded input": deg}
     if not args.calibrate_only:
         full = restorer.options(mode="full", fidelity=args.fidelity, guidance_scale=args.guidance_scale,
-                                steps=args.steps, batch_size=8)
+                                steps=args.steps, batch_size=8, reference_guidance=args.reference_guidance)
         three = [i for i, p in enumerate(people) if len(p) >= 4]
         e_ref3 = torch.stack([mean_identity(embed_faces(restorer, np.stack([load_image(q) for q in people[i][1:4]]))
                                             .float()) for i in three]).double() if three else None
@@ -171,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             result["fid"] = {k: fid_of(v, inception, ref) for k, v in images.items()}
         result["three_ref_faces"] = three
         result["sampling"] = {"fidelity": full.fidelity, "guidance_scale": full.resolve(restorer.fidelity_map)[1],
+                              "reference_guidance": full.reference_guidance,
                               "sigma_start": full.resolve(restorer.fidelity_map)[0], "steps": full.steps,
                               "sampler": full.sampler}
         result["rows"] = {k: {m: v.round(5).tolist() for m, v in r.items()} for k, r in rows.items()}
@@ -230,7 +232,8 @@ def format_markdown(result: dict[str, Any], rows: dict[str, dict[str, np.ndarray
         lines += ["", f"Wrong person's reference, forced: same-person rate to that other person "
                       f"{w['same_as_wrong_identity'].mean():.3f}"]
     s = result["sampling"]
-    lines += ["", f"full rows: fidelity {s['fidelity']}, guidance scale {s['guidance_scale']}, sigma_start "
+    lines += ["", f"full rows: fidelity {s['fidelity']}, guidance scale {s['guidance_scale']} (with a reference "
+                  f"{s['reference_guidance']}), sigma_start "
                   f"{s['sigma_start']:.3f}, {s['steps']} {s['sampler']} steps", result["header"]]
     return "\n".join(lines)
 

@@ -42,12 +42,15 @@ def test_assign_reference_best_face_all_faces_and_force():
 def test_zero_rows_change_nothing_and_a_reference_pulls_toward_its_identity(restorer):
     faces = to_model_range(np.stack([_crop(restorer, 1), _crop(restorer, 2)]))
     target = torch.nn.functional.normalize(restorer.embed(to_model_range(_crop(restorer, 3)[None])).float(), dim=-1)
-    o = restorer.options(mode="full", steps=4, sampler="euler", sigma_start=1.0, guidance_scale=200.0)
+    o = restorer.options(mode="full", steps=4, sampler="euler", sigma_start=1.0, guidance_scale=0.0,
+                         reference_guidance=2000.0)  # the tiny random model needs a hard push
     plain = restorer.restore_faces(faces, o)
     zero = restorer.restore_faces(faces, o, reference=torch.zeros(2, target.shape[1]))
     assert torch.equal(plain.restored, zero.restored) and zero.id_vs_reference.isnan().all()
     guided = restorer.restore_faces(faces, o, reference=torch.cat([target, torch.zeros_like(target)]))
     assert torch.equal(guided.restored[1], plain.restored[1])  # the face without a reference is untouched
+    assert guided.sampling.as_dict()["reference_guidance"] == 2000.0 and "reference_guidance" not in \
+        plain.sampling.as_dict()
     before = torch.nn.functional.cosine_similarity(restorer.embed(plain.restored[0, :1]).float(), target).item()
     after = guided.id_vs_reference[0, 0].item()
     assert after > before + 0.01, (before, after)

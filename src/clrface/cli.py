@@ -7,6 +7,7 @@ not restore start without loading torch and the models.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -270,6 +271,9 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference-all", action="store_true",
                    help="with --reference: every face of a photo that matches the reference takes it, not only the "
                         "best-matching one")
+    p.add_argument("--reference-guidance", type=finite_float, default=None, metavar="SCALE",
+                   help="with --reference: the identity-guidance scale of the face the reference guides (default "
+                        "30, measured in docs/reference.md; --guidance-scale sets that of the other faces)")
     p.add_argument("--force-reference", action="store_true",
                    help="with --reference: use it even on a face that looks like another person (it pulls that "
                         "face toward the reference's identity)")
@@ -288,6 +292,8 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
         if args.reference:
             args.mode = "full"
         restorer, options = _restore_setup(args)
+        if args.reference_guidance is not None:
+            options = dataclasses.replace(options, reference_guidance=args.reference_guidance)
         reference = load_reference(restorer, args.reference, aligned=args.aligned) if args.reference else None
         report = restore_files(inputs, args.output, restorer, options, aligned=args.aligned, rank=rank, world=world,
                                barrier=barrier, overwrite=args.overwrite, stabilize=not args.no_stabilize,

@@ -100,6 +100,9 @@ class RestoreOptions:
     upscale: int = 1
     max_faces: int | None = None
     color: str = "auto"
+    # Guidance scale of faces whose target is a reference photo's identity (mode full; clrface.reference): a
+    # clean photo is a target worth pulling harder toward than the IRN's own estimate (docs/reference.md).
+    reference_guidance: float = 30.0
 
     def __post_init__(self) -> None:
         if self.color not in COLOR_MODES:
@@ -112,14 +115,15 @@ class RestoreOptions:
             raise ClrfaceError(f"unknown sampler {self.sampler!r}; choose from {', '.join(SAMPLER_NAMES)}")
         if self.mode not in MODES:
             raise ClrfaceError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
-        for name in ("fidelity", "sigma_start", "guidance_scale"):
+        for name in ("fidelity", "sigma_start", "guidance_scale", "reference_guidance"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ClrfaceError(f"{name} must be a finite number, got {value}")
         if self.sigma_start is not None and self.sigma_start < 0:
             raise ClrfaceError(f"sigma_start must be >= 0, got {self.sigma_start}")
-        if self.guidance_scale is not None and self.guidance_scale < 0:
-            raise ClrfaceError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        for name in ("guidance_scale", "reference_guidance"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ClrfaceError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.samples < 1 or self.batch_size < 1:
             raise ClrfaceError(f"samples and batch_size must be >= 1, got {self.samples}, {self.batch_size}")
         if not (isinstance(self.upscale, int) and 1 <= self.upscale <= MAX_UPSCALE):

@@ -63,11 +63,15 @@ class Sampling:
     sigma_start: float
     guidance_scale: float
     nfe: int
+    reference_guidance: float | None = None  # the scale of faces guided by a reference; None: no reference
 
     def as_dict(self) -> dict[str, float]:
         """The JSON form of reports: floats rounded to 6 digits."""
-        return {"sigma_start": round(float(self.sigma_start), 6),
-                "guidance_scale": round(float(self.guidance_scale), 6), "nfe": int(self.nfe)}
+        d = {"sigma_start": round(float(self.sigma_start), 6),
+             "guidance_scale": round(float(self.guidance_scale), 6), "nfe": int(self.nfe)}
+        if self.reference_guidance is not None:
+            d["reference_guidance"] = round(float(self.reference_guidance), 6)
+        return d
 
 
 @dataclass
@@ -177,10 +181,11 @@ class Restorer:
         """Normalised identity embedding [B,D] of aligned faces [B,3,S,S] (differentiable)."""
         return self.facerec.embed(x.float()).float()
 
-    def denoiser(self, z_d: Tensor, e_id: Tensor | None, scale: float) -> Denoise:
-        """D(.; sigma, z_d), wrapped by masked identity guidance toward e_id when scale > 0 (Sec. 3.3)."""
+    def denoiser(self, z_d: Tensor, e_id: Tensor | None, scale: float | Tensor) -> Denoise:
+        """D(.; sigma, z_d), wrapped by masked identity guidance toward e_id when scale > 0 (Sec. 3.3); scale is
+        one number or one per face [B]."""
         denoise: Denoise = functools.partial(self.prior, cond=z_d)
-        if scale > 0 and e_id is not None:
+        if bool(torch.as_tensor(scale).any()) and e_id is not None:
             mask = None if self.mask is None else (lambda x, s: self.mask(x, s).float())
             denoise = identity_guided(denoise, mask, self.decode, self.embed, e_id, scale)
         return denoise
@@ -279,15 +284,18 @@ class Restorer:
         def rep(t: Tensor) -> Tensor:  # [B,...] -> [B*N,...], the samples of a face adjacent
             return t.repeat_interleave(n, 0)
 
-        target = e_id
-        if reference is not None:  # the reference's identity where a face has one, its IRN output's elsewhere
-            target = torch.where(reference.norm(dim=1, keepdim=True) > 0, reference, e_id)
-        denoise = self.denoiser(rep(z_d), None if target is None else rep(target), scale)
+        target, face_scale, ref_scale = e_id, scale, None
+        if reference is not None:  # the reference's identity (and scale) where a face has one, its IRN's elsewhere
+            has = reference.norm(dim=1) > 0
+            target = torch.where(has[:, None], reference, e_id)
+            ref_scale = o.reference_guidance
+            face_scale = rep(torch.where(has, ref_scale, scale).float())
+        denoise = self.denoiser(rep(z_d), None if target is None else rep(target), face_scale)
         if interrupt is not None:
             denoise = interruptible(denoise, interrupt)
         z = self.refine(rep(z_init), denoise, sigma_start, o, noise.flatten(0, 1))
         restored = self.decode(z).clamp(-1, 1).view(b, n, 3, s, s)
-        sampling = Sampling(sigma_start, scale, nfe(o.sampler, o.steps) if sigma_start > 0 else 0)
+        sampling = Sampling(sigma_start, scale, nfe(o.sampler, o.steps) if sigma_start > 0 else 0, ref_scale)
         return restored, x_id, e_id, z, sampling
 
     def restore_crops(self, crops: np.ndarray, options: RestoreOptions, reference: Tensor | None = None

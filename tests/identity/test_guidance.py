@@ -45,6 +45,17 @@ def test_guided_update_is_the_scaled_gradient_and_lowers_the_loss():
     assert (after < before).all()
 
 
+def test_a_scale_per_face_acts_on_each_face_alone():
+    decode, embed, denoise, x, e_id = _toy()
+    sigma = torch.full((2,), 0.7, dtype=torch.float64)
+    per_face = identity_guided(denoise, None, decode, embed, e_id, torch.tensor([0.0, 3e-2]))(x, sigma)
+    one = identity_guided(denoise, None, decode, embed, e_id, 3e-2)(x, sigma)
+    assert torch.equal(per_face[0], denoise(x, sigma)[0])
+    torch.testing.assert_close(per_face[1], one[1])
+    zero = identity_guided(denoise, None, decode, embed, e_id, torch.zeros(2))(x, sigma)
+    assert torch.equal(zero, denoise(x, sigma))
+
+
 def test_mask_gates_the_update():
     decode, embed, denoise, x, e_id = _toy()
     sigma = torch.full((2,), 0.7, dtype=torch.float64)

@@ -95,23 +95,28 @@ def identity_guided(
     decode: Callable[[Tensor], Tensor],
     facerec_embed: Callable[[Tensor], Tensor],
     e_id: Tensor,
-    scale: float,
+    scale: float | Tensor,
 ) -> Denoise:
     """Wraps ``denoise`` with masked identity guidance (paper Sec. 3.3, Eq. 11); same signature as ``denoise``.
 
     decode: latent [B,C,h,w] in the sampler's space -> face [B,3,S,S] in [-1,1], differentiable (for the
     prior: ``vqgan.decode(prior.denormalize(z))``, Q straight-through). facerec_embed: face -> [B,D].
     e_id: [B,D] target identity (normalised here). mask_net(x, sigma) -> [B,1|C,h,w]; None means M_l = 1
-    (unmasked guidance). scale = 0 returns ``denoise``'s output untouched (no decode, no gradient).
+    (unmasked guidance). scale: one number, or one per face [B] (a face guided by a reference photo is pushed
+    harder than one guided by its own IRN output). scale = 0 returns ``denoise``'s output untouched (no decode,
+    no gradient).
     Runs under the caller's ``no_grad``; the gradient is taken in an ``enable_grad`` island (which is why the
     sampler must not run under ``inference_mode``).
     """
     target = e_id.detach()
     target = F.normalize(target.to(torch.promote_types(target.dtype, torch.float32)), dim=-1)
 
+    per_face = isinstance(scale, Tensor)
+    off = not bool(torch.as_tensor(scale).any())
+
     def guided(x: Tensor, sigma: Tensor) -> Tensor:
         x0 = denoise(x, sigma)
-        if scale == 0:
+        if off:
             return x0
         with torch.enable_grad():
             x0g = x0.detach().requires_grad_(True)
@@ -122,6 +127,7 @@ def identity_guided(
             loss = (1 - (e * target.to(e.device, e.dtype)).sum(-1)).sum()
             (grad,) = torch.autograd.grad(loss, x0g)
         m = 1.0 if mask_net is None else mask_net(x, sigma).to(x0.dtype)
-        return x0 - scale * m * grad.to(x0.dtype)
+        w = scale.to(x0.device, x0.dtype).view(-1, 1, 1, 1) if per_face else scale
+        return x0 - w * m * grad.to(x0.dtype)
 
     return guided
