@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from clrface.diffusion.loss import denoiser_loss, edm_loss
+from clrface.diffusion.loss import denoiser_loss, edm_loss, start_state_noise
 from clrface.diffusion.precond import Precond, edm_scalings
 
 F64 = torch.float64
@@ -111,3 +111,13 @@ def test_denoiser_loss_is_edm_loss_at_the_noised_point():
     torch.testing.assert_close(denoiser_loss(precond, x, sigma, cond, z0), edm_loss(precond, z0, cond, sigma, noise))
     # a denoiser that returns the target has zero loss whatever x is
     assert denoiser_loss(lambda x, s, c: c, x, sigma, cond, cond).abs().max() == 0
+
+
+def test_start_state_noise_moves_the_noisy_input_to_the_start_latent():
+    g = torch.Generator().manual_seed(0)
+    z0, z_start, eps = (torch.randn(3, 2, 4, 4, generator=g) for _ in range(3))
+    sigma = torch.tensor([0.05, 0.5, 4.0])
+    n = start_state_noise(z0, z_start, sigma, eps)
+    s = sigma.view(-1, 1, 1, 1)
+    torch.testing.assert_close(z0 + s * n, z_start + s * eps)
+    assert torch.equal(start_state_noise(z0, z0, sigma, eps), eps)

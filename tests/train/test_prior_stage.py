@@ -3,8 +3,10 @@ import json
 import pytest
 import torch
 
+from clrface.diffusion.loss import start_state_noise
 from clrface.diffusion.prior import load_prior
 from clrface.diffusion.schedule import ScheduleConfig
+from clrface.train import diffusion as diffusion_stage
 from clrface.train.diffusion import PriorStage, PriorTrainConfig, latent_stats
 from clrface.train.engine import EngineConfig, train
 
@@ -63,3 +65,30 @@ def test_prior_stage_without_latent_cache_gives_the_cached_targets(tiny_models, 
                       PriorTrainConfig(**common, cache_latents=False, init_from=str(tiny_models["prior"])), seed=0,
                       batch_size=4, out_dir=tmp_path / "c")
     assert list(init.prior_cfg.latent_std) == list(load_prior(tiny_models["prior"]).config.latent_std)
+
+
+def test_prior_stage_trains_on_the_states_the_sampler_starts_from(tiny_models, tmp_path, monkeypatch):
+    common = dict(vqgan=str(tiny_models["vqgan"]), train_dir=str(tiny_models["faces"]),
+                  val_dir=str(tiny_models["faces"]), val_count=4, cache_latents=False)
+    plain = PriorStage(tiny_models["unet_cfg"], 1.0, ScheduleConfig(), PriorTrainConfig(**common), seed=0,
+                       batch_size=6, out_dir=tmp_path / "a")
+    start = PriorStage(tiny_models["unet_cfg"], 1.0, ScheduleConfig(),
+                       PriorTrainConfig(**common, irn=str(tiny_models["irn"]), start_prob=1.0, start_sigma=(0.1, 2.0)),
+                       seed=0, batch_size=6, out_dir=tmp_path / "b")
+    seen = {}
+
+    def spy(z0, z_start, sigma, noise):
+        seen.update(z_start=z_start, sigma=sigma, eps=noise.clone())
+        return start_state_noise(z0, z_start, sigma, noise)
+
+    monkeypatch.setattr(diffusion_stage, "start_state_noise", spy)
+    a, b = plain.batch(2, 0, 1), start.batch(2, 0, 1)
+    assert torch.allclose(a["z0"], b["z0"], atol=1e-5) and torch.equal(a["zd"], b["zd"])  # same faces and targets
+    assert ((b["sigma"] >= 0.1 - 1e-6) & (b["sigma"] <= 2.0 + 1e-6)).all() and torch.equal(b["sigma"], seen["sigma"])
+    # the loss's noisy input z0 + sigma * noise is the IRN output's latent plus fresh noise at sigma
+    s = b["sigma"].view(-1, 1, 1, 1)
+    torch.testing.assert_close(b["z0"] + s * b["noise"], seen["z_start"] + s * seen["eps"], atol=1e-4, rtol=0)
+    assert (seen["z_start"] - b["z0"]).abs().mean() > 1e-3
+    with pytest.raises(ValueError, match="stage.irn"):
+        PriorStage(tiny_models["unet_cfg"], 1.0, ScheduleConfig(), PriorTrainConfig(**common, start_prob=0.5),
+                   seed=0, batch_size=6, out_dir=tmp_path / "c")

@@ -39,3 +39,14 @@ def edm_loss(precond: CondDenoiser, z0: Tensor, cond: Tensor, sigma: Tensor, noi
     dtype = torch.promote_types(z0.dtype, torch.float32)
     s = sigma.to(device=z0.device, dtype=dtype).reshape(-1, *([1] * (z0.ndim - 1)))
     return denoiser_loss(precond, z0.to(dtype) + s * noise.to(dtype), sigma, cond, z0)
+
+
+def start_state_noise(z0: Tensor, z_start: Tensor, sigma: Tensor, noise: Tensor) -> Tensor:
+    """The ``noise`` that makes ``edm_loss``'s input z0 + sigma * noise equal z_start + sigma * noise_given.
+
+    Training on the states the sampler really starts from (the IRN output's latent plus noise at sigma_start)
+    needs no other loss: the target stays z0, only the noisy input moves, so ``edm_loss(.., sigma, returned)``
+    is the EDM loss at x = z_start + sigma * noise. z0, z_start, noise: [B,C,H,W]; sigma: [B] > 0.
+    """
+    s = sigma.to(z0.dtype).reshape(-1, *([1] * (z0.ndim - 1)))
+    return noise + (z_start - z0) / s

@@ -15,12 +15,14 @@ from clrface.checkpoint import load_weights, read_config, save_checkpoint
 from clrface.data.datasets import load_face_folder
 from clrface.data.degradation import degrade_batch, get_preset
 from clrface.data.io import to_model_range
-from clrface.diffusion.loss import edm_loss
+from clrface.diffusion.loss import edm_loss, start_state_noise
 from clrface.diffusion.prior import LatentPrior, PriorConfig
 from clrface.diffusion.sampler import heun, sample
 from clrface.diffusion.schedule import ScheduleConfig, sample_train_sigma
 from clrface.diffusion.unet import UNetConfig
+from clrface.identity.irn import load_irn
 from clrface.metrics.psnr_ssim import psnr
+from clrface.model_folder import apply_irn
 from clrface.train.engine import Objective, step_indices
 from clrface.train.vqgan import save_grid
 from clrface.vqgan.model import VQGAN, load_vqgan
@@ -48,6 +50,12 @@ class PriorTrainConfig:
     # normalisation then comes from the init_from prior, or from the first `stats_faces` faces.
     cache_latents: bool = True
     stats_faces: int = 2048
+    # The states the sampler starts from: for a share `start_prob` of each batch the noisy input is the latent of
+    # the IRN output plus noise, E(IRN(x^d)) + sigma * eps with sigma log-uniform in `start_sigma` (the fidelity
+    # map's range), the target still the clean latent (diffusion.loss.start_state_noise). 0: plain denoising.
+    irn: str | None = None
+    start_prob: float = 0.0
+    start_sigma: tuple[float, float] = (0.05, 4.0)
 
 
 @torch.no_grad()
@@ -101,6 +109,11 @@ class PriorStage:
         if cfg.init_from:
             load_weights(cfg.init_from, prior)
         self.modules: dict[str, nn.Module] = {"prior": prior}
+        self.irn = None
+        if cfg.start_prob > 0:
+            if not cfg.irn:
+                raise ValueError("stage.start_prob > 0 needs stage.irn (an IRN checkpoint folder)")
+            self.irn = load_irn(cfg.irn)
         val = load_face_folder(cfg.val_dir, size=size, limit=cfg.val_count)
         self.val_gt = to_model_range(val)
         self.val_lq, _ = degrade_batch(self.val_gt, self.degradation, generator=12345)
@@ -126,7 +139,17 @@ class PriorStage:
         sigma = sample_train_sigma(len(idx), self.schedule.p_mean, self.schedule.p_std, g)
         noise = torch.randn(z0.shape, generator=g)
         zd = prior.normalize(self._encode_cond(x_d))
-        return {"z0": prior.normalize(z0), "zd": zd, "sigma": sigma, "noise": noise}
+        z0 = prior.normalize(z0)
+        if self.irn is not None:
+            rows = torch.rand(len(idx), generator=g) < self.cfg.start_prob
+            if rows.any():
+                lo, hi = (torch.tensor(v).log() for v in self.cfg.start_sigma)
+                s_start = (lo + (hi - lo) * torch.rand(int(rows.sum()), generator=g)).exp()
+                with torch.no_grad():
+                    z_irn = prior.normalize(self._encode_cond(apply_irn(self.irn, x_d[rows])).float())
+                noise[rows] = start_state_noise(z0[rows], z_irn, s_start, noise[rows])
+                sigma[rows] = s_start
+        return {"z0": z0, "zd": zd, "sigma": sigma, "noise": noise}
 
     def objectives(self, m: dict[str, nn.Module]) -> list[Objective]:
         prior = m["prior"]
