@@ -34,9 +34,11 @@ if TYPE_CHECKING:
     from clrface.restorer import Restorer
 
 #: Cosine between the dlib embedding of a degraded input face and the mean embedding of the clean references below
-#: which the reference is taken to show someone else. Chosen on LFW (benchmarks/reference_eval.py --calibrate):
-#: at the bfr degradation at least 95 % of mismatched pairs fall below it (docs/reference.md).
-MATCH_THRESHOLD = 0.84
+#: which the reference is taken to show someone else. Chosen on 500 LFW identities at the bfr degradation
+#: (benchmarks/reference_eval.py): 95 % of the cosines of wrong-person pairs fall below 0.903. It also refuses
+#: about half of the right-person references at bfr and 70 % at x8, where a degraded face says little about who
+#: it is (docs/reference.md): --force-reference is for those.
+MATCH_THRESHOLD = 0.90
 
 
 @dataclass(frozen=True)
