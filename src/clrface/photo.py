@@ -160,8 +160,6 @@ def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions
     h, w = img.shape[:2]
     s, u = restorer.resolution, o.upscale
     keep = o.color == "keep" or (o.color == "auto" and is_monochrome(img))
-    if reference is not None and o.mode != "full":
-        raise ClrfaceError(f"a reference guides the identity of mode full; mode {o.mode!r} has no guidance")
     if aligned:
         crop = resize_lanczos(img, s, s)
         rows, refs, ref_warnings = (None, [None], []) if reference is None else \

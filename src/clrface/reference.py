@@ -102,7 +102,7 @@ def reference_crops(images: Sequence[str | os.PathLike | np.ndarray], size: int,
     items: list[tuple[str, np.ndarray | Path]] = []
     for im in images:
         if isinstance(im, np.ndarray):
-            items.append((f"array {len(items)}", im))
+            items.append((f"photo {len(items)}", im))
         elif Path(im).is_dir():
             items += [(str(p), p) for p in list_images(im)]
         else:

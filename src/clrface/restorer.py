@@ -298,15 +298,19 @@ class Restorer:
         sampling = Sampling(sigma_start, scale, nfe(o.sampler, o.steps) if sigma_start > 0 else 0, ref_scale)
         return restored, x_id, e_id, z, sampling
 
-    def restore_crops(self, crops: np.ndarray, options: RestoreOptions, reference: Tensor | None = None
-                      ) -> RestoredFaces:
+    def restore_crops(self, crops: np.ndarray, options: RestoreOptions, reference: Tensor | None = None, *,
+                      interrupt: Callable[[], None] | None = None) -> RestoredFaces:
         """uint8 [F,S,S,3] aligned faces -> restore_faces' result, in chunks of ``options.batch_size`` faces;
-        ``reference``: [F,D] rows as in restore_faces."""
-        bs = options.batch_size
-        return RestoredFaces.concat([
-            self.restore_faces(to_model_range(crops[i:i + bs]), options, first_index=i,
-                               reference=None if reference is None else reference[i:i + bs])
-            for i in range(0, len(crops), bs)])
+        ``reference``: [F,D] rows as in restore_faces; ``interrupt`` is called before each chunk and each
+        denoiser evaluation (see restore_faces)."""
+        bs, parts = options.batch_size, []
+        for i in range(0, len(crops), bs):
+            if interrupt is not None:
+                interrupt()
+            parts.append(self.restore_faces(to_model_range(crops[i:i + bs]), options, first_index=i,
+                                            interrupt=interrupt,
+                                            reference=None if reference is None else reference[i:i + bs]))
+        return RestoredFaces.concat(parts)
 
     def restore(self, image: str | Path | np.ndarray | Image.Image, *, aligned: bool = False,
                 reference: Reference | Sequence[str | Path | np.ndarray] | None = None, reference_all: bool = False,

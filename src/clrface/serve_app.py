@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
-from clrface.data.io import load_image, to_model_range
+from clrface.data.io import load_image
 from clrface.diffusion.sampler import nfe
 from clrface.errors import ClrfaceError, ImageError
 from clrface.options import DIFFUSION_MODES, MODES, RestoreOptions
@@ -203,13 +203,7 @@ class GuardedRestorer:
         """Restorer.restore_crops, refused over the limit and stopped before each batch and each denoiser
         evaluation when the client is gone."""
         check_cost(self.restorer, options, len(crops), self.limit)
-        parts, bs = [], options.batch_size
-        for i in range(0, len(crops), bs):
-            self.check()
-            parts.append(self.restorer.restore_faces(to_model_range(crops[i:i + bs]), options, first_index=i,
-                                                     interrupt=self.check,
-                                                     reference=None if reference is None else reference[i:i + bs]))
-        return RestoredFaces.concat(parts)
+        return self.restorer.restore_crops(crops, options, reference, interrupt=self.check)
 
 
 def restore_upload(restorer: Restorer, data: bytes, options: RestoreOptions, aligned: bool, limits: ServeLimits,
@@ -226,7 +220,7 @@ def restore_upload(restorer: Restorer, data: bytes, options: RestoreOptions, ali
         try:
             reference = load_reference(restorer, arrays, aligned=aligned)
         except ClrfaceError as e:
-            raise RequestError(422, str(e).replace("reference array", "reference photo")) from None
+            raise RequestError(422, str(e)) from None
     res = restore_photo(GuardedRestorer(restorer, limits.max_evaluations, gone), photo, options, aligned=aligned,
                         reference=reference, reference_policy=policy)
     faces = [{"index": k, "box": [round(float(v), 1) for v in f.box], "id_vs_input": round(f.id_vs_input[0], 4),

@@ -29,12 +29,17 @@ def cosine(e_pred: Tensor, e_gt: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def ids(pred: Tensor, gt: Tensor, embed: Embed) -> Tensor:
-    """Per-image IDS. pred, gt: [B,3,H,W] FFHQ-aligned crops in [-1,1]; embed: images -> [B,D]. Returns [B]."""
+def embed_pair(pred: Tensor, gt: Tensor, embed: Embed) -> tuple[Tensor, Tensor]:
+    """Embeddings of pred and gt [B,3,H,W] in one call of ``embed``."""
     if pred.shape != gt.shape:
         raise ValueError(f"pred and gt differ in shape: {tuple(pred.shape)} vs {tuple(gt.shape)}")
     e = embed(torch.cat([pred, gt], 0))
-    return cosine(e[: len(pred)], e[len(pred):])
+    return e[: len(pred)], e[len(pred):]
+
+
+def ids(pred: Tensor, gt: Tensor, embed: Embed) -> Tensor:
+    """Per-image IDS. pred, gt: [B,3,H,W] FFHQ-aligned crops in [-1,1]; embed: images -> [B,D]. Returns [B]."""
+    return cosine(*embed_pair(pred, gt, embed))
 
 
 #: dlib's own verification rule: two faces are the same person when their raw (unnormalised) descriptors lie
@@ -59,11 +64,7 @@ class IDS:
         self.distances: list[float] = []
 
     def update(self, pred: Tensor, gt: Tensor) -> Tensor:
-        if pred.shape != gt.shape:
-            raise ValueError(f"pred and gt differ in shape: {tuple(pred.shape)} vs {tuple(gt.shape)}")
-        with torch.no_grad():
-            e = self.embed(torch.cat([pred, gt], 0))
-        a, b = e[: len(pred)], e[len(pred):]
+        a, b = embed_pair(pred, gt, self.embed)
         v = cosine(a, b)
         self.distances += descriptor_distance(a, b).tolist()
         self.total += float(v.sum())
