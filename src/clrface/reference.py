@@ -88,10 +88,10 @@ def assign_reference(cos_to_input: Sequence[float], policy: ReferencePolicy = Re
             used[i] = True
             if cos[i] < policy.threshold:
                 warnings.append(f"face {i}: the reference is used although it looks like another person (identity "
-                                f"cosine {cos[i]:.3f} < {policy.threshold:.2f}; --force-reference)")
+                                f"cosine {cos[i]:.3f} < {policy.threshold:.3f}; --force-reference)")
         else:
             warnings.append(f"face {i}: the reference looks like another person (identity cosine {cos[i]:.3f} < "
-                            f"{policy.threshold:.2f}); restored without it (--force-reference uses it anyway)")
+                            f"{policy.threshold:.3f}); restored without it (--force-reference uses it anyway)")
     return used, warnings
 
 
