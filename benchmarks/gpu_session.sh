@@ -1,60 +1,74 @@
 #!/usr/bin/env bash
-# Times the restore and trains on one CUDA GPU, run from the repository root: a GPU speed row
-# (benchmarks/restore_speed.py), then trainings side by side on the one GPU: the IRN's adversarial fine-tune at
-# adv_weight 0.5 and 1.0 (configs/irn-128-gan-long.yaml) and the VQGAN decoder's (configs/vqgan-128-ft-long.yaml).
-# Its inputs sit in .gpu/ (git-ignored, so they travel with the call on a machine that has no ../shared):
-# .gpu/cache/facerec (the dlib ResNet cache in fp16), .gpu/data/train (every second face of faces128/train, the
-# first 2,550) and .gpu/data/val (64 faces).
-# Results land in $OUT: log.txt, speed.md, and one tar per run (fp16 model/, log.csv, config, last val grids).
-#   bash benchmarks/gpu_session.sh
-#   SPEED=0 RUNS="irn-w025 vqgan" BUDGET_S=200 bash benchmarks/gpu_session.sh
+# Trains side by side on one CUDA GPU for a fixed wall-clock budget, run from the repository root. Faces stay on the
+# GPU as uint8 and are degraded there (data/degradation.py, data/jpeg.py), so each run is bound by the GPU, not by
+# one CPU core. Runs (RUNS picks a subset):
+#   irn       the default IRN continued (configs/irn-128-gpu.yaml)
+#   irn-m     a 3.65 M IRN from scratch (configs/irn-128-wide.yaml at channels 48/96/192)
+#   irn-l     a 6.5 M IRN from scratch (configs/irn-128-wide.yaml)
+#   extreme   the x8 model continued (configs/irn-128-extreme.yaml from the shipped extreme IRN)
+#   prior     the latent prior continued (configs/prior-128-x3.yaml)
+#   prior-st  the same, also trained on the sampler's start states (configs/prior-128-x3-start.yaml)
+# Inputs sit in .gpu/ (git-ignored; made by benchmarks/gpu_data.py): a zip of training faces and 64 validation
+# faces, unpacked first, and the face-recognition network's fp16 cache. Every run gets SIGTERM at the deadline,
+# checkpoints and exports; results land in $OUT: log.txt and one tar per run (model/ in fp16 as shipped, log.csv,
+# run_config.json, train.log, the last validation grid).
+#   python benchmarks/gpu_data.py --budget-mib 17 && BUDGET_S=545 bash benchmarks/gpu_session.sh
 set -u
 OUT=${OUT:-/tmp/gpu-out}
-BUDGET_S=${BUDGET_S:-470}  # the trainings stop (and checkpoint) this many seconds after the script started
+BUDGET_S=${BUDGET_S:-560}  # runs are stopped this many seconds after the script started, less the packing time
+RUNS=${RUNS:-"irn irn-m irn-l extreme prior prior-st"}
+EXTRA=${EXTRA:-}  # more --set overrides for every run (a CPU dry run: EXTRA="--set train.batch_size=4 ...")
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 CLRFACE_CACHE=$PWD/.gpu/cache
 log="$OUT/log.txt"
+python3 -m zipfile -e .gpu/faces.zip .gpu/data
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, accelerate; print('torch', torch.__version__, 'accelerate', accelerate.__version__, torch.cuda.get_device_name())"
+  echo "train faces: $(ls .gpu/data/train | wc -l)"
 } > "$log" 2>&1
 
-# SPEED=0 skips the speed row; RUNS picks the trainings: irn-w05, irn-w1, irn-w025 (IRN at that adv_weight) and
-# vqgan (the decoder; a second run continues from the first one's checkpoint).
-SPEED=${SPEED:-1}
-RUNS=${RUNS:-"irn-w05 irn-w1 vqgan"}
-if [ "$SPEED" = 1 ]; then
-  crop=.gpu/data/val/$(ls .gpu/data/val | head -1)
-  speed="python3 benchmarks/restore_speed.py --model default --device cuda --dtype float32 bfloat16 --aligned --photo $crop --threads 4 --reps 20 --batch 16"
-  timeout 120 $speed --steps 5 --full-steps 10 --md "$OUT/speed.md" >> "$log" 2>&1
-  timeout 60 $speed --steps --full-steps 1 --sampler euler --md "$OUT/speed.md" >> "$log" 2>&1
-  echo "speed done at ${SECONDS}s" >> "$log"
-fi
-
-run_dir() {  # where each run writes (train.out_dir)
-  case $1 in
-    irn-w05) echo runs/irn-128-gan-long ;;
-    vqgan) echo runs/vqgan-128-ft-long ;;
-    *) echo "runs/irn-128-gan-long-${1#irn-}" ;;
-  esac
-}
-minutes=$(python3 -c "print(round(max(1.0, ($BUDGET_S - $SECONDS - 15) / 60), 2))")
-common="--set stage.train_dir=.gpu/data/train --set stage.val_dir=.gpu/data/val --set train.max_minutes=$minutes"
+data="--set stage.train_dir=.gpu/data/train --set stage.val_dir=.gpu/data/val --set train.threads=2"
+declare -A ARGS=(
+  [irn]="irn --config configs/irn-128-gpu.yaml"
+  [irn-m]="irn --config configs/irn-128-wide.yaml --set model.channels=[48,96,192] --set train.out_dir=runs/irn-128-wide-m"
+  [irn-l]="irn --config configs/irn-128-wide.yaml"
+  [extreme]="irn --config configs/irn-128-extreme.yaml --set stage.init_from=src/clrface/weights/extreme/irn
+             --set train.batch_size=128 --set train.steps=100000 --set train.ema_decay=0.999 --set train.val_every=500
+             --set train.ckpt_every=1000 --set train.out_dir=runs/irn-128-extreme-gpu"
+  [prior]="prior --config configs/prior-128-x3.yaml --set train.batch_size=256 --set stage.lr=2.0e-4
+           --set train.steps=100000 --set train.ckpt_every=1000 --set train.out_dir=runs/prior-gpu"
+  [prior-st]="prior --config configs/prior-128-x3-start.yaml --set train.batch_size=256 --set stage.lr=2.0e-4
+              --set train.steps=100000 --set train.ckpt_every=1000 --set train.out_dir=runs/prior-gpu-start"
+)
+declare -A PIDS DIRS
 for r in $RUNS; do
-  case $r in
-    vqgan) args="vqgan --config configs/vqgan-128-ft-long.yaml" ;;
-    irn-w05) args="irn --config configs/irn-128-gan-long.yaml" ;;
-    irn-w1) args="irn --config configs/irn-128-gan-long.yaml --set stage.adv_weight=1.0" ;;
-    irn-w025) args="irn --config configs/irn-128-gan-long.yaml --set stage.adv_weight=0.25" ;;
-    *) echo "unknown run $r" >> "$log"; continue ;;
-  esac
-  python3 -m clrface train $args $common --set train.out_dir=$(run_dir $r) > "$OUT/$r.log" 2>&1 &
+  args=${ARGS[$r]}
+  DIRS[$r]=$(python3 - $args <<'PY'
+import sys
+from clrface.train.run import load_config
+a = sys.argv[1:]
+sets = [a[i + 1] for i, x in enumerate(a) if x == "--set"]
+print(load_config(a[a.index("--config") + 1], sets)["train"]["out_dir"])
+PY
+)
+  python3 -m clrface train $args $data $EXTRA > "$OUT/$r.log" 2>&1 &
+  PIDS[$r]=$!
 done
+sleep 60
+[ -n "$EXTRA" ] || nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv >> "$log" 2>&1
+deadline=$((BUDGET_S - 40))
+alive() { for p in ${PIDS[@]}; do kill -0 $p 2>/dev/null && return 0; done; return 1; }
+while [ $SECONDS -lt $deadline ] && alive; do sleep 5; done
+kill -TERM ${PIDS[@]} 2>/dev/null
 wait
-echo "training done at ${SECONDS}s (max_minutes $minutes)" >> "$log"
+echo "training stopped at ${SECONDS}s" >> "$log"
 
-pack() {  # run name: the exported model in fp16 (as shipped), logs and the last two validation grids
-  local name=$1 run
-  run=$(run_dir "$1")
+for r in $RUNS; do  # the exported model in fp16 (as shipped), logs and the last validation grid
+  run=${DIRS[$r]}
+  tr '\r' '\n' < "$OUT/$r.log" | grep -v "it/s\]$" > "$run/train.log" 2>/dev/null
+  tail -3 "$run/train.log" | sed "s/^/$r: /" >> "$log"
+  rm -f "$OUT/$r.log"
+  [ -f "$run/model/model.safetensors" ] || { echo "$r: no model" >> "$log"; continue; }
   python3 - "$run/model/model.safetensors" <<'PY' >> "$log" 2>&1
 import sys
 from safetensors import safe_open
@@ -65,8 +79,6 @@ with safe_open(path, "pt") as f:
     state = {k: f.get_tensor(k) for k in f.keys()}
 save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, path, metadata=meta)
 PY
-  tr '\r' '\n' < "$OUT/$name.log" | grep -v "it/s" > "$run/train.log"; rm -f "$OUT/$name.log"
-  tar -cf "$OUT/$name.tar" -C "$run" model log.csv run_config.json train.log $(cd "$run" && ls val/*.png 2>/dev/null | tail -2)
-}
-for r in $RUNS; do pack "$r"; done
+  tar -cf "$OUT/$r.tar" -C "$run" model log.csv run_config.json train.log $(cd "$run" && ls val/*.png 2>/dev/null | tail -1)
+done
 ls -la "$OUT" >> "$log"

@@ -11,12 +11,11 @@ s ∈ [1, 32], δ ∈ [0, 20], q ∈ [30, 90]) are stated for 512-px faces.
 Two paths draw from the same parameter distribution (``sample_params``) and apply the same steps:
 
 * numpy (``degrade``): uint8 HWC in, uint8 HWC out; datasets, test sets, the ``degrade`` command.
-* torch (``degrade_batch``): float [B,3,H,W] in [-1, 1], batched FFT blur, per-sample
-  ``F.interpolate(antialias=True)`` (which reproduces PIL's resampling filters), noise from a
-  ``torch.Generator`` and the same PIL JPEG codec. JPEG runs at the low resolution (on average
-  512/16 = 32 px), so the real codec costs milliseconds per face; a differentiable DCT simulation
-  (DiffJPEG) would only approximate PIL/libjpeg (chroma subsampling, rounding) without any benefit,
-  since no gradient flows through the degradation.
+* torch (``degrade_batch``): float [B,3,H,W] in [-1, 1] on any device, batched FFT blur,
+  ``F.interpolate(antialias=True)`` (which reproduces PIL's resampling filters) over the samples that share
+  a low-res size, noise from a ``torch.Generator``. On the CPU JPEG is PIL's codec (it runs at the low
+  resolution, on average 512/16 = 32 px, so milliseconds per face); on a GPU it is the batched tensor
+  codec of ``jpeg.py``, which differs from libjpeg only by integer rounding (~45 dB apart).
 
 Both paths quantise to uint8 at the same two points (before JPEG and at the end), so with equal
 parameters they differ only by the noise realisation and float rounding.
@@ -36,6 +35,8 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy.fft import next_fast_len
 from scipy.signal import fftconvolve
+
+from clrface.data.jpeg import jpeg_roundtrip
 
 REFERENCE_SIZE = 512  # the face size the paper's ranges are stated for
 NO_JPEG = -1  # ``jpeg_q`` of a preset without compression (collate-safe, unlike None)
@@ -284,12 +285,26 @@ def _fft_blur(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     return torch.fft.irfft2(spec, s=s)[..., k - 1 : hp, k - 1 : wp]
 
 
+def _jpeg_group(lo: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+    """JPEG of one group of equal-size low-res images [n, 3, h, w] (0-255, integer-valued) at qualities [n] (on
+    lo's device): PIL's libjpeg on the CPU, the batched tensor codec of ``jpeg.py`` (within ~45 dB of it) on other
+    devices, where a copy to the CPU per image would cost more than the training step."""
+    if lo.device.type != "cpu":
+        return jpeg_roundtrip(lo, quality)
+    u8 = lo.permute(0, 2, 3, 1).to(torch.uint8).numpy()
+    return torch.from_numpy(np.stack([_jpeg(im, int(q)) for im, q in zip(u8, quality)])).permute(0, 3, 1, 2).float()
+
+
 def apply_degradation_batch(
     x: torch.Tensor, params: list[DegradationParams], generator: torch.Generator | int | None
 ) -> torch.Tensor:
     """Applies one parameter set per sample. x: float [B, 3, H, W] in [-1, 1] -> same shape/dtype/device.
 
-    ``generator`` draws only the noise. Samples must share the kernel size (true within one config).
+    ``generator`` (on the CPU) draws the noise, through a generator on x's device that it seeds. Samples must
+    share the kernel size (true within one config). Samples with the same low-res size, resampling filter and
+    JPEG on/off are resized, noised and compressed together as one contiguous slice of the batch sorted by
+    that key; everything per-sample reaches the device in one copy, since on a GPU each host-to-device copy
+    waits for the queue (and, with other processes on the GPU, for their time slices).
     """
     if x.ndim != 4 or x.shape[1] != 3 or len(params) != x.shape[0]:
         raise ValueError(f"expected [B,3,H,W] and B params, got {tuple(x.shape)} and {len(params)}")
@@ -298,30 +313,42 @@ def apply_degradation_batch(
     g = _torch_generator(generator)
     b, _, h, w = x.shape
     dev, dtype = x.device, x.dtype
-    v = x.detach().float().add(1.0).mul_(127.5)
-    if any(p.gray for p in params):
-        gray = torch.tensor([p.gray for p in params], device=dev).view(b, 1, 1, 1)
+    key = [(*_lowres_size(h, w, p.scale), p.down_mode, p.jpeg_q != NO_JPEG) for p in params]
+    order = sorted(range(b), key=lambda i: key[i])
+    ps = [params[i] for i in order]
+    table = torch.tensor([[p.noise_sigma, p.gray, p.jpeg_q] for p in ps], dtype=torch.float32)
+    kernels = torch.from_numpy(
+        np.stack([gaussian_kernel(p.kernel_size, p.sigma_x, p.sigma_y, p.angle) for p in ps]).astype(np.float32))
+    perm, table, kernels = (t.to(dev) for t in (torch.tensor(order), table, kernels))
+    sigma, gray, quality = (table[:, k].view(-1, 1, 1, 1) for k in range(3))
+    gray = gray.bool()
+    noise_gen = torch.Generator(device=dev).manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
+
+    v = x.detach().float()[perm].add(1.0).mul_(127.5)
+    if any(p.gray for p in ps):
         luma = (v * torch.tensor(_GRAY_WEIGHTS, device=dev).view(1, 3, 1, 1)).sum(1, keepdim=True)
         v = torch.where(gray, luma.expand_as(v), v)
-    kernels = torch.from_numpy(
-        np.stack([gaussian_kernel(p.kernel_size, p.sigma_x, p.sigma_y, p.angle) for p in params]).astype(np.float32)
-    ).to(dev)
     v = _fft_blur(v, kernels)
-    # in-place and into one preallocated buffer: at 512 px the per-sample temporaries otherwise cost
-    # more (allocation, page faults) than the resampling itself
     out = torch.empty(b, 3, h, w, device=dev)
-    for i, p in enumerate(params):
-        lh, lw = _lowres_size(h, w, p.scale)
-        lo = F.interpolate(v[i : i + 1], size=(lh, lw), mode=p.down_mode, antialias=True, align_corners=False)
-        if p.noise_sigma > 0:
-            n = torch.randn(1, 1 if p.gray else 3, lh, lw, generator=g, device=g.device).to(dev)
-            lo.add_(n.mul_(p.noise_sigma))
+    start = 0
+    while start < b:
+        end = start
+        while end < b and key[order[end]] == key[order[start]]:
+            end += 1
+        lh, lw, mode, has_jpeg = key[order[start]]
+        lo = F.interpolate(v[start:end], size=(lh, lw), mode=mode, antialias=True, align_corners=False)
+        if any(p.noise_sigma > 0 for p in ps[start:end]):
+            n = torch.randn(end - start, 3, lh, lw, generator=noise_gen, device=dev)
+            n = torch.where(gray[start:end], n[:, :1].expand_as(n), n)  # a gray photo's noise is gray too
+            lo.add_(n.mul_(sigma[start:end]))
         lo.clamp_(0, 255).round_()
-        if p.jpeg_q != NO_JPEG:
-            u8 = lo[0].permute(1, 2, 0).to(torch.uint8).cpu().numpy()
-            lo = torch.from_numpy(_jpeg(u8, p.jpeg_q).copy()).to(dev).permute(2, 0, 1)[None].float()
-        out[i : i + 1] = F.interpolate(lo, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
-    return out.clamp_(0, 255).round_().div_(127.5).sub_(1.0).to(dtype)
+        if has_jpeg:
+            lo = _jpeg_group(lo, quality[start:end].flatten())
+        out[start:end] = F.interpolate(lo, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+        start = end
+    unsorted = torch.empty_like(out)
+    unsorted[perm] = out
+    return unsorted.clamp_(0, 255).round_().div_(127.5).sub_(1.0).to(dtype)
 
 
 def degrade_batch(

@@ -77,28 +77,33 @@ def degrade_realistic(x: Tensor, first: DegradationConfig, cfg: RealisticConfig,
                       generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """x: clean [B,3,H,W] in [-1,1] -> (degraded input, target). ``first`` is scaled to H by the caller; the
     second round is scaled here. The target is ``x``, or its gray version where the input was made gray."""
-    g = generator
+    g, dev = generator, x.device
     b, _, h, _ = x.shape
-    gray = torch.rand(b, generator=g) < cfg.gray_prob
+
+    def draw(prob: float) -> Tensor:  # drawn on the generator's CPU, used where x lives
+        return (torch.rand(b, generator=g) < prob).to(dev)
+
+    gray = draw(cfg.gray_prob)
     if gray.any():
         x = torch.where(gray.view(-1, 1, 1, 1), to_gray(x), x)
     x_d, _ = degrade_batch(x, first, g)
-    second = torch.rand(b, generator=g) < cfg.second_prob
+    second = draw(cfg.second_prob)
     if second.any():
         again, _ = degrade_batch(x_d[second], cfg.second.scale_to(h), g)
         x_d = x_d.clone()
         x_d[second] = again
-    faded = (torch.rand(b, generator=g) < cfg.fade_prob) & ~gray
+    faded = draw(cfg.fade_prob) & ~gray
     if faded.any():
         n = int(faded.sum())
         cast = (torch.rand(n, 3, generator=g) * 2 - 1) * cfg.cast
-        x_d[faded] = fade(x_d[faded], _uniform(n, cfg.saturation, g), _uniform(n, cfg.contrast, g), cast)
-    grain = torch.rand(b, generator=g) < cfg.grain_prob
+        x_d[faded] = fade(x_d[faded], _uniform(n, cfg.saturation, g).to(dev), _uniform(n, cfg.contrast, g).to(dev),
+                          cast.to(dev))
+    grain = draw(cfg.grain_prob)
     if grain.any():
         n = int(grain.sum())
         sigma = _uniform(n, cfg.grain_sigma, g).view(-1, 1, 1, 1) / 127.5
         noise = torch.randn(n, 1, h, x.shape[-1], generator=g) * sigma
-        x_d[grain] = (x_d[grain] + noise).clamp(-1, 1)
+        x_d[grain] = (x_d[grain] + noise.to(dev)).clamp(-1, 1)
     if gray.any():  # colour noise and chroma subsampling of the rounds above would tint a black-and-white photo
         x_d = torch.where(gray.view(-1, 1, 1, 1), to_gray(x_d), x_d)
     # back on the 8-bit grid, as a real input file is

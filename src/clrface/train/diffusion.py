@@ -23,7 +23,7 @@ from clrface.diffusion.unet import UNetConfig
 from clrface.identity.irn import load_irn
 from clrface.metrics.psnr_ssim import psnr
 from clrface.model_folder import apply_irn
-from clrface.train.engine import Objective, step_indices
+from clrface.train.engine import Objective, step_indices, train_device
 from clrface.train.vqgan import save_grid
 from clrface.vqgan.model import VQGAN, load_vqgan
 
@@ -79,10 +79,11 @@ class PriorStage:
     def __init__(self, unet_cfg: UNetConfig, sigma_data: float, schedule: ScheduleConfig, cfg: PriorTrainConfig,
                  seed: int, batch_size: int, out_dir: Path):
         self.cfg, self.seed, self.batch_size, self.schedule = cfg, seed, batch_size, schedule
-        self.vq = load_vqgan(cfg.vqgan)
+        dev = train_device()  # the encoder, the faces and the IRN live where training runs (batches stay there)
+        self.vq = load_vqgan(cfg.vqgan).to(dev)
         size = self.vq.config.resolution
         self.degradation = get_preset(cfg.preset, size)
-        faces = load_face_folder(cfg.train_dir, size=size)
+        faces = load_face_folder(cfg.train_dir, size=size).to(dev)
         self.faces = faces
         cache = out_dir / "latents.pt"  # clean latents of the frozen encoder (plain and mirrored)
         self.z0: Tensor | None = None
@@ -113,10 +114,11 @@ class PriorStage:
         if cfg.start_prob > 0:
             if not cfg.irn:
                 raise ValueError("stage.start_prob > 0 needs stage.irn (an IRN checkpoint folder)")
-            self.irn = load_irn(cfg.irn)
+            self.irn = load_irn(cfg.irn).to(dev)
         val = load_face_folder(cfg.val_dir, size=size, limit=cfg.val_count)
         self.val_gt = to_model_range(val)
         self.val_lq, _ = degrade_batch(self.val_gt, self.degradation, generator=12345)
+        self.val_gt, self.val_lq = self.val_gt.to(dev), self.val_lq.to(dev)
 
     @torch.no_grad()
     def _encode_cond(self, x_d: Tensor) -> Tensor:
@@ -128,23 +130,24 @@ class PriorStage:
         g = torch.Generator().manual_seed(self.seed * 7919 + micro_step * 31 + rank)
         flip = (torch.rand(len(idx), generator=g) < 0.5) if self.cfg.hflip else torch.zeros(len(idx), dtype=torch.bool)
         x = to_model_range(self.faces[idx])
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        dev = x.device
+        x = torch.where(flip.to(dev)[:, None, None, None], x.flip(-1), x)
         x_d, _ = degrade_batch(x, self.degradation, generator=int(torch.randint(0, 2**31, (1,), generator=g)))
         prior = self.modules["prior"]
         if self.z0 is None:
             with torch.no_grad():  # fp32, as the cached latents: they are the regression targets
                 z0 = self.vq.encode(x)
         else:
-            z0 = self.z0[idx, flip.long()]
-        sigma = sample_train_sigma(len(idx), self.schedule.p_mean, self.schedule.p_std, g)
-        noise = torch.randn(z0.shape, generator=g)
+            z0 = self.z0[idx, flip.long()].to(dev)
+        sigma = sample_train_sigma(len(idx), self.schedule.p_mean, self.schedule.p_std, g).to(dev)
+        noise = torch.randn(z0.shape, generator=g).to(dev)
         zd = prior.normalize(self._encode_cond(x_d))
         z0 = prior.normalize(z0)
         if self.irn is not None:
-            rows = torch.rand(len(idx), generator=g) < self.cfg.start_prob
+            rows = (torch.rand(len(idx), generator=g) < self.cfg.start_prob).to(dev)
             if rows.any():
                 lo, hi = (torch.tensor(v).log() for v in self.cfg.start_sigma)
-                s_start = (lo + (hi - lo) * torch.rand(int(rows.sum()), generator=g)).exp()
+                s_start = (lo + (hi - lo) * torch.rand(int(rows.sum()), generator=g)).exp().to(dev)
                 with torch.no_grad():
                     z_irn = prior.normalize(self._encode_cond(apply_irn(self.irn, x_d[rows])).float())
                 noise[rows] = start_state_noise(z0[rows], z_irn, s_start, noise[rows])
@@ -168,10 +171,10 @@ class PriorStage:
         zd = ema.normalize(self._encode_cond(self.val_lq))
         z0 = ema.normalize(self.vq.encode(self.val_gt))
         g = torch.Generator().manual_seed(0)
-        noise = torch.randn(z0.shape, generator=g)
+        noise = torch.randn(z0.shape, generator=g).to(z0.device)
         logs = {}
         for s in (0.5, 2.0, 10.0):  # val loss at fixed sigmas with fixed noise: comparable across runs
-            sig = torch.full((len(z0),), s)
+            sig = torch.full((len(z0),), s, device=z0.device)
             logs[f"loss@{s:g}"] = edm_loss(ema.precond, z0, zd, sig, noise).mean().item()
         denoise = functools.partial(ema.precond, cond=zd)
         sigmas = self.schedule.sigmas(self.cfg.val_steps)
@@ -181,7 +184,7 @@ class PriorStage:
         rec_noise = self.vq.decode(ema.denormalize(from_noise)).float()
         rec_zd = self.vq.decode(ema.denormalize(from_zd)).float()
         save_grid(out_dir / "val" / f"{step:07d}.png",
-                  [self.val_lq[:8], direct[:8], rec_noise[:8], rec_zd[:8], self.val_gt[:8]])
+                  [t[:8].cpu() for t in (self.val_lq, direct, rec_noise, rec_zd, self.val_gt)])
         logs.update({"psnr_direct": psnr(direct, self.val_gt).mean().item(),
                      "psnr_noise": psnr(rec_noise, self.val_gt).mean().item(),
                      "psnr_zd": psnr(rec_zd, self.val_gt).mean().item()})

@@ -24,7 +24,7 @@ from clrface.data.realistic import RealisticConfig, degrade_realistic
 from clrface.identity.facerec import DlibFaceRecognizer, feature_distance, identity_loss, perceptual_distance
 from clrface.identity.irn import IRN, IRNConfig
 from clrface.metrics.psnr_ssim import psnr
-from clrface.train.engine import Objective, step_indices
+from clrface.train.engine import Objective, step_indices, train_device
 from clrface.train.vqgan import save_grid
 from clrface.vqgan.losses import adaptive_weight, generator_adv_loss, hinge_d_loss
 from clrface.vqgan.model import PatchDiscriminator
@@ -114,7 +114,8 @@ class IRNStage:
             self.modules["disc"] = PatchDiscriminator(cfg.disc_channels, cfg.disc_layers)
         self.facerec = facerec.eval().requires_grad_(False)  # frozen; kept out of `modules` (not trained)
         self.degradation = get_preset(cfg.degradation, size=cfg.size)
-        self.train_faces = load_face_folder(cfg.train_dir, size=cfg.size)
+        # uint8 where training runs: on a GPU, batches are then gathered and degraded without leaving it
+        self.train_faces = load_face_folder(cfg.train_dir, size=cfg.size).to(train_device())
         self.val_gt = to_model_range(load_face_folder(cfg.val_dir, size=cfg.size, limit=cfg.val_count))
         self.val_lq, _ = degrade_batch(self.val_gt, self.degradation, torch.Generator().manual_seed(cfg.val_seed))
         with torch.no_grad():
@@ -130,7 +131,7 @@ class IRNStage:
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + micro_step) * 1024 + rank)
         if self.cfg.hflip:
             flip = torch.rand(len(idx), generator=g) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
         if self.cfg.realistic is None:
             x_d, _ = degrade_batch(x, self.degradation, g)
         else:

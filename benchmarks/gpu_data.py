@@ -1,0 +1,76 @@
+"""Packs what a GPU training session needs into .gpu/ (git-ignored; it travels with the repository to a machine
+that has no ../shared and no dlib models), sized to a byte budget:
+
+    .gpu/faces.zip           train/*.webp: training faces, evenly spread over the given folders, re-encoded as WebP
+                             (quality 90: ~2.9 KB and ~41 dB to the 128-px JPEG originals); val/*.jpg: the first
+                             --val faces of the validation folder. One stored (uncompressed) zip, since a transfer
+                             that counts disk blocks charges thousands of small files ~4 KB each;
+                             benchmarks/gpu_session.sh unpacks it into .gpu/data/
+    .gpu/cache/facerec/      the dlib face-recognition ResNet, fp16, in the cache layout of identity/facerec.py
+
+    python benchmarks/gpu_data.py --budget-mib 17
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from clrface.data.datasets import IMAGE_SUFFIXES
+from clrface.data.io import cache_root
+from clrface.identity.facerec import load_facerec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train", nargs="+",
+                    default=["../shared/data/faces128/train", "../shared/data/faces128/train_extra"])
+    ap.add_argument("--val-dir", default="../shared/data/faces128/val")
+    ap.add_argument("--val", type=int, default=64)
+    ap.add_argument("--budget-mib", type=float, default=17.0, help="bytes for the training faces")
+    ap.add_argument("--quality", type=int, default=90)
+    ap.add_argument("--out", default=str(ROOT / ".gpu"))
+    a = ap.parse_args()
+    out = Path(a.out)
+    shutil.rmtree(out / "data", ignore_errors=True)
+    out.mkdir(exist_ok=True)
+    faces = zipfile.ZipFile(out / "faces.zip", "w", zipfile.ZIP_STORED)
+
+    load_facerec()  # fills the local cache if it is empty
+    state = load_file(str(cache_root() / "facerec" / "dlib_resnet_v1.safetensors"))
+    (out / "cache" / "facerec").mkdir(parents=True, exist_ok=True)
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()},
+              str(out / "cache" / "facerec" / "dlib_resnet_v1.safetensors"))
+
+    for p in sorted(Path(a.val_dir).iterdir())[: a.val]:
+        faces.write(p, f"val/{p.name}")
+
+    files = sorted(p for d in a.train for p in Path(d).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    encoded = []
+    for p in files:  # every face once, then keep an even spread that fits
+        buf = io.BytesIO()
+        Image.open(p).convert("RGB").save(buf, "WEBP", quality=a.quality)
+        encoded.append((p.stem, buf.getvalue()))
+    sizes = np.array([len(b) for _, b in encoded])
+    n = min(len(encoded), int(a.budget_mib * 2**20 / sizes.mean()))
+    while n and sizes[np.linspace(0, len(encoded) - 1, n).round().astype(int)].sum() > a.budget_mib * 2**20:
+        n -= 50
+    keep = np.unique(np.linspace(0, len(encoded) - 1, n).round().astype(int))
+    for i in keep:
+        faces.writestr(f"train/{encoded[i][0]}.webp", encoded[i][1])
+    faces.close()
+    print(f"{len(keep)} of {len(files)} training faces, {sizes[keep].sum() / 2**20:.1f} MiB; "
+          f"{a.val} validation faces; facerec fp16")
+
+
+if __name__ == "__main__":
+    main()
