@@ -12,7 +12,8 @@ unmatched detections per photo. Time is wall-clock per photo including the 68-po
 
 Methods: ``former`` = the detector before tiling (photo shrunk to 2.5 MP, dlib upsampling only
 while the upsampled copy stays under 2.5 MP); ``hog`` / ``cnn`` = ``detect_faces`` default
-(multi-scale passes in overlapping tiles, faces down to ``--min-face`` px) with dlib's HOG or MMOD.
+(multi-scale passes in overlapping tiles, faces down to ``--min-face`` px) with dlib's HOG or MMOD;
+``hog-unconfirmed`` = ``hog`` keeping weak boxes that the CNN does not confirm (``confirm_weak=False``).
 The MMOD CNN costs ~6 s per scaled megapixel on one core, so it runs on ``--cnn-photos`` photos
 of the smallest size only.
 
@@ -59,6 +60,8 @@ def run(method: str, img: np.ndarray, min_face: float) -> tuple[np.ndarray, floa
     t = time.perf_counter()
     if method == "former":
         boxes = former_default(img, "hog")
+    elif method == "hog-unconfirmed":  # every HOG box, weak ones not shown to the CNN
+        boxes = np.array([f.box for f in detect_faces(img, min_face=min_face, confirm_weak=False)]).reshape(-1, 4)
     else:
         boxes = np.array([f.box for f in detect_faces(img, detector=method, min_face=min_face)]).reshape(-1, 4)
     return boxes, time.perf_counter() - t
@@ -211,7 +214,8 @@ def main() -> None:
             img, gt = group_photo(rng, mp, backgrounds, faces)
             small = (gt[:, 2] - gt[:, 0]) < 56
             for variant, im in (("clean", img), ("old", degrade(img, rng))):
-                methods = ["former", "hog"] + (["cnn"] if mp == min(args.sizes) and k < args.cnn_photos else [])
+                methods = ["former", "hog-unconfirmed", "hog"]
+                methods += ["cnn"] if mp == min(args.sizes) and k < args.cnn_photos else []
                 for method in methods:
                     det, sec = run(method, im, args.min_face)
                     hit = match(gt, det)

@@ -34,11 +34,11 @@ declare -A ARGS=(
   [irn-l]="irn --config configs/irn-128-wide.yaml"
   [extreme]="irn --config configs/irn-128-extreme.yaml --set stage.init_from=src/clrface/weights/extreme/irn
              --set train.batch_size=128 --set train.steps=100000 --set train.ema_decay=0.999 --set train.val_every=500
-             --set train.ckpt_every=1000 --set train.out_dir=runs/irn-128-extreme-gpu"
+             --set train.ckpt_every=1000 --set stage.degrade_steps=8 --set train.out_dir=runs/irn-128-extreme-gpu"
   [prior]="prior --config configs/prior-128-x3.yaml --set train.batch_size=256 --set stage.lr=2.0e-4
-           --set train.steps=100000 --set train.ckpt_every=1000 --set train.out_dir=runs/prior-gpu"
+           --set train.steps=100000 --set train.ckpt_every=1000 --set stage.degrade_steps=8 --set train.out_dir=runs/prior-gpu"
   [prior-st]="prior --config configs/prior-128-x3-start.yaml --set train.batch_size=256 --set stage.lr=2.0e-4
-              --set train.steps=100000 --set train.ckpt_every=1000 --set train.out_dir=runs/prior-gpu-start"
+              --set train.steps=100000 --set train.ckpt_every=1000 --set stage.degrade_steps=8 --set train.out_dir=runs/prior-gpu-start"
 )
 declare -A PIDS DIRS
 for r in $RUNS; do

@@ -7,11 +7,20 @@ import sys
 
 import numpy as np
 import pytest
+import skimage.data
 from PIL import Image
 
 from clrface.errors import ClrfaceError
 from clrface.faces import detect
-from clrface.faces.detect import detect_faces, landmarks5, landmarks68, models_dir
+from clrface.faces.detect import (
+    CONFIRM_SCORE,
+    box_iou,
+    confirmed_by_cnn,
+    detect_faces,
+    landmarks5,
+    landmarks68,
+    models_dir,
+)
 
 
 def _photo(real_data, name: str) -> np.ndarray:
@@ -208,3 +217,22 @@ def test_cnn_fallback_finds_a_turned_face(real_data):
     assert detect_faces(photo, cnn_fallback_pixels=0) == []
     (f,) = detect_faces(photo)
     assert f.box[0] < 110 < f.box[2] and f.box[1] < 110 < f.box[3]
+
+
+def test_box_iou():
+    a = np.array([[0, 0, 10, 10], [20, 20, 30, 30]])
+    iou = box_iou(a, np.array([[0, 0, 10, 10], [5, 0, 15, 10]]))
+    assert iou.shape == (2, 2)
+    np.testing.assert_allclose(iou, [[1.0, 50 / 150], [0.0, 0.0]])
+
+
+def test_weak_box_on_a_badge_is_dropped_unless_the_cnn_confirms_it():
+    # the astronaut portrait at 256 px: HOG also boxes the round mission patch on the suit (score ~0.004)
+    img = np.asarray(Image.fromarray(skimage.data.astronaut()).resize((256, 256), Image.BICUBIC))
+    every = detect_faces(img, confirm_weak=False)
+    assert len(every) == 2 and min(f.score for f in every) < CONFIRM_SCORE
+    faces = detect_faces(img)
+    assert len(faces) == 1 and faces[0].score > 1.0
+    assert box_iou(faces[0].box, every[0].box)[0, 0] == 1.0  # the face itself is untouched
+    patch = min(every, key=lambda f: f.score)
+    assert not confirmed_by_cnn(img, patch.box) and confirmed_by_cnn(img, faces[0].box)

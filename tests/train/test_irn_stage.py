@@ -91,6 +91,22 @@ def test_batches_are_a_pure_function_of_the_step(facerec, faces_dirs):
     torch.testing.assert_close(_stage(faces_dirs, facerec).val_lq, st.val_lq, rtol=0, atol=0)
 
 
+def test_chunked_degradation_serves_the_same_faces_per_step(facerec, faces_dirs):
+    one, four = _stage(faces_dirs, facerec), _stage(faces_dirs, facerec, degrade_steps=4)
+    faces = to_model_range(one.train_faces)
+    for step in (5, 4, 7, 9):  # out of order: steps 4-7 share a chunk, 9 starts the next
+        a, b = one.batch(step, 0, 1), four.batch(step, 0, 1)
+        assert b["gt"].shape == b["lq"].shape == (2, 3, 128, 128)
+        # the step's faces (up to the flip, drawn per chunk), degraded differently
+        for x, y in zip(a["gt"], b["gt"]):
+            assert torch.equal(x, y) or torch.equal(x, y.flip(-1))
+            assert any(torch.equal(y, f) or torch.equal(y, f.flip(-1)) for f in faces)
+        assert (b["lq"] - b["gt"]).abs().mean() > 0.005
+    # a chunk is a pure function of its index: a fresh stage asked for step 6 first agrees
+    again = _stage(faces_dirs, facerec, degrade_steps=4)
+    assert torch.equal(again.batch(6, 0, 1)["lq"], four.batch(6, 0, 1)["lq"])
+
+
 def test_validate_reports_input_and_output_numbers(facerec, faces_dirs, tmp_path):
     st = _stage(faces_dirs, facerec)
     vals = st.validate(IRN(TINY).eval(), 0, tmp_path)  # untrained IRN = identity: output numbers == input's

@@ -38,6 +38,20 @@ def test_prior_stage_trains_and_exports_with_stats(tiny_models, tmp_path):
     assert "val/psnr_direct" in (out / "log.csv").read_text()
 
 
+def test_prior_stage_chunks_are_pure_functions_of_their_index(tiny_models, tmp_path):
+    cfg = PriorTrainConfig(vqgan=str(tiny_models["vqgan"]), train_dir=str(tiny_models["faces"]),
+                           val_dir=str(tiny_models["faces"]), val_count=4, degrade_steps=3)
+
+    def stage():
+        return PriorStage(tiny_models["unet_cfg"], 1.0, ScheduleConfig(), cfg, seed=0, batch_size=4, out_dir=tmp_path)
+
+    a, b = stage(), stage()
+    steps = [a.batch(s, 0, 1) for s in (3, 4, 5)]  # one chunk: three different batches
+    assert all(x["z0"].shape == (4, 3, 8, 8) and x["sigma"].shape == (4,) for x in steps)
+    assert not torch.equal(steps[0]["noise"], steps[1]["noise"])
+    assert all(torch.equal(steps[1][k], b.batch(4, 0, 1)[k]) for k in steps[1])  # asked first, the same batch
+
+
 def test_prior_stage_init_from_checkpoint(tiny_models, tmp_path):
     cfg = PriorTrainConfig(vqgan=str(tiny_models["vqgan"]), train_dir=str(tiny_models["faces"]),
                            val_dir=str(tiny_models["faces"]), val_count=4, init_from=str(tiny_models["prior"]))

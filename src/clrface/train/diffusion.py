@@ -56,6 +56,9 @@ class PriorTrainConfig:
     irn: str | None = None
     start_prob: float = 0.0
     start_sigma: tuple[float, float] = (0.05, 4.0)
+    # Batches of this many consecutive micro-steps are made together (as IRNTrainConfig.degrade_steps): on a GPU
+    # degradation and encoding cost a few launches per call, whatever the batch.
+    degrade_steps: int = 1
 
 
 @torch.no_grad()
@@ -119,6 +122,7 @@ class PriorStage:
         self.val_gt = to_model_range(val)
         self.val_lq, _ = degrade_batch(self.val_gt, self.degradation, generator=12345)
         self.val_gt, self.val_lq = self.val_gt.to(dev), self.val_lq.to(dev)
+        self._chunk: tuple = (None, None)  # ((chunk, rank, world), batch) of the last chunk made
 
     @torch.no_grad()
     def _encode_cond(self, x_d: Tensor) -> Tensor:
@@ -126,8 +130,17 @@ class PriorStage:
             return self.vq.encode(x_d)
 
     def batch(self, micro_step: int, rank: int, world: int) -> dict[str, Tensor]:
-        idx = step_indices(micro_step, len(self.faces), self.batch_size, self.seed, rank, world)
-        g = torch.Generator().manual_seed(self.seed * 7919 + micro_step * 31 + rank)
+        chunk, pos = divmod(micro_step, self.cfg.degrade_steps)
+        if self._chunk[0] != (chunk, rank, world):
+            self._chunk = ((chunk, rank, world), self._chunk_batch(chunk, rank, world))
+        return {k: v[pos * self.batch_size : (pos + 1) * self.batch_size] for k, v in self._chunk[1].items()}
+
+    def _chunk_batch(self, chunk: int, rank: int, world: int) -> dict[str, Tensor]:
+        """The batches of the degrade_steps micro-steps of ``chunk``, stacked in step order."""
+        k = self.cfg.degrade_steps
+        idx = torch.cat([step_indices(chunk * k + i, len(self.faces), self.batch_size, self.seed, rank, world)
+                         for i in range(k)])
+        g = torch.Generator().manual_seed(self.seed * 7919 + chunk * 31 + rank)
         flip = (torch.rand(len(idx), generator=g) < 0.5) if self.cfg.hflip else torch.zeros(len(idx), dtype=torch.bool)
         x = to_model_range(self.faces[idx])
         dev = x.device

@@ -61,6 +61,10 @@ class IRNTrainConfig:
     # None: the paper's single `degradation` round; a RealisticConfig (a dict in YAML) adds a second round,
     # faded colours, grain and grayscale on top of it (data/realistic.py)
     realistic: RealisticConfig | None = None
+    # Batches of this many consecutive micro-steps are gathered and degraded together (each chunk a pure
+    # function of its index, so resume stays exact): on a GPU the degradation is a few launches per low-res
+    # size, whatever the batch, so one call for 8 steps costs about what one step's did.
+    degrade_steps: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.realistic, dict):
@@ -114,6 +118,7 @@ class IRNStage:
             self.modules["disc"] = PatchDiscriminator(cfg.disc_channels, cfg.disc_layers)
         self.facerec = facerec.eval().requires_grad_(False)  # frozen; kept out of `modules` (not trained)
         self.degradation = get_preset(cfg.degradation, size=cfg.size)
+        self._chunk: tuple = (None, None)  # ((chunk, rank, world), (gt, lq)) of the last degraded chunk
         # uint8 where training runs: on a GPU, batches are then gathered and degraded without leaving it
         self.train_faces = load_face_folder(cfg.train_dir, size=cfg.size).to(train_device())
         self.val_gt = to_model_range(load_face_folder(cfg.val_dir, size=cfg.size, limit=cfg.val_count))
@@ -125,10 +130,20 @@ class IRNStage:
         self.val_psnr_in = psnr(self.val_lq, self.val_gt).mean().item()
 
     def batch(self, micro_step: int, rank: int, world: int) -> dict[str, Tensor]:
-        idx = step_indices(micro_step, len(self.train_faces), self.batch_size, self.seed, rank, world)
+        chunk, pos = divmod(micro_step, self.cfg.degrade_steps)
+        if self._chunk[0] != (chunk, rank, world):
+            self._chunk = ((chunk, rank, world), self._degraded_chunk(chunk, rank, world))
+        gt, lq = (t[pos * self.batch_size : (pos + 1) * self.batch_size] for t in self._chunk[1])
+        return {"gt": gt, "lq": lq}
+
+    def _degraded_chunk(self, chunk: int, rank: int, world: int) -> tuple[Tensor, Tensor]:
+        """(gt, lq) of the degrade_steps micro-steps of ``chunk``, stacked in step order."""
+        k = self.cfg.degrade_steps
+        idx = torch.cat([step_indices(chunk * k + i, len(self.train_faces), self.batch_size, self.seed, rank, world)
+                         for i in range(k)])
         x = to_model_range(self.train_faces[idx])
-        # one generator per (seed, micro-step, process): flips and degradations replay exactly on resume
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + micro_step) * 1024 + rank)
+        # one generator per (seed, chunk, process): flips and degradations replay exactly on resume
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + chunk) * 1024 + rank)
         if self.cfg.hflip:
             flip = torch.rand(len(idx), generator=g) < 0.5
             x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
@@ -136,7 +151,7 @@ class IRNStage:
             x_d, _ = degrade_batch(x, self.degradation, g)
         else:
             x_d, x = degrade_realistic(x, self.degradation, self.cfg.realistic, g)
-        return {"gt": x, "lq": x_d}
+        return x, x_d
 
     def objectives(self, m: dict[str, nn.Module]) -> list[Objective]:
         irn, cfg = m["irn"], self.cfg
