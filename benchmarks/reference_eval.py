@@ -11,8 +11,11 @@ i + N/2. Degradation: ``--preset`` at 128 px (``x32`` is x8 there, ``x64`` x16),
 
 Rows: the degraded input; the IRN alone (mode irn); the full pipeline without a reference; with one reference;
 with three (on the identities that have them, against the same faces without); the wrong person's reference,
-forced. Per row: IDS (dlib cosine to the clean A), the same-person rate (dlib's raw descriptor distance < 0.6),
-both also after a fixed extra blur (sigma 1 px) + JPEG 75 of the restored face, so that identity carried by an
+forced; with ``--blend W``, one reference and the sampler's start latent blended W of the way toward the
+reference photo's latent.
+
+Per row: IDS (dlib cosine to the clean A), the same-person rate (dlib's raw descriptor distance < 0.6), both also
+after a fixed extra blur (sigma 1 px) + JPEG 75 of the restored face, so that identity carried by an
 adversarial pattern of the recogniser that guides and scores alike does not count; LMD with ``--lmd``; FID with
 ``--fid``. The wrong row also reports its same-person rate to the wrong identity's own clean A.
 
@@ -68,6 +71,21 @@ def restore(restorer: Restorer, faces: np.ndarray, opts: Any, reference: torch.T
     return to_uint8(out.restored[:, 0]).numpy()
 
 
+def restore_blended(restorer: Restorer, faces: np.ndarray, opts: Any, reference: torch.Tensor, ref_crops: np.ndarray,
+                    weight: float) -> np.ndarray:
+    """As ``restore`` with the reference, and the sampler's start latent moved ``weight`` of the way from the IRN
+    output's latent to the reference photo's own latent (the reference crop, aligned like the input)."""
+    out = []
+    for i in range(0, len(faces), opts.batch_size):
+        with torch.no_grad():
+            z_ref = restorer.encode(to_model_range(ref_crops[i:i + opts.batch_size]).to(restorer.device))
+        res = restorer.restore_faces(to_model_range(faces[i:i + opts.batch_size]), opts, first_index=i,
+                                     reference=reference[i:i + opts.batch_size],
+                                     start=lambda z, zr=z_ref: torch.lerp(z, zr.to(z.dtype), weight))
+        out.append(to_uint8(res.restored[:, 0]).numpy())
+    return np.concatenate(out)
+
+
 @torch.no_grad()
 def descriptors(restorer: Restorer, faces: np.ndarray, batch: int = 64) -> torch.Tensor:
     """dlib's raw descriptors [N,128] float64 of uint8 [N,S,S,3] faces (their distance < 0.6: same person)."""
@@ -121,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calibrate-only", action="store_true", help="only the matched / wrong cosines")
     ap.add_argument("--lmd", action="store_true")
     ap.add_argument("--fid", action="store_true", help="FID against faces128/train (cached statistics)")
+    ap.add_argument("--blend", type=float, nargs="*", default=[],
+                    help="also rows with one reference and the start latent blended this far toward the reference's")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
@@ -157,10 +177,16 @@ def main(argv: list[str] | None = None) -> int:
                 "full + wrong person's reference (forced)": (full, e_ref1[wrong], None)}
         if three:
             runs["full + 3 references"] = (full, e_ref3, three)
-        for name, (opts, ref, sel) in runs.items():
+        ref_crops = np.stack([load_image(p[1]) for p in people])
+        for w in args.blend:
+            runs[f"full + 1 reference, start {w:g} toward it"] = (full, e_ref1, None, w)
+        for name, (opts, ref, sel, *blend) in runs.items():
             idx = np.arange(n) if sel is None else np.array(sel)
             log(f"{name}: {len(idx)} faces")
-            out = restore(restorer, deg[idx], opts, None if ref is None else ref.float())
+            if blend:
+                out = restore_blended(restorer, deg, opts, ref.float(), ref_crops, blend[0])
+            else:
+                out = restore(restorer, deg[idx], opts, None if ref is None else ref.float())
             rows[name] = scores(restorer, out, d_gt[idx], clean[idx], args.lmd)
             if sel is None:
                 images[name] = out
@@ -181,8 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     result["header"] = header(restorer.device, args.threads)
     (out_dir / "reference_eval.json").write_text(json.dumps(result, indent=1) + "\n")
     if len(images) > 2:
-        ref_b = np.stack([load_image(p[1]) for p in people])
-        cols = [*images.values(), ref_b]
+        cols = [*images.values(), np.stack([load_image(p[1]) for p in people])]
         grid = np.concatenate([np.concatenate([c[i] for c in cols], 1) for i in range(min(8, n))], 0)
         Image.fromarray(grid).save(out_dir / "rows.png")
     print(format_markdown(result, rows))
