@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -331,11 +332,8 @@ def apply_degradation_batch(
     v = _fft_blur(v, kernels)
     out = torch.empty(b, 3, h, w, device=dev)
     start = 0
-    while start < b:
-        end = start
-        while end < b and key[order[end]] == key[order[start]]:
-            end += 1
-        lh, lw, mode, has_jpeg = key[order[start]]
+    for (lh, lw, mode, has_jpeg), members in itertools.groupby(order, key=key.__getitem__):
+        end = start + len(list(members))
         lo = F.interpolate(v[start:end], size=(lh, lw), mode=mode, antialias=True, align_corners=False)
         if any(p.noise_sigma > 0 for p in ps[start:end]):
             n = torch.randn(end - start, 3, lh, lw, generator=noise_gen, device=dev)
