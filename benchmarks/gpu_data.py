@@ -2,7 +2,7 @@
 that has no ../shared and no dlib models), sized to a byte budget:
 
     .gpu/faces.zip           train/*.webp: training faces, evenly spread over the given folders, re-encoded as WebP
-                             (quality 90: ~2.9 KB and ~41 dB to the 128-px JPEG originals); val/*.jpg: the first
+                             (quality 85: ~2.2 KB and ~39 dB to the 128-px JPEG originals); val/*.jpg: the first
                              --val faces of the validation folder. One stored (uncompressed) zip, since a transfer
                              that counts disk blocks charges thousands of small files ~4 KB each;
                              benchmarks/gpu_session.sh unpacks it into .gpu/data/
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--val-dir", default="../shared/data/faces128/val")
     ap.add_argument("--val", type=int, default=64)
     ap.add_argument("--budget-mib", type=float, default=17.0, help="bytes for the training faces")
-    ap.add_argument("--quality", type=int, default=90)
+    ap.add_argument("--quality", type=int, default=85)
     ap.add_argument("--out", default=str(ROOT / ".gpu"))
     a = ap.parse_args()
     out = Path(a.out)

@@ -8,6 +8,11 @@
 #   extreme   the x8 model continued (configs/irn-128-extreme.yaml from the shipped extreme IRN)
 #   prior     the latent prior continued (configs/prior-128-x3.yaml)
 #   prior-st  the same, also trained on the sampler's start states (configs/prior-128-x3-start.yaml)
+#   irn-adv   the default IRN continued with the PatchGAN term doubled (adv_weight 0.5)
+#   extreme-gan  the x8 model continued with facerec-perceptual + PatchGAN terms added to Eq. 11 (L1 + identity
+#             alone learns patterns the recogniser scores but a person does not see)
+#   decoder, decoder-hi  the VQGAN decoder, encoder and codebook frozen (configs/vqgan-128-ft-x3.yaml), at PatchGAN
+#             weights 1.5 and 4 against the detail the decoder still loses (val lapvar_ratio)
 # Inputs sit in .gpu/ (git-ignored; made by benchmarks/gpu_data.py): a zip of training faces and 64 validation
 # faces, unpacked first, and the face-recognition network's fp16 cache. Every run gets SIGTERM at the deadline,
 # checkpoints and exports; results land in $OUT: log.txt and one tar per run (model/ in fp16 as shipped, log.csv,
@@ -16,7 +21,7 @@
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 BUDGET_S=${BUDGET_S:-560}  # runs are stopped this many seconds after the script started, less the packing time
-RUNS=${RUNS:-"irn irn-m irn-l extreme prior prior-st"}
+RUNS=${RUNS:-"prior-st decoder decoder-hi extreme-gan irn-adv"}
 EXTRA=${EXTRA:-}  # more --set overrides for every run (a CPU dry run: EXTRA="--set train.batch_size=4 ...")
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 CLRFACE_CACHE=$PWD/.gpu/cache
@@ -39,6 +44,18 @@ declare -A ARGS=(
            --set train.steps=100000 --set train.ckpt_every=1000 --set stage.degrade_steps=8 --set train.out_dir=runs/prior-gpu"
   [prior-st]="prior --config configs/prior-128-x3-start.yaml --set train.batch_size=256 --set stage.lr=2.0e-4
               --set train.steps=100000 --set train.ckpt_every=1000 --set stage.degrade_steps=8 --set train.out_dir=runs/prior-gpu-start"
+  [irn-adv]="irn --config configs/irn-128-gpu.yaml --set stage.adv_weight=0.5 --set train.out_dir=runs/irn-128-gpu-adv05"
+  [extreme-gan]="irn --config configs/irn-128-extreme.yaml --set stage.init_from=src/clrface/weights/extreme/irn
+                 --set stage.perceptual_weight=0.5 --set stage.adv_weight=0.25 --set stage.disc_channels=64
+                 --set stage.disc_layers=3 --set stage.disc_lr=1.0e-4 --set train.batch_size=128 --set train.steps=100000
+                 --set train.ema_decay=0.999 --set train.val_every=500 --set train.ckpt_every=1000
+                 --set stage.degrade_steps=8 --set train.out_dir=runs/irn-128-extreme-gan"
+  [decoder]="vqgan --config configs/vqgan-128-ft-x3.yaml --set stage.adv_weight=1.5 --set stage.lr=1.0e-4
+             --set train.batch_size=32 --set train.steps=100000 --set train.max_minutes=0 --set train.val_every=500
+             --set train.ckpt_every=1000 --set train.out_dir=runs/vqgan-gpu-adv15"
+  [decoder-hi]="vqgan --config configs/vqgan-128-ft-x3.yaml --set stage.adv_weight=4.0 --set stage.lr=1.0e-4
+                --set train.batch_size=32 --set train.steps=100000 --set train.max_minutes=0 --set train.val_every=500
+                --set train.ckpt_every=1000 --set train.out_dir=runs/vqgan-gpu-adv4"
 )
 declare -A PIDS DIRS
 for r in $RUNS; do

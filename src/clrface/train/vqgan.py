@@ -15,7 +15,7 @@ from clrface.data.datasets import load_face_folder
 from clrface.data.io import to_model_range, to_uint8
 from clrface.metrics.noref import laplacian_variance
 from clrface.metrics.psnr_ssim import psnr
-from clrface.train.engine import Objective, step_indices
+from clrface.train.engine import Objective, step_indices, train_device
 from clrface.vqgan.losses import adaptive_weight, generator_adv_loss, gradient_l1, hinge_d_loss
 from clrface.vqgan.model import VQGAN, PatchDiscriminator, VQGANConfig
 from clrface.vqgan.quantizer import code_usage
@@ -68,7 +68,8 @@ class VQGANStage:
         if cfg.adv_weight > 0:
             self.modules["disc"] = PatchDiscriminator(cfg.disc_channels, cfg.disc_layers)
         self.perceptual_fn = perceptual_fn
-        self.train_faces = load_face_folder(cfg.train_dir, size=model_cfg.resolution)
+        # uint8 where training runs: on a GPU a batch is then gathered without a host-to-device copy
+        self.train_faces = load_face_folder(cfg.train_dir, size=model_cfg.resolution).to(train_device())
         self.val_faces = to_model_range(load_face_folder(cfg.val_dir, size=model_cfg.resolution, limit=cfg.val_count))
 
     def batch(self, micro_step: int, rank: int, world: int) -> dict[str, Tensor]:
@@ -76,7 +77,7 @@ class VQGANStage:
         x = to_model_range(self.train_faces[idx])
         if self.cfg.hflip:
             flip = torch.rand(len(idx), generator=torch.Generator().manual_seed(micro_step)) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
         return {"gt": x}
 
     def objectives(self, m: dict[str, nn.Module]) -> list[Objective]:
