@@ -11,6 +11,7 @@
 #   irn-adv   the default IRN continued with the PatchGAN term doubled (adv_weight 0.5)
 #   extreme-gan  the x8 model continued with facerec-perceptual + PatchGAN terms added to Eq. 11 (L1 + identity
 #             alone learns patterns the recogniser scores but a person does not see)
+#   extreme-jit, irn-jit  extreme-gan and irn-adv with the recogniser's terms on jittered chips (stage.id_jitter)
 #   decoder, decoder-hi  the VQGAN decoder, encoder and codebook frozen (configs/vqgan-128-ft-x3.yaml), at PatchGAN
 #             weights 1.5 and 4 against the detail the decoder still loses (val lapvar_ratio)
 # Inputs sit in .gpu/ (git-ignored; made by benchmarks/gpu_data.py): a zip of training faces and 64 validation
@@ -50,6 +51,13 @@ declare -A ARGS=(
                  --set stage.disc_layers=3 --set stage.disc_lr=1.0e-4 --set train.batch_size=128 --set train.steps=100000
                  --set train.ema_decay=0.999 --set train.val_every=500 --set train.ckpt_every=1000
                  --set stage.degrade_steps=8 --set train.out_dir=runs/irn-128-extreme-gan"
+  [extreme-jit]="irn --config configs/irn-128-extreme.yaml --set stage.init_from=src/clrface/weights/extreme/irn
+                 --set stage.perceptual_weight=0.5 --set stage.adv_weight=0.25 --set stage.disc_channels=64
+                 --set stage.disc_layers=3 --set stage.disc_lr=1.0e-4 --set train.batch_size=128 --set train.steps=100000
+                 --set train.ema_decay=0.999 --set train.val_every=250 --set train.ckpt_every=1000
+                 --set stage.degrade_steps=8 --set stage.id_jitter=0.03 --set train.out_dir=runs/irn-128-extreme-jit"
+  [irn-jit]="irn --config configs/irn-128-gpu.yaml --set stage.adv_weight=0.5 --set stage.id_jitter=0.03
+             --set train.val_every=250 --set train.out_dir=runs/irn-128-gpu-jit"
   [decoder]="vqgan --config configs/vqgan-128-ft-x3.yaml --set stage.adv_weight=1.5 --set stage.lr=1.0e-4
              --set train.batch_size=32 --set train.steps=100000 --set train.max_minutes=0 --set train.val_every=500
              --set train.ckpt_every=1000 --set train.out_dir=runs/vqgan-gpu-adv15"

@@ -16,6 +16,7 @@ from clrface.identity.facerec import (
     _dlib_add,
     chip_affine,
     identity_loss,
+    jittered_affines,
     load_facerec,
     perceptual_distance,
     similarity_fit,
@@ -252,3 +253,15 @@ def test_identity_gradient_optimisation_same_person(fr: DlibFaceRecognizer):
         loss5 = identity_loss(fr.embed(x), target)
     assert loss5.item() < 0.5 * loss0.item()
     assert (x - a).abs().max() < 0.05  # a small image change suffices
+
+
+def test_jittered_affines_stay_within_the_amount():
+    base = torch.tensor([[0.004, 0.0, 0.1], [0.0, 0.004, 0.2]], dtype=torch.float64)
+    out = jittered_affines(base, 500, 0.05, torch.Generator().manual_seed(0))
+    assert out.shape == (500, 2, 3)
+    shift = out[:, :, 2] - base[:, 2]
+    assert shift.abs().max() <= 0.05 and shift.abs().max() > 0.045  # uniform in +-amount
+    scale = out[:, 0, 0] / base[0, 0]
+    assert scale.min() >= 0.95 and scale.max() <= 1.05 and scale.std() > 0.02
+    torch.testing.assert_close(out[:, 0, 1], torch.zeros(500, dtype=torch.float64))  # no rotation or shear
+    torch.testing.assert_close(jittered_affines(base, 3, 0.0), base.expand(3, 2, 3))

@@ -154,3 +154,13 @@ def test_adversarial_option_adds_a_discriminator_objective(faces_dirs, facerec):
     d_loss.backward()
     assert d_logs["d_loss"] > 0 and all(p.grad is not None for p in stage.modules["disc"].parameters())
     assert g.name == "irn" and d.name == "disc"
+
+
+def test_jittered_identity_loss_shares_the_chip_of_output_and_target(facerec, faces_dirs):
+    gt = to_model_range(load_face_folder(faces_dirs[1]))[:2]
+    torch.manual_seed(0)
+    same, logs = irn_loss(gt.clone(), gt, facerec, alpha=1.0, jitter=0.05)
+    assert logs["id"] < 1e-5  # the output is the GT: the same random chip on both sides
+    other, logs_other = irn_loss(gt.flip(0), gt, facerec, alpha=0.0, jitter=0.05)
+    plain, logs_plain = irn_loss(gt.flip(0), gt, facerec, alpha=0.0)
+    assert logs_other["id"] > 0.05 and abs(logs_other["id"] - logs_plain["id"]) < 0.05  # a small perturbation

@@ -263,6 +263,19 @@ def ffhq_chip_affine(size: int = CHIP_SIZE, padding: float = CHIP_PADDING) -> Te
     return chip_affine(torch.tensor(FFHQ_LANDMARKS5, dtype=torch.float64), size, padding)
 
 
+def jittered_affines(affine: Tensor, n: int, amount: float, generator: torch.Generator | None = None) -> Tensor:
+    """``n`` random perturbations [n,2,3] of a chip affine [2,3]: shifted by up to ``amount`` of the image and
+    scaled by up to 1 +- ``amount``. A loss through the recogniser averaged over such chips (the same chip for an
+    output and its target) does not reward a pattern tied to one sampling grid: an adversarial texture for one
+    chip is noise for the next.
+    """
+    u = torch.rand(n, 3, generator=generator, dtype=torch.float64) * 2 - 1
+    out = affine.detach().to("cpu", torch.float64).expand(n, 2, 3).clone()
+    out[:, :, :2] *= (1 + amount * u[:, 2])[:, None, None]
+    out[:, :, 2] += amount * u[:, :2]
+    return out.to(affine.device)
+
+
 def warp_chip(images: Tensor, affine: Tensor, size: int = CHIP_SIZE) -> Tensor:
     """Differentiable dlib chip extraction (bilinear, black outside the image).
 
@@ -332,10 +345,12 @@ class DlibFaceRecognizer(nn.Module):
 
     forward = embed
 
-    def features(self, images: Tensor) -> list[Tensor]:
+    def features(self, images: Tensor, affine: Tensor | None = None) -> list[Tensor]:
         """Activations after the stem and each residual stage of the chip network:
-        [B,32,35,35], [B,32,35,35], [B,64,17,17], [B,128,8,8], [B,256,4,4], [B,256,2,2]."""
-        return self.net.trunk(self._net_input(self.chip(images)))
+        [B,32,35,35], [B,32,35,35], [B,64,17,17], [B,128,8,8], [B,256,4,4], [B,256,2,2].
+        affine: optional [B,2,3] chip affines (e.g. from :func:`jittered_affines`) instead of the FFHQ one."""
+        chips = self.chip(images) if affine is None else warp_chip(images, affine)
+        return self.net.trunk(self._net_input(chips))
 
 
 def identity_loss(e_pred: Tensor, e_target: Tensor) -> Tensor:
