@@ -103,6 +103,10 @@ class RestoreOptions:
     # Guidance scale of faces whose target is a reference photo's identity (mode full; clrface.reference): a
     # clean photo is a target worth pulling harder toward than the IRN's own estimate (docs/reference.md).
     reference_guidance: float = 30.0
+    # Mode full: the share of the restored face's upper octave (detail finer than a half-resolution image holds)
+    # taken from the IRN output x_id instead of the VQGAN decoder, which keeps ~40 % of a face's Laplacian
+    # variance (clrface.faces.detail.upper_band_from). 0 is the paper's pipeline: the decoded latent alone.
+    irn_detail: float = 0.0
 
     def __post_init__(self) -> None:
         if self.color not in COLOR_MODES:
@@ -128,6 +132,8 @@ class RestoreOptions:
             raise ClrfaceError(f"samples and batch_size must be >= 1, got {self.samples}, {self.batch_size}")
         if not (isinstance(self.upscale, int) and 1 <= self.upscale <= MAX_UPSCALE):
             raise ClrfaceError(f"upscale must be an integer in [1, {MAX_UPSCALE}], got {self.upscale}")
+        if not 0.0 <= float(self.irn_detail) <= 1.0:
+            raise ClrfaceError(f"irn_detail must be in [0, 1], got {self.irn_detail}")
         if self.max_faces is not None and self.max_faces < 1:
             raise ClrfaceError(f"max_faces must be >= 1, got {self.max_faces}")
 

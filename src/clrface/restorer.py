@@ -34,6 +34,7 @@ from clrface.diffusion.prior import LatentPrior
 from clrface.diffusion.sampler import SAMPLERS, Denoise, nfe, sample
 from clrface.diffusion.schedule import sigmas_from
 from clrface.errors import ClrfaceError
+from clrface.faces.detail import upper_band_from
 from clrface.identity.facerec import load_facerec
 from clrface.identity.guidance import LatentMask, identity_guided
 from clrface.model_folder import apply_irn, check_compatible, decode_latent, encode_latent, load_model_folder
@@ -294,7 +295,10 @@ class Restorer:
         if interrupt is not None:
             denoise = interruptible(denoise, interrupt)
         z = self.refine(rep(z_init), denoise, sigma_start, o, noise.flatten(0, 1))
-        restored = self.decode(z).clamp(-1, 1).view(b, n, 3, s, s)
+        restored = self.decode(z).float()
+        if o.mode == "full" and o.irn_detail > 0 and self.irn is not None:
+            restored = upper_band_from(restored, rep(x_id.float()), o.irn_detail)
+        restored = restored.clamp(-1, 1).view(b, n, 3, s, s)
         sampling = Sampling(sigma_start, scale, nfe(o.sampler, o.steps) if sigma_start > 0 else 0, ref_scale)
         return restored, x_id, e_id, z, sampling
 

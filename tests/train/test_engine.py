@@ -8,7 +8,7 @@ from accelerate import debug_launcher
 from torch import nn
 
 from clrface.checkpoint import load_weights, save_checkpoint
-from clrface.train.engine import EngineConfig, Objective, lr_at, step_indices, train
+from clrface.train.engine import ChunkedBatches, EngineConfig, Objective, lr_at, step_indices, train
 
 
 @dataclass(frozen=True)
@@ -105,3 +105,20 @@ def test_two_process_accelerate_step(tmp_path):
     debug_launcher(_two_process_run, args=(str(tmp_path / "ddp"),), num_processes=2)
     assert json.loads((tmp_path / "ddp" / "train_state" / "progress.json").read_text())["step"] == 3
     assert torch.isfinite(_weights(tmp_path / "ddp" / "model")["weight"]).all()
+
+
+def test_chunked_batches_make_each_chunk_once_and_serve_step_slices():
+    calls = []
+
+    def make(chunk: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+        calls.append((chunk, rank, world))
+        return {"x": torch.arange(12) + 100 * chunk}  # 4 steps x batch 3
+
+    batches = ChunkedBatches(make, steps=4, batch_size=3)
+    assert batches(5, 0, 1)["x"].tolist() == [103, 104, 105]  # chunk 1, second step
+    assert batches(6, 0, 1)["x"].tolist() == [106, 107, 108]
+    assert batches(7, 0, 1)["x"].tolist() == [109, 110, 111]
+    assert calls == [(1, 0, 1)]
+    assert batches(8, 0, 1)["x"].tolist() == [200, 201, 202]
+    assert batches(8, 1, 2)["x"].tolist() == [200, 201, 202] and calls[-1] == (2, 1, 2)  # another process's chunk
+    assert len(calls) == 3

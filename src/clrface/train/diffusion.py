@@ -23,7 +23,7 @@ from clrface.diffusion.unet import UNetConfig
 from clrface.identity.irn import load_irn
 from clrface.metrics.psnr_ssim import psnr
 from clrface.model_folder import apply_irn
-from clrface.train.engine import Objective, step_indices, train_device
+from clrface.train.engine import ChunkedBatches, Objective, step_indices, train_device
 from clrface.train.vqgan import save_grid
 from clrface.vqgan.model import VQGAN, load_vqgan
 
@@ -122,7 +122,7 @@ class PriorStage:
         self.val_gt = to_model_range(val)
         self.val_lq, _ = degrade_batch(self.val_gt, self.degradation, generator=12345)
         self.val_gt, self.val_lq = self.val_gt.to(dev), self.val_lq.to(dev)
-        self._chunk: tuple = (None, None)  # ((chunk, rank, world), batch) of the last chunk made
+        self.batches = ChunkedBatches(self._chunk_batch, cfg.degrade_steps, batch_size)
 
     @torch.no_grad()
     def _encode_cond(self, x_d: Tensor) -> Tensor:
@@ -130,10 +130,7 @@ class PriorStage:
             return self.vq.encode(x_d)
 
     def batch(self, micro_step: int, rank: int, world: int) -> dict[str, Tensor]:
-        chunk, pos = divmod(micro_step, self.cfg.degrade_steps)
-        if self._chunk[0] != (chunk, rank, world):
-            self._chunk = ((chunk, rank, world), self._chunk_batch(chunk, rank, world))
-        return {k: v[pos * self.batch_size : (pos + 1) * self.batch_size] for k, v in self._chunk[1].items()}
+        return self.batches(micro_step, rank, world)
 
     def _chunk_batch(self, chunk: int, rank: int, world: int) -> dict[str, Tensor]:
         """The batches of the degrade_steps micro-steps of ``chunk``, stacked in step order."""

@@ -87,6 +87,24 @@ def step_indices(micro_step: int, n: int, batch: int, seed: int, rank: int = 0, 
     return torch.tensor(out)
 
 
+class ChunkedBatches:
+    """A stage's batches made ``steps`` consecutive micro-steps at a time by ``make(chunk, rank, world)`` (a dict
+    of tensors stacked in step order, a pure function of its arguments, so resume stays exact) and served one
+    micro-step's slice at a time. On a GPU, degrading is a few kernel launches whatever the batch, so one call for
+    eight steps costs about what one step's did."""
+
+    def __init__(self, make: Callable[[int, int, int], dict[str, Tensor]], steps: int, batch_size: int):
+        self.make, self.steps, self.batch_size = make, steps, batch_size
+        self._key: tuple[int, int, int] | None = None
+        self._batch: dict[str, Tensor] = {}
+
+    def __call__(self, micro_step: int, rank: int, world: int) -> dict[str, Tensor]:
+        chunk, pos = divmod(micro_step, self.steps)
+        if self._key != (chunk, rank, world):
+            self._key, self._batch = (chunk, rank, world), self.make(chunk, rank, world)
+        return {k: v[pos * self.batch_size : (pos + 1) * self.batch_size] for k, v in self._batch.items()}
+
+
 def lr_at(step: int, total: int, obj: Objective) -> float:
     """Linear warm-up then cosine decay to `final_lr_ratio`; stateless so resume needs no scheduler state."""
     if step < obj.start_step:

@@ -30,7 +30,7 @@ from clrface.identity.facerec import (
 )
 from clrface.identity.irn import IRN, IRNConfig
 from clrface.metrics.psnr_ssim import psnr
-from clrface.train.engine import Objective, step_indices, train_device
+from clrface.train.engine import ChunkedBatches, Objective, step_indices, train_device
 from clrface.train.vqgan import save_grid
 from clrface.vqgan.losses import adaptive_weight, generator_adv_loss, hinge_d_loss
 from clrface.vqgan.model import PatchDiscriminator
@@ -130,7 +130,7 @@ class IRNStage:
             self.modules["disc"] = PatchDiscriminator(cfg.disc_channels, cfg.disc_layers)
         self.facerec = facerec.eval().requires_grad_(False)  # frozen; kept out of `modules` (not trained)
         self.degradation = get_preset(cfg.degradation, size=cfg.size)
-        self._chunk: tuple = (None, None)  # ((chunk, rank, world), (gt, lq)) of the last degraded chunk
+        self.batches = ChunkedBatches(self._degraded_chunk, cfg.degrade_steps, batch_size)
         # uint8 where training runs: on a GPU, batches are then gathered and degraded without leaving it
         self.train_faces = load_face_folder(cfg.train_dir, size=cfg.size).to(train_device())
         self.val_gt = to_model_range(load_face_folder(cfg.val_dir, size=cfg.size, limit=cfg.val_count))
@@ -142,14 +142,10 @@ class IRNStage:
         self.val_psnr_in = psnr(self.val_lq, self.val_gt).mean().item()
 
     def batch(self, micro_step: int, rank: int, world: int) -> dict[str, Tensor]:
-        chunk, pos = divmod(micro_step, self.cfg.degrade_steps)
-        if self._chunk[0] != (chunk, rank, world):
-            self._chunk = ((chunk, rank, world), self._degraded_chunk(chunk, rank, world))
-        gt, lq = (t[pos * self.batch_size : (pos + 1) * self.batch_size] for t in self._chunk[1])
-        return {"gt": gt, "lq": lq}
+        return self.batches(micro_step, rank, world)
 
-    def _degraded_chunk(self, chunk: int, rank: int, world: int) -> tuple[Tensor, Tensor]:
-        """(gt, lq) of the degrade_steps micro-steps of ``chunk``, stacked in step order."""
+    def _degraded_chunk(self, chunk: int, rank: int, world: int) -> dict[str, Tensor]:
+        """gt and lq of the degrade_steps micro-steps of ``chunk``, stacked in step order."""
         k = self.cfg.degrade_steps
         idx = torch.cat([step_indices(chunk * k + i, len(self.train_faces), self.batch_size, self.seed, rank, world)
                          for i in range(k)])
@@ -163,7 +159,7 @@ class IRNStage:
             x_d, _ = degrade_batch(x, self.degradation, g)
         else:
             x_d, x = degrade_realistic(x, self.degradation, self.cfg.realistic, g)
-        return x, x_d
+        return {"gt": x, "lq": x_d}
 
     def objectives(self, m: dict[str, nn.Module]) -> list[Objective]:
         irn, cfg = m["irn"], self.cfg
