@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import shutil
 
@@ -11,6 +12,7 @@ from clrface.device import auto_dtype
 from clrface.diffusion.prior import LatentPrior, PriorConfig, load_prior
 from clrface.diffusion.unet import UNetConfig
 from clrface.errors import CheckpointError, ClrfaceError
+from clrface.faces.detail import upper_band_from
 from clrface.faces.paste import paste_mask
 from clrface.options import FidelityMap, RestoreOptions
 from clrface.photo import best_first, restore_photo
@@ -74,6 +76,23 @@ def test_sigma_start_zero_without_guidance_is_decoded_irn_output(restorer):
     torch.testing.assert_close(out.restored[:, 0], expect, atol=1e-5, rtol=0)
     assert out.sampling.nfe == 0
     assert (out.x_id - x).abs().max() > 1e-3  # the IRN did something, so the test can tell
+
+
+def test_irn_detail_takes_the_upper_octave_from_the_irn_output(restorer):
+    x = _faces(2)
+    o = RestoreOptions(sigma_start=0.0, guidance_scale=0.0)
+    plain = restorer.restore_faces(x, o).restored[:, 0]
+    out = restorer.restore_faces(x, RestoreOptions(sigma_start=0.0, guidance_scale=0.0, irn_detail=1.0))
+    with torch.no_grad():
+        x_id = restorer.irn(x).clamp(-1, 1)
+        decoded = restorer.vqgan.decode(restorer.vqgan.encode(x_id))
+    torch.testing.assert_close(out.restored[:, 0], upper_band_from(decoded, x_id).clamp(-1, 1), atol=1e-5, rtol=0)
+    assert (out.restored[:, 0] - plain).abs().max() > 1e-3
+    prior = RestoreOptions(mode="prior", sigma_start=0.0)  # no IRN output to take detail from
+    torch.testing.assert_close(restorer.restore_faces(x, dataclasses.replace(prior, irn_detail=1.0)).restored,
+                               restorer.restore_faces(x, prior).restored)
+    with pytest.raises(ClrfaceError, match="irn_detail"):
+        RestoreOptions(irn_detail=1.5)
 
 
 def test_modes(restorer):

@@ -27,6 +27,7 @@ from clrface.faces.detail import (
     octave_ratio,
     photo_blockiness,
     resize,
+    upper_band_from,
 )
 from clrface.options import RestoreOptions
 from clrface.photo import restore_photo
@@ -179,3 +180,17 @@ def test_restore_keeps_a_clean_face_and_reports_it(restorer, tmp_path):
     off = restore_files([tmp_path / "in" / "clean.png"], tmp_path / "off", restorer, o, aligned=True,
                         progress=False, log=lambda _: None, keep_detail=False)
     assert "keep_detail" not in off["images"][0]["faces"][0]
+
+
+def test_upper_band_from_keeps_the_lower_band_and_takes_the_detail():
+    g = torch.Generator().manual_seed(0)
+    smooth = resize(torch.rand(2, 3, 16, 16, generator=g), 128)
+    detail = torch.rand(2, 3, 128, 128, generator=g) - 0.5
+    sharp = smooth + 0.2 * detail
+    sharp_hi = band_split(sharp, 64)[1]
+    out = upper_band_from(smooth, sharp)
+    assert (resize(out, 32) - resize(smooth, 32)).abs().max() < 0.01  # the half-resolution face is unchanged
+    # the upper octave is now the sharp image's (band_split is no projection, so not to the last digit)
+    assert (band_split(out, 64)[1] - sharp_hi).abs().mean() < 0.25 * sharp_hi.abs().mean()
+    torch.testing.assert_close(upper_band_from(smooth, sharp, 0.0), smooth)
+    torch.testing.assert_close(upper_band_from(sharp, sharp), sharp)
