@@ -155,14 +155,19 @@ def _detect_boxes(image: np.ndarray, upsample: int, detector: str) -> tuple[np.n
     return np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(scores, np.float64)
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU [N, M] of boxes ``a [N, 4]`` and ``b [M, 4]``."""
+def box_overlaps(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(intersection areas [N, M], areas of ``a`` [N, 1], areas of ``b`` [1, M]) of boxes ``a [N, 4]``, ``b [M, 4]``."""
     a, b = np.asarray(a, np.float64).reshape(-1, 1, 4), np.asarray(b, np.float64).reshape(1, -1, 4)
     iw = (np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0])).clip(0)
     ih = (np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1])).clip(0)
     area = lambda x: (x[..., 2] - x[..., 0]).clip(0) * (x[..., 3] - x[..., 1]).clip(0)  # noqa: E731
-    inter = iw * ih
-    return inter / np.maximum(area(a) + area(b) - inter, 1e-9)
+    return iw * ih, area(a), area(b)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU [N, M] of boxes ``a [N, 4]`` and ``b [M, 4]``."""
+    inter, area_a, area_b = box_overlaps(a, b)
+    return inter / np.maximum(area_a + area_b - inter, 1e-9)
 
 
 def confirmed_by_cnn(image: np.ndarray, box: np.ndarray) -> bool:
@@ -245,21 +250,15 @@ def merge_boxes(boxes: np.ndarray, scores: np.ndarray, *, iou: float = MERGE_IOU
     gives near-identical boxes (IoU ~0.8-1), and one found at two scales gives nested boxes.
     Neighbouring faces in a group photo touch but rarely share a third of their boxes.
     """
-    b = np.asarray(boxes, np.float64).reshape(-1, 4)
-    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
-    area = (b[:, 2] - b[:, 0]).clip(0) * (b[:, 3] - b[:, 1]).clip(0)
+    inter, area, _ = box_overlaps(boxes, boxes)
+    area = area[:, 0]
+    union = area[:, None] + area[None, :] - inter
+    small = np.minimum(area[:, None], area[None, :])
+    dup = (inter > iou * union) | (inter > cover * np.maximum(small, 1e-9))
     keep: list[int] = []
-    for i in order:
-        if keep:
-            k = np.asarray(keep)
-            iw = (np.minimum(b[k, 2], b[i, 2]) - np.maximum(b[k, 0], b[i, 0])).clip(0)
-            ih = (np.minimum(b[k, 3], b[i, 3]) - np.maximum(b[k, 1], b[i, 1])).clip(0)
-            inter = iw * ih
-            union = area[k] + area[i] - inter
-            small = np.minimum(area[k], area[i])
-            if np.any(inter > iou * union) or np.any(inter > cover * np.maximum(small, 1e-9)):
-                continue
-        keep.append(int(i))
+    for i in np.argsort(-np.asarray(scores, np.float64), kind="stable"):
+        if not (keep and dup[i, keep].any()):
+            keep.append(int(i))
     return np.asarray(keep, np.int64)
 
 
