@@ -16,14 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clrface.data.io import data_root, list_images, load_image
+from clrface.data.io import data_root, list_images
 from clrface.metrics.bootstrap import paired_set_diff_ci
-from clrface.metrics.fid import folder_stats, frechet_distance_of_set, inception_features, load_inception
+from clrface.metrics.fid import folder_stats, frechet_distance_of_set, inception_features, load_images, load_inception
 
 
 def features(model: torch.nn.Module, files: list[Path]) -> np.ndarray:
-    faces = torch.from_numpy(np.stack([load_image(f) for f in files])).permute(0, 3, 1, 2)
-    return inception_features(model, faces)
+    return inception_features(model, load_images(files))
 
 
 def main() -> None:

@@ -157,7 +157,8 @@ def _folder_key(files: Sequence[Path], root: Path, weights: Path) -> str:
     return h.hexdigest()[:20]
 
 
-def _load_folder(files: Sequence[Path]) -> Tensor:
+def load_images(files: Sequence[Path]) -> Tensor:
+    """uint8 [N,3,H,W] of image files of one size."""
     return torch.from_numpy(np.stack([load_image(f) for f in files])).permute(0, 3, 1, 2)
 
 
@@ -184,7 +185,7 @@ def folder_stats(folder: str | Path, model: torch.nn.Module | None = None, *, we
     model = model if model is not None else load_inception(wpath)
     feats = []
     for i in range(0, len(files), chunk):
-        feats.append(inception_features(model, _load_folder(files[i:i + chunk])))
+        feats.append(inception_features(model, load_images(files[i:i + chunk])))
         if log:
             log(f"FID features {min(i + chunk, len(files))}/{len(files)} of {p}")
     mu, sigma = feature_stats(np.concatenate(feats, 0))
