@@ -8,7 +8,7 @@ that has no ../shared and no dlib models), sized to a byte budget:
                              benchmarks/gpu_session.sh unpacks it into .gpu/data/
     .gpu/cache/facerec/      the dlib face-recognition ResNet, fp16, in the cache layout of identity/facerec.py
 
-    python benchmarks/gpu_data.py --budget-mib 17
+    python benchmarks/gpu_data.py --budget-mib 18
 """
 
 from __future__ import annotations

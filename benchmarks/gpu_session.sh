@@ -5,24 +5,21 @@
 #   irn       the default IRN continued (configs/irn-128-gpu.yaml)
 #   irn-m     a 3.65 M IRN from scratch (configs/irn-128-wide.yaml at channels 48/96/192)
 #   irn-l     a 6.5 M IRN from scratch (configs/irn-128-wide.yaml)
-#   extreme   the x8 model continued (configs/irn-128-extreme.yaml from the shipped extreme IRN)
+#   extreme   the x8 model continued with facerec-perceptual + PatchGAN beside Eq. 11 (configs/irn-128-extreme-gpu.yaml)
 #   prior     the latent prior continued (configs/prior-128-x3.yaml)
 #   prior-st  the same, also trained on the sampler's start states (configs/prior-128-x3-start.yaml)
-#   irn-adv   the default IRN continued with the PatchGAN term doubled (adv_weight 0.5)
-#   extreme-gan  the x8 model continued with facerec-perceptual + PatchGAN terms added to Eq. 11 (L1 + identity
-#             alone learns patterns the recogniser scores but a person does not see)
-#   extreme-jit, irn-jit  extreme-gan and irn-adv with the recogniser's terms on jittered chips (stage.id_jitter)
+#   irn-jit, extreme-jit  irn and extreme with the recogniser's terms on jittered chips (stage.id_jitter)
 #   decoder, decoder-hi  the VQGAN decoder, encoder and codebook frozen (configs/vqgan-128-ft-x3.yaml), at PatchGAN
 #             weights 1.5 and 4 against the detail the decoder still loses (val lapvar_ratio)
 # Inputs sit in .gpu/ (git-ignored; made by benchmarks/gpu_data.py): a zip of training faces and 64 validation
 # faces, unpacked first, and the face-recognition network's fp16 cache. Every run gets SIGTERM at the deadline,
 # checkpoints and exports; results land in $OUT: log.txt and one tar per run (model/ in fp16 as shipped, log.csv,
 # run_config.json, train.log, the last validation grid).
-#   python benchmarks/gpu_data.py --budget-mib 17 && BUDGET_S=545 bash benchmarks/gpu_session.sh
+#   python benchmarks/gpu_data.py --budget-mib 18 && BUDGET_S=555 bash benchmarks/gpu_session.sh
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 BUDGET_S=${BUDGET_S:-560}  # runs are stopped this many seconds after the script started, less the packing time
-RUNS=${RUNS:-"prior-st decoder decoder-hi extreme-gan irn-adv"}
+RUNS=${RUNS:-"irn extreme prior-st decoder"}
 EXTRA=${EXTRA:-}  # more --set overrides for every run (a CPU dry run: EXTRA="--set train.batch_size=4 ...")
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 CLRFACE_CACHE=$PWD/.gpu/cache
@@ -38,26 +35,13 @@ declare -A ARGS=(
   [irn]="irn --config configs/irn-128-gpu.yaml"
   [irn-m]="irn --config configs/irn-128-wide.yaml --set model.channels=[48,96,192] --set train.out_dir=runs/irn-128-wide-m"
   [irn-l]="irn --config configs/irn-128-wide.yaml"
-  [extreme]="irn --config configs/irn-128-extreme.yaml --set stage.init_from=src/clrface/weights/extreme/irn
-             --set train.batch_size=128 --set train.steps=100000 --set train.ema_decay=0.999 --set train.val_every=500
-             --set train.ckpt_every=1000 --set stage.degrade_steps=8 --set train.out_dir=runs/irn-128-extreme-gpu"
+  [extreme]="irn --config configs/irn-128-extreme-gpu.yaml"
   [prior]="prior --config configs/prior-128-x3.yaml --set train.batch_size=256 --set stage.lr=2.0e-4
            --set train.steps=100000 --set train.ckpt_every=1000 --set stage.degrade_steps=8 --set train.out_dir=runs/prior-gpu"
   [prior-st]="prior --config configs/prior-128-x3-start.yaml --set train.batch_size=256 --set stage.lr=2.0e-4
               --set train.steps=100000 --set train.ckpt_every=1000 --set stage.degrade_steps=8 --set train.out_dir=runs/prior-gpu-start"
-  [irn-adv]="irn --config configs/irn-128-gpu.yaml --set stage.adv_weight=0.5 --set train.out_dir=runs/irn-128-gpu-adv05"
-  [extreme-gan]="irn --config configs/irn-128-extreme.yaml --set stage.init_from=src/clrface/weights/extreme/irn
-                 --set stage.perceptual_weight=0.5 --set stage.adv_weight=0.25 --set stage.disc_channels=64
-                 --set stage.disc_layers=3 --set stage.disc_lr=1.0e-4 --set train.batch_size=128 --set train.steps=100000
-                 --set train.ema_decay=0.999 --set train.val_every=500 --set train.ckpt_every=1000
-                 --set stage.degrade_steps=8 --set train.out_dir=runs/irn-128-extreme-gan"
-  [extreme-jit]="irn --config configs/irn-128-extreme.yaml --set stage.init_from=src/clrface/weights/extreme/irn
-                 --set stage.perceptual_weight=0.5 --set stage.adv_weight=0.25 --set stage.disc_channels=64
-                 --set stage.disc_layers=3 --set stage.disc_lr=1.0e-4 --set train.batch_size=128 --set train.steps=100000
-                 --set train.ema_decay=0.999 --set train.val_every=250 --set train.ckpt_every=1000
-                 --set stage.degrade_steps=8 --set stage.id_jitter=0.03 --set train.out_dir=runs/irn-128-extreme-jit"
-  [irn-jit]="irn --config configs/irn-128-gpu.yaml --set stage.adv_weight=0.5 --set stage.id_jitter=0.03
-             --set train.val_every=250 --set train.out_dir=runs/irn-128-gpu-jit"
+  [irn-jit]="irn --config configs/irn-128-gpu.yaml --set stage.id_jitter=0.03 --set train.out_dir=runs/irn-128-gpu-jit"
+  [extreme-jit]="irn --config configs/irn-128-extreme-gpu.yaml --set stage.id_jitter=0.03 --set train.out_dir=runs/irn-128-extreme-jit"
   [decoder]="vqgan --config configs/vqgan-128-ft-x3.yaml --set stage.adv_weight=1.5 --set stage.lr=1.0e-4
              --set train.batch_size=32 --set train.steps=100000 --set train.max_minutes=0 --set train.val_every=500
              --set train.ckpt_every=1000 --set train.out_dir=runs/vqgan-gpu-adv15"
