@@ -36,7 +36,7 @@ def main() -> None:
                     default=["../shared/data/faces128/train", "../shared/data/faces128/train_extra"])
     ap.add_argument("--val-dir", default="../shared/data/faces128/val")
     ap.add_argument("--val", type=int, default=64)
-    ap.add_argument("--budget-mib", type=float, default=17.0, help="bytes for the training faces")
+    ap.add_argument("--budget-mib", type=float, default=18.0, help="MiB for the training faces")
     ap.add_argument("--quality", type=int, default=85)
     ap.add_argument("--out", default=str(ROOT / ".gpu"))
     a = ap.parse_args()
