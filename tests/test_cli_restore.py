@@ -32,7 +32,7 @@ def test_folder_with_a_corrupt_file(tmp_path, model_dir, capsys):
     (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     out = tmp_path / "out"
     rc = main(["restore", str(src), "-o", str(out), "--model", str(model_dir), "--aligned", "--steps", "2",
-               "--samples", "2"])
+               "--samples", "2", "--irn-detail", "0.5"])
     err = capsys.readouterr().err
     assert rc == 1
     lines = [ln for ln in err.splitlines() if "broken.jpg" in ln]
@@ -45,6 +45,7 @@ def test_folder_with_a_corrupt_file(tmp_path, model_dir, capsys):
     (img,) = report["images"]
     assert len(img["faces"][0]["id_vs_irn"]) == 2 and img["seconds"] > 0
     assert img["sampling"]["nfe"] == 3 and img["sampling"]["sigma_start"] == pytest.approx(0.2 ** 0.5, rel=1e-5)
+    assert img["sampling"]["irn_detail"] == 0.5
 
 
 def test_no_face_photo_is_copied_with_a_warning(tmp_path, model_dir, capsys):
@@ -103,7 +104,7 @@ def test_help_names_every_flag():
     text = build_parser()._subparsers._group_actions[0].choices["restore"].format_help()
     for flag in ("--model", "--aligned", "--upscale", "--bg-upscale", "--bg-model", "--bg-tile", "--fidelity",
                  "--steps", "--sampler", "--seed", "--samples", "--device", "--dtype", "--batch-size", "--mode",
-                 "--output"):
+                 "--output", "--irn-detail", "--sigma-start", "--guidance-scale"):
         assert flag in text
     assert "sigma_start" in text and "guidance" in text  # the fidelity mapping is documented
     fm = FidelityMap()  # ... with the numbers the code uses

@@ -133,6 +133,8 @@ def test_identity_guidance_is_torch_only(runtime, demo_faces):
     x = to_model_range(demo_faces[:1]).numpy()
     with pytest.raises(ClrfaceError, match="torch only"):
         runtime.restore_faces(x, runtime.options(mode="full", fidelity=0.5))  # default map: scale 5
+    with pytest.raises(ClrfaceError, match="irn_detail 1 .* torch only"):
+        runtime.restore_faces(x, runtime.options(mode="full", guidance_scale=0.0, irn_detail=1.0))
     with pytest.raises(ClrfaceError, match="needs faces"):
         runtime.restore_faces(x[:, :, :64], runtime.options(mode="irn"))
 

@@ -224,6 +224,9 @@ class OnnxRestorer:
             if o.mode == "full" and scale > 0:
                 raise ClrfaceError(f"identity guidance (mode 'full', guidance_scale {scale:g} > 0) needs autograd and "
                                    "runs in torch only (clrface restore); pass guidance_scale=0 or use mode 'prior'")
+            if o.mode == "full" and o.irn_detail > 0:
+                raise ClrfaceError(f"irn_detail {o.irn_detail:g} (the IRN's finest detail over the decoded face) runs "
+                                   "in torch only (clrface restore); pass irn_detail=0")
             z_d = self.encode(x_d)
             if o.mode == "full":
                 x_id = self.run_irn(x_d)

@@ -65,6 +65,7 @@ class Sampling:
     guidance_scale: float
     nfe: int
     reference_guidance: float | None = None  # the scale of faces guided by a reference; None: no reference
+    irn_detail: float = 0.0  # the share of the finest octave taken from the IRN output (RestoreOptions.irn_detail)
 
     def as_dict(self) -> dict[str, float]:
         """The JSON form of reports: floats rounded to 6 digits."""
@@ -72,6 +73,8 @@ class Sampling:
              "guidance_scale": round(float(self.guidance_scale), 6), "nfe": int(self.nfe)}
         if self.reference_guidance is not None:
             d["reference_guidance"] = round(float(self.reference_guidance), 6)
+        if self.irn_detail:
+            d["irn_detail"] = round(float(self.irn_detail), 6)
         return d
 
 
@@ -296,10 +299,11 @@ class Restorer:
             denoise = interruptible(denoise, interrupt)
         z = self.refine(rep(z_init), denoise, sigma_start, o, noise.flatten(0, 1))
         restored = self.decode(z).float()
-        if o.mode == "full" and o.irn_detail > 0 and self.irn is not None:
-            restored = upper_band_from(restored, rep(x_id.float()), o.irn_detail)
+        detail = o.irn_detail if o.mode == "full" and self.irn is not None else 0.0
+        if detail > 0:
+            restored = upper_band_from(restored, rep(x_id.float()), detail)
         restored = restored.clamp(-1, 1).view(b, n, 3, s, s)
-        sampling = Sampling(sigma_start, scale, nfe(o.sampler, o.steps) if sigma_start > 0 else 0, ref_scale)
+        sampling = Sampling(sigma_start, scale, nfe(o.sampler, o.steps) if sigma_start > 0 else 0, ref_scale, detail)
         return restored, x_id, e_id, z, sampling
 
     def restore_crops(self, crops: np.ndarray, options: RestoreOptions, reference: Tensor | None = None, *,
