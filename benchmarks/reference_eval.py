@@ -19,6 +19,11 @@ after a fixed extra blur (sigma 1 px) + JPEG 75 of the restored face, so that id
 adversarial pattern of the recogniser that guides and scores alike does not count; LMD with ``--lmd``; FID with
 ``--fid``. The wrong row also reports its same-person rate to the wrong identity's own clean A.
 
+Verification (rows restored for every face): LFW-style 10-fold accuracy on the identities with >= 3 photos, each
+restored A paired with a third photo C of its own identity and with the C of another identity (threshold chosen on
+the other folds); C is neither restored nor a reference, so a face pulled toward its reference B is not matched
+against B itself.
+
 Calibration (always): the cosine between the degraded A and the reference embedding for the matched and the
 wrong pairs; the threshold at which the warning fires on 95 % of wrong pairs, and how often it fires on matched
 ones (``clrface.reference.MATCH_THRESHOLD``). Writes OUT/reference_eval.json (per-face values) and OUT/rows.png
@@ -45,6 +50,7 @@ from clrface.metrics.bootstrap import bootstrap_ci, paired_diff_ci
 from clrface.metrics.fid import folder_stats, frechet_distance_of_set, inception_features, load_inception
 from clrface.metrics.ids import DLIB_SAME_PERSON_DISTANCE, descriptor_distance
 from clrface.metrics.lmd import lmd_pair
+from clrface.metrics.verification import verification_accuracy
 from clrface.reference import MATCH_THRESHOLD, mean_identity
 from clrface.restorer import Restorer
 
@@ -109,6 +115,16 @@ def scores(restorer: Restorer, faces: np.ndarray, d_gt: torch.Tensor, gt: np.nda
     if lmd:
         out["lmd"] = np.array([lmd_pair(f, g)[0] for f, g in zip(faces, gt)])
     return out
+
+
+def verify(e_restored: torch.Tensor, e_third: torch.Tensor, folds: int = 10) -> tuple[float, float]:
+    """(mean, std) k-fold verification accuracy of unit embeddings of restored faces [M,D] against those of a third
+    photo of the same identity [M,D]: pair j is (restored j, third j), then (restored j, third of j + M/2)."""
+    m = len(e_restored)
+    other = (torch.arange(m) + m // 2) % m
+    sims = torch.stack([(e_restored * e_third).sum(-1), (e_restored * e_third[other]).sum(-1)], 1).flatten()
+    same = torch.tensor([True, False]).repeat(m)
+    return verification_accuracy(sims.numpy(), same.numpy(), folds)
 
 
 def fid_of(faces: np.ndarray, inception: torch.nn.Module, ref: dict[str, np.ndarray]) -> float:
@@ -192,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
                 images[name] = out
             if "wrong" in name:  # how far the wrong reference pulled the face toward that other person
                 rows[name]["same_as_wrong_identity"] = compare(descriptors(restorer, out), d_gt[wrong])[1]
+        has3 = np.array([i for i, p in enumerate(people) if len(p) >= 3])
+        if len(has3) >= 20:
+            e_third = embed_faces(restorer, np.stack([load_image(people[i][2]) for i in has3])).double()
+            result["verification"] = {k: verify(embed_faces(restorer, v[has3]).double(), e_third)
+                                      for k, v in images.items()}
+            result["verification_faces"] = len(has3)
         if args.fid:
             inception = load_inception()
             ref = folder_stats(data_root() / "faces128" / "train", inception, log=log)
@@ -256,6 +278,11 @@ def format_markdown(result: dict[str, Any], rows: dict[str, dict[str, np.ndarray
     if w is not None:
         lines += ["", f"Wrong person's reference, forced: same-person rate to that other person "
                       f"{w['same_as_wrong_identity'].mean():.3f}"]
+    if "verification" in result:
+        lines += ["", f"LFW-style 10-fold verification, restored A vs a third photo C ({result['verification_faces']} "
+                      "identities with >= 3 photos; as many different-person pairs):", "",
+                  markdown_table(["row", "accuracy ↑ (mean ± std over folds)"],
+                                 [[k, f"{m:.4f} ± {sd:.4f}"] for k, (m, sd) in result["verification"].items()])]
     s = result["sampling"]
     lines += ["", f"full rows: fidelity {s['fidelity']}, guidance scale {s['guidance_scale']} (with a reference "
                   f"{s['reference_guidance']}), sigma_start "
