@@ -8,9 +8,13 @@
 #   extreme   the x8 model continued with facerec-perceptual + PatchGAN beside Eq. 11 (configs/irn-128-extreme-gpu.yaml)
 #   prior     the latent prior continued (configs/prior-128-x3.yaml)
 #   prior-st  the same, also trained on the sampler's start states (configs/prior-128-x3-start.yaml)
+#   prior-st50  prior-st with half of each batch from the start states
 #   irn-jit, extreme-jit  irn and extreme with the recogniser's terms on jittered chips (stage.id_jitter)
 #   decoder, decoder-hi  the VQGAN decoder, encoder and codebook frozen (configs/vqgan-128-ft-x3.yaml), at PatchGAN
 #             weights 1.5 and 4 against the detail the decoder still loses (val lapvar_ratio)
+#   decoder-tex, decoder-tex-hi  the same decoder fine-tune with the local Laplacian energy term
+#             (stage.detail_energy_weight 2 and 6), which pays for texture of the right strength
+#   distill   the one-step prior distilled from TEACHER (a model folder, e.g. made by clrface pack and carried)
 # Inputs sit in .gpu/ (git-ignored; made by benchmarks/gpu_data.py): a zip of training faces and 64 validation
 # faces, unpacked first, and the face-recognition network's fp16 cache. Every run gets SIGTERM at the deadline,
 # checkpoints and exports; results land in $OUT: log.txt and one tar per run (model/ in fp16 as shipped, log.csv,
@@ -40,6 +44,9 @@ declare -A ARGS=(
            --set train.steps=100000 --set train.ckpt_every=1000 --set stage.degrade_steps=8 --set train.out_dir=runs/prior-gpu"
   [prior-st]="prior --config configs/prior-128-x3-start.yaml --set train.batch_size=256 --set stage.lr=2.0e-4
               --set train.steps=100000 --set train.ckpt_every=1000 --set stage.degrade_steps=8 --set train.out_dir=runs/prior-gpu-start"
+  [prior-st50]="prior --config configs/prior-128-x3-start.yaml --set train.batch_size=256 --set stage.lr=2.0e-4
+                --set train.steps=100000 --set train.ckpt_every=1000 --set stage.degrade_steps=8 --set stage.start_prob=0.5
+                --set train.out_dir=runs/prior-gpu-start50"
   [irn-jit]="irn --config configs/irn-128-gpu.yaml --set stage.id_jitter=0.03 --set train.out_dir=runs/irn-128-gpu-jit"
   [extreme-jit]="irn --config configs/irn-128-extreme-gpu.yaml --set stage.id_jitter=0.03 --set train.out_dir=runs/irn-128-extreme-jit"
   [decoder]="vqgan --config configs/vqgan-128-ft-x3.yaml --set stage.adv_weight=1.5 --set stage.lr=1.0e-4
@@ -48,6 +55,18 @@ declare -A ARGS=(
   [decoder-hi]="vqgan --config configs/vqgan-128-ft-x3.yaml --set stage.adv_weight=4.0 --set stage.lr=1.0e-4
                 --set train.batch_size=32 --set train.steps=100000 --set train.max_minutes=0 --set train.val_every=500
                 --set train.ckpt_every=1000 --set train.out_dir=runs/vqgan-gpu-adv4"
+  [decoder-tex]="vqgan --config configs/vqgan-128-ft-x3.yaml --set stage.detail_energy_weight=2.0
+                 --set stage.detail_window=4 --set stage.lr=1.0e-4 --set train.batch_size=32 --set train.steps=100000
+                 --set train.max_minutes=0 --set train.val_every=500 --set train.ckpt_every=1000
+                 --set train.out_dir=runs/vqgan-gpu-tex2"
+  [decoder-tex-hi]="vqgan --config configs/vqgan-128-ft-x3.yaml --set stage.detail_energy_weight=6.0
+                    --set stage.detail_window=4 --set stage.lr=1.0e-4 --set train.batch_size=32 --set train.steps=100000
+                    --set train.max_minutes=0 --set train.val_every=500 --set train.ckpt_every=1000
+                    --set train.out_dir=runs/vqgan-gpu-tex6"
+  [distill]="distill --config configs/distill-128.yaml --set stage.model=${TEACHER:-runs/pack-teacher}
+             --set stage.pairs=8192 --set stage.traj_batch=256 --set stage.lr=1.0e-4 --set train.batch_size=256
+             --set train.steps=100000 --set train.val_every=500 --set train.ckpt_every=1000
+             --set train.out_dir=runs/distill-gpu"
 )
 declare -A PIDS DIRS
 for r in $RUNS; do

@@ -44,7 +44,7 @@ from clrface.diffusion.sampler import Denoise, euler, heun, sample
 from clrface.diffusion.schedule import ScheduleConfig, sigmas_from
 from clrface.metrics.psnr_ssim import psnr
 from clrface.model_folder import ModelFolder, apply_irn, decode_latent, encode_latent, load_model_folder
-from clrface.train.engine import Objective, step_indices
+from clrface.train.engine import Objective, step_indices, train_device
 from clrface.train.vqgan import save_grid
 
 
@@ -119,12 +119,13 @@ def make_trajectories(teacher: Teacher, faces_u8: Tensor, cfg: DistillTrainConfi
     g = torch.Generator().manual_seed(seed)
     n_batches = math.ceil(len(faces_u8) / cfg.traj_batch)
     for b in range(n_batches):
-        x = to_model_range(faces_u8[b * cfg.traj_batch:(b + 1) * cfg.traj_batch])
+        x = to_model_range(faces_u8[b * cfg.traj_batch:(b + 1) * cfg.traj_batch]).to(teacher.device)
         x_d, _ = degrade_batch(x, deg, generator=int(torch.randint(0, 2**31, (1,), generator=g)))
         kind = start_kind(b, cfg.noise_fraction, cfg.id_fraction)
         u = float(torch.rand((), generator=g))
         unet = teacher.prior.config.unet
         eps = torch.randn((len(x), unet.latent_channels, unet.resolution, unet.resolution), generator=g)
+        eps = eps.to(teacher.device)
         with teacher.autocast():  # the nets only; the lists are joined outside autocast (it cannot cat fp16)
             z_d = teacher.encode(x_d)
             if kind == "noise":
@@ -147,13 +148,15 @@ class DistillStage:
 
     def __init__(self, cfg: DistillTrainConfig, seed: int, batch_size: int, out_dir: Path):
         self.cfg, self.seed, self.batch_size = cfg, seed, batch_size
-        teacher = Teacher(load_model_folder(cfg.model), torch.bfloat16 if cfg.teacher_bf16 else torch.float32)
+        # on a GPU the trajectories are made there and stay there (states of 8k faces are ~1 GB in fp16)
+        teacher = Teacher(load_model_folder(cfg.model, train_device()),
+                          torch.bfloat16 if cfg.teacher_bf16 else torch.float32)
         self.teacher = teacher
         self.schedule = teacher.prior.config.schedule
         size = teacher.resolution
         cache = out_dir / "trajectories.pt"
         if cache.exists():
-            self.data = torch.load(cache)
+            self.data = torch.load(cache, map_location=teacher.device)
         else:
             faces = load_face_folder(cfg.train_dir, size=size, limit=cfg.pairs)
             self.data = make_trajectories(teacher, faces, cfg, self.schedule, seed)
@@ -165,10 +168,11 @@ class DistillStage:
         val = to_model_range(load_face_folder(cfg.val_dir, size=size, limit=cfg.val_count))
         self.val_gt = val
         self.val_lq, _ = degrade_batch(val, get_preset(cfg.preset, size), generator=12345)
+        t_dev = teacher.device
         with torch.no_grad():
             self.val_zd = teacher.encode(self.val_lq)
             self.val_zid = teacher.encode(teacher.run_irn(self.val_lq))
-            self.val_noise = torch.randn(self.val_zd.shape, generator=torch.Generator().manual_seed(0))
+            self.val_noise = torch.randn(self.val_zd.shape, generator=torch.Generator().manual_seed(0)).to(t_dev)
             sig = sigmas_from(self.schedule, cfg.val_sigma_start, cfg.teacher_steps)
             self.val_teacher = sample(heun, functools.partial(teacher.prior, cond=self.val_zd), self.val_zid, sig,
                                       sigma_start=cfg.val_sigma_start, noise=self.val_noise)
@@ -199,11 +203,11 @@ class DistillStage:
         for k in self.cfg.val_steps:
             sig = sigmas_from(self.schedule, self.cfg.val_sigma_start, k)
             z = sample(euler, denoise, self.val_zid, sig, sigma_start=self.cfg.val_sigma_start, noise=self.val_noise)
-            img = t.decode(z).clamp(-1, 1)
+            img = t.decode(z).clamp(-1, 1).cpu()
             logs[f"latent_mse@{k}"] = (z - self.val_teacher).square().mean().item()
             logs[f"psnr@{k}"] = psnr(img, self.val_gt).mean().item()
             rows.append(img[:8])
-        teacher_img = t.decode(self.val_teacher).clamp(-1, 1)
+        teacher_img = t.decode(self.val_teacher).clamp(-1, 1).cpu()
         logs["psnr_teacher"] = psnr(teacher_img, self.val_gt).mean().item()
         save_grid(out_dir / "val" / f"{step:07d}.png", rows + [teacher_img[:8], self.val_gt[:8]])
         return logs

@@ -16,7 +16,7 @@ from clrface.data.io import to_model_range, to_uint8
 from clrface.metrics.noref import laplacian_variance
 from clrface.metrics.psnr_ssim import psnr
 from clrface.train.engine import Objective, step_indices, train_device
-from clrface.vqgan.losses import adaptive_weight, generator_adv_loss, gradient_l1, hinge_d_loss
+from clrface.vqgan.losses import adaptive_weight, detail_energy_l1, generator_adv_loss, gradient_l1, hinge_d_loss
 from clrface.vqgan.model import VQGAN, PatchDiscriminator, VQGANConfig
 from clrface.vqgan.quantizer import code_usage
 
@@ -30,6 +30,8 @@ class VQGANTrainConfig:
     warmup: int = 200
     l1_weight: float = 1.0
     grad_l1_weight: float = 0.5
+    detail_energy_weight: float = 0.0  # vqgan/losses.py detail_energy_l1: texture strength, not position
+    detail_window: int = 8
     # Perceptual term of Eq. 2. Offline there are no VGG/LPIPS weights, so the stated substitute is a
     # multi-layer feature distance of the ported dlib face-recognition ResNet (identity/facerec.py).
     perceptual: str = "none"  # "none" | "facerec"
@@ -103,6 +105,10 @@ class VQGANStage:
                 g = gradient_l1(rec, x)
                 loss = loss + cfg.grad_l1_weight * g
                 logs["grad_l1"] = g.item()
+            if cfg.detail_energy_weight:
+                e = detail_energy_l1(rec, x, cfg.detail_window)
+                loss = loss + cfg.detail_energy_weight * e
+                logs["detail"] = e.item()
             if cfg.perceptual_weight and self.perceptual_fn is not None:
                 p = self.perceptual_fn(rec, x).mean()
                 loss = loss + cfg.perceptual_weight * p
