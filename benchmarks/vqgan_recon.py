@@ -19,8 +19,9 @@ import torch
 from clrface.data.datasets import load_face_folder
 from clrface.data.io import save_image, to_model_range, to_uint8
 from clrface.metrics.evaluate import evaluate_folders
+from clrface.metrics.noref import laplacian_variance
 from clrface.metrics.psnr_ssim import psnr
-from clrface.train.vqgan import load_vqgan
+from clrface.vqgan.model import load_vqgan
 from clrface.vqgan.quantizer import code_usage
 
 
@@ -54,10 +55,13 @@ def main() -> None:
         save_image(out / "val" / f"{n}.png", r.numpy())
     res = evaluate_folders(out / "val", args.val, metrics=("psnr", "ssim", "facerec_perceptual", "ids"))
     used, ppl = code_usage(idx, vq.config.codebook_size)
+    lap_rec, lap_gt = laplacian_variance(rec).mean().item(), laplacian_variance(x).mean().item()
     lq = to_model_range(load_face_folder(Path(args.testset) / "lq"))
     rec_lq, _ = reconstruct(vq, lq)
     summary = {
         "clean": {r["metric"]: r["value"] for r in res["rows"]},
+        # detail kept: the reconstructions' mean Laplacian variance (face region) as a share of the GT's
+        "laplacian_variance": {"recon": lap_rec, "gt": lap_gt, "ratio": lap_rec / lap_gt},
         "codes_used": used, "codebook_size": vq.config.codebook_size, "perplexity": ppl,
         "psnr_degraded_recon_vs_degraded": psnr(rec_lq, lq).mean().item(),
         "s_per_face_encode_decode": dt, "n_val": len(x), "n_degraded": len(lq),
