@@ -93,10 +93,11 @@ echo "training stopped at ${SECONDS}s" >> "$log"
 
 for r in $RUNS; do  # the exported model in fp16 (as shipped), logs and the last validation grid
   run=${DIRS[$r]}
-  tr '\r' '\n' < "$OUT/$r.log" | grep -v "it/s\]$" > "$run/train.log" 2>/dev/null
+  mkdir -p "$run"  # a run that failed before making its folder keeps its log too
+  tr '\r' '\n' < "$OUT/$r.log" | grep -v "it/s\]$" > "$run/train.log"
   tail -3 "$run/train.log" | sed "s/^/$r: /" >> "$log"
   rm -f "$OUT/$r.log"
-  [ -f "$run/model/model.safetensors" ] || { echo "$r: no model" >> "$log"; continue; }
+  [ -f "$run/model/model.safetensors" ] || { echo "$r: no model" >> "$log"; tail -40 "$run/train.log" >> "$log"; continue; }
   python3 - "$run/model/model.safetensors" <<'PY' >> "$log" 2>&1
 import sys
 from safetensors import safe_open
