@@ -160,6 +160,7 @@ def run_row(restorer: Restorer, lq: torch.Tensor, names: list[str], out: Path, o
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="packed model folder (clrface pack)")
+    ap.add_argument("--fast", default=FAST, help="model folder of the distilled rows (default: the shipped fast)")
     ap.add_argument("--testset", required=True, help="folder from `clrface make-testset` (lq/, gt/)")
     ap.add_argument("--rows", default="ablation", choices=sorted(TABLES), help="which table")
     ap.add_argument("--only", nargs="*", help="run only these row names")
@@ -206,7 +207,8 @@ def main() -> None:
                     link.symlink_to((src / f"{n}.png").resolve())
         else:
             pred = out / row.replace(" ", "_").replace("/", "-").replace("^", "")
-            dt = run_row(restorer_for(spec.model or args.model), lq, names, pred,
+            model = args.fast if spec.model == FAST else spec.model or args.model
+            dt = run_row(restorer_for(model), lq, names, pred,
                          RestoreOptions(batch_size=args.batch_size, **spec.options), spec.mask, spec.rest_encoder)
         res = evaluate_folders(pred, gt_dir, metrics=[m for m in metrics if m not in DERIVED],
                                fid_ref=args.fid_ref if args.fid else None)
