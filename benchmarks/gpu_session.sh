@@ -35,6 +35,10 @@ python3 -m zipfile -e .gpu/faces.zip .gpu/data
 } > "$log" 2>&1
 
 data="--set stage.train_dir=.gpu/data/train --set stage.val_dir=.gpu/data/val --set train.threads=2"
+prior_st="prior --config configs/prior-128-x3-start.yaml --set train.batch_size=256 --set stage.lr=2.0e-4
+          --set train.steps=100000 --set train.ckpt_every=1000 --set stage.degrade_steps=8"
+decoder="vqgan --config configs/vqgan-128-ft-x3.yaml --set stage.lr=1.0e-4 --set train.batch_size=32
+         --set train.steps=100000 --set train.max_minutes=0 --set train.val_every=500 --set train.ckpt_every=1000"
 declare -A ARGS=(
   [irn]="irn --config configs/irn-128-gpu.yaml"
   [irn-m]="irn --config configs/irn-128-wide.yaml --set model.channels=[48,96,192] --set train.out_dir=runs/irn-128-wide-m"
@@ -42,26 +46,15 @@ declare -A ARGS=(
   [extreme]="irn --config configs/irn-128-extreme-gpu.yaml"
   [prior]="prior --config configs/prior-128-x3.yaml --set train.batch_size=256 --set stage.lr=2.0e-4
            --set train.steps=100000 --set train.ckpt_every=1000 --set stage.degrade_steps=8 --set train.out_dir=runs/prior-gpu"
-  [prior-st]="prior --config configs/prior-128-x3-start.yaml --set train.batch_size=256 --set stage.lr=2.0e-4
-              --set train.steps=100000 --set train.ckpt_every=1000 --set stage.degrade_steps=8 --set train.out_dir=runs/prior-gpu-start"
-  [prior-st50]="prior --config configs/prior-128-x3-start.yaml --set train.batch_size=256 --set stage.lr=2.0e-4
-                --set train.steps=100000 --set train.ckpt_every=1000 --set stage.degrade_steps=8 --set stage.start_prob=0.5
-                --set train.out_dir=runs/prior-gpu-start50"
+  [prior-st]="$prior_st --set train.out_dir=runs/prior-gpu-start"
+  [prior-st50]="$prior_st --set stage.start_prob=0.5 --set train.out_dir=runs/prior-gpu-start50"
   [irn-jit]="irn --config configs/irn-128-gpu.yaml --set stage.id_jitter=0.03 --set train.out_dir=runs/irn-128-gpu-jit"
   [extreme-jit]="irn --config configs/irn-128-extreme-gpu.yaml --set stage.id_jitter=0.03 --set train.out_dir=runs/irn-128-extreme-jit"
-  [decoder]="vqgan --config configs/vqgan-128-ft-x3.yaml --set stage.adv_weight=1.5 --set stage.lr=1.0e-4
-             --set train.batch_size=32 --set train.steps=100000 --set train.max_minutes=0 --set train.val_every=500
-             --set train.ckpt_every=1000 --set train.out_dir=runs/vqgan-gpu-adv15"
-  [decoder-hi]="vqgan --config configs/vqgan-128-ft-x3.yaml --set stage.adv_weight=4.0 --set stage.lr=1.0e-4
-                --set train.batch_size=32 --set train.steps=100000 --set train.max_minutes=0 --set train.val_every=500
-                --set train.ckpt_every=1000 --set train.out_dir=runs/vqgan-gpu-adv4"
-  [decoder-tex]="vqgan --config configs/vqgan-128-ft-x3.yaml --set stage.detail_energy_weight=2.0
-                 --set stage.detail_window=4 --set stage.lr=1.0e-4 --set train.batch_size=32 --set train.steps=100000
-                 --set train.max_minutes=0 --set train.val_every=500 --set train.ckpt_every=1000
+  [decoder]="$decoder --set stage.adv_weight=1.5 --set train.out_dir=runs/vqgan-gpu-adv15"
+  [decoder-hi]="$decoder --set stage.adv_weight=4.0 --set train.out_dir=runs/vqgan-gpu-adv4"
+  [decoder-tex]="$decoder --set stage.detail_energy_weight=2.0 --set stage.detail_window=4
                  --set train.out_dir=runs/vqgan-gpu-tex2"
-  [decoder-tex-hi]="vqgan --config configs/vqgan-128-ft-x3.yaml --set stage.detail_energy_weight=6.0
-                    --set stage.detail_window=4 --set stage.lr=1.0e-4 --set train.batch_size=32 --set train.steps=100000
-                    --set train.max_minutes=0 --set train.val_every=500 --set train.ckpt_every=1000
+  [decoder-tex-hi]="$decoder --set stage.detail_energy_weight=6.0 --set stage.detail_window=4
                     --set train.out_dir=runs/vqgan-gpu-tex6"
   [distill]="distill --config configs/distill-128.yaml --set stage.model=${TEACHER:-runs/pack-teacher}
              --set stage.pairs=8192 --set stage.traj_batch=256 --set stage.lr=1.0e-4 --set train.batch_size=256
