@@ -62,7 +62,7 @@ def test_colorize_model_colours_a_gray_face(restorer):
 def test_fast_model_matches_the_teacher_in_one_evaluation(restorer):
     fast = Restorer.from_pretrained("fast", facerec=restorer.facerec)
     o = fast.options()
-    # its own IRN: the one whose outputs started the trajectories its prior was distilled on
+    # the default's IRN (base default): its outputs started the trajectories the prior was distilled on
     assert (o.mode, o.sampler, o.steps) == ("full", "euler", 1) and fast.mask is not None and fast.irn is not None
     gt = to_model_range(load_face_folder(VAL, limit=4))
     lq, _ = degrade_batch(gt, get_preset("bfr", 128), generator=0)

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from clrface.metrics.noref import laplacian
+
 
 def gradient_l1(x: Tensor, y: Tensor) -> Tensor:
     """Mean L1 between finite-difference image gradients; sharpens an L1-trained decoder cheaply."""
@@ -18,9 +20,8 @@ def gradient_l1(x: Tensor, y: Tensor) -> Tensor:
 def laplacian_energy(x: Tensor, window: int) -> Tensor:
     """RMS of the per-channel 3x3 Laplacian over non-overlapping ``window`` x ``window`` blocks:
     x [B,C,H,W] -> [B,C,H/window,W/window]."""
-    k = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], device=x.device, dtype=x.dtype)
-    c = x.shape[1]
-    lap = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k.expand(c, 1, 3, 3), groups=c)
+    b, c, h, w = x.shape
+    lap = laplacian(F.pad(x, (1, 1, 1, 1), mode="replicate").flatten(0, 1)).view(b, c, h, w)
     return (F.avg_pool2d(lap.square(), window) + 1e-6).sqrt()
 
 
