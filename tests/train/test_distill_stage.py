@@ -3,9 +3,18 @@ import math
 import pytest
 import torch
 
+from clrface.data.datasets import load_face_folder
 from clrface.diffusion.prior import load_prior
 from clrface.diffusion.schedule import ScheduleConfig, sigmas_from
-from clrface.train.distill import DistillStage, DistillTrainConfig, distill_targets, start_kind
+from clrface.model_folder import load_model_folder
+from clrface.train.distill import (
+    DistillStage,
+    DistillTrainConfig,
+    Teacher,
+    distill_targets,
+    make_trajectories,
+    start_kind,
+)
 
 
 def test_distill_targets_follow_the_gaussian_ode():
@@ -60,3 +69,17 @@ def test_stage_trajectories_training_and_export(tiny_models, tmp_path, tiny_mode
     stage.export(student, tmp_path / "student")
     loaded = load_prior(tmp_path / "student")
     torch.testing.assert_close(loaded(b["x"], b["sigma"], b["zd"]), student(b["x"], b["sigma"], b["zd"]))
+
+
+def test_trajectories_take_the_realistic_mix(tiny_models, tmp_path, tiny_model_builder):
+    teacher = Teacher(load_model_folder(str(tiny_model_builder(tmp_path / "teacher")), torch.device("cpu")))
+    faces = load_face_folder(str(tiny_models["faces"]), size=teacher.resolution, limit=4)
+    common = dict(model="unused", pairs=4, traj_batch=4, teacher_steps=2)
+    off = dict(second_prob=0.0, fade_prob=0.0, gray_prob=0.0, grain_prob=0.0)
+    sched = teacher.prior.config.schedule
+    same = make_trajectories(teacher, faces, DistillTrainConfig(**common, realistic=off), sched, 0, log=lambda _: None)
+    gray = make_trajectories(teacher, faces, DistillTrainConfig(**common, realistic={**off, "gray_prob": 1.0}), sched,
+                             0, log=lambda _: None)
+    assert gray["zd"].shape == same["zd"].shape == (4, 3, 8, 8)
+    # the same draws but gray inputs: a different condition
+    assert (gray["zd"] - same["zd"]).abs().mean() > 1e-3

@@ -106,3 +106,35 @@ def test_prior_stage_trains_on_the_states_the_sampler_starts_from(tiny_models, t
     with pytest.raises(ValueError, match="stage.irn"):
         PriorStage(tiny_models["unet_cfg"], 1.0, ScheduleConfig(), PriorTrainConfig(**common, start_prob=0.5),
                    seed=0, batch_size=6, out_dir=tmp_path / "c")
+
+
+def test_prior_stage_realistic_mix_degrades_inputs_and_grays_targets(tiny_models, tmp_path):
+    common = dict(vqgan=str(tiny_models["vqgan"]), train_dir=str(tiny_models["faces"]),
+                  val_dir=str(tiny_models["faces"]), val_count=4, cache_latents=False)
+    off = dict(second_prob=0.0, fade_prob=0.0, gray_prob=0.0, grain_prob=0.0)
+
+    def batch(realistic):
+        stage = PriorStage(tiny_models["unet_cfg"], 1.0, ScheduleConfig(),
+                           PriorTrainConfig(**common, realistic=realistic), seed=0, batch_size=4, out_dir=tmp_path)
+        return stage.batch(2, 0, 1)
+
+    plain = batch(None)
+    second = batch({**off, "second_prob": 1.0})
+    gray = batch({**off, "gray_prob": 1.0})
+    # a second round changes only the condition: the targets stay the clean faces' latents
+    assert torch.allclose(second["z0"], plain["z0"], atol=1e-5)
+    assert (second["zd"] - plain["zd"]).abs().mean() > 1e-3
+    # grayscale inputs come with grayscale targets
+    assert (gray["z0"] - plain["z0"]).abs().mean() > 1e-3
+    assert torch.equal(gray["noise"], plain["noise"]) and torch.equal(gray["sigma"], plain["sigma"])
+    with pytest.raises(ValueError, match="cache_latents"):
+        PriorTrainConfig(**{**common, "cache_latents": True}, realistic=off)
+
+
+def test_prior_stage_bf16_targets_stay_close_to_fp32(tiny_models, tmp_path):
+    common = dict(vqgan=str(tiny_models["vqgan"]), train_dir=str(tiny_models["faces"]),
+                  val_dir=str(tiny_models["faces"]), val_count=4, cache_latents=False)
+    fp32, bf16 = (PriorStage(tiny_models["unet_cfg"], 1.0, ScheduleConfig(), PriorTrainConfig(**common, bf16_targets=b),
+                             seed=0, batch_size=4, out_dir=tmp_path / str(b)).batch(1, 0, 1) for b in (False, True))
+    err = (fp32["z0"] - bf16["z0"]).pow(2).mean().sqrt().item()
+    assert 0 < err < 0.05 and bf16["z0"].dtype == torch.float32

@@ -37,6 +37,7 @@ from clrface.checkpoint import save_checkpoint
 from clrface.data.datasets import load_face_folder
 from clrface.data.degradation import degrade_batch, get_preset
 from clrface.data.io import to_model_range
+from clrface.data.realistic import RealisticConfig, degrade_realistic
 from clrface.device import autocast
 from clrface.diffusion.loss import denoiser_loss
 from clrface.diffusion.prior import LatentPrior
@@ -67,6 +68,13 @@ class DistillTrainConfig:
     teacher_bf16: bool = True  # the teacher's net under bf16 autocast (~1.9x faster on this CPU; sigma math fp32)
     val_sigma_start: float = 0.447  # the default fidelity 0.5's sigma_start
     val_steps: tuple[int, ...] = (1, 2, 4)
+    # the teacher's inputs: None, the paper's `preset` round; a RealisticConfig (dict in YAML), the mix the
+    # teacher prior was trained on (data/realistic.py), so the student sees the inputs its teacher knows
+    realistic: RealisticConfig | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.realistic, dict):
+            object.__setattr__(self, "realistic", RealisticConfig(**self.realistic))
 
 
 def distill_targets(denoise: Denoise, x_start: Tensor, sigmas: Tensor) -> tuple[Tensor, Tensor]:
@@ -120,7 +128,11 @@ def make_trajectories(teacher: Teacher, faces_u8: Tensor, cfg: DistillTrainConfi
     n_batches = math.ceil(len(faces_u8) / cfg.traj_batch)
     for b in range(n_batches):
         x = to_model_range(faces_u8[b * cfg.traj_batch:(b + 1) * cfg.traj_batch]).to(teacher.device)
-        x_d, _ = degrade_batch(x, deg, generator=int(torch.randint(0, 2**31, (1,), generator=g)))
+        deg_seed = int(torch.randint(0, 2**31, (1,), generator=g))
+        if cfg.realistic is None:
+            x_d, _ = degrade_batch(x, deg, generator=deg_seed)
+        else:
+            x_d, _ = degrade_realistic(x, deg, cfg.realistic, torch.Generator().manual_seed(deg_seed))
         kind = start_kind(b, cfg.noise_fraction, cfg.id_fraction)
         u = float(torch.rand((), generator=g))
         unet = teacher.prior.config.unet
