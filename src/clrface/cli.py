@@ -80,11 +80,17 @@ def _add_make_testset(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="output folder")
     _add_degradation_args(p, "face", "resize faces to SIZE x SIZE (ranges scale to SIZE)")
     p.add_argument("--limit", type=int, help="use only the first LIMIT faces")
+    p.add_argument("--realistic", action="store_true",
+                   help="degrade with the preset inside the realistic mix the models train on (a second round, "
+                        "faded colours, grain, grayscale; clrface.data.realistic defaults): old-photo-like faces "
+                        "with ground truth")
 
     def run(args: argparse.Namespace) -> int:
         from clrface.data.datasets import build_testset
+        from clrface.data.realistic import RealisticConfig
 
         m = build_testset(args.src, args.out, args.preset, args.seed, args.size, args.limit,
+                          realistic=RealisticConfig() if args.realistic else None,
                           log=lambda s: print(s, file=sys.stderr))
         return _summary(m, f"wrote {len(m['images'])} pair(s) to {args.out}")
 

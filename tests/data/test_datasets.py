@@ -9,6 +9,7 @@ from PIL import Image
 from clrface.cli import main
 from clrface.data.datasets import PairedFaces, build_testset, degrade_files, load_face_folder
 from clrface.data.degradation import DegradationParams, apply_degradation, degrade, get_preset
+from clrface.data.realistic import RealisticConfig
 from clrface.errors import ClrfaceError
 
 
@@ -161,3 +162,18 @@ def test_load_face_folder_concatenates_a_list_in_order(face_dir: Path, tmp_path:
     assert load_face_folder([face_dir, extra], limit=2).shape[0] == 2
     with pytest.raises(ClrfaceError):
         load_face_folder([])
+
+
+def test_build_testset_realistic_mix_grays_targets_and_is_repeatable(face_dir: Path, tmp_path: Path):
+    off = dict(second_prob=0.0, fade_prob=0.0, grain_prob=0.0)
+    m = build_testset(face_dir, tmp_path / "gray", "bfr", seed=3, realistic=RealisticConfig(**off, gray_prob=1.0))
+    assert m["realistic"]["gray_prob"] == 1.0 and "params" not in m["images"][0]
+    for e in m["images"]:
+        gt, lq = read(tmp_path / "gray" / "gt" / e["name"]), read(tmp_path / "gray" / "lq" / e["name"])
+        assert (gt.max(-1) - gt.min(-1)).max() <= 1 and (lq.max(-1) - lq.min(-1)).max() <= 1  # gray, up to rounding
+    colour = build_testset(face_dir, tmp_path / "a", "bfr", seed=3, realistic=RealisticConfig(**off, gray_prob=0.0))
+    again = build_testset(face_dir, tmp_path / "b", "bfr", seed=3, realistic=RealisticConfig(**off, gray_prob=0.0))
+    assert colour["images"] == again["images"]
+    for i, e in enumerate(colour["images"]):
+        np.testing.assert_array_equal(read(tmp_path / "a" / "gt" / e["name"]), face(i))  # colour targets untouched
+        np.testing.assert_array_equal(read(tmp_path / "a" / "lq" / e["name"]), read(tmp_path / "b" / "lq" / e["name"]))

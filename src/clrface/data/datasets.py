@@ -13,7 +13,16 @@ import torch
 from PIL import Image
 
 from clrface.data.degradation import DegradationConfig, degrade, get_preset
-from clrface.data.io import IMAGE_EXTENSIONS, ensure_not_input, list_images, load_image, save_image, to_model_range
+from clrface.data.io import (
+    IMAGE_EXTENSIONS,
+    ensure_not_input,
+    list_images,
+    load_image,
+    save_image,
+    to_model_range,
+    to_uint8,
+)
+from clrface.data.realistic import RealisticConfig, degrade_realistic
 from clrface.errors import ClrfaceError, ImageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -144,6 +153,7 @@ def build_testset(
     size: int | None = None,
     limit: int | None = None,
     *,
+    realistic: RealisticConfig | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Writes a fixed synthetic test set (CelebA-Test-like): ``out/gt/*.png``, ``out/lq/*.png``, ``out/manifest.json``.
@@ -153,6 +163,10 @@ def build_testset(
     Faces must be square unless ``size`` resizes them. Unreadable files are reported (``log``) and
     listed under ``failures``; the rest is written. The manifest's ``config`` is the 512-px preset;
     each image's ``params`` were drawn from ``config.scale_to(image["size"])``. Returns the manifest.
+
+    ``realistic``: the preset's round inside the realistic mix of ``data/realistic.py`` instead (a second round,
+    faded colours, grain, grayscale; image i drawn from a torch generator seeded ``seed + i``); a face made gray
+    has a gray ``gt``. The manifest then records the mix, not per-image parameters.
     """
     src, out = Path(src_folder), Path(out_folder)
     if not src.is_dir():
@@ -169,7 +183,12 @@ def build_testset(
             gt = _resize_square(load_image(f), size)
             if gt.shape[0] != gt.shape[1]:
                 raise ImageError(f, f"not square ({gt.shape[1]}x{gt.shape[0]}); pass size= to resize")
-            lq, params = degrade(gt, cfg0.scale_to(gt.shape[0]), seed + i)
+            if realistic is None:
+                lq, params = degrade(gt, cfg0.scale_to(gt.shape[0]), seed + i)
+            else:
+                x_d, x = degrade_realistic(to_model_range(gt[None]), cfg0.scale_to(gt.shape[0]), realistic,
+                                           torch.Generator().manual_seed(seed + i))
+                lq, gt, params = to_uint8(x_d)[0].numpy(), to_uint8(x)[0].numpy(), None
             save_image(out / "gt" / name, gt, inputs=files)
             save_image(out / "lq" / name, lq, inputs=files)
         except ClrfaceError as e:
@@ -178,9 +197,11 @@ def build_testset(
                 log(f"skipped: {e}")
             continue
         images.append({"name": name, "source": f.name, "seed": seed + i, "size": int(gt.shape[0]),
-                       "params": params.to_dict()})
+                       **({"params": params.to_dict()} if params is not None else {})})
     manifest = {"preset": preset, "config": dataclasses.asdict(cfg0), "seed": seed, "size": size,
                 "source": str(src), "images": images, "failures": failures}
+    if realistic is not None:
+        manifest["realistic"] = dataclasses.asdict(realistic)
     out.mkdir(parents=True, exist_ok=True)
     return _write_manifest(out / "manifest.json", manifest)
 
