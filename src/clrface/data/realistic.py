@@ -109,3 +109,11 @@ def degrade_realistic(x: Tensor, first: DegradationConfig, cfg: RealisticConfig,
     # back on the 8-bit grid, as a real input file is
     x_d = x_d.add(1).mul(127.5).round().div(127.5).sub(1)
     return x_d.to(x.dtype), x
+
+
+def degrade_mixed(x: Tensor, first: DegradationConfig, cfg: RealisticConfig | None, seed: int) -> tuple[Tensor, Tensor]:
+    """(x_d, target) from one seed: the ``first`` round alone when ``cfg`` is None (target ``x``), else
+    :func:`degrade_realistic` with a generator seeded ``seed``."""
+    if cfg is None:
+        return degrade_batch(x, first, generator=seed)[0], x
+    return degrade_realistic(x, first, cfg, torch.Generator().manual_seed(seed))

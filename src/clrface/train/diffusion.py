@@ -15,7 +15,7 @@ from clrface.checkpoint import load_weights, read_config, save_checkpoint
 from clrface.data.datasets import load_face_folder
 from clrface.data.degradation import degrade_batch, get_preset
 from clrface.data.io import to_model_range
-from clrface.data.realistic import RealisticConfig, degrade_realistic
+from clrface.data.realistic import RealisticConfig, degrade_mixed
 from clrface.diffusion.loss import edm_loss, start_state_noise
 from clrface.diffusion.prior import LatentPrior, PriorConfig
 from clrface.diffusion.sampler import heun, sample
@@ -156,11 +156,7 @@ class PriorStage:
         x = to_model_range(self.faces[idx])
         dev = x.device
         x = torch.where(flip.to(dev)[:, None, None, None], x.flip(-1), x)
-        deg_seed = int(torch.randint(0, 2**31, (1,), generator=g))
-        if self.cfg.realistic is None:
-            x_d, _ = degrade_batch(x, self.degradation, generator=deg_seed)
-        else:
-            x_d, x = degrade_realistic(x, self.degradation, self.cfg.realistic, torch.Generator().manual_seed(deg_seed))
+        x_d, x = degrade_mixed(x, self.degradation, self.cfg.realistic, int(torch.randint(0, 2**31, (1,), generator=g)))
         prior = self.modules["prior"]
         if self.z0 is None:
             if self.cfg.bf16_targets:

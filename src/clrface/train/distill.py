@@ -37,7 +37,7 @@ from clrface.checkpoint import save_checkpoint
 from clrface.data.datasets import load_face_folder
 from clrface.data.degradation import degrade_batch, get_preset
 from clrface.data.io import to_model_range
-from clrface.data.realistic import RealisticConfig, degrade_realistic
+from clrface.data.realistic import RealisticConfig, degrade_mixed
 from clrface.device import autocast
 from clrface.diffusion.loss import denoiser_loss
 from clrface.diffusion.prior import LatentPrior
@@ -128,11 +128,7 @@ def make_trajectories(teacher: Teacher, faces_u8: Tensor, cfg: DistillTrainConfi
     n_batches = math.ceil(len(faces_u8) / cfg.traj_batch)
     for b in range(n_batches):
         x = to_model_range(faces_u8[b * cfg.traj_batch:(b + 1) * cfg.traj_batch]).to(teacher.device)
-        deg_seed = int(torch.randint(0, 2**31, (1,), generator=g))
-        if cfg.realistic is None:
-            x_d, _ = degrade_batch(x, deg, generator=deg_seed)
-        else:
-            x_d, _ = degrade_realistic(x, deg, cfg.realistic, torch.Generator().manual_seed(deg_seed))
+        x_d, _ = degrade_mixed(x, deg, cfg.realistic, int(torch.randint(0, 2**31, (1,), generator=g)))
         kind = start_kind(b, cfg.noise_fraction, cfg.id_fraction)
         u = float(torch.rand((), generator=g))
         unet = teacher.prior.config.unet
