@@ -438,8 +438,8 @@ def test_stalled_readers_hold_one_answer_at_a_time(restorer, small_server, monke
     for s in socks:
         s.close()
     rss_mb = (proc.memory_info().rss - rss0) / 2**20
-    print(f"answer {answer_mb:.1f} MB; one request's peak {one:.0f} MB; with {n} stalled clients before it "
-          f"{many:.0f} MB; all answered or cut off after {waited:.1f} s; RSS after the {n + 2} requests +{rss_mb:.0f} MB")
+    print(f"answer {answer_mb:.1f} MB; one request's peak {one:.0f} MB; with {n} stalled clients {many:.0f} MB; "
+          f"all answered or cut off after {waited:.1f} s; RSS after the {n + 2} requests +{rss_mb:.0f} MB")
     assert rss_mb < one  # every restore runs on one thread: no malloc arena per connection thread keeps its own
     assert st == 200 and abs(len(body) / 2**20 - answer_mb) < 0.01
     assert peak_alive[0] == 1

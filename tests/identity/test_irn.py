@@ -11,6 +11,7 @@ from clrface.identity.irn import (
     IRN,
     IRNConfig,
     SwinBlock,
+    deepened,
     load_irn,
     relative_position_index,
     shift_attention_mask,
@@ -70,6 +71,24 @@ def test_a_few_steps_reduce_l1_on_a_tiny_batch(cfg):
     end = (net(x_d) - gt).abs().mean().item()
     assert start == pytest.approx((x_d - gt).abs().mean().item())
     assert end < 0.75 * start
+
+
+def test_deepened_irn_computes_the_same_and_trains_its_new_blocks():
+    torch.manual_seed(0)
+    small = IRN(TINY_CONV)
+    for p in small.parameters():  # a "trained" net: nothing zero, so equality is not trivial
+        p.data.normal_(0, 0.05)
+    big = deepened(small, (2, 3))
+    x = _faces()
+    assert torch.equal(big(x), small(x))
+    n_small, n_big = (sum(p.numel() for p in m.parameters()) for m in (small, big))
+    conv = lambda c: 9 * c * c + c  # noqa: E731 - weights and bias of a 3x3 c -> c conv
+    assert n_big - n_small == 2 * conv(8) + 2 * 2 * conv(16)  # one new block of 8 channels, two of 16
+    big(x).square().mean().backward()
+    new_conv2 = big.body.enc[1][2].conv2.weight
+    assert torch.count_nonzero(new_conv2) == 0 and new_conv2.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="at least its blocks"):
+        deepened(small, (1, 0))
 
 
 def test_default_conv_irn_size_and_receptive_field():

@@ -18,7 +18,7 @@ untrained IRN is the identity map):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -264,6 +264,22 @@ class IRN(nn.Module):
             if x.shape[-2] % k or x.shape[-1] % k:
                 raise ValueError(f"conv IRN needs H and W divisible by {k}, got {tuple(x.shape[-2:])}")
         return x + self.tail(self.body(x)).to(x.dtype)
+
+
+def deepened(model: IRN, blocks: tuple[int, ...]) -> IRN:
+    """A conv IRN with more residual blocks per level that computes exactly what ``model`` does: its weights, plus
+    new blocks appended to each level whose second conv is zero (an identity map until trained). Grows a trained
+    IRN so that a larger one can be compared with it at equal starting quality (capacity per core-hour)."""
+    cfg = model.cfg
+    if cfg.body != "conv" or len(blocks) != len(cfg.blocks) or any(n < o for n, o in zip(blocks, cfg.blocks)):
+        raise ValueError(f"need a conv IRN and at least its blocks per level {cfg.blocks}, got {tuple(blocks)}")
+    grown = IRN(replace(cfg, blocks=tuple(blocks)))
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected, unexpected
+    for name in missing:  # only the new blocks' tensors: their residual branch starts at exactly zero
+        if ".conv2." in name:
+            grown.get_parameter(name).data.zero_()
+    return grown
 
 
 def load_irn(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> IRN:
