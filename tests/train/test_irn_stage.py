@@ -156,6 +156,24 @@ def test_adversarial_option_adds_a_discriminator_objective(faces_dirs, facerec):
     assert g.name == "irn" and d.name == "disc"
 
 
+def test_disc_warmup_trains_only_the_discriminator_first(faces_dirs, tmp_path):
+    cfg = {
+        "model": {"body": "conv", "channels": [8, 16], "blocks": [1, 1]},
+        "stage": {"train_dir": str(faces_dirs[0]), "val_dir": str(faces_dirs[1]), "val_count": 4, "warmup": 0,
+                  "adv_weight": 0.1, "disc_channels": 8, "disc_layers": 2, "disc_warmup": 2},
+        "train": {"steps": 2, "batch_size": 2, "mixed_precision": "no", "val_every": 0, "ckpt_every": 1,
+                  "log_every": 1, "threads": 1},
+    }
+    path = tmp_path / "irn.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert run_stage("irn", path, out=str(tmp_path / "w")) == 2
+    log = (tmp_path / "w" / "log.csv").read_text()
+    assert ",d_loss," in log and ",adv," not in log and ",l1," not in log  # two discriminator-only steps
+    assert load_irn(tmp_path / "w" / "model").tail.weight.abs().sum() == 0  # the IRN kept its zero init
+    assert run_stage("irn", path, ["train.steps=3"], out=str(tmp_path / "w"), resume=True) == 3
+    assert ",adv," in (tmp_path / "w" / "log.csv").read_text()  # then both train
+
+
 def test_jittered_identity_loss_shares_the_chip_of_output_and_target(facerec, faces_dirs):
     gt = to_model_range(load_face_folder(faces_dirs[1]))[:2]
     torch.manual_seed(0)
