@@ -89,9 +89,12 @@ TABLES: dict[str, dict[str, Row]] = {
         "full + M_l, DPM++2M-5": Row({**FULL, "steps": 5, "sampler": "dpmpp_2m"}, mask=True),
         **{f"full + M_l, distilled-{n}": Row({**FULL, "steps": n, "sampler": "euler"}, mask=True, model=FAST)
            for n in (1, 2, 4)},
-        # the decoded face's finest octave replaced by the IRN output's (RestoreOptions.irn_detail)
+        # the decoded face's finest octave(s) replaced by the IRN output's (RestoreOptions.irn_detail)
         "full + M_l, distilled-1, IRN detail": Row({**FULL, "steps": 1, "sampler": "euler", "irn_detail": 1.0},
                                                    mask=True, model=FAST),
+        **{f"full + M_l, distilled-1, IRN detail {k} octaves": Row(
+            {**FULL, "steps": 1, "sampler": "euler", "irn_detail": 1.0, "irn_detail_octaves": k}, mask=True, model=FAST)
+           for k in (2, 3)},
     },
     # Paper Table 2 at 128 px: extreme upsampling (run on the x32 and x64 test sets).
     # Where identity is lost on the way x_id -> E -> refine -> G: each row adds one arrow.

@@ -91,8 +91,15 @@ def test_irn_detail_takes_the_upper_octave_from_the_irn_output(restorer):
     prior = RestoreOptions(mode="prior", sigma_start=0.0)  # no IRN output to take detail from
     torch.testing.assert_close(restorer.restore_faces(x, dataclasses.replace(prior, irn_detail=1.0)).restored,
                                restorer.restore_faces(x, prior).restored)
+    two = restorer.restore_faces(x, RestoreOptions(sigma_start=0.0, guidance_scale=0.0, irn_detail=1.0,
+                                                   irn_detail_octaves=2))
+    torch.testing.assert_close(two.restored[:, 0], upper_band_from(decoded, x_id, octaves=2).clamp(-1, 1),
+                               atol=1e-5, rtol=0)
+    assert two.sampling.irn_detail_octaves == 2
     with pytest.raises(ClrfaceError, match="irn_detail"):
         RestoreOptions(irn_detail=1.5)
+    with pytest.raises(ClrfaceError, match="irn_detail_octaves"):
+        RestoreOptions(irn_detail_octaves=4)
 
 
 def test_modes(restorer):

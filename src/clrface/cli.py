@@ -182,6 +182,9 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
                    help="mode full: share 0..1 of the finest detail (the octave above half resolution) taken from the "
                         "IRN output instead of the VQGAN decoder, which keeps ~40%% of a face's fine detail "
                         "(default: the model's, else 0 = the paper's pipeline)")
+    p.add_argument("--irn-detail-octaves", type=int, default=None, choices=(1, 2, 3), metavar="N",
+                   help="how many of the finest octaves --irn-detail takes from the IRN: 1 (detail above half "
+                        "resolution), 2 or 3 (default: the model's, else 1)")
     p.add_argument("--steps", type=int, default=None,
                    help="sampler steps from sigma_start to 0 (default: the model's, else 20)")
     p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES,
@@ -240,7 +243,7 @@ def _restore_setup(args: argparse.Namespace):
     restorer = Restorer.from_pretrained(args.model, device, DTYPES[dtype], background=background)
     options = restorer.options(fidelity=args.fidelity, steps=args.steps, sampler=args.sampler,
                                sigma_start=args.sigma_start, guidance_scale=args.guidance_scale,
-                               irn_detail=args.irn_detail, seed=args.seed,
+                               irn_detail=args.irn_detail, irn_detail_octaves=args.irn_detail_octaves, seed=args.seed,
                                samples=args.samples, mode=args.mode,
                                batch_size=args.batch_size or (16 if dtype == "bfloat16" or device.type == "cuda"
                                                               else 4),

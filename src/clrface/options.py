@@ -107,6 +107,9 @@ class RestoreOptions:
     # taken from the IRN output x_id instead of the VQGAN decoder, which keeps ~40 % of a face's Laplacian
     # variance (clrface.faces.detail.upper_band_from). 0 is the paper's pipeline: the decoded latent alone.
     irn_detail: float = 0.0
+    # How many octaves irn_detail takes: 1 is the band above N/2 px; 2 also the one above N/4 px, which the
+    # decoder also keeps only in part (a 3x3 Laplacian still sees it).
+    irn_detail_octaves: int = 1
 
     def __post_init__(self) -> None:
         if self.color not in COLOR_MODES:
@@ -134,6 +137,8 @@ class RestoreOptions:
             raise ClrfaceError(f"upscale must be an integer in [1, {MAX_UPSCALE}], got {self.upscale}")
         if not 0.0 <= float(self.irn_detail) <= 1.0:
             raise ClrfaceError(f"irn_detail must be in [0, 1], got {self.irn_detail}")
+        if self.irn_detail_octaves not in (1, 2, 3):
+            raise ClrfaceError(f"irn_detail_octaves must be 1, 2 or 3, got {self.irn_detail_octaves}")
         if self.max_faces is not None and self.max_faces < 1:
             raise ClrfaceError(f"max_faces must be >= 1, got {self.max_faces}")
 

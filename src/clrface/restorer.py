@@ -65,7 +65,8 @@ class Sampling:
     guidance_scale: float
     nfe: int
     reference_guidance: float | None = None  # the scale of faces guided by a reference; None: no reference
-    irn_detail: float = 0.0  # the share of the finest octave taken from the IRN output (RestoreOptions.irn_detail)
+    irn_detail: float = 0.0  # the share of the finest octaves taken from the IRN output (RestoreOptions.irn_detail)
+    irn_detail_octaves: int = 1
 
     def as_dict(self) -> dict[str, float]:
         """The JSON form of reports: floats rounded to 6 digits."""
@@ -75,6 +76,7 @@ class Sampling:
             d["reference_guidance"] = round(float(self.reference_guidance), 6)
         if self.irn_detail:
             d["irn_detail"] = round(float(self.irn_detail), 6)
+            d["irn_detail_octaves"] = int(self.irn_detail_octaves)
         return d
 
 
@@ -301,9 +303,10 @@ class Restorer:
         restored = self.decode(z).float()
         detail = o.irn_detail if o.mode == "full" and self.irn is not None else 0.0
         if detail > 0:
-            restored = upper_band_from(restored, rep(x_id.float()), detail)
+            restored = upper_band_from(restored, rep(x_id.float()), detail, o.irn_detail_octaves)
         restored = restored.clamp(-1, 1).view(b, n, 3, s, s)
-        sampling = Sampling(sigma_start, scale, nfe(o.sampler, o.steps) if sigma_start > 0 else 0, ref_scale, detail)
+        sampling = Sampling(sigma_start, scale, nfe(o.sampler, o.steps) if sigma_start > 0 else 0, ref_scale, detail,
+                            o.irn_detail_octaves)
         return restored, x_id, e_id, z, sampling
 
     def restore_crops(self, crops: np.ndarray, options: RestoreOptions, reference: Tensor | None = None, *,

@@ -195,3 +195,9 @@ def test_upper_band_from_keeps_the_lower_band_and_takes_the_detail():
     assert (band_split(out, 64)[1] - sharp_hi).abs().mean() < 0.25 * sharp_hi.abs().mean()
     torch.testing.assert_close(upper_band_from(smooth, sharp, 0.0), smooth)
     torch.testing.assert_close(upper_band_from(sharp, sharp), sharp)
+    # two octaves: the quarter-resolution face is kept, the band above it is the sharp image's
+    two = upper_band_from(smooth, sharp, octaves=2)
+    assert (resize(two, 16) - resize(smooth, 16)).abs().max() < 0.01
+    sharp_hi2 = band_split(sharp, 32)[1]
+    assert (band_split(two, 32)[1] - sharp_hi2).abs().mean() < 0.25 * sharp_hi2.abs().mean()
+    assert (two - sharp).abs().mean() < (out - sharp).abs().mean()  # closer to the sharp image than one octave

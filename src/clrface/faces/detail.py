@@ -101,12 +101,12 @@ def band_split(x: Tensor, size: int) -> tuple[Tensor, Tensor]:
     return x - high, high
 
 
-def upper_band_from(x: Tensor, source: Tensor, weight: float = 1.0) -> Tensor:
-    """x [B,C,N,N] with ``weight`` of its upper octave (what an N/2-px image cannot hold, see :func:`band_split`)
-    replaced by that of ``source`` [B,C,N,N]: the decoded latent's shape and tone, the detail of a sharper
-    estimate of the same face."""
-    half = x.shape[-1] // 2
-    return x + weight * (band_split(source, half)[1] - band_split(x, half)[1])
+def upper_band_from(x: Tensor, source: Tensor, weight: float = 1.0, octaves: int = 1) -> Tensor:
+    """x [B,C,N,N] with ``weight`` of its ``octaves`` upper octaves (what an N/2**octaves-px image cannot hold, see
+    :func:`band_split`) replaced by those of ``source`` [B,C,N,N]: the decoded latent's shape and tone, the detail
+    of a sharper estimate of the same face."""
+    size = x.shape[-1] >> octaves
+    return x + weight * (band_split(source, size)[1] - band_split(x, size)[1])
 
 
 def _region(y: Tensor, region: tuple[float, float, float, float]) -> Tensor:
