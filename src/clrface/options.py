@@ -137,7 +137,7 @@ class RestoreOptions:
             raise ClrfaceError(f"upscale must be an integer in [1, {MAX_UPSCALE}], got {self.upscale}")
         if not 0.0 <= float(self.irn_detail) <= 1.0:
             raise ClrfaceError(f"irn_detail must be in [0, 1], got {self.irn_detail}")
-        if self.irn_detail_octaves not in (1, 2, 3):
+        if not (isinstance(self.irn_detail_octaves, int) and 1 <= self.irn_detail_octaves <= 3):
             raise ClrfaceError(f"irn_detail_octaves must be 1, 2 or 3, got {self.irn_detail_octaves}")
         if self.max_faces is not None and self.max_faces < 1:
             raise ClrfaceError(f"max_faces must be >= 1, got {self.max_faces}")

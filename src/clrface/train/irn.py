@@ -61,9 +61,9 @@ class IRNTrainConfig:
     disc_lr: float = 1e-4
     disc_channels: int = 64
     disc_layers: int = 3
-    # Steps at the start in which only the discriminator trains, against the outputs of the initial IRN: a run
-    # continued from a trained IRN otherwise spends its first steps pushed by a random critic (measured: 0.3-0.8 dB
-    # and the perceptual gain lost early when continuing the shipped IRN with a fresh discriminator).
+    # Steps at the start in which only the discriminator trains, against the outputs of the initial IRN, so that a
+    # run continued from a trained IRN is not pushed by a random critic at first (docs/RESULTS.md, "CPU runs: the
+    # IRN continued after a discriminator warm-up").
     disc_warmup: int = 0
     # > 0: add the facerec-perceptual distance (multi-layer features of the frozen recognizer, our offline
     # LPIPS substitute) to Eq. 11; the features of the identity term are reused, so it costs little
