@@ -44,3 +44,12 @@ def test_typos_and_unknown_sections_raise(tmp_path):
         stage_configs("irn", load_config(path))
     with pytest.raises(ClrfaceError, match="not implemented"):
         stage_configs("gan", {})
+
+
+def test_overrides_read_exponents_without_a_dot_as_numbers(tmp_path):
+    path = tmp_path / "irn.yaml"
+    path.write_text("stage:\n  lr: 2e-4\n  warmup: 5\ntrain:\n  out_dir: runs/x\n")
+    raw = load_config(path, ["stage.disc_lr=1e-5", "stage.alpha=1.5", "train.seed=3", "train.out_dir=1e5x"])
+    assert raw["stage"] == {"lr": 2e-4, "warmup": 5, "disc_lr": 1e-5, "alpha": 1.5}
+    assert raw["train"] == {"out_dir": "1e5x", "seed": 3}
+    assert isinstance(raw["stage"]["warmup"], int) and isinstance(raw["train"]["seed"], int)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,20 @@ from clrface.train.vqvae_rest import RestStage, RestTrainConfig
 from clrface.vqgan.model import VQGANConfig
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads 1e-5 (an exponent without a dot) as a string; configs mean the number."""
+
+
+_EXPONENT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT, list("-+0123456789"))
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
     """Reads a YAML config and applies `section.key=value` overrides (values parsed as YAML)."""
     path = Path(path)
     if not path.is_file():
         raise ClrfaceError(f"{path}: config file not found")
-    cfg = yaml.safe_load(path.read_text()) or {}
+    cfg = yaml.load(path.read_text(), _Loader) or {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
@@ -39,7 +48,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = yaml.load(value, _Loader)
     return cfg
 
 
