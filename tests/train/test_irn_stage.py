@@ -117,15 +117,22 @@ def test_validate_reports_input_and_output_numbers(facerec, faces_dirs, tmp_path
     assert (tmp_path / "val" / "0000000.png").is_file()
 
 
-def test_two_steps_through_the_engine_and_exact_resume(facerec, faces_dirs, tmp_path):
+def _tiny_run_config(tmp_path, faces_dirs, val_every: int, **stage) -> Path:
+    """A two-step YAML config of the TINY IRN on the test faces; ``stage`` adds stage keys."""
     cfg = {
         "model": {"body": "conv", "channels": [8, 16], "blocks": [1, 1]},
-        "stage": {"train_dir": str(faces_dirs[0]), "val_dir": str(faces_dirs[1]), "val_count": 4, "warmup": 0},
-        "train": {"steps": 2, "batch_size": 2, "mixed_precision": "no", "val_every": 2, "ckpt_every": 1,
+        "stage": {"train_dir": str(faces_dirs[0]), "val_dir": str(faces_dirs[1]), "val_count": 4, "warmup": 0,
+                  **stage},
+        "train": {"steps": 2, "batch_size": 2, "mixed_precision": "no", "val_every": val_every, "ckpt_every": 1,
                   "log_every": 1, "threads": 1},
     }
     path = tmp_path / "irn.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_two_steps_through_the_engine_and_exact_resume(facerec, faces_dirs, tmp_path):
+    path = _tiny_run_config(tmp_path, faces_dirs, val_every=2)
     assert run_stage("irn", path, out=str(tmp_path / "a")) == 2
     log = (tmp_path / "a" / "log.csv").read_text()
     assert "val/id_cos" in log and "val/psnr_in" in log and ",id," in log
@@ -157,15 +164,8 @@ def test_adversarial_option_adds_a_discriminator_objective(faces_dirs, facerec):
 
 
 def test_disc_warmup_trains_only_the_discriminator_first(faces_dirs, tmp_path):
-    cfg = {
-        "model": {"body": "conv", "channels": [8, 16], "blocks": [1, 1]},
-        "stage": {"train_dir": str(faces_dirs[0]), "val_dir": str(faces_dirs[1]), "val_count": 4, "warmup": 0,
-                  "adv_weight": 0.1, "disc_channels": 8, "disc_layers": 2, "disc_warmup": 2},
-        "train": {"steps": 2, "batch_size": 2, "mixed_precision": "no", "val_every": 0, "ckpt_every": 1,
-                  "log_every": 1, "threads": 1},
-    }
-    path = tmp_path / "irn.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = _tiny_run_config(tmp_path, faces_dirs, val_every=0, adv_weight=0.1, disc_channels=8, disc_layers=2,
+                            disc_warmup=2)
     assert run_stage("irn", path, out=str(tmp_path / "w")) == 2
     log = (tmp_path / "w" / "log.csv").read_text()
     assert ",d_loss," in log and ",adv," not in log and ",l1," not in log  # two discriminator-only steps
