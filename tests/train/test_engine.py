@@ -95,6 +95,19 @@ def test_resume_reproduces_uninterrupted_run_exactly(tmp_path):
         torch.testing.assert_close(_weights(tmp_path / "part" / "model")[k], v, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("ramp, kept", [(True, 0.1), (False, 0.9)])
+def test_ema_starts_at_full_decay_without_the_ramp(tmp_path, ramp, kept):
+    cfg = EngineConfig(out_dir=str(tmp_path / "run"), steps=1, batch_size=4, mixed_precision="no", ema_decay=0.9,
+                       ema_ramp=ramp, val_every=0, ckpt_every=100)
+    stage = ToyStage()
+    w0 = {k: v.clone() for k, v in stage.modules["net"].state_dict().items()}
+    train(stage, cfg)
+    w1 = stage.modules["net"].state_dict()
+    assert not torch.allclose(w0["weight"], w1["weight"])  # the step moved the model
+    for k, v in _weights(tmp_path / "run" / "model").items():  # the ramp's first decay is 1/10
+        torch.testing.assert_close(v, kept * w0[k] + (1 - kept) * w1[k], rtol=0, atol=1e-6)
+
+
 def _two_process_run(out: str) -> None:
     cfg = EngineConfig(out_dir=out, steps=3, batch_size=4, mixed_precision="no", val_every=0, ckpt_every=3)
     train(ToyStage(), cfg)

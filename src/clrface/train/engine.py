@@ -34,6 +34,9 @@ class EngineConfig:
     grad_accum: int = 1
     mixed_precision: str = "bf16"  # accelerate's values: "no" | "bf16" | "fp16"
     ema_decay: float = 0.999
+    # The (1 + step) / (10 + step) ramp lets a fresh model's EMA follow its first steps; a run continued from
+    # trained weights can turn it off so the average starts as those weights at full decay.
+    ema_ramp: bool = True
     log_every: int = 25
     val_every: int = 1000
     ckpt_every: int = 250
@@ -220,7 +223,8 @@ def train(stage: Stage, cfg: EngineConfig, *, resume: bool = False, config_dump:
                 if obj.max_grad_norm:
                     acc.clip_grad_norm_(obj.params, obj.max_grad_norm)
                 opt.step()
-            ema_update(ema, acc.unwrap_model(mods[stage.ema_name]), min(cfg.ema_decay, (1 + step) / (10 + step)))
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_ramp else cfg.ema_decay
+            ema_update(ema, acc.unwrap_model(mods[stage.ema_name]), decay)
             step += 1
             bar.update(1)
             last_logs = logs
