@@ -72,7 +72,8 @@ def panel(title: str, lines: dict[str, list[tuple[float, float]]]) -> Image.Imag
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("logs", nargs="+", help="log.csv files, drawn one after the other")
-    ap.add_argument("--batch", type=int, required=True, help="images per step and process")
+    ap.add_argument("--batch", type=int, nargs="+", required=True,
+                    help="images per step and process (x gradient-accumulation steps): one, or one per log")
     ap.add_argument("--world", type=int, default=1, help="processes")
     ap.add_argument("--offset", type=int, nargs="*", default=None, help="steps before each log (default 0)")
     ap.add_argument("--labels", nargs="+", default=None, help="one per log: draw each log as its own line")
@@ -81,12 +82,13 @@ def main() -> None:
     args = ap.parse_args()
     offsets = args.offset or [0] * len(args.logs)
     labels = args.labels or [""] * len(args.logs)
-    if len(labels) != len(args.logs):
-        raise SystemExit("--labels needs one label per log")
+    batches = args.batch * len(args.logs) if len(args.batch) == 1 else args.batch
+    if len(labels) != len(args.logs) or len(batches) != len(args.logs):
+        raise SystemExit("--labels and --batch need one value per log (--batch may also be one for all)")
     series: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
-    for log, off, label in zip(args.logs, offsets, labels):
+    for log, off, label, batch in zip(args.logs, offsets, labels, batches):
         for m, pts in read_log(Path(log), args.metrics).items():
-            series[m][label] += [((off + s) * args.batch * args.world, v) for s, v in pts]
+            series[m][label] += [((off + s) * batch * args.world, v) for s, v in pts]
     for m in series:
         start = series[m].pop("start", [])
         for label in series[m]:
