@@ -323,9 +323,9 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "demo", help="degrade and restore a public-domain portrait; writes DIR/demo_cmp.png",
+        "demo", help="degrade and restore a public-domain portrait; writes OUTPUT/demo_cmp.png",
         description="Degrades the public-domain NASA astronaut portrait shipped with scikit-image (bfr preset, fixed "
-                    "seed), restores it and writes DIR/demo_cmp.png (degraded | restored | original) plus the "
+                    "seed), restores it and writes OUTPUT/demo_cmp.png (degraded | restored | original) plus the "
                     "outputs of `clrface restore` (cropped_faces/, restored_faces/, cmp/, final/, report.json).")
     p.add_argument("-o", "--output", required=True, help="output folder")
     _add_restore_model_args(p)
