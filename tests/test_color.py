@@ -78,6 +78,12 @@ def test_fine_tuned_model_takes_missing_stages_from_its_base(tmp_path, model_dir
     torch.testing.assert_close(r.restore_faces(x, r.options(steps=1)).restored,  # fp16 copy of the same IRN
                                restorer.restore_faces(x, restorer.options(steps=1, mode="irn")).restored,
                                atol=5e-3, rtol=0)
+    # settings the folder leaves out come from its base, key by key
+    (weights / "tinybase" / "restore.json").write_text(json.dumps(
+        {"defaults": {"mode": "irn", "steps": 3}, "fidelity_map": {"guidance_at_1": 7.0}}))
+    (ft / "restore.json").write_text(json.dumps({"base": "tinybase", "defaults": {"steps": 2}}))
+    r = Restorer.from_pretrained("tinyft", facerec=restorer.facerec)
+    assert (r.options().mode, r.options().steps, r.fidelity_map.guidance_at_1) == ("irn", 2, 7.0)
     (ft / "restore.json").write_text(json.dumps({"base": "nosuchmodel"}))
     with pytest.raises(CheckpointError, match="nosuchmodel"):
         Restorer.from_pretrained("tinyft", facerec=restorer.facerec)

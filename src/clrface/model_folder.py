@@ -2,7 +2,8 @@
 
 A model folder holds ``vqgan/`` and ``prior/`` checkpoints (required), ``irn/`` and ``mask/`` (optional) and
 ``restore.json`` (optional: ``fidelity_map``, measured-best ``defaults``, and ``base``, an installed model that
-supplies the stages the folder lacks, so a fine-tuned model ships only what it changed). The nets are loaded
+supplies the stages the folder lacks and the settings it leaves out, so a fine-tuned model ships only what it
+changed: an IRN packed onto ``default`` restores with the default's measured-best settings). The nets are loaded
 here and nowhere else; the :class:`clrface.restorer.Restorer` and the distillation stage both start from it.
 """
 
@@ -73,12 +74,19 @@ def read_spec(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: invalid ({e})") from None
 
 
+def merged_spec(own: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """A folder's settings over its base's: ``defaults`` and ``fidelity_map`` key by key, the folder winning."""
+    return {key: {**base.get(key, {}), **own.get(key, {})} for key in ("defaults", "fidelity_map")}
+
+
 def load_model_folder(path_or_name: str | Path | None = None, device: str | torch.device = "cpu") -> ModelFolder:
     """Loads the stages of a model folder (see the module docstring) in fp32 on ``device``. A missing or
     incomplete folder or a checkpoint of the wrong kind/shape raises CheckpointError."""
     folder = resolve_model(path_or_name)
     spec = read_spec(folder)
     base = resolve_model(spec["base"]) if spec.get("base") else None
+    if base is not None:
+        spec = merged_spec(spec, read_spec(base))
 
     def stage(sub: str) -> Path:
         own = folder / sub

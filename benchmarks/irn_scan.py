@@ -1,0 +1,58 @@
+"""Identity, facerec-perceptual distance and PSNR of IRN checkpoints on an aligned test set, in about a minute per
+IRN on one core: the IRN alone, bf16 like `clrface restore`, no detection, landmarks or FID. The same figures as
+the "IRN^ID" row of `benchmarks/ablation.py` (IDS, facerec_perceptual, PSNR), for scanning many candidates (e.g.
+weight averages from `benchmarks/soup_irn.py`) before the full evaluation of the best:
+
+    python benchmarks/irn_scan.py --testset runs/testset-val-bfr src/clrface/weights/default/irn runs/irn-soup/model
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from clrface.data.datasets import load_face_folder
+from clrface.data.io import to_model_range
+from clrface.identity.facerec import identity_loss, load_facerec, perceptual_distance
+from clrface.identity.irn import load_irn
+from clrface.metrics.psnr_ssim import psnr
+from clrface.train.irn import descriptor
+
+
+def scan_irn(irn: torch.nn.Module, fr: torch.nn.Module, lq: Tensor, gt: Tensor, e_gt: Tensor,
+             chunk: int = 50) -> dict[str, Tensor]:
+    """Per-face IDS (descriptor cosine to the GT), facerec-perceptual distance and PSNR of ``irn(lq)``."""
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        out = torch.cat([irn(x).float() for x in lq.split(chunk)]).clamp(-1, 1)
+    with torch.no_grad():
+        e = torch.cat([descriptor(fr, x) for x in out.split(chunk)])
+        perc = torch.cat([perceptual_distance(fr, o, t).float() for o, t in zip(out.split(chunk), gt.split(chunk))])
+    return {"ids": 1 - identity_loss(e, e_gt), "facerec_perceptual": perc, "psnr": psnr(out, gt)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("irn", nargs="+", help="IRN checkpoint folders")
+    ap.add_argument("--testset", required=True, help="a folder of `clrface make-testset` (lq/, gt/)")
+    ap.add_argument("--limit", type=int, help="the first N faces only")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    ts = Path(args.testset)
+    lq = to_model_range(load_face_folder(ts / "lq", size=128, limit=args.limit))
+    gt = to_model_range(load_face_folder(ts / "gt", size=128, limit=args.limit))
+    fr = load_facerec().eval().requires_grad_(False)
+    with torch.no_grad():
+        e_gt = torch.cat([descriptor(fr, x) for x in gt.split(50)])
+    print(f"{len(gt)} faces of {ts}\n\n| IRN | IDS | facerec-perc. | PSNR |\n|---|---|---|---|")
+    for folder in args.irn:
+        m = scan_irn(load_irn(folder).eval(), fr, lq, gt, e_gt)
+        print(f"| {folder} | {m['ids'].mean():.4f} | {m['facerec_perceptual'].mean():.4f} | {m['psnr'].mean():.3f} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

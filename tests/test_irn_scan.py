@@ -1,0 +1,44 @@
+"""benchmarks/irn_scan.py: an untrained IRN (zero tail) returns its input, so its scan is the input's figures."""
+
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from clrface.checkpoint import save_checkpoint
+from clrface.data.datasets import load_face_folder
+from clrface.data.degradation import degrade_batch, get_preset
+from clrface.data.io import to_model_range
+from clrface.identity.facerec import identity_loss, load_facerec
+from clrface.identity.irn import IRN, IRNConfig
+from clrface.metrics.psnr_ssim import psnr
+from clrface.train.irn import descriptor
+
+
+def test_untrained_irn_scans_as_its_input(benchmark_script, shared_data, tmp_path, monkeypatch, capsys):
+    scan = benchmark_script("irn_scan")
+    gt = to_model_range(load_face_folder(shared_data("faces128", "val"), limit=4))
+    lq, _ = degrade_batch(gt, get_preset("bfr", 128), generator=0)
+    fr = load_facerec().eval()
+    with torch.no_grad():
+        e_gt, e_lq = descriptor(fr, gt), descriptor(fr, lq)
+    m = scan.scan_irn(IRN(IRNConfig(channels=(8, 16, 16), blocks=(1, 1, 1))).eval(), fr, lq, gt, e_gt)
+    # bf16 autocast leaves a zero residual exact: the output is the input to the last bit
+    assert torch.allclose(m["psnr"], psnr(lq.clamp(-1, 1), gt))
+    assert torch.allclose(m["ids"], 1 - identity_loss(e_lq, e_gt), atol=1e-5)
+    assert m["ids"].mean().item() < 0.99 and (m["facerec_perceptual"] > 0).all()
+
+    # the command line: a table row per IRN folder
+    for sub in ("lq", "gt"):
+        (tmp_path / "ts" / sub).mkdir(parents=True)
+    for i, (a, b) in enumerate(zip(lq, gt)):
+        for sub, x in (("lq", a), ("gt", b)):
+            arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+            Image.fromarray(arr).save(tmp_path / "ts" / sub / f"{i}.png")
+    cfg = IRNConfig(channels=(8, 16, 16), blocks=(1, 1, 1))
+    save_checkpoint(tmp_path / "irn", IRN(cfg), cfg, "irn")
+    monkeypatch.setattr(sys, "argv", ["irn_scan", "--testset", str(tmp_path / "ts"), str(tmp_path / "irn")])
+    scan.main()
+    row = [line for line in capsys.readouterr().out.splitlines() if str(tmp_path / "irn") in line]
+    assert len(row) == 1 and float(row[0].split("|")[2]) == pytest.approx(m["ids"].mean().item(), abs=2e-3)
