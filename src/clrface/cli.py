@@ -351,8 +351,9 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
         p.add_argument(f"--{stage}",
                        help=f"checkpoint folder of the {stage} stage (e.g. runs/{stage}-128/model)"
                        + ("; required unless --base" if stage in ("vqgan", "prior") else "; optional"))
-    p.add_argument("--base", help="an installed model (e.g. default) that supplies the stages not given here: "
-                                  "a fine-tuned model ships only what it changed (written to restore.json)")
+    p.add_argument("--base", help="an installed model (e.g. default) that supplies the stages not given here and "
+                                  "the restore settings (mode, steps, fidelity map): a fine-tuned model ships only "
+                                  "what it changed (written to restore.json)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage dtype of the weights")
 
     def run(args: argparse.Namespace) -> int:
