@@ -96,6 +96,15 @@ TABLES: dict[str, dict[str, Row]] = {
             {**FULL, "steps": 1, "sampler": "euler", "irn_detail": 1.0, "irn_detail_octaves": k}, mask=True, model=FAST)
            for k in (2, 3)},
     },
+    # The distilled pipeline's identity-guidance scale, alone and with the IRN's two finest octaves: stronger
+    # guidance is to win back the identity that the refinement and the octaves' seam cost.
+    "fast-guidance": {
+        **{f"distilled-1, guidance {g}": Row({**FULL, "steps": 1, "sampler": "euler", "guidance_scale": float(g)},
+                                             mask=True, model=FAST) for g in (10, 20, 40)},
+        **{f"distilled-1, guidance {g}, IRN detail 2 octaves": Row(
+            {**FULL, "steps": 1, "sampler": "euler", "guidance_scale": float(g), "irn_detail": 1.0,
+             "irn_detail_octaves": 2}, mask=True, model=FAST) for g in (10, 20, 40)},
+    },
     # Paper Table 2 at 128 px: extreme upsampling (run on the x32 and x64 test sets).
     # Where identity is lost on the way x_id -> E -> refine -> G: each row adds one arrow.
     "arrows": {

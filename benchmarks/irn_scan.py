@@ -1,7 +1,7 @@
 """Identity, facerec-perceptual distance and PSNR of IRN checkpoints on an aligned test set, in about a minute per
-IRN on one core: the IRN alone, bf16 like `clrface restore`, no detection, landmarks or FID. The same figures as
-the "IRN^ID" row of `benchmarks/ablation.py` (IDS, facerec_perceptual, PSNR), for scanning many candidates (e.g.
-weight averages from `benchmarks/soup_irn.py`) before the full evaluation of the best:
+IRN on one core: the IRN alone, bf16 where the CPU runs it natively (as `clrface restore`), no detection, landmarks
+or FID. The same figures as the "IRN^ID" row of `benchmarks/ablation.py` (IDS, facerec_perceptual, PSNR), for
+scanning many candidates (e.g. weight averages from `benchmarks/soup_irn.py`) before the full evaluation of the best:
 
     python benchmarks/irn_scan.py --testset runs/testset-val-bfr src/clrface/weights/default/irn runs/irn-soup/model
 """
@@ -16,6 +16,7 @@ from torch import Tensor
 
 from clrface.data.datasets import load_face_folder
 from clrface.data.io import to_model_range
+from clrface.device import native_bf16
 from clrface.identity.facerec import identity_loss, load_facerec, perceptual_distance
 from clrface.identity.irn import load_irn
 from clrface.metrics.psnr_ssim import psnr
@@ -25,7 +26,7 @@ from clrface.train.irn import descriptor
 def scan_irn(irn: torch.nn.Module, fr: torch.nn.Module, lq: Tensor, gt: Tensor, e_gt: Tensor,
              chunk: int = 50) -> dict[str, Tensor]:
     """Per-face IDS (descriptor cosine to the GT), facerec-perceptual distance and PSNR of ``irn(lq)``."""
-    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=native_bf16(torch.device("cpu"))):
         out = torch.cat([irn(x).float() for x in lq.split(chunk)]).clamp(-1, 1)
     with torch.no_grad():
         e = torch.cat([descriptor(fr, x) for x in out.split(chunk)])

@@ -8,7 +8,7 @@ import torch
 
 from clrface.checkpoint import save_checkpoint
 from clrface.data.io import load_image
-from clrface.device import auto_dtype
+from clrface.device import auto_dtype, native_bf16
 from clrface.diffusion.prior import LatentPrior, PriorConfig, load_prior
 from clrface.diffusion.unet import UNetConfig
 from clrface.errors import CheckpointError, ClrfaceError
@@ -227,6 +227,15 @@ def test_auto_dtype_picks_bf16_only_on_cpus_with_native_bf16():
     assert auto_dtype(cpu, frozenset({"avx2", "avx512f"})) == "float32"  # emulated bf16 would be slower
     assert auto_dtype(cpu, frozenset()) == "float32"
     assert auto_dtype(cuda, frozenset({"amx_bf16"})) == "float32"  # GPUs: not measured yet
+
+
+def test_native_bf16_is_gpus_and_cpus_with_bf16_instructions():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert native_bf16(cpu, frozenset({"avx512f", "avx512_bf16"}))
+    assert native_bf16(cpu, frozenset({"amx_bf16"}))
+    assert not native_bf16(cpu, frozenset({"fma", "avx", "f16c", "avx2"}))  # an AVX2-only EPYC: emulated, ~80x slower
+    assert native_bf16(cuda, frozenset())
+    assert not native_bf16(torch.device("mps"), frozenset({"avx512_bf16"}))
 
 
 def test_samples_are_written_best_identity_first(restorer):

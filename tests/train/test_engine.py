@@ -8,7 +8,15 @@ from accelerate import debug_launcher
 from torch import nn
 
 from clrface.checkpoint import load_weights, save_checkpoint
-from clrface.train.engine import ChunkedBatches, EngineConfig, Objective, lr_at, step_indices, train
+from clrface.train.engine import (
+    ChunkedBatches,
+    EngineConfig,
+    Objective,
+    lr_at,
+    resolve_mixed_precision,
+    step_indices,
+    train,
+)
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,17 @@ def test_step_indices_cover_each_epoch_once_and_are_deterministic():
     assert torch.equal(step_indices(7, 10, 5, seed=3), step_indices(7, 10, 5, seed=3))
     a, b = step_indices(0, 100, 4, 0, rank=0, world=2), step_indices(0, 100, 4, 0, rank=1, world=2)
     assert not set(a.tolist()) & set(b.tolist())  # processes share a global batch, never an index
+
+
+def test_auto_mixed_precision_is_bf16_only_where_native(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr("clrface.device.cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert resolve_mixed_precision("auto", cpu) == "no"
+    assert resolve_mixed_precision("bf16", cpu) == "bf16"  # an explicit choice stays
+    assert resolve_mixed_precision("auto", torch.device("cuda")) == "bf16"
+    monkeypatch.setattr("clrface.device.cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert resolve_mixed_precision("auto", cpu) == "bf16"
+    assert EngineConfig().mixed_precision == "auto"
 
 
 def test_lr_schedule_warmup_and_cosine_end():

@@ -16,6 +16,7 @@ from clrface.data.datasets import load_face_folder
 from clrface.data.degradation import degrade_batch, get_preset
 from clrface.data.io import to_model_range
 from clrface.data.realistic import RealisticConfig, degrade_mixed
+from clrface.device import native_bf16
 from clrface.diffusion.loss import edm_loss, start_state_noise
 from clrface.diffusion.prior import LatentPrior, PriorConfig
 from clrface.diffusion.sampler import heun, sample
@@ -140,7 +141,7 @@ class PriorStage:
 
     @torch.no_grad()
     def _encode_cond(self, x_d: Tensor) -> Tensor:
-        with torch.autocast(x_d.device.type, dtype=torch.bfloat16):
+        with torch.autocast(x_d.device.type, dtype=torch.bfloat16, enabled=native_bf16(x_d.device)):
             return self.vq.encode(x_d)
 
     def batch(self, micro_step: int, rank: int, world: int) -> dict[str, Tensor]:

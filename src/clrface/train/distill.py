@@ -38,7 +38,7 @@ from clrface.data.datasets import load_face_folder
 from clrface.data.degradation import degrade_batch, get_preset
 from clrface.data.io import to_model_range
 from clrface.data.realistic import RealisticConfig, degrade_mixed
-from clrface.device import autocast
+from clrface.device import autocast, native_bf16
 from clrface.diffusion.loss import denoiser_loss
 from clrface.diffusion.prior import LatentPrior
 from clrface.diffusion.sampler import Denoise, euler, heun, sample
@@ -65,7 +65,8 @@ class DistillTrainConfig:
     id_fraction: float = 0.5  # share of the rest that starts from z^id (the others from z^d)
     lr: float = 5e-5
     warmup: int = 50
-    teacher_bf16: bool = True  # the teacher's net under bf16 autocast (~1.9x faster on this CPU; sigma math fp32)
+    # the teacher's net under bf16 autocast where bf16 is native (~1.9x faster on such a CPU; sigma math fp32)
+    teacher_bf16: bool = True
     val_sigma_start: float = 0.447  # the default fidelity 0.5's sigma_start
     val_steps: tuple[int, ...] = (1, 2, 4)
     # the teacher's inputs: None, the paper's `preset` round; a RealisticConfig (dict in YAML), the mix the
@@ -157,8 +158,9 @@ class DistillStage:
     def __init__(self, cfg: DistillTrainConfig, seed: int, batch_size: int, out_dir: Path):
         self.cfg, self.seed, self.batch_size = cfg, seed, batch_size
         # on a GPU the trajectories are made there and stay there (states of 8k faces are ~1 GB in fp16)
-        teacher = Teacher(load_model_folder(cfg.model, train_device()),
-                          torch.bfloat16 if cfg.teacher_bf16 else torch.float32)
+        dev = train_device()
+        teacher = Teacher(load_model_folder(cfg.model, dev),
+                          torch.bfloat16 if cfg.teacher_bf16 and native_bf16(dev) else torch.float32)
         self.teacher = teacher
         self.schedule = teacher.prior.config.schedule
         size = teacher.resolution

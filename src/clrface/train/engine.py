@@ -25,6 +25,8 @@ from accelerate.utils import set_seed
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from clrface.device import native_bf16
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -32,7 +34,8 @@ class EngineConfig:
     steps: int = 10_000
     batch_size: int = 16  # per process and micro-step
     grad_accum: int = 1
-    mixed_precision: str = "bf16"  # accelerate's values: "no" | "bf16" | "fp16"
+    # accelerate's values ("no" | "bf16" | "fp16") or "auto": bf16 where it runs natively, else "no" (fp32)
+    mixed_precision: str = "auto"
     ema_decay: float = 0.999
     # The (1 + step) / (10 + step) ramp lets a fresh model's EMA follow its first steps; a run continued from
     # trained weights can turn it off so the average starts as those weights at full decay.
@@ -75,6 +78,14 @@ class Stage(Protocol):
 def train_device() -> torch.device:
     """Where training runs: the GPU when there is one (Accelerate's choice too), else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_mixed_precision(name: str, device: torch.device) -> str:
+    """``train.mixed_precision`` made concrete: "auto" is "bf16" where bf16 runs natively (see
+    :func:`clrface.device.native_bf16`), else "no"; other values stay."""
+    if name != "auto":
+        return name
+    return "bf16" if native_bf16(device) else "no"
 
 
 def step_indices(micro_step: int, n: int, batch: int, seed: int, rank: int = 0, world: int = 1) -> Tensor:
@@ -148,7 +159,8 @@ def train(stage: Stage, cfg: EngineConfig, *, resume: bool = False, config_dump:
     """Runs `stage` to `cfg.steps` (or `max_minutes`); returns the last completed step."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=train_device().type == "cpu")
+    acc = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision, train_device()),
+                      cpu=train_device().type == "cpu")
     set_seed(cfg.seed + acc.process_index)
     out = Path(cfg.out_dir)
     state_dir = out / "train_state"
