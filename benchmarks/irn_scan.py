@@ -9,6 +9,7 @@ scanning many candidates (e.g. weight averages from `benchmarks/soup_irn.py`) be
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,11 +20,18 @@ from clrface.data.io import to_model_range
 from clrface.device import native_bf16
 from clrface.identity.facerec import identity_loss, load_facerec, perceptual_distance
 from clrface.identity.irn import load_irn
+from clrface.metrics.bootstrap import paired_diff_ci
 from clrface.metrics.psnr_ssim import psnr
 from clrface.train.irn import descriptor
 
 
-def scan_irn(irn: torch.nn.Module, fr: torch.nn.Module, lq: Tensor, gt: Tensor, e_gt: Tensor,
+def flip_averaged(irn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """The test-time self-ensemble of super-resolution: the mean of ``irn(x)`` and the mirrored ``irn`` of the
+    mirrored face (aligned faces stay aligned when mirrored)."""
+    return lambda x: 0.5 * (irn(x).float() + irn(x.flip(-1)).float().flip(-1))
+
+
+def scan_irn(irn: Callable[[Tensor], Tensor], fr: torch.nn.Module, lq: Tensor, gt: Tensor, e_gt: Tensor,
              chunk: int = 50) -> dict[str, Tensor]:
     """Per-face IDS (descriptor cosine to the GT), facerec-perceptual distance and PSNR of ``irn(lq)``."""
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=native_bf16(torch.device("cpu"))):
@@ -40,6 +48,7 @@ def main() -> None:
     ap.add_argument("--testset", required=True, help="a folder of `clrface make-testset` (lq/, gt/)")
     ap.add_argument("--limit", type=int, help="the first N faces only")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--flip", action="store_true", help="also scan each IRN flip-averaged (see flip_averaged)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ts = Path(args.testset)
@@ -48,11 +57,18 @@ def main() -> None:
     fr = load_facerec().eval().requires_grad_(False)
     with torch.no_grad():
         e_gt = torch.cat([descriptor(fr, x) for x in gt.split(50)])
-    print(f"{len(gt)} faces of {ts}\n\n| IRN | IDS | facerec-perc. | PSNR |\n|---|---|---|---|")
+    print(f"{len(gt)} faces of {ts}; Δ: paired difference to the first row [bootstrap 95 % interval]\n")
+    print("| IRN | IDS | facerec-perc. | PSNR | Δ IDS | Δ facerec-perc. |\n|---|---|---|---|---|---|")
+    first = None
     for folder in args.irn:
-        m = scan_irn(load_irn(folder).eval(), fr, lq, gt, e_gt)
-        print(f"| {folder} | {m['ids'].mean():.4f} | {m['facerec_perceptual'].mean():.4f} | {m['psnr'].mean():.3f} |",
-              flush=True)
+        irn = load_irn(folder).eval()
+        for name, net in [(folder, irn)] + ([(f"{folder}, flip-averaged", flip_averaged(irn))] if args.flip else []):
+            m = {k: v.numpy() for k, v in scan_irn(net, fr, lq, gt, e_gt).items()}
+            first = m if first is None else first
+            deltas = ["{:+.4f} [{:+.4f}, {:+.4f}]".format(*paired_diff_ci(m[k], first[k]))
+                      for k in ("ids", "facerec_perceptual")]
+            print(f"| {name} | {m['ids'].mean():.4f} | {m['facerec_perceptual'].mean():.4f} | {m['psnr'].mean():.3f} | "
+                  f"{deltas[0]} | {deltas[1]} |", flush=True)
 
 
 if __name__ == "__main__":

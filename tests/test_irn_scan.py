@@ -24,7 +24,7 @@ def test_untrained_irn_scans_as_its_input(benchmark_script, shared_data, tmp_pat
     with torch.no_grad():
         e_gt, e_lq = descriptor(fr, gt), descriptor(fr, lq)
     m = scan.scan_irn(IRN(IRNConfig(channels=(8, 16, 16), blocks=(1, 1, 1))).eval(), fr, lq, gt, e_gt)
-    # bf16 autocast leaves a zero residual exact: the output is the input to the last bit
+    # a zero residual is exact (bf16 autocast or not): the output is the input to the last bit
     assert torch.allclose(m["psnr"], psnr(lq.clamp(-1, 1), gt))
     assert torch.allclose(m["ids"], 1 - identity_loss(e_lq, e_gt), atol=1e-5)
     assert m["ids"].mean().item() < 0.99 and (m["facerec_perceptual"] > 0).all()
@@ -38,7 +38,11 @@ def test_untrained_irn_scans_as_its_input(benchmark_script, shared_data, tmp_pat
             Image.fromarray(arr).save(tmp_path / "ts" / sub / f"{i}.png")
     cfg = IRNConfig(channels=(8, 16, 16), blocks=(1, 1, 1))
     save_checkpoint(tmp_path / "irn", IRN(cfg), cfg, "irn")
-    monkeypatch.setattr(sys, "argv", ["irn_scan", "--testset", str(tmp_path / "ts"), str(tmp_path / "irn")])
+    monkeypatch.setattr(sys, "argv", ["irn_scan", "--testset", str(tmp_path / "ts"), "--flip", str(tmp_path / "irn")])
     scan.main()
-    row = [line for line in capsys.readouterr().out.splitlines() if str(tmp_path / "irn") in line]
-    assert len(row) == 1 and float(row[0].split("|")[2]) == pytest.approx(m["ids"].mean().item(), abs=2e-3)
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if str(tmp_path / "irn") in line]
+    assert len(rows) == 2 and rows[1][1].strip().endswith("flip-averaged")
+    assert float(rows[0][2]) == pytest.approx(m["ids"].mean().item(), abs=2e-3)
+    # the input mirrored, returned and mirrored back is the input: the flip-averaged row differs by nothing
+    assert rows[0][5].strip() == "+0.0000 [+0.0000, +0.0000]"
+    assert rows[1][5].strip().startswith(("+0.0000", "-0.0000"))
