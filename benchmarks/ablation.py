@@ -100,10 +100,14 @@ TABLES: dict[str, dict[str, Row]] = {
     # guidance is to win back the identity that the refinement and the octaves' seam cost.
     "fast-guidance": {
         **{f"distilled-1, guidance {g}": Row({**FULL, "steps": 1, "sampler": "euler", "guidance_scale": float(g)},
-                                             mask=True, model=FAST) for g in (10, 20, 40)},
+                                             mask=True, model=FAST) for g in (5, 10, 20, 40)},
         **{f"distilled-1, guidance {g}, IRN detail 2 octaves": Row(
             {**FULL, "steps": 1, "sampler": "euler", "guidance_scale": float(g), "irn_detail": 1.0,
-             "irn_detail_octaves": 2}, mask=True, model=FAST) for g in (10, 20, 40)},
+             "irn_detail_octaves": 2}, mask=True, model=FAST) for g in (10, 40)},
+        # fidelity 1: the start sigma of the fidelity map's top end
+        **{f"distilled-1, sigma 0.05, guidance {g}": Row(
+            {**FULL, "steps": 1, "sampler": "euler", "sigma_start": 0.05, "guidance_scale": float(g)}, mask=True,
+            model=FAST) for g in (10, 20)},
     },
     # Paper Table 2 at 128 px: extreme upsampling (run on the x32 and x64 test sets).
     # Where identity is lost on the way x_id -> E -> refine -> G: each row adds one arrow.
