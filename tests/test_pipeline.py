@@ -56,9 +56,13 @@ def test_restore_faces_shapes_determinism_and_batching(restorer):
     assert a.restored.abs().max() <= 1 and a.sampling.nfe == 5  # heun: 2N - 1
     b = restorer.restore_faces(x, o)
     assert torch.equal(a.restored, b.restored)
-    # per-face seeds: face 2 alone (as the third face) gives the same result as in the batch
-    c = restorer.restore_faces(x[2:], o, first_index=2)
-    torch.testing.assert_close(c.restored[0], a.restored[2], atol=1e-5, rtol=0)
+    # per-face seeds: face 2 alone (as the third face) gives the same result as in the batch. Unguided: on CPUs
+    # whose conv kernels depend on the batch size (AVX2), a 1e-6 difference can flip a nearest code of the tiny
+    # random codebook inside the guidance's decode, which the guidance then amplifies (per-face guidance itself:
+    # tests/identity/test_guidance.py)
+    unguided = RestoreOptions(steps=3, seed=7, samples=2, fidelity=0.7, guidance_scale=0.0)
+    a0, c = restorer.restore_faces(x, unguided), restorer.restore_faces(x[2:], unguided, first_index=2)
+    torch.testing.assert_close(c.restored[0], a0.restored[2], atol=1e-5, rtol=0)
     assert (a.restored[:, 0] - a.restored[:, 1]).abs().max() > 1e-3  # samples differ
     d = restorer.restore_faces(x, RestoreOptions(steps=3, seed=8, samples=2, fidelity=0.7))
     assert (d.restored - a.restored).abs().max() > 1e-3
