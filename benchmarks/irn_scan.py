@@ -17,7 +17,7 @@ from torch import Tensor
 
 from clrface.data.datasets import load_face_folder
 from clrface.data.io import to_model_range
-from clrface.device import native_bf16
+from clrface.device import DTYPES, auto_dtype, autocast
 from clrface.identity.facerec import identity_loss, load_facerec, perceptual_distance
 from clrface.identity.irn import load_irn
 from clrface.metrics.bootstrap import paired_diff_ci
@@ -34,7 +34,8 @@ def flip_averaged(irn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]
 def scan_irn(irn: Callable[[Tensor], Tensor], fr: torch.nn.Module, lq: Tensor, gt: Tensor, e_gt: Tensor,
              chunk: int = 50) -> dict[str, Tensor]:
     """Per-face IDS (descriptor cosine to the GT), facerec-perceptual distance and PSNR of ``irn(lq)``."""
-    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=native_bf16(torch.device("cpu"))):
+    cpu = torch.device("cpu")
+    with torch.no_grad(), autocast(cpu, DTYPES[auto_dtype(cpu)]):
         out = torch.cat([irn(x).float() for x in lq.split(chunk)]).clamp(-1, 1)
     with torch.no_grad():
         e = torch.cat([descriptor(fr, x) for x in out.split(chunk)])
