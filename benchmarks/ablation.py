@@ -108,6 +108,22 @@ TABLES: dict[str, dict[str, Row]] = {
         **{f"distilled-1, sigma 0.05, guidance {g}": Row(
             {**FULL, "steps": 1, "sampler": "euler", "sigma_start": 0.05, "guidance_scale": float(g)}, mask=True,
             model=FAST) for g in (10, 20)},
+        # the fidelity knob's range: where along sigma_start identity and perceptual distance peak
+        **{f"distilled-1, sigma {s}, guidance 10": Row(
+            {**FULL, "steps": 1, "sampler": "euler", "sigma_start": s, "guidance_scale": 10.0}, mask=True,
+            model=FAST) for s in (0.15, 0.25, 0.35, 0.7, 1.0, 2.0, 4.0)},
+        # fidelity 0.5 (sigma 0.447) and 1 (sigma 0.25, guidance 13.3) of the map that ends at sigma 0.25
+        "distilled-1, sigma 0.447, guidance 10": Row(
+            {**FULL, "steps": 1, "sampler": "euler", "sigma_start": 0.447, "guidance_scale": 10.0}, mask=True,
+            model=FAST),
+        "distilled-1, sigma 0.25, guidance 13.3": Row(
+            {**FULL, "steps": 1, "sampler": "euler", "sigma_start": 0.25, "guidance_scale": 40 / 3}, mask=True,
+            model=FAST),
+    },
+    # The fidelity knob's top end in the teacher's full pipeline (`--mode full`, Heun-10).
+    "fidelity-full": {
+        f"Heun-10, sigma {s}, guidance {g:.3g}": Row({**FULL, "steps": 10, "sigma_start": s, "guidance_scale": g},
+                                                     mask=True) for s, g in ((0.05, 10.0), (0.25, 40 / 3))
     },
     # Paper Table 2 at 128 px: extreme upsampling (run on the x32 and x64 test sets).
     # Where identity is lost on the way x_id -> E -> refine -> G: each row adds one arrow.

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from clrface.cli import build_parser, main
+from clrface.model_folder import package_weights
 from clrface.options import FidelityMap
 
 
@@ -111,6 +112,10 @@ def test_help_names_every_flag():
     flat = " ".join(text.split())
     assert f"sigma_start = {fm.sigma_start_at_0}^(1-f) * {fm.sigma_start_at_1}^f" in flat
     assert f"guidance scale = {fm.guidance_at_1} * f" in flat and fm.guidance_at_0 == 0
+    fast = json.loads((package_weights("fast") / "restore.json").read_text())
+    ffm = FidelityMap(**fast["fidelity_map"])  # ... and fast's own map, as its restore.json sets it
+    assert (f"fast: {ffm.sigma_start_at_0}^(1-f) * {ffm.sigma_start_at_1}^f and {ffm.guidance_at_1:.1f} * f at a "
+            f"default fidelity of {fast['defaults']['fidelity']}") in flat
 
 
 def test_demo_writes_the_comparison(tmp_path, model_dir, capsys):

@@ -12,6 +12,8 @@ from clrface.data.io import data_root, to_model_range
 from clrface.demo import demo_image
 from clrface.metrics.noref import colorfulness
 from clrface.metrics.psnr_ssim import psnr
+from clrface.model_folder import merged_spec, package_weights, read_spec
+from clrface.options import FidelityMap, RestoreOptions
 from clrface.restorer import Restorer
 
 VAL = data_root() / "faces128" / "val"
@@ -56,6 +58,16 @@ def test_colorize_model_colours_a_gray_face(restorer):
     out = col.restore_faces(gray, col.options()).restored[:, 0]
     assert colorfulness(gray).max().item() == 0
     assert colorfulness(out).mean().item() > 5  # 30 on the gray test set (docs/RESULTS.md, 'Colorization')
+
+
+def test_fast_fidelity_knob_starts_where_it_measured_best():
+    spec = merged_spec(read_spec(package_weights("fast")), read_spec(package_weights("default")))
+    fm = FidelityMap(**spec["fidelity_map"])
+    # default: sigma 0.447 with guidance 10; fidelity 1: sigma 0.25, not the VQGAN round trip of sigma 0.05
+    # (500 bfr faces, docs/RESULTS.md 'The fidelity knob of the one-step model')
+    assert RestoreOptions(**spec["defaults"]).resolve(fm) == pytest.approx((0.2**0.5, 10.0))
+    assert RestoreOptions(fidelity=1.0).resolve(fm) == pytest.approx((0.25, 40 / 3))
+    assert fm.sigma_start(0.0) > 2.0 and fm.guidance_scale(0.0) == 0  # fidelity 0 still regenerates
 
 
 @pytest.mark.skipif(not VAL.is_dir(), reason=NO_VAL)
