@@ -173,8 +173,8 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
                         "starts the "
                         "sampler close to the IRN output (small sigma_start) with stronger identity guidance; low "
                         "fidelity lets the prior regenerate more. Default map: sigma_start = 4.0^(1-f) * 0.05^f, "
-                        "guidance scale = 10.0 * f (a model's restore.json may recalibrate it; fast: 2.56^(1-f) * 0.25^f and "
-                        "13.3 * f at a default fidelity of 0.75)")
+                        "guidance scale = 10.0 * f (a model's restore.json may recalibrate it; fast: "
+                        "2.56^(1-f) * 0.25^f and 13.3 * f at a default fidelity of 0.75)")
     p.add_argument("--sigma-start", type=finite_float, default=None,
                    help="override the noise level the sampler starts from (0: no sampling, decode the start latent)")
     p.add_argument("--guidance-scale", type=finite_float, default=None,
