@@ -110,12 +110,17 @@ def test_help_names_every_flag():
     assert "sigma_start" in text and "guidance" in text  # the fidelity mapping is documented
     fm = FidelityMap()  # ... with the numbers the code uses
     flat = " ".join(text.split())
-    assert f"sigma_start = {fm.sigma_start_at_0}^(1-f) * {fm.sigma_start_at_1}^f" in flat
-    assert f"guidance scale = {fm.guidance_at_1} * f" in flat and fm.guidance_at_0 == 0
-    fast = json.loads((package_weights("fast") / "restore.json").read_text())
-    ffm = FidelityMap(**fast["fidelity_map"])  # ... and fast's own map, as its restore.json sets it
-    assert (f"fast: {ffm.sigma_start_at_0}^(1-f) * {ffm.sigma_start_at_1}^f and {ffm.guidance_at_1:.1f} * f at a "
-            f"default fidelity of {fast['defaults']['fidelity']}") in flat
+    assert (f"sigma_start = {fm.sigma_start_at_0}^(1-f) * {fm.sigma_start_at_1}^f, "
+            f"guidance scale = {fm.guidance_at_1} * f") in flat
+    assert fm.guidance_at_0 == 0
+    # ... and the installed models' maps, as their restore.json set them
+    spec = {m: json.loads((package_weights(m) / "restore.json").read_text()) for m in ("default", "fast")}
+    dm, fm_fast = (FidelityMap(**spec[m]["fidelity_map"]) for m in ("default", "fast"))
+    assert (f"sigma_start = {dm.sigma_start_at_0}^(1-f) * {dm.sigma_start_at_1}^f, guidance scale = "
+            f"{dm.guidance_at_1:.1f} * f (fast: {fm_fast.guidance_at_1:.1f} * f), default fidelity "
+            f"{spec['default']['defaults']['fidelity']}") in flat
+    assert (fm_fast.sigma_start_at_0, fm_fast.sigma_start_at_1) == (dm.sigma_start_at_0, dm.sigma_start_at_1)
+    assert spec["fast"]["defaults"]["fidelity"] == spec["default"]["defaults"]["fidelity"]
 
 
 def test_demo_writes_the_comparison(tmp_path, model_dir, capsys):

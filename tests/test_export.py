@@ -1,5 +1,6 @@
 """ONNX export (clrface.export) and the torch-free runtime (clrface.onnx_runtime) against the torch pipeline."""
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -66,7 +67,7 @@ def test_runtime_json_and_opset(exported, restorer):
     assert spec["resolution"] == 128 and spec["latent_size"] == 32 and spec["latent_channels"] == 3
     assert spec["latent_mean"] == list(pc.latent_mean) and spec["latent_std"] == list(pc.latent_std)
     assert spec["schedule"] == {"sigma_min": 0.002, "sigma_max": 20.0, "rho": 7.0, "steps": 40}
-    assert spec["defaults"] == restorer.defaults and spec["fidelity_map"]["guidance_at_1"] == 10.0
+    assert spec["defaults"] == restorer.defaults and spec["fidelity_map"] == dataclasses.asdict(restorer.fidelity_map)
     assert set(spec["graphs"]) == {"encoder", "decoder", "denoiser", "irn"}
     for name in spec["graphs"].values():
         m = onnx.load(str(exported / name), load_external_data=False)
@@ -132,7 +133,7 @@ def test_restore_crops_is_independent_of_batch_size(runtime, demo_faces):
 def test_identity_guidance_is_torch_only(runtime, demo_faces):
     x = to_model_range(demo_faces[:1]).numpy()
     with pytest.raises(ClrfaceError, match="torch only"):
-        runtime.restore_faces(x, runtime.options(mode="full", fidelity=0.5))  # default map: scale 5
+        runtime.restore_faces(x, runtime.options(mode="full", fidelity=0.5))  # guided: torch only
     with pytest.raises(ClrfaceError, match="irn_detail 1 .* torch only"):
         runtime.restore_faces(x, runtime.options(mode="full", guidance_scale=0.0, irn_detail=1.0))
     with pytest.raises(ClrfaceError, match="needs faces"):

@@ -271,7 +271,7 @@ def test_restores_run_one_at_a_time(demo_upload, server, restorer, monkeypatch):
 def test_parse_options_uses_model_defaults(restorer):
     lim = ServeLimits()
     o, aligned, fmt, policy = parse_options("", restorer, lim)
-    assert (o.mode, o.steps, o.fidelity, o.samples, aligned, fmt) == ("irn", 10, 0.5, 1, False, "json")
+    assert (o.mode, o.steps, o.fidelity, o.samples, aligned, fmt) == ("irn", 10, 0.75, 1, False, "json")
     assert not policy.all_faces and not policy.force
     o, aligned, fmt, _ = parse_options("fidelity=0.8&steps=4&seed=7&mode=full&aligned=1&format=png", restorer, lim)
     assert (o.mode, o.steps, o.fidelity, o.seed, aligned, fmt) == ("full", 4, 0.8, 7, True, "png")
