@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from clrface.cli import build_parser, main
-from clrface.model_folder import package_weights
+from clrface.model_folder import merged_spec, package_weights, read_spec
 from clrface.options import FidelityMap
 
 
@@ -114,7 +114,8 @@ def test_help_names_every_flag():
             f"guidance scale = {fm.guidance_at_1} * f") in flat
     assert fm.guidance_at_0 == 0
     # ... and the installed models' maps, as their restore.json set them
-    spec = {m: json.loads((package_weights(m) / "restore.json").read_text()) for m in ("default", "fast")}
+    base = read_spec(package_weights("default"))
+    spec = {"default": base, "fast": merged_spec(read_spec(package_weights("fast")), base)}
     dm, fm_fast = (FidelityMap(**spec[m]["fidelity_map"]) for m in ("default", "fast"))
     assert (f"sigma_start = {dm.sigma_start_at_0}^(1-f) * {dm.sigma_start_at_1}^f, guidance scale = "
             f"{dm.guidance_at_1:.1f} * f (fast: {fm_fast.guidance_at_1:.1f} * f), default fidelity "
