@@ -125,6 +125,16 @@ TABLES: dict[str, dict[str, Row]] = {
         f"Heun-10, sigma {s}, guidance {g:.3g}": Row({**FULL, "steps": 10, "sigma_start": s, "guidance_scale": g},
                                                      mask=True) for s, g in ((0.05, 10.0), (0.25, 40 / 3))
     },
+    # The decoded face's tone (what an N-px image of it holds) replaced by the IRN output's (RestoreOptions.irn_tone):
+    # fast's default, then the Heun-10 teacher at the default model's fidelity 0.75 (sigma 0.447, guidance 5).
+    "tone": {
+        **{f"distilled-1, sigma 0.447, guidance 10, IRN tone {t}": Row(
+            {**FULL, "steps": 1, "sampler": "euler", "sigma_start": 0.447, "guidance_scale": 10.0, "irn_tone": t},
+            mask=True, model=FAST) for t in (4, 8, 16)},
+        **{f"Heun-10, sigma 0.447, guidance 5{f', IRN tone {t}' if t else ''}": Row(
+            {**FULL, "steps": 10, "sigma_start": 0.447, "guidance_scale": 5.0, "irn_tone": t}, mask=True)
+           for t in (0, 8)},
+    },
     # Paper Table 2 at 128 px: extreme upsampling (run on the x32 and x64 test sets).
     # Where identity is lost on the way x_id -> E -> refine -> G: each row adds one arrow.
     "arrows": {

@@ -33,7 +33,7 @@ def test_folder_with_a_corrupt_file(tmp_path, model_dir, capsys):
     (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     out = tmp_path / "out"
     rc = main(["restore", str(src), "-o", str(out), "--model", str(model_dir), "--aligned", "--steps", "2",
-               "--samples", "2", "--irn-detail", "0.5", "--irn-detail-octaves", "2"])
+               "--samples", "2", "--irn-detail", "0.5", "--irn-detail-octaves", "2", "--irn-tone", "4"])
     err = capsys.readouterr().err
     assert rc == 1
     lines = [ln for ln in err.splitlines() if "broken.jpg" in ln]
@@ -47,6 +47,7 @@ def test_folder_with_a_corrupt_file(tmp_path, model_dir, capsys):
     assert len(img["faces"][0]["id_vs_irn"]) == 2 and img["seconds"] > 0
     assert img["sampling"]["nfe"] == 3 and img["sampling"]["sigma_start"] == pytest.approx(0.2 ** 0.5, rel=1e-5)
     assert img["sampling"]["irn_detail"] == 0.5 and img["sampling"]["irn_detail_octaves"] == 2
+    assert img["sampling"]["irn_tone"] == 4
 
 
 def test_no_face_photo_is_copied_with_a_warning(tmp_path, model_dir, capsys):

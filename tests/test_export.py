@@ -136,6 +136,8 @@ def test_identity_guidance_is_torch_only(runtime, demo_faces):
         runtime.restore_faces(x, runtime.options(mode="full", fidelity=0.5))  # guided: torch only
     with pytest.raises(ClrfaceError, match="irn_detail 1 .* torch only"):
         runtime.restore_faces(x, runtime.options(mode="full", guidance_scale=0.0, irn_detail=1.0))
+    with pytest.raises(ClrfaceError, match="irn_tone 8 .* torch only"):
+        runtime.restore_faces(x, runtime.options(mode="full", guidance_scale=0.0, irn_tone=8))
     with pytest.raises(ClrfaceError, match="needs faces"):
         runtime.restore_faces(x[:, :, :64], runtime.options(mode="irn"))
 

@@ -12,7 +12,7 @@ from clrface.device import auto_dtype, native_bf16
 from clrface.diffusion.prior import LatentPrior, PriorConfig, load_prior
 from clrface.diffusion.unet import UNetConfig
 from clrface.errors import CheckpointError, ClrfaceError
-from clrface.faces.detail import upper_band_from
+from clrface.faces.detail import lower_band_from, upper_band_from
 from clrface.faces.paste import paste_mask
 from clrface.options import FidelityMap, RestoreOptions
 from clrface.photo import best_first, restore_photo
@@ -104,6 +104,27 @@ def test_irn_detail_takes_the_upper_octave_from_the_irn_output(restorer):
         RestoreOptions(irn_detail=1.5)
     with pytest.raises(ClrfaceError, match="irn_detail_octaves"):
         RestoreOptions(irn_detail_octaves=4)
+
+
+def test_irn_tone_takes_the_lower_band_from_the_irn_output(restorer):
+    x = _faces(2)
+    out = restorer.restore_faces(x, RestoreOptions(sigma_start=0.0, guidance_scale=0.0, irn_tone=8))
+    with torch.no_grad():
+        x_id = restorer.irn(x).clamp(-1, 1)
+        decoded = restorer.vqgan.decode(restorer.vqgan.encode(x_id))
+    torch.testing.assert_close(out.restored[:, 0], lower_band_from(decoded, x_id, 8).clamp(-1, 1), atol=1e-5, rtol=0)
+    assert out.sampling.irn_tone == 8 and out.sampling.as_dict()["irn_tone"] == 8
+    both = restorer.restore_faces(x, RestoreOptions(sigma_start=0.0, guidance_scale=0.0, irn_tone=8, irn_detail=1.0))
+    expected = upper_band_from(lower_band_from(decoded, x_id, 8), x_id).clamp(-1, 1)
+    torch.testing.assert_close(both.restored[:, 0], expected, atol=1e-5, rtol=0)
+    prior = RestoreOptions(mode="prior", sigma_start=0.0)  # no IRN output to take the tone from
+    torch.testing.assert_close(restorer.restore_faces(x, dataclasses.replace(prior, irn_tone=8)).restored,
+                               restorer.restore_faces(x, prior).restored)
+    assert "irn_tone" not in restorer.restore_faces(x, prior).sampling.as_dict()
+    with pytest.raises(ClrfaceError, match="irn_tone"):
+        RestoreOptions(irn_tone=-1)
+    with pytest.raises(ClrfaceError, match="below the model's resolution"):
+        restorer.restore_faces(x, RestoreOptions(sigma_start=0.0, irn_tone=x.shape[-1]))
 
 
 def test_modes(restorer):

@@ -185,6 +185,10 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--irn-detail-octaves", type=int, default=None, choices=(1, 2, 3), metavar="N",
                    help="how many of the finest octaves --irn-detail takes from the IRN: 1 (detail above half "
                         "resolution), 2 or 3 (default: the model's, else 1)")
+    p.add_argument("--irn-tone", type=int, default=None, metavar="PX",
+                   help="mode full: the tone (colour and shading of what a PX-px image of the face holds) taken from "
+                        "the IRN output, whose colours stay closer to the photo than the quantized latent's "
+                        "(default: the model's, else 0 = the paper's pipeline)")
     p.add_argument("--steps", type=int, default=None,
                    help="sampler steps from sigma_start to 0 (default: the model's, else 20)")
     p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES,
@@ -243,7 +247,8 @@ def _restore_setup(args: argparse.Namespace):
     restorer = Restorer.from_pretrained(args.model, device, DTYPES[dtype], background=background)
     options = restorer.options(fidelity=args.fidelity, steps=args.steps, sampler=args.sampler,
                                sigma_start=args.sigma_start, guidance_scale=args.guidance_scale,
-                               irn_detail=args.irn_detail, irn_detail_octaves=args.irn_detail_octaves, seed=args.seed,
+                               irn_detail=args.irn_detail, irn_detail_octaves=args.irn_detail_octaves,
+                               irn_tone=args.irn_tone, seed=args.seed,
                                samples=args.samples, mode=args.mode,
                                batch_size=args.batch_size or (16 if dtype == "bfloat16" or device.type == "cuda"
                                                               else 4),

@@ -227,6 +227,9 @@ class OnnxRestorer:
             if o.mode == "full" and o.irn_detail > 0:
                 raise ClrfaceError(f"irn_detail {o.irn_detail:g} (the IRN's finest detail over the decoded face) runs "
                                    "in torch only (clrface restore); pass irn_detail=0")
+            if o.mode == "full" and o.irn_tone:
+                raise ClrfaceError(f"irn_tone {o.irn_tone} (the IRN's tone under the decoded face) runs in torch only "
+                                   "(clrface restore); pass irn_tone=0")
             z_d = self.encode(x_d)
             if o.mode == "full":
                 x_id = self.run_irn(x_d)

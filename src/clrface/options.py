@@ -110,6 +110,10 @@ class RestoreOptions:
     # How many octaves irn_detail takes: 1 is the band above N/2 px; 2 also the one above N/4 px, which the
     # decoder also keeps only in part (a 3x3 Laplacian still sees it).
     irn_detail_octaves: int = 1
+    # Mode full: the tone (what an irn_tone-px image of the face holds: colour and shading over large regions)
+    # taken from the IRN output (clrface.faces.detail.lower_band_from). The quantized latent drifts in colour
+    # (skin, hair, clothes); the IRN, trained with an L1 term, keeps the photo's. 0 is the paper's pipeline.
+    irn_tone: int = 0
 
     def __post_init__(self) -> None:
         if self.color not in COLOR_MODES:
@@ -139,6 +143,8 @@ class RestoreOptions:
             raise ClrfaceError(f"irn_detail must be in [0, 1], got {self.irn_detail}")
         if not (isinstance(self.irn_detail_octaves, int) and 1 <= self.irn_detail_octaves <= 3):
             raise ClrfaceError(f"irn_detail_octaves must be 1, 2 or 3, got {self.irn_detail_octaves}")
+        if not (isinstance(self.irn_tone, int) and self.irn_tone >= 0):
+            raise ClrfaceError(f"irn_tone must be an integer number of pixels >= 0, got {self.irn_tone}")
         if self.max_faces is not None and self.max_faces < 1:
             raise ClrfaceError(f"max_faces must be >= 1, got {self.max_faces}")
 

@@ -34,7 +34,7 @@ from clrface.diffusion.prior import LatentPrior
 from clrface.diffusion.sampler import SAMPLERS, Denoise, nfe, sample
 from clrface.diffusion.schedule import sigmas_from
 from clrface.errors import ClrfaceError
-from clrface.faces.detail import upper_band_from
+from clrface.faces.detail import lower_band_from, upper_band_from
 from clrface.identity.facerec import load_facerec
 from clrface.identity.guidance import LatentMask, identity_guided
 from clrface.model_folder import apply_irn, check_compatible, decode_latent, encode_latent, load_model_folder
@@ -67,6 +67,7 @@ class Sampling:
     reference_guidance: float | None = None  # the scale of faces guided by a reference; None: no reference
     irn_detail: float = 0.0  # the share of the finest octaves taken from the IRN output (RestoreOptions.irn_detail)
     irn_detail_octaves: int = 1
+    irn_tone: int = 0  # the size in px below which the tone comes from the IRN output (RestoreOptions.irn_tone)
 
     def as_dict(self) -> dict[str, float]:
         """The JSON form of reports: floats rounded to 6 digits."""
@@ -77,6 +78,8 @@ class Sampling:
         if self.irn_detail:
             d["irn_detail"] = round(float(self.irn_detail), 6)
             d["irn_detail_octaves"] = int(self.irn_detail_octaves)
+        if self.irn_tone:
+            d["irn_tone"] = int(self.irn_tone)
         return d
 
 
@@ -301,12 +304,17 @@ class Restorer:
             denoise = interruptible(denoise, interrupt)
         z = self.refine(rep(z_init), denoise, sigma_start, o, noise.flatten(0, 1))
         restored = self.decode(z).float()
-        detail = o.irn_detail if o.mode == "full" and self.irn is not None else 0.0
+        with_irn = o.mode == "full" and self.irn is not None
+        detail, tone = (o.irn_detail, o.irn_tone) if with_irn else (0.0, 0)
+        if tone:
+            if tone >= s:
+                raise ClrfaceError(f"irn_tone {tone} px must be below the model's resolution {s} px")
+            restored = lower_band_from(restored, rep(x_id.float()), tone)
         if detail > 0:
             restored = upper_band_from(restored, rep(x_id.float()), detail, o.irn_detail_octaves)
         restored = restored.clamp(-1, 1).view(b, n, 3, s, s)
         sampling = Sampling(sigma_start, scale, nfe(o.sampler, o.steps) if sigma_start > 0 else 0, ref_scale, detail,
-                            o.irn_detail_octaves)
+                            o.irn_detail_octaves, tone)
         return restored, x_id, e_id, z, sampling
 
     def restore_crops(self, crops: np.ndarray, options: RestoreOptions, reference: Tensor | None = None, *,

@@ -22,6 +22,7 @@ from clrface.faces.detail import (
     estimate,
     input_face,
     keep_input_detail,
+    lower_band_from,
     luma,
     noise_sigma,
     octave_ratio,
@@ -201,3 +202,21 @@ def test_upper_band_from_keeps_the_lower_band_and_takes_the_detail():
     sharp_hi2 = band_split(sharp, 32)[1]
     assert (band_split(two, 32)[1] - sharp_hi2).abs().mean() < 0.25 * sharp_hi2.abs().mean()
     assert (two - sharp).abs().mean() < (out - sharp).abs().mean()  # closer to the sharp image than one octave
+
+
+def test_lower_band_from_takes_the_tone_and_keeps_the_shapes():
+    g = torch.Generator().manual_seed(0)
+    shapes = torch.rand(2, 3, 128, 128, generator=g) - 0.5
+    faithful = resize(torch.rand(2, 3, 4, 4, generator=g), 128)  # a smooth colour field: the tone to take
+    drifted = faithful + 0.3 + 0.2 * shapes  # the same shapes over a colour cast
+    out = lower_band_from(drifted, faithful, 8)
+    # the cast is gone: over 16-px blocks the output's mean colour is the faithful one's
+    assert (resize(out, 8) - resize(faithful, 8)).abs().max() < 0.02
+    assert (resize(drifted, 8) - resize(faithful, 8)).abs().min() > 0.25
+    # the shapes above 8 px are the drifted image's own
+    hi = band_split(drifted, 8)[1]
+    torch.testing.assert_close(band_split(out, 8)[1], hi, atol=0.02 * float(hi.abs().max()), rtol=0)
+    torch.testing.assert_close(lower_band_from(faithful, faithful, 8), faithful)
+    # tone and detail at the same split give the source back (up to band_split being no projection)
+    both = upper_band_from(lower_band_from(drifted, faithful, 8), faithful, octaves=4)
+    assert (both - faithful).abs().max() < 0.005 < (drifted - faithful).abs().min()

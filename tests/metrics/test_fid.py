@@ -1,3 +1,5 @@
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -91,6 +93,14 @@ def test_folder_stats_cached_and_fid_of_same_set_zero(tmp_path):
     assert net.calls == calls and "cache" in s2 and len(list((tmp_path / "cache").glob("*.npz"))) == 1
     np.testing.assert_allclose(s1["mu"], s2["mu"])
     assert fid(tmp_path / "a", s1, model=net) == pytest.approx(0.0, abs=1e-9)
+    # a copy elsewhere, with new modification times, is the same data: the cache holds; changed pixels miss it
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    calls = net.calls
+    folder_stats(tmp_path / "copy", net, weights=__file__, cache_dir=tmp_path / "cache")
+    assert net.calls == calls
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "copy" / "000.png")
+    folder_stats(tmp_path / "copy", net, weights=__file__, cache_dir=tmp_path / "cache")
+    assert net.calls > calls and len(list((tmp_path / "cache").glob("*.npz"))) == 2
     # a stats .npz is accepted as the reference too
     assert fid(tmp_path / "a", s2["cache"], model=net, weights=__file__) == pytest.approx(0.0, abs=1e-9)
     # tensors and the accumulator agree with the folder path

@@ -109,6 +109,13 @@ def upper_band_from(x: Tensor, source: Tensor, weight: float = 1.0, octaves: int
     return x + weight * (band_split(source, size)[1] - band_split(x, size)[1])
 
 
+def lower_band_from(x: Tensor, source: Tensor, size: int) -> Tensor:
+    """x [B,C,N,N] with what a ``size``-px image holds (the complement of :func:`band_split`'s high band: colour
+    and shading over regions wider than N/size px) replaced by that of ``source`` [B,C,N,N]: the decoded latent's
+    shapes over the tone of an estimate whose colours are more faithful."""
+    return x + (band_split(source, size)[0] - band_split(x, size)[0])
+
+
 def _region(y: Tensor, region: tuple[float, float, float, float]) -> Tensor:
     y0, y1, x0, x1 = region_bounds(y.shape[-2], y.shape[-1], region)
     return y[..., y0:y1, x0:x1]
