@@ -96,7 +96,8 @@ def test_each_graph_matches_torch_at_batch_1(exported, restorer, runtime, demo_f
 @pytest.mark.parametrize("faces,kw", [
     (2, {"mode": "irn"}),
     (1, {"mode": "prior", "sampler": "heun", "steps": 10, "sigma_start": 2.0}),
-    (1, {"mode": "full", "sampler": "dpmpp_2m", "steps": 3, "fidelity": 0.2, "guidance_scale": 0.0, "samples": 2}),
+    (1, {"mode": "full", "sampler": "dpmpp_2m", "steps": 3, "fidelity": 0.2, "guidance_scale": 0.0, "irn_tone": 0,
+         "samples": 2}),
 ], ids=["irn", "prior-heun10", "full-noguid-dpmpp3-2samples"])
 def test_whole_restore_of_demo_faces_matches_torch(restorer, runtime, demo_faces, faces, kw):
     """The degraded demo face (and the clean one as a second face of the batch) with torch's start noise:

@@ -188,7 +188,7 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--irn-tone", type=int, default=None, metavar="PX",
                    help="mode full: the tone (colour and shading of what a PX-px image of the face holds) taken from "
                         "the IRN output, whose colours stay closer to the photo than the quantized latent's "
-                        "(default: the model's, else 0 = the paper's pipeline)")
+                        "(default: the model's, 8 for the installed models; 0 = the paper's pipeline)")
     p.add_argument("--steps", type=int, default=None,
                    help="sampler steps from sigma_start to 0 (default: the model's, else 20)")
     p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES,
