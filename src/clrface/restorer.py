@@ -275,6 +275,8 @@ class Restorer:
                 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Sampling]:
         """Modes full and prior: (restored [B,N,3,S,S], x_id, e_id or None, sampled latent [B*N,...], Sampling)."""
         s, b, n = self.resolution, x_d.shape[0], o.samples
+        if o.irn_tone >= s:
+            raise ClrfaceError(f"irn_tone {o.irn_tone} px must be below the model's resolution {s} px")
         sigma_start, scale = o.resolve(self.fidelity_map)
         z_d = self.encode(x_d)
         x_id = x_d
@@ -307,8 +309,6 @@ class Restorer:
         with_irn = o.mode == "full" and self.irn is not None
         detail, tone = (o.irn_detail, o.irn_tone) if with_irn else (0.0, 0)
         if tone:
-            if tone >= s:
-                raise ClrfaceError(f"irn_tone {tone} px must be below the model's resolution {s} px")
             restored = lower_band_from(restored, rep(x_id.float()), tone)
         if detail > 0:
             restored = upper_band_from(restored, rep(x_id.float()), detail, o.irn_detail_octaves)
