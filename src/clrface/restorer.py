@@ -308,10 +308,12 @@ class Restorer:
         restored = self.decode(z).float()
         with_irn = o.mode == "full" and self.irn is not None
         detail, tone = (o.irn_detail, o.irn_tone) if with_irn else (0.0, 0)
-        if tone:
-            restored = lower_band_from(restored, rep(x_id.float()), tone)
-        if detail > 0:
-            restored = upper_band_from(restored, rep(x_id.float()), detail, o.irn_detail_octaves)
+        if tone or detail > 0:
+            irn_out = rep(x_id.float())
+            if tone:
+                restored = lower_band_from(restored, irn_out, tone)
+            if detail > 0:
+                restored = upper_band_from(restored, irn_out, detail, o.irn_detail_octaves)
         restored = restored.clamp(-1, 1).view(b, n, 3, s, s)
         sampling = Sampling(sigma_start, scale, nfe(o.sampler, o.steps) if sigma_start > 0 else 0, ref_scale, detail,
                             o.irn_detail_octaves, tone)
