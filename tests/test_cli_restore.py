@@ -50,6 +50,19 @@ def test_folder_with_a_corrupt_file(tmp_path, model_dir, capsys):
     assert img["sampling"]["irn_tone"] == 4
 
 
+def test_folder_with_an_impossible_option_fails_once_before_the_first_file(tmp_path, model_dir, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.png", "b.png"):
+        _face_like(src / name)
+    rc = main(["restore", str(src), "-o", str(tmp_path / "out"), "--model", str(model_dir), "--aligned",
+               "--irn-tone", "32"])  # the test model's resolution
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1
+    assert err == ["clrface: error: irn_tone 32 px must be below the model's resolution 32 px"]
+    assert not (tmp_path / "out" / "final").exists()
+
+
 def test_no_face_photo_is_copied_with_a_warning(tmp_path, model_dir, capsys):
     photo = np.full((60, 90, 3), 200, np.uint8)
     photo[20:40, 30:60] = (10, 120, 30)

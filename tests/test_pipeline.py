@@ -125,6 +125,8 @@ def test_irn_tone_takes_the_lower_band_from_the_irn_output(restorer):
         RestoreOptions(irn_tone=-1)
     with pytest.raises(ClrfaceError, match="below the model's resolution"):
         restorer.restore_faces(x, RestoreOptions(sigma_start=0.0, irn_tone=x.shape[-1]))
+    with pytest.raises(ClrfaceError, match="below the model's resolution"):  # before any face, once
+        restorer.options(irn_tone=x.shape[-1])
 
 
 def test_modes(restorer):
