@@ -131,12 +131,12 @@ def fig_onnx(r: Restorer, work: Path) -> Image.Image:
     # the ONNX path has no identity guidance: compare the full pipeline with guidance 0 (IRN -> prior -> decode),
     # from the same start noise (the ONNX runtime draws its own with numpy otherwise)
     x = to_model_range(crop[None])
-    o = r.options(mode="full", guidance_scale=0.0, irn_tone=0, seed=0)
+    o = r.options(mode="full", guidance_scale=0.0, seed=0)
     torch_out = to_uint8(r.restore_faces(x, o).restored[0, 0].numpy())
     unet = r.prior.config.unet
     noise = face_noise((1, unet.latent_channels, unet.resolution, unet.resolution), 0, 0, 0)[:, None].numpy()
     onnx = OnnxRestorer(export_restorer(r, work / "onnx").parent)
-    oo = onnx.options(mode="full", guidance_scale=0.0, irn_tone=0, seed=0, steps=o.steps, sampler=o.sampler)
+    oo = onnx.options(mode="full", guidance_scale=0.0, seed=0, steps=o.steps, sampler=o.sampler)
     onnx_out = to_uint8(onnx.restore_faces(x.numpy(), oo, noise=noise)["restored"][0, 0])
     diff = np.abs(torch_out.astype(np.int16) - onnx_out.astype(np.int16))
     return hstack([labelled(crop, "input crop"), labelled(torch_out, "torch (full, g=0)"),

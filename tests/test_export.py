@@ -98,7 +98,9 @@ def test_each_graph_matches_torch_at_batch_1(exported, restorer, runtime, demo_f
     (1, {"mode": "prior", "sampler": "heun", "steps": 10, "sigma_start": 2.0}),
     (1, {"mode": "full", "sampler": "dpmpp_2m", "steps": 3, "fidelity": 0.2, "guidance_scale": 0.0, "irn_tone": 0,
          "samples": 2}),
-], ids=["irn", "prior-heun10", "full-noguid-dpmpp3-2samples"])
+    (2, {"mode": "full", "sampler": "euler", "steps": 1, "guidance_scale": 0.0, "irn_detail": 0.5,
+         "irn_detail_octaves": 2}),  # the model's irn_tone 8 as well
+], ids=["irn", "prior-heun10", "full-noguid-dpmpp3-2samples", "full-noguid-tone8-detail"])
 def test_whole_restore_of_demo_faces_matches_torch(restorer, runtime, demo_faces, faces, kw):
     """The degraded demo face (and the clean one as a second face of the batch) with torch's start noise:
     max abs diff <= 1e-3 (measured ~1e-6) except at code near-ties of the quantizer."""
@@ -131,16 +133,37 @@ def test_restore_crops_is_independent_of_batch_size(runtime, demo_faces):
     assert not np.array_equal(one[0], one[2])  # face 0 and face 2 (same pixels) draw different noise
 
 
-def test_identity_guidance_is_torch_only(runtime, demo_faces):
+def test_guidance_is_torch_only_and_options_are_checked(runtime, demo_faces):
     x = to_model_range(demo_faces[:1]).numpy()
     with pytest.raises(ClrfaceError, match="torch only"):
         runtime.restore_faces(x, runtime.options(mode="full", fidelity=0.5))  # guided: torch only
-    with pytest.raises(ClrfaceError, match="irn_detail 1 .* torch only"):
-        runtime.restore_faces(x, runtime.options(mode="full", guidance_scale=0.0, irn_detail=1.0))
-    with pytest.raises(ClrfaceError, match="irn_tone 8 .* torch only"):
-        runtime.restore_faces(x, runtime.options(mode="full", guidance_scale=0.0, irn_tone=8))
+    with pytest.raises(ClrfaceError, match="below the model's resolution 128 px"):
+        runtime.options(irn_tone=128)
+    with pytest.raises(ClrfaceError, match="below the model's resolution 128 px"):
+        runtime.restore_faces(x, RestoreOptions(mode="full", guidance_scale=0.0, irn_tone=128))
     with pytest.raises(ClrfaceError, match="needs faces"):
         runtime.restore_faces(x[:, :, :64], runtime.options(mode="irn"))
+
+
+@pytest.mark.parametrize("n_in,n_out", [(128, 8), (8, 128), (128, 64), (64, 128), (37, 5), (5, 37)])
+def test_resize_matrix_is_torchs_bicubic(n_in, n_out):
+    """One axis of F.interpolate(bicubic, antialiased when shrinking) as a matrix: equal in fp64 to ~1e-15."""
+    from clrface.faces.detail import resize
+    x = torch.randn(1, 1, n_in, n_in, dtype=torch.float64, generator=torch.Generator().manual_seed(n_in + n_out))
+    m = rt.resize_matrix(n_in, n_out)
+    np.testing.assert_allclose(m @ x[0, 0].numpy() @ m.T, resize(x, n_out)[0, 0].numpy(), atol=1e-12, rtol=0)
+
+
+def test_tone_and_detail_match_torch():
+    from clrface.faces import detail
+    g = torch.Generator().manual_seed(0)
+    x, src = (torch.rand(2, 3, 128, 128, generator=g) * 2 - 1 for _ in range(2))
+    for t in (4, 8, 16):
+        np.testing.assert_allclose(rt.lower_band_from(x.numpy(), src.numpy(), t),
+                                   detail.lower_band_from(x, src, t).numpy(), atol=1e-5, rtol=0)
+    for k in (1, 2, 3):
+        np.testing.assert_allclose(rt.upper_band_from(x.numpy(), src.numpy(), 0.7, k),
+                                   detail.upper_band_from(x, src, 0.7, k).numpy(), atol=1e-5, rtol=0)
 
 
 def test_missing_runtime_json_raises(tmp_path):

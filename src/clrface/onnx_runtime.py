@@ -4,8 +4,9 @@
 modes ``irn``, ``prior``, ``direct`` and ``full`` *without* identity guidance: the guidance differentiates the
 face recogniser's embedding through the decoder, which needs autograd, so it is torch-only (``clrface
 restore``); a resolved guidance_scale > 0 in mode ``full`` raises. The samplers (Heun, Euler, DPM-Solver++(2M)),
-the Karras schedule and the fidelity map are ports of ``clrface.diffusion`` / ``clrface.options`` to numpy,
-step for step in fp32, so that with the same start noise the result matches torch to ~1e-5
+the Karras schedule, the fidelity map and the IRN's tone and detail (``irn_tone``, ``irn_detail``: the bicubic
+band split as matrices) are ports of ``clrface.diffusion`` / ``clrface.options`` / ``clrface.faces.detail`` to
+numpy, step for step in fp32, so that with the same start noise the result matches torch to ~1e-5
 (tests/test_export.py). The start noise itself cannot match: numpy's generator is not torch's. Per face and
 sample it is drawn from its own numpy generator seeded as in the pipeline (seed, sample, face index), so
 results do not depend on the batch size; pass ``noise=`` to supply torch's.
@@ -127,6 +128,64 @@ def face_noise(shape: tuple[int, ...], seed: int, sample_k: int, first_index: in
                      .standard_normal(shape[1:], dtype=np.float32) for i in range(shape[0])])
 
 
+# ------------------------------------------------- band split (irn_tone, irn_detail; clrface.faces.detail)
+
+
+def _cubic(x: np.ndarray, a: float) -> np.ndarray:
+    """Keys' cubic convolution kernel with parameter ``a`` (torch: -0.75 upsampling, -0.5 antialiased)."""
+    x = np.abs(x)
+    return np.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                    np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0))
+
+
+def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """fp64 [n_out, n_in]: one axis of torch's ``F.interpolate(mode="bicubic", align_corners=False)``, antialiased
+    when shrinking (the resize of ``clrface.faces.detail``): the shrinking filter is the cubic stretched by the
+    scale and normalised per output pixel; enlarging samples at (i + 0.5) * scale - 0.5 with edge pixels repeated."""
+    m = np.zeros((n_out, n_in))
+    scale = n_in / n_out
+    if n_out == n_in:
+        return np.eye(n_in)
+    if n_out < n_in:
+        support = 2.0 * scale
+        for i in range(n_out):
+            c = scale * (i + 0.5)
+            lo, hi = max(int(c - support + 0.5), 0), min(int(c + support + 0.5), n_in)
+            w = _cubic((np.arange(lo, hi) - c + 0.5) / scale, -0.5)
+            m[i, lo:hi] = w / w.sum()
+        return m
+    for i in range(n_out):
+        src = scale * (i + 0.5) - 0.5
+        j = int(np.floor(src))
+        w = _cubic(src - j - np.arange(-1, 3), -0.75)
+        np.add.at(m[i], np.clip(np.arange(j - 1, j + 3), 0, n_in - 1), w)
+    return m
+
+
+def _lowpass(x: np.ndarray, size: int) -> np.ndarray:
+    """x [B,C,N,N] -> bicubic down to ``size`` px and up again, [B,C,N,N] (P of ``band_split``)."""
+    n = x.shape[-1]
+    p = (resize_matrix(size, n) @ resize_matrix(n, size)).astype(np.float32)
+    return np.einsum("ij,bcjk,lk->bcil", p, x, p)
+
+
+def high_band(x: np.ndarray, size: int) -> np.ndarray:
+    """The high band of ``clrface.faces.detail.band_split``: (I - P)^2 x."""
+    h = x - _lowpass(x, size)
+    return h - _lowpass(h, size)
+
+
+def lower_band_from(x: np.ndarray, source: np.ndarray, size: int) -> np.ndarray:
+    """``clrface.faces.detail.lower_band_from``: x with what a ``size``-px image holds taken from ``source``."""
+    return source - high_band(source, size) + high_band(x, size)
+
+
+def upper_band_from(x: np.ndarray, source: np.ndarray, weight: float = 1.0, octaves: int = 1) -> np.ndarray:
+    """``clrface.faces.detail.upper_band_from``: x with ``weight`` of its finest ``octaves`` from ``source``."""
+    size = x.shape[-1] >> octaves
+    return x + np.float32(weight) * (high_band(source, size) - high_band(x, size))
+
+
 # ------------------------------------------------------------------------------------------ restorer
 
 
@@ -169,9 +228,16 @@ class OnnxRestorer:
 
     def options(self, **overrides: Any) -> RestoreOptions:
         """The model's default options (restore.json at export), then ``overrides`` that are not None. The runtime
-        honours fidelity, steps, sampler, sigma_start, guidance_scale, seed, samples, mode and batch_size; the
-        photo-level fields (upscale, max_faces, color) belong to the torch path."""
-        return RestoreOptions(**{**self.defaults, **{k: v for k, v in overrides.items() if v is not None}})
+        honours fidelity, steps, sampler, sigma_start, guidance_scale, irn_tone, irn_detail(_octaves), seed, samples,
+        mode and batch_size; the photo-level fields (upscale, max_faces, color) belong to the torch path."""
+        o = RestoreOptions(**{**self.defaults, **{k: v for k, v in overrides.items() if v is not None}})
+        self.check(o)
+        return o
+
+    def check(self, o: RestoreOptions) -> None:
+        """Raises ClrfaceError for options that this model cannot run (``Restorer.check``)."""
+        if o.irn_tone >= self.resolution:
+            raise ClrfaceError(f"irn_tone {o.irn_tone} px must be below the model's resolution {self.resolution} px")
 
     def _run(self, name: str, **inputs: np.ndarray) -> np.ndarray:
         feed = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()}
@@ -205,6 +271,7 @@ class OnnxRestorer:
         without the identity scores). ``noise`` [B,N,d,h,w]: the start noise, else drawn per face (module doc).
         """
         o = options or self.options()
+        self.check(o)
         x_d = np.asarray(x_d, np.float32)
         s, b, n = self.resolution, x_d.shape[0], o.samples
         if x_d.ndim != 4 or x_d.shape[1:] != (3, s, s):
@@ -224,12 +291,6 @@ class OnnxRestorer:
             if o.mode == "full" and scale > 0:
                 raise ClrfaceError(f"identity guidance (mode 'full', guidance_scale {scale:g} > 0) needs autograd and "
                                    "runs in torch only (clrface restore); pass guidance_scale=0 or use mode 'prior'")
-            if o.mode == "full" and o.irn_detail > 0:
-                raise ClrfaceError(f"irn_detail {o.irn_detail:g} (the IRN's finest detail over the decoded face) runs "
-                                   "in torch only (clrface restore); pass irn_detail=0")
-            if o.mode == "full" and o.irn_tone:
-                raise ClrfaceError(f"irn_tone {o.irn_tone} (the IRN's tone under the decoded face) runs in torch only "
-                                   "(clrface restore); pass irn_tone=0")
             z_d = self.encode(x_d)
             if o.mode == "full":
                 x_id = self.run_irn(x_d)
@@ -244,7 +305,14 @@ class OnnxRestorer:
                 raise ClrfaceError(f"noise must be [B,N,...] = {(b, n, *z_d.shape[1:])}, got {noise.shape}")
             rep = lambda a: np.repeat(a, n, 0)  # noqa: E731  [B,...] -> [B*N,...], samples of a face adjacent
             z = self.refine(rep(z_init), rep(z_d), sigma_start, o, noise.reshape(b * n, *z_d.shape[1:]))
-            restored = np.clip(self.decode(z), -1, 1).reshape(b, n, 3, s, s)
+            restored = self.decode(z)
+            if o.mode == "full" and self.has_irn and (o.irn_tone or o.irn_detail > 0):
+                irn_out = np.repeat(x_id, n, 0)
+                if o.irn_tone:
+                    restored = lower_band_from(restored, irn_out, o.irn_tone)
+                if o.irn_detail > 0:
+                    restored = upper_band_from(restored, irn_out, o.irn_detail, o.irn_detail_octaves)
+            restored = np.clip(restored, -1, 1).reshape(b, n, 3, s, s)
             calls = nfe(o.sampler, o.steps) if sigma_start > 0 else 0
         return {"restored": np.clip(restored, -1, 1).astype(np.float32), "x_id": x_id.astype(np.float32),
                 "sigma_start": sigma_start, "guidance_scale": 0.0, "nfe": calls}
