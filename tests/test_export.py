@@ -26,6 +26,7 @@ from clrface.diffusion import sampler as torch_sampler  # noqa: E402
 from clrface.diffusion.schedule import ScheduleConfig, karras_sigmas, sigmas_from  # noqa: E402
 from clrface.errors import CheckpointError, ClrfaceError  # noqa: E402
 from clrface.export import GRAPH_IO, export_graph, graph_modules  # noqa: E402
+from clrface.faces import detail
 from clrface.faces.align import align_faces
 from clrface.onnx_runtime import OnnxRestorer, face_noise, to_uint8  # noqa: E402
 from clrface.options import SAMPLER_NAMES, RestoreOptions
@@ -148,14 +149,12 @@ def test_guidance_is_torch_only_and_options_are_checked(runtime, demo_faces):
 @pytest.mark.parametrize("n_in,n_out", [(128, 8), (8, 128), (128, 64), (64, 128), (37, 5), (5, 37)])
 def test_resize_matrix_is_torchs_bicubic(n_in, n_out):
     """One axis of F.interpolate(bicubic, antialiased when shrinking) as a matrix: equal in fp64 to ~1e-15."""
-    from clrface.faces.detail import resize
     x = torch.randn(1, 1, n_in, n_in, dtype=torch.float64, generator=torch.Generator().manual_seed(n_in + n_out))
     m = rt.resize_matrix(n_in, n_out)
-    np.testing.assert_allclose(m @ x[0, 0].numpy() @ m.T, resize(x, n_out)[0, 0].numpy(), atol=1e-12, rtol=0)
+    np.testing.assert_allclose(m @ x[0, 0].numpy() @ m.T, detail.resize(x, n_out)[0, 0].numpy(), atol=1e-12, rtol=0)
 
 
 def test_tone_and_detail_match_torch():
-    from clrface.faces import detail
     g = torch.Generator().manual_seed(0)
     x, src = (torch.rand(2, 3, 128, 128, generator=g) * 2 - 1 for _ in range(2))
     for t in (4, 8, 16):
