@@ -7,6 +7,7 @@ import pytest
 
 from clrface.device import DTYPES
 from clrface.diffusion.sampler import SAMPLERS
+from clrface.errors import ClrfaceError
 from clrface.options import DTYPE_NAMES, SAMPLER_NAMES, FidelityMap, RestoreOptions, resolve_sampling
 
 
@@ -27,3 +28,11 @@ def test_options_and_restorer_imports():
     code = ("import sys, clrface.options; assert 'torch' not in sys.modules; import clrface.restorer, clrface.batch; "
             "bad = [m for m in sys.modules if m.startswith(('clrface.train', 'accelerate'))]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_for_model_merges_defaults_and_checks_against_the_resolution():
+    o = RestoreOptions.for_model({"mode": "irn", "irn_tone": 8, "steps": 3}, 128, steps=None, irn_tone=16)
+    assert (o.mode, o.steps, o.irn_tone) == ("irn", 3, 16)  # None leaves the default, a value replaces it
+    assert RestoreOptions(irn_tone=127).check_for(128).irn_tone == 127
+    with pytest.raises(ClrfaceError, match="irn_tone 32 px must be below the model's resolution 32 px"):
+        RestoreOptions.for_model({}, 32, irn_tone=32)

@@ -230,14 +230,7 @@ class OnnxRestorer:
         """The model's default options (restore.json at export), then ``overrides`` that are not None. The runtime
         honours fidelity, steps, sampler, sigma_start, guidance_scale, irn_tone, irn_detail(_octaves), seed, samples,
         mode and batch_size; the photo-level fields (upscale, max_faces, color) belong to the torch path."""
-        o = RestoreOptions(**{**self.defaults, **{k: v for k, v in overrides.items() if v is not None}})
-        self.check(o)
-        return o
-
-    def check(self, o: RestoreOptions) -> None:
-        """Raises ClrfaceError for options that this model cannot run (``Restorer.check``)."""
-        if o.irn_tone >= self.resolution:
-            raise ClrfaceError(f"irn_tone {o.irn_tone} px must be below the model's resolution {self.resolution} px")
+        return RestoreOptions.for_model(self.defaults, self.resolution, **overrides)
 
     def _run(self, name: str, **inputs: np.ndarray) -> np.ndarray:
         feed = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()}
@@ -270,8 +263,7 @@ class OnnxRestorer:
         [B,3,S,S], ``sigma_start``, ``guidance_scale`` (always 0) and ``nfe`` (as ``Restorer.restore_faces``
         without the identity scores). ``noise`` [B,N,d,h,w]: the start noise, else drawn per face (module doc).
         """
-        o = options or self.options()
-        self.check(o)
+        o = (options or self.options()).check_for(self.resolution)
         x_d = np.asarray(x_d, np.float32)
         s, b, n = self.resolution, x_d.shape[0], o.samples
         if x_d.ndim != 4 or x_d.shape[1:] != (3, s, s):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -147,6 +148,18 @@ class RestoreOptions:
             raise ClrfaceError(f"irn_tone must be an integer number of pixels >= 0, got {self.irn_tone}")
         if self.max_faces is not None and self.max_faces < 1:
             raise ClrfaceError(f"max_faces must be >= 1, got {self.max_faces}")
+
+    @classmethod
+    def for_model(cls, defaults: dict[str, Any], resolution: int, **overrides: Any) -> RestoreOptions:
+        """A model's defaults (its restore.json), then ``overrides`` that are not None, checked against the model
+        (:meth:`check_for`), so that a bad value fails before the first photo rather than once per photo."""
+        return cls(**{**defaults, **{k: v for k, v in overrides.items() if v is not None}}).check_for(resolution)
+
+    def check_for(self, resolution: int) -> RestoreOptions:
+        """Raises ClrfaceError where a model of ``resolution`` px cannot run these options; returns self."""
+        if self.irn_tone >= resolution:
+            raise ClrfaceError(f"irn_tone {self.irn_tone} px must be below the model's resolution {resolution} px")
+        return self
 
     def resolve(self, fmap: FidelityMap) -> tuple[float, float]:
         """(sigma_start, guidance_scale): the explicit values, else the fidelity map's."""

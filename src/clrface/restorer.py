@@ -168,16 +168,9 @@ class Restorer:
                    dtype=dtype, defaults=m.defaults, background=background)
 
     def options(self, **overrides: Any) -> RestoreOptions:
-        """RestoreOptions: the model's defaults (restore.json), then ``overrides`` that are not None; checked against
-        this model, so that a bad value fails before the first photo rather than once per photo."""
-        o = RestoreOptions(**{**self.defaults, **{k: v for k, v in overrides.items() if v is not None}})
-        self.check(o)
-        return o
-
-    def check(self, o: RestoreOptions) -> None:
-        """Raises ClrfaceError for options that this model cannot run (RestoreOptions checks the rest itself)."""
-        if o.irn_tone >= self.resolution:
-            raise ClrfaceError(f"irn_tone {o.irn_tone} px must be below the model's resolution {self.resolution} px")
+        """RestoreOptions: the model's defaults (restore.json), then ``overrides`` that are not None, checked
+        against this model (RestoreOptions.for_model)."""
+        return RestoreOptions.for_model(self.defaults, self.resolution, **overrides)
 
     # ------------------------------------------------------------------------------------------ steps
 
@@ -283,7 +276,7 @@ class Restorer:
                 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Sampling]:
         """Modes full and prior: (restored [B,N,3,S,S], x_id, e_id or None, sampled latent [B*N,...], Sampling)."""
         s, b, n = self.resolution, x_d.shape[0], o.samples
-        self.check(o)
+        o.check_for(s)
         sigma_start, scale = o.resolve(self.fidelity_map)
         z_d = self.encode(x_d)
         x_id = x_d
