@@ -18,6 +18,7 @@ This module must not import torch (checked by tests/test_export.py).
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -162,10 +163,17 @@ def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
     return m
 
 
-def _lowpass(x: np.ndarray, size: int) -> np.ndarray:
-    """x [B,C,N,N] -> bicubic down to ``size`` px and up again, [B,C,N,N] (P of ``band_split``)."""
-    n = x.shape[-1]
+@functools.lru_cache(maxsize=8)
+def _lowpass_matrix(n: int, size: int) -> np.ndarray:
+    """fp32 [n, n], read-only: one axis of bicubic down to ``size`` px and up again (P of ``band_split``)."""
     p = (resize_matrix(size, n) @ resize_matrix(n, size)).astype(np.float32)
+    p.flags.writeable = False
+    return p
+
+
+def _lowpass(x: np.ndarray, size: int) -> np.ndarray:
+    """x [B,C,N,N] -> bicubic down to ``size`` px and up again, [B,C,N,N]."""
+    p = _lowpass_matrix(x.shape[-1], size)
     return np.einsum("ij,bcjk,lk->bcil", p, x, p)
 
 
@@ -304,7 +312,7 @@ class OnnxRestorer:
                     restored = lower_band_from(restored, irn_out, o.irn_tone)
                 if o.irn_detail > 0:
                     restored = upper_band_from(restored, irn_out, o.irn_detail, o.irn_detail_octaves)
-            restored = np.clip(restored, -1, 1).reshape(b, n, 3, s, s)
+            restored = restored.reshape(b, n, 3, s, s)
             calls = nfe(o.sampler, o.steps) if sigma_start > 0 else 0
         return {"restored": np.clip(restored, -1, 1).astype(np.float32), "x_id": x_id.astype(np.float32),
                 "sigma_start": sigma_start, "guidance_scale": 0.0, "nfe": calls}
