@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--guidance-scale", type=float, default=None, help="override for the faces without a reference")
     ap.add_argument("--reference-guidance", type=float, default=None, help="override for the faces with one")
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--irn-detail", type=float, default=None,
+                    help="share of the IRN output's finest octave in mode full (default: the model's)")
     ap.add_argument("--calibrate-only", action="store_true", help="only the matched / wrong cosines")
     ap.add_argument("--lmd", action="store_true")
     ap.add_argument("--fid", action="store_true", help="FID against faces128/train (cached statistics)")
@@ -182,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     images: dict[str, np.ndarray] = {"clean A": clean, "degraded input": deg}
     if not args.calibrate_only:
         full = restorer.options(mode="full", fidelity=args.fidelity, guidance_scale=args.guidance_scale,
-                                steps=args.steps, batch_size=8, reference_guidance=args.reference_guidance)
+                                steps=args.steps, batch_size=8, reference_guidance=args.reference_guidance,
+                                irn_detail=args.irn_detail)
         three = [i for i, p in enumerate(people) if len(p) >= 4]
         e_ref3 = torch.stack([mean_identity(embed_faces(restorer, np.stack([load_image(q) for q in people[i][1:4]]))
                                             .float()) for i in three]).double() if three else None
@@ -222,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         result["sampling"] = {"fidelity": full.fidelity, "guidance_scale": full.resolve(restorer.fidelity_map)[1],
                               "reference_guidance": full.reference_guidance,
                               "sigma_start": full.resolve(restorer.fidelity_map)[0], "steps": full.steps,
-                              "sampler": full.sampler}
+                              "sampler": full.sampler, "irn_tone": full.irn_tone, "irn_detail": full.irn_detail}
         result["rows"] = {k: {m: v.round(5).tolist() for m, v in r.items()} for k, r in rows.items()}
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from clrface.background import (
     tile_spans,
     tiled_apply,
 )
-from clrface.errors import CheckpointError
+from clrface.errors import CheckpointError, ClrfaceError
 
 TINY = dict(num_feat=8, num_block=2, num_grow_ch=4)
 
@@ -23,6 +23,15 @@ def test_tile_spans_cover_exactly_with_overlap():
     assert spans[0] == (0, 128) and spans[-1] == (172, 300)
     assert all(b - a == 128 for a, b in spans)
     assert all(s1[0] < s0[1] for s0, s1 in zip(spans, spans[1:]))  # consecutive windows overlap
+    with pytest.raises(ValueError, match="tile 16 px must exceed the overlap 16 px"):
+        tile_spans(300, 16, 16)  # windows that would not advance
+
+
+def test_upscaler_refuses_tiles_that_would_be_mostly_overlap():
+    net = RRDBNet(RRDBNetConfig(scale=2, **TINY)).eval()
+    with pytest.raises(ClrfaceError, match="background tile 63 px must be at least 64 px"):
+        RealESRGANUpscaler(net, tile=63)
+    assert RealESRGANUpscaler(net, tile=64).tile == 64
 
 
 def test_tiled_apply_equals_whole_for_a_pointwise_net():

@@ -109,6 +109,9 @@ def test_files_not_restored_are_reported(tmp_path, model_dir, capsys):
     (src / "notes.txt").write_text("holiday 1962")
     (src / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic not decodable here")
     (src / ".hidden.png").write_bytes(b"ours")
+    (src / "sub").mkdir()
+    _crop(src / "sub" / "deeper.png", seed=2)
+    (src / "gone.png").symlink_to(tmp_path / "nowhere.png")
     readable = features.check("avif")
     if readable:
         Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(src / "new.avif")
@@ -118,8 +121,10 @@ def test_files_not_restored_are_reported(tmp_path, model_dir, capsys):
     assert rc == 0, cap.err
     report = json.loads((out / "report.json").read_text())
     ignored = {Path(r["input"]).name: r["reason"] for r in report["ignored"]}
-    assert set(ignored) == {"notes.txt", "phone.heic"} and "(.heic)" in ignored["phone.heic"]
-    assert "2 other file(s) not restored" in cap.out
+    assert set(ignored) == {"notes.txt", "phone.heic", "sub", "gone.png"} and "(.heic)" in ignored["phone.heic"]
+    assert ignored["sub"] == "a folder: sub-folders are not searched"
+    assert ignored["gone.png"] == "a broken link: its target does not exist"
+    assert "4 other file(s) not restored" in cap.out
     assert [Path(r["input"]).name for r in report["images"]] == ["good.png", "new.avif"][:1 + readable]
 
 
@@ -135,7 +140,9 @@ def test_aligned_non_square_crop_warns(tmp_path, model_dir, capsys):
 
 
 @pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--batch-size", "-2"), ("--sigma-start", "inf"),
-                                        ("--fidelity", "nan"), ("--guidance-scale", "nan"), ("--sigma-start", "-inf")])
+                                        ("--fidelity", "nan"), ("--guidance-scale", "nan"), ("--sigma-start", "-inf"),
+                                        ("--steps", "0"), ("--samples", "0"), ("--max-faces", "0"),
+                                        ("--bg-tile", "16")])
 def test_bad_numbers_are_rejected_at_parse_time(tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit) as e:
         main(["restore", str(tmp_path), "-o", str(tmp_path / "out"), f"{flag}={value}"])
@@ -143,7 +150,85 @@ def test_bad_numbers_are_rejected_at_parse_time(tmp_path, capsys, flag, value):
     assert e.value.code == 2 and len(err) == 1 and flag in err[0] and value in err[0]
 
 
+@pytest.mark.parametrize("args", [["align", "IN", "OUT", "--size", "0"],
+                                  ["align", "IN", "OUT", "--upsample", "-3"],
+                                  ["align", "IN", "OUT", "--max-faces", "-1"],
+                                  ["degrade", "IN", "OUT", "--size", "-3"]])
+def test_align_and_degrade_reject_bad_numbers_at_parse_time(capsys, args):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and args[-2] in err[-1] and "must be >=" in err[-1]
+
+
 def test_options_refuse_non_finite_values():
     for kw in ({"sigma_start": float("inf")}, {"guidance_scale": float("nan")}, {"fidelity": float("nan")}):
         with pytest.raises(ClrfaceError, match="finite|fidelity"):
             RestoreOptions(**kw)
+
+
+def test_a_rerun_redoes_an_input_whose_result_was_deleted(tmp_path, restorer):
+    src = tmp_path / "in"
+    src.mkdir()
+    inputs = [src / f"face{i}.png" for i in range(2)]
+    for i, p in enumerate(inputs):
+        _crop(p, seed=i)
+    out = tmp_path / "out"
+    o = restorer.options(steps=1, mode="prior")
+    restore_files(inputs, out, restorer, o, **QUIET)
+    (out / "final" / "face0.png").unlink()
+    again = restore_files(inputs, out, restorer, o, **QUIET)
+    assert again["skipped"] == 1 and (out / "final" / "face0.png").is_file()
+    assert [r["final"] for r in again["images"]] == [[str(out / "final" / f"face{i}.png")] for i in range(2)]
+
+
+def test_a_rerun_with_nothing_left_to_do_says_so(tmp_path, model_dir, capsys):
+    _crop(tmp_path / "a.png", seed=0)
+    args = ["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--model", str(model_dir), "--aligned",
+            "--steps", "1"]
+    assert main(args) == 0 and capsys.readouterr().out.startswith("restored 1 face(s) in 1 image(s)")
+    assert main(args) == 0
+    assert capsys.readouterr().out.strip() == (f"nothing to do: the 1 input(s) were already restored into "
+                                               f"{tmp_path / 'out'} with these options (--overwrite redoes them)")
+
+
+def test_an_input_replacing_another_inputs_results_warns(tmp_path, model_dir, capsys):
+    for folder, seed in (("one", 0), ("two", 1)):
+        (tmp_path / folder).mkdir()
+        _crop(tmp_path / folder / "x.png", seed=seed)
+    out = tmp_path / "out"
+    for folder in ("one", "two"):
+        assert main(["restore", str(tmp_path / folder / "x.png"), "-o", str(out), "--model", str(model_dir),
+                     "--aligned", "--steps", "1"]) == 0
+    warn = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert warn == [f"clrface: warning: {tmp_path / 'two' / 'x.png'}: replaces the results of "
+                    f"{tmp_path / 'one' / 'x.png'} (same output name x)"]
+
+
+def test_transparency_is_kept_and_an_animation_is_named(tmp_path, model_dir, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    alpha = np.tile(np.linspace(0, 255, 40).round().astype(np.uint8), (40, 1))
+    Image.fromarray(np.dstack([rgb, alpha])).save(src / "cutout.png")
+    frames = [Image.fromarray(np.roll(rgb, k, 0)) for k in range(3)]
+    frames[0].save(src / "anim.gif", save_all=True, append_images=frames[1:])
+    out = tmp_path / "out"
+    rc = main(["restore", str(src), "-o", str(out), "--model", str(model_dir), "--aligned", "--steps", "1"])
+    err = capsys.readouterr().err
+    assert rc == 0
+    final = np.asarray(Image.open(out / "final" / "cutout.png"))
+    assert final.shape == (40, 40, 4) and np.array_equal(final[..., 3], alpha)  # same size: the alpha as it was
+    assert Image.open(out / "final" / "anim.png").mode == "RGB"
+    assert f"clrface: warning: {src / 'anim.gif'}: an animated image: only the first of its 3 frames was restored" \
+        in err.splitlines()
+
+
+def test_a_run_refused_for_its_options_leaves_no_output_folder(tmp_path, model_dir, capsys):
+    _crop(tmp_path / "a.png", seed=0)
+    out = tmp_path / "new" / "out"
+    (tmp_path / "new").mkdir()
+    rc = main(["restore", str(tmp_path / "a.png"), "-o", str(out), "--model", str(model_dir), "--bg-upscale", "9"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err == "clrface: error: upscale (--bg-upscale) must be an integer in [1, 8], got 9"
+    assert not out.exists()

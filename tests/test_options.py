@@ -36,3 +36,12 @@ def test_for_model_merges_defaults_and_checks_against_the_resolution():
     assert RestoreOptions(irn_tone=127).check_for(128).irn_tone == 127
     with pytest.raises(ClrfaceError, match="irn_tone 32 px must be below the model's resolution 32 px"):
         RestoreOptions.for_model({}, 32, irn_tone=32)
+
+
+def test_several_samples_need_a_mode_that_samples():
+    assert RestoreOptions(samples=3, mode="prior").samples == 3
+    for mode in ("irn", "direct"):
+        with pytest.raises(ClrfaceError, match=f"samples 2: mode {mode} gives one result per face"):
+            RestoreOptions(samples=2, mode=mode)
+    with pytest.raises(ClrfaceError, match="^batch_size must be >= 1, got 0$"):
+        RestoreOptions(batch_size=0)

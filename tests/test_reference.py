@@ -108,3 +108,8 @@ def test_cli_reference_flags(tmp_path, model_dir, capsys):
     assert main(["restore", str(tmp_path / "in.png"), "-o", str(tmp_path / "o3"), "--model", str(model_dir),
                  "--reference-all"]) == 1
     assert "need --reference" in capsys.readouterr().err
+    (tmp_path / "notes.png").write_text("not a photo")
+    assert main(["restore", str(tmp_path / "in.png"), "-o", str(tmp_path / "o4"), "--model", str(model_dir),
+                 "--aligned", "--reference", str(tmp_path / "notes.png")]) == 1
+    assert capsys.readouterr().err.strip() == (f"clrface: error: reference {tmp_path / 'notes.png'}: not an image "
+                                               "(unrecognised file format)")

@@ -23,7 +23,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from clrface.errors import CheckpointError
+from clrface.errors import CheckpointError, ClrfaceError
 
 Upscaler = Callable[[np.ndarray, int], np.ndarray]
 
@@ -150,6 +150,8 @@ def load_rrdbnet(path: str | Path, device: str | torch.device = "cpu") -> RRDBNe
 def tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
     """Covering [0, length) with windows of at most ``tile`` px that overlap by ``overlap`` px; the last window
     ends at ``length`` exactly."""
+    if tile <= overlap:  # the windows would not advance
+        raise ValueError(f"tile {tile} px must exceed the overlap {overlap} px")
     if length <= tile:
         return [(0, length)]
     step = tile - overlap
@@ -190,6 +192,8 @@ class RealESRGANUpscaler:
     """``(photo, factor) -> photo``: RRDBNet at its native scale on tiles, then Lanczos to the asked factor."""
 
     def __init__(self, net: RRDBNet, tile: int = 192, overlap: int = 16):
+        if tile < 4 * overlap:  # smaller tiles would be mostly blended overlap
+            raise ClrfaceError(f"background tile {tile} px must be at least {4 * overlap} px")
         self.net, self.tile, self.overlap = net, tile, overlap
         self.device = next(net.parameters()).device
 

@@ -20,9 +20,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
-from clrface.data.io import ensure_not_input, is_image_file, load_image, save_image
+from clrface.data.io import ensure_not_input, is_image_file, load_image, save_image, transparency_and_frames
 from clrface.errors import ClrfaceError
 from clrface.options import RestoreOptions
 from clrface.photo import restore_photo, side_by_side
@@ -65,12 +67,15 @@ def input_stamp(path: Path) -> dict[str, Any]:
 
 def check_writable(out: Path) -> None:
     """Raises a one-line ``ClrfaceError`` unless files can be created in the folder ``out`` (created if missing)."""
+    made = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".clrface-write-test"):
             pass
     except OSError as e:
         raise ClrfaceError(f"{out}: cannot write to this output folder ({e.strerror or e})") from None
+    if made:  # made again by the first file written: a run that fails on its options leaves no empty folder
+        out.rmdir()
 
 
 def prepare_inputs(source: str | Path, out_dir: str | Path) -> tuple[list[Path], list[dict[str, str]]]:
@@ -86,11 +91,17 @@ def prepare_inputs(source: str | Path, out_dir: str | Path) -> tuple[list[Path],
     if src.is_file():  # a single bad file is the command's error
         probe_video(inputs[0]) if is_video(inputs[0]) else load_image(inputs[0])
     else:
-        listed = set(inputs)
+        listed, own_report = set(inputs), (out / "report.json").resolve()
         for f in sorted(src.iterdir()):
-            if f.name.startswith(".") or f in listed or not f.is_file():
+            if f.name.startswith(".") or f in listed or f.resolve() == own_report:
                 continue
-            if is_image_file(f):
+            if f.is_dir():
+                ignored.append({"input": str(f), "reason": "a folder: sub-folders are not searched"})
+            elif not f.exists():
+                ignored.append({"input": str(f), "reason": "a broken link: its target does not exist"})
+            elif not f.is_file():
+                ignored.append({"input": str(f), "reason": "not a regular file"})
+            elif is_image_file(f):
                 inputs.append(f)
             else:
                 ext = f.suffix.lower() or "no extension"
@@ -107,6 +118,9 @@ def prepare_inputs(source: str | Path, out_dir: str | Path) -> tuple[list[Path],
 def summary_line(report: dict[str, Any], out_dir: str | Path, world: int = 1) -> str:
     """The one line ``clrface restore`` prints at the end of a run."""
     n_ok, n_bad = len(report["images"]), len(report["failures"])
+    if n_ok and report["skipped"] == n_ok and not n_bad:
+        return (f"nothing to do: the {n_ok} input(s) were already restored into {out_dir} with these options "
+                "(--overwrite redoes them)")
     no_face = sum(r["no_face"] for r in report["images"])
     skipped = f", {report['skipped']} already done" if report["skipped"] else ""
     ignored = f", {len(report['ignored'])} other file(s) not restored" if report.get("ignored") else ""
@@ -165,9 +179,15 @@ def restore_input(path: Path, name: str, out: Path, restorer: Restorer, options:
     def sfx(j: int) -> str:
         return f"_s{j}" if options.samples > 1 else ""
 
+    alpha, frames = transparency_and_frames(path)
+    if frames > 1:
+        res.warnings.append(f"an animated image: only the first of its {frames} frames was restored")
     rec: dict[str, Any] = {"input": str(path), "size": [int(photo.shape[1]), int(photo.shape[0])],
                            "no_face": res.no_face, "sampling": res.sampling, "faces": [], "final": []}
     for j, im in enumerate(res.images):
+        if alpha is not None:  # the photo's transparency, at the final size (a cut-out portrait stays cut out)
+            a = np.asarray(Image.fromarray(alpha).resize(im.shape[1::-1], Image.Resampling.BILINEAR))
+            im = np.dstack([im, a])
         rec["final"].append(str(save_image(out / "final" / f"{name}{sfx(j)}.png", im, inputs=inputs)))
     for k, f in enumerate(res.faces):
         fr: dict[str, Any] = {"index": k, "box": [round(float(v), 2) for v in f.box],
@@ -241,10 +261,19 @@ def restore_files(inputs: list[Path], out_dir: str | Path, restorer: Restorer, o
     named = list(zip(inputs, output_names(inputs)))
 
     def finished(path: Path, name: str) -> dict[str, Any] | None:
+        """The completion record of ``path`` if its outputs are there and were made with these options."""
         try:
             rec = json.loads((done / f"{name}.done.json").read_text())
-            return rec if rec.get("key") == key and rec.get("source") == input_stamp(path) else None
         except (OSError, ValueError):
+            return None
+        same = rec.get("key") == key and rec.get("source") == input_stamp(path)
+        return rec if same and all(Path(f).is_file() for f in rec["record"].get("final", [])) else None
+
+    def earlier_input(name: str) -> str | None:
+        """The input whose results an earlier run wrote under ``name``, if any."""
+        try:
+            return json.loads((done / f"{name}.done.json").read_text())["source"]["input"]
+        except (OSError, ValueError, KeyError, TypeError):
             return None
 
     mine = named[rank::world]
@@ -277,6 +306,8 @@ def restore_files(inputs: list[Path], out_dir: str | Path, restorer: Restorer, o
     bar = tqdm(todo, desc="restore" if world == 1 else f"restore [{rank}/{world}]", unit="img",
                disable=not progress or len(todo) < 2, file=sys.stderr)
     for path, name in bar:
+        if (other := earlier_input(name)) not in (None, str(path)):
+            emit(f"clrface: warning: {path}: replaces the results of {other} (same output name {name})")
         try:
             stamp = input_stamp(path)  # before reading: a file replaced during its restore is redone next time
             rec = restore_input(path, name, out, restorer, options, aligned, inputs, emit, stabilize, keep_detail,

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from clrface.errors import ClrfaceError
-from clrface.options import COLOR_MODES, DTYPE_NAMES, MODES, SAMPLER_NAMES, finite_float, positive_int
+from clrface.options import COLOR_MODES, DTYPE_NAMES, MODES, SAMPLER_NAMES, finite_float, int_at_least, positive_int
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -45,7 +45,7 @@ def _add_degradation_args(p: argparse.ArgumentParser, item: str, size_help: str)
                    help="degradation preset (paper Sec. 4.1; x32/x64: fixed x32/x64 at 512 px, i.e. x8/x16 at 128 px; "
                         "extreme: x32..x64)")
     p.add_argument("--seed", type=int, default=0, help=f"{item} i of the sorted input gets seed SEED+i")
-    p.add_argument("--size", type=int, help=size_help)
+    p.add_argument("--size", type=int_at_least(16), help=size_help)
 
 
 def _summary(manifest: dict, done: str) -> int:
@@ -58,8 +58,8 @@ def _summary(manifest: dict, done: str) -> int:
 def _add_degrade(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("degrade", help="apply the synthetic BFR degradation (blur, downscale, noise, JPEG) to images")
     p.add_argument("input", help="an image file or a folder of images")
-    p.add_argument("output", help="output image (for a file input, .png/.jpg) or folder; manifest.json records "
-                                  "the parameters")
+    p.add_argument("output", help="output image (for a file input, .png/.jpg; the parameters go to the same "
+                                  "name with .json beside it) or folder (the parameters go to its manifest.json)")
     _add_degradation_args(p, "image", "resize to SIZE x SIZE first; the preset's 512-px ranges scale to SIZE "
                                       "(default: to each image's shorter side)")
 
@@ -101,9 +101,9 @@ def _add_align(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("align", help="detect faces and write FFHQ-aligned crops + faces.json (box, landmarks, affine)")
     p.add_argument("input", help="a photo or a folder of photos")
     p.add_argument("out", help="output folder: <stem>_<k>.png crops and faces.json")
-    p.add_argument("--size", type=int, default=512, help="crop size in pixels (default 512)")
-    p.add_argument("--max-faces", type=int, default=None, help="keep only the N largest faces per photo")
-    p.add_argument("--upsample", type=int, default=None,
+    p.add_argument("--size", type=int_at_least(16), default=512, help="crop size in pixels (default 512)")
+    p.add_argument("--max-faces", type=positive_int, default=None, help="keep only the N largest faces per photo")
+    p.add_argument("--upsample", type=int_at_least(0), default=None,
                    help="detector upsampling steps (default: automatic, doubles small photos)")
     p.add_argument("--detector", choices=["hog", "cnn"], default="hog", help="dlib HOG (fast) or CNN mmod (slower)")
     p.add_argument("--recursive", action="store_true", help="also look into sub-folders")
@@ -189,15 +189,16 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
                    help="mode full: the tone (colour and shading of what a PX-px image of the face holds) taken from "
                         "the IRN output, whose colours stay closer to the photo than the quantized latent's "
                         "(default: the model's, 8 for the installed models; 0 = the paper's pipeline)")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--steps", type=positive_int, default=None,
                    help="sampler steps from sigma_start to 0 (default: the model's, else 20)")
     p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES,
                    help="ODE solver: heun (2 evaluations per step, the paper's), euler or dpmpp_2m (1 each); "
                         "default: the model's, else heun")
     p.add_argument("--seed", type=int, default=0, help="noise seed; face i, sample k always get the same noise")
-    p.add_argument("--samples", type=int, default=1,
-                   help="N results per face, written as <name>_<k>_s0 .. _s<N-1>, best first: ranked by the identity "
-                        "cosine to the IRN output (id_vs_irn in report.json; to the input in mode prior) (default 1)")
+    p.add_argument("--samples", type=positive_int, default=1,
+                   help="N results per face (modes full and prior, which sample; the IRN alone gives one), written as "
+                        "<name>_<k>_s0 .. _s<N-1>, best first: ranked by the identity cosine to the IRN output "
+                        "(id_vs_irn in report.json; to the input in mode prior) (default 1)")
     p.add_argument("--mode", default=None, choices=MODES,
                    help="default: the model's measured-best configuration (its restore.json; see docs/RESULTS.md), "
                         "else full. full = IRN + prior + masked identity guidance; prior = the prior alone from the "
@@ -223,9 +224,10 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bg-model", default=None, metavar="WEIGHTS",
                    help="Real-ESRGAN RRDBNet weights for the background (e.g. RealESRGAN_x4plus.pth or x2plus, "
                         "placed by you; nothing is downloaded); run on tiles, then resampled to --bg-upscale")
-    p.add_argument("--bg-tile", type=int, default=192,
-                   help="tile size in input pixels for --bg-model (smaller: less memory; default 192)")
-    p.add_argument("--max-faces", type=int, default=None, help="restore only the N largest faces of each photo")
+    p.add_argument("--bg-tile", type=int_at_least(64), default=192,
+                   help="tile size in input pixels for --bg-model, at least 64 (smaller: less memory; default 192)")
+    p.add_argument("--max-faces", type=positive_int, default=None,
+                   help="restore only the N largest faces of each photo")
     p.add_argument("--color", default=None, choices=COLOR_MODES,
                    help="full: paste the restored colours; keep: paste only the restored luminance, keeping the "
                         "photo's tone (grayscale/sepia stay so, no colour cast at the seam); auto (default): keep for "

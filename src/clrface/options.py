@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -136,10 +136,15 @@ class RestoreOptions:
         for name in ("guidance_scale", "reference_guidance"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ClrfaceError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.samples < 1 or self.batch_size < 1:
-            raise ClrfaceError(f"samples and batch_size must be >= 1, got {self.samples}, {self.batch_size}")
+        for name in ("samples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ClrfaceError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.samples > 1 and self.mode not in ("full", "prior"):
+            # irn and direct are deterministic: N samples would be N copies of one result
+            raise ClrfaceError(f"samples {self.samples}: mode {self.mode} gives one result per face; several "
+                               "samples need mode full or prior")
         if not (isinstance(self.upscale, int) and 1 <= self.upscale <= MAX_UPSCALE):
-            raise ClrfaceError(f"upscale must be an integer in [1, {MAX_UPSCALE}], got {self.upscale}")
+            raise ClrfaceError(f"upscale (--bg-upscale) must be an integer in [1, {MAX_UPSCALE}], got {self.upscale}")
         if not 0.0 <= float(self.irn_detail) <= 1.0:
             raise ClrfaceError(f"irn_detail must be in [0, 1], got {self.irn_detail}")
         if not (isinstance(self.irn_detail_octaves, int) and 1 <= self.irn_detail_octaves <= 3):
@@ -178,15 +183,23 @@ def finite_float(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
-    """argparse ``type=`` for counts such as ``--batch-size``: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def int_at_least(low: int) -> Callable[[str], int]:
+    """argparse ``type=`` for counts and sizes: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
+"""argparse ``type=`` for counts such as ``--batch-size``: an integer >= 1."""
 
 
 def face_seed(seed: int, sample_k: int, index: int) -> int:

@@ -111,7 +111,10 @@ def reference_crops(images: Sequence[str | os.PathLike | np.ndarray], size: int,
         raise ClrfaceError("no reference photo given (an empty folder?)")
     crops, names = [], []
     for name, src in items:
-        photo = load_image(src) if isinstance(src, Path) else np.asarray(src)
+        try:
+            photo = load_image(src) if isinstance(src, Path) else np.asarray(src)
+        except ClrfaceError as e:  # say that the bad file is a reference, not an input
+            raise ClrfaceError(f"reference {e}") from None
         if photo.dtype != np.uint8 or photo.ndim != 3 or photo.shape[2] != 3:
             raise ClrfaceError(f"reference {name}: needs uint8 [H, W, 3], got {photo.dtype} {photo.shape}")
         if aligned:

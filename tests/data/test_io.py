@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clrface.data.io import ensure_not_input, list_images, load_image, save_image
+from clrface.data.io import ensure_not_input, list_images, load_image, save_image, transparency_and_frames
 from clrface.errors import ClrfaceError, ImageError
 
 
@@ -79,6 +79,20 @@ def test_rgba_and_la_composited_on_white(tmp_path):
     c = load_image(tmp_path / "la.png")
     np.testing.assert_array_equal(c[0, 0], [40, 40, 40])
     np.testing.assert_array_equal(c[15, 0], [255, 255, 255])
+
+
+def test_transparency_and_frames_report_what_load_image_drops(tmp_path):
+    rgba = np.zeros((10, 12, 4), np.uint8)
+    rgba[..., 3] = np.arange(12, dtype=np.uint8) * 20
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    alpha, frames = transparency_and_frames(tmp_path / "a.png")
+    assert frames == 1 and np.array_equal(alpha, rgba[..., 3])
+    rgba[..., 3] = 255  # an alpha channel without transparency
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "opaque.png")
+    assert transparency_and_frames(tmp_path / "opaque.png") == (None, 1)
+    gif = [Image.fromarray(np.full((8, 8, 3), v, np.uint8)) for v in (0, 90, 180)]
+    gif[0].save(tmp_path / "anim.gif", save_all=True, append_images=gif[1:])
+    assert transparency_and_frames(tmp_path / "anim.gif") == (None, 3)
 
 
 def test_palette_with_and_without_transparency(tmp_path):

@@ -109,6 +109,17 @@ def load_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS, min_sid
             raise ImageError(p, f"unreadable or corrupt image ({reason})") from e
 
 
+def transparency_and_frames(path: str | os.PathLike) -> tuple[np.ndarray | None, int]:
+    """What :func:`load_image` drops of a readable image file: its transparency as uint8 [H, W] upright (None
+    where every pixel is opaque) and its number of frames (an animated GIF or WebP has several)."""
+    with Image.open(path) as im:
+        frames = int(getattr(im, "n_frames", 1))
+        if not (im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info):
+            return None, frames
+        alpha = np.asarray(ImageOps.exif_transpose(im).convert("RGBA").getchannel("A"))
+    return (None if alpha.min() == 255 else alpha), frames
+
+
 def to_rgb_uint8(im: Image.Image) -> np.ndarray:
     """Any PIL mode -> uint8 [H, W, 3] RGB."""
     mode = im.mode
@@ -164,7 +175,8 @@ def ensure_not_input(out_path: str | os.PathLike, input_paths: Iterable[str | os
 
 def save_image(path: str | os.PathLike, img: np.ndarray, *, inputs: Iterable[str | os.PathLike] = (),
                quality: int = 95) -> Path:
-    """Writes ``img: uint8 [H, W, 3]`` (or ``[H, W]``) as PNG or JPEG, chosen by the extension.
+    """Writes ``img: uint8 [H, W, 3]`` (or ``[H, W]``, or ``[H, W, 4]`` RGBA as PNG) as PNG or JPEG, chosen by the
+    extension.
 
     Parent folders are created. Never overwrites a file listed in ``inputs``. JPEG uses
     4:4:4 chroma (no subsampling), like the shared data. Returns the path written.
@@ -174,8 +186,10 @@ def save_image(path: str | os.PathLike, img: np.ndarray, *, inputs: Iterable[str
     if fmt is None:
         raise ClrfaceError(f"{p}: unsupported output extension {p.suffix!r}; use .png, .jpg or .jpeg")
     a = np.asarray(img)
-    if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)):
-        raise ClrfaceError(f"{p}: save_image needs uint8 [H, W, 3] or [H, W], got {a.dtype} {a.shape}")
+    if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+        raise ClrfaceError(f"{p}: save_image needs uint8 [H, W, 3], [H, W, 4] or [H, W], got {a.dtype} {a.shape}")
+    if a.ndim == 3 and a.shape[2] == 4 and fmt == "JPEG":
+        raise ClrfaceError(f"{p}: JPEG has no transparency; write RGBA images as .png")
     ensure_not_input(p, inputs)
     im = Image.fromarray(np.ascontiguousarray(a))
     # A hidden temporary name in the same folder, renamed over the final one: a kill or a full disk mid-write
