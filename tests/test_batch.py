@@ -232,3 +232,15 @@ def test_a_run_refused_for_its_options_leaves_no_output_folder(tmp_path, model_d
     err = capsys.readouterr().err.strip()
     assert rc == 1 and err == "clrface: error: upscale (--bg-upscale) must be an integer in [1, 8], got 9"
     assert not out.exists()
+
+
+def test_a_result_that_would_land_on_its_input_fails_before_the_work(tmp_path, model_dir, capsys, monkeypatch):
+    out = tmp_path / "out"
+    (out / "final").mkdir(parents=True)
+    _crop(out / "final" / "a.png", seed=0)
+    before = (out / "final" / "a.png").read_bytes()
+    monkeypatch.setattr("clrface.batch.restore_photo", lambda *a, **k: pytest.fail("restored before the check"))
+    rc = main(["restore", str(out / "final"), "-o", str(out), "--model", str(model_dir), "--aligned"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "refusing to overwrite the input file" in err
+    assert (out / "final" / "a.png").read_bytes() == before

@@ -159,6 +159,13 @@ def restore_input(path: Path, name: str, out: Path, restorer: Restorer, options:
                   ) -> dict[str, Any]:
     """Restores one photo or video into ``out`` and returns its report record."""
     t0 = time.perf_counter()
+
+    def sfx(j: int) -> str:
+        return f"_s{j}" if options.samples > 1 else ""
+
+    # before any work: a result that would land on an input (e.g. restoring OUT/final into OUT again)
+    for final in [f"{name}.mp4"] if is_video(path) else [f"{name}{sfx(j)}.png" for j in range(options.samples)]:
+        ensure_not_input(out / "final" / final, inputs)
     if is_video(path):  # final/<name>.mp4; faces are detected per frame, so --aligned does not apply
         rec = restore_video(path, out / "final" / f"{name}.mp4", restorer, options, stabilize=stabilize,
                             inputs=inputs, progress=False)
@@ -175,9 +182,6 @@ def restore_input(path: Path, name: str, out: Path, restorer: Restorer, options:
     if aligned and h != w:  # the model sees square crops: a non-square one is stretched to a square
         res.warnings.insert(0, f"--aligned: the crop is {w}x{h}, not square; it was resized to a square, so the "
                                "face is distorted (crop it square, or restore without --aligned)")
-
-    def sfx(j: int) -> str:
-        return f"_s{j}" if options.samples > 1 else ""
 
     alpha, frames = transparency_and_frames(path)
     if frames > 1:
