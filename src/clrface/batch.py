@@ -310,7 +310,7 @@ def restore_files(inputs: list[Path], out_dir: str | Path, restorer: Restorer, o
     bar = tqdm(todo, desc="restore" if world == 1 else f"restore [{rank}/{world}]", unit="img",
                disable=not progress or len(todo) < 2, file=sys.stderr)
     for path, name in bar:
-        if (other := earlier_input(name)) not in (None, str(path)):
+        if (other := earlier_input(name)) is not None and Path(other).resolve() != path.resolve():
             emit(f"clrface: warning: {path}: replaces the results of {other} (same output name {name})")
         try:
             stamp = input_stamp(path)  # before reading: a file replaced during its restore is redone next time
