@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -57,6 +58,20 @@ def test_zero_rows_change_nothing_and_a_reference_pulls_toward_its_identity(rest
     assert torch.equal(guided.id_vs_target[1], guided.id_vs_irn[1])
     with pytest.raises(ClrfaceError, match="mode full"):
         restorer.restore_faces(faces, restorer.options(mode="irn"), reference=zero.id_vs_reference)
+
+
+def test_a_face_guided_by_a_reference_does_not_take_the_irns_detail(restorer):
+    faces = to_model_range(np.stack([_crop(restorer, 1), _crop(restorer, 2)]))
+    target = torch.nn.functional.normalize(restorer.embed(to_model_range(_crop(restorer, 3)[None])).float(), dim=-1)
+    ref = torch.cat([target, torch.zeros_like(target)])  # face 0 guided by the reference, face 1 by its IRN output
+    o = restorer.options(mode="full", steps=2, sampler="euler", sigma_start=1.0, guidance_scale=0.0,
+                         reference_guidance=50.0, irn_detail=1.0)
+    with_detail = restorer.restore_faces(faces, o, reference=ref).restored
+    without = restorer.restore_faces(faces, replace(o, irn_detail=0.0), reference=ref).restored
+    unguided = restorer.restore_faces(faces, o).restored
+    assert torch.equal(with_detail[0], without[0])  # the reference's face: its decoded detail
+    assert torch.equal(with_detail[1], unguided[1])  # the other face: the IRN's octave as without a reference
+    assert (with_detail[1] - without[1]).abs().max() > 0.01
 
 
 def test_restore_photo_reports_the_reference_per_face(restorer):

@@ -181,7 +181,9 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--irn-detail", type=finite_float, default=None, metavar="W",
                    help="mode full: share 0..1 of the finest detail (the octave above half resolution) taken from the "
                         "IRN output instead of the VQGAN decoder, which keeps ~40%% of a face's fine detail "
-                        "(default: the model's, else 0 = the paper's pipeline; more octaves: --irn-detail-octaves)")
+                        "(default: the model's, else 0 = the paper's pipeline; more octaves: --irn-detail-octaves). "
+                        "A face guided by a --reference keeps the decoder's detail: the IRN's carries the degraded "
+                        "photo's identity (docs/reference.md)")
     p.add_argument("--irn-detail-octaves", type=int, default=None, choices=(1, 2, 3), metavar="N",
                    help="how many of the finest octaves --irn-detail takes from the IRN: 1 (detail above half "
                         "resolution), 2 or 3 (default: the model's, else 1)")

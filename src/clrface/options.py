@@ -106,7 +106,8 @@ class RestoreOptions:
     reference_guidance: float = 30.0
     # Mode full: the share of the restored face's upper octave (detail finer than a half-resolution image holds)
     # taken from the IRN output x_id instead of the VQGAN decoder, which keeps ~40 % of a face's Laplacian
-    # variance (clrface.faces.detail.upper_band_from). 0 is the paper's pipeline: the decoded latent alone.
+    # variance (clrface.faces.detail.upper_band_from). 0 is the paper's pipeline: the decoded latent alone. A face
+    # guided by a reference photo keeps its decoded detail (docs/reference.md).
     irn_detail: float = 0.0
     # How many octaves irn_detail takes: 1 is the band above N/2 px; 2 also the one above N/4 px, which the
     # decoder also keeps only in part (a 3x3 Laplacian still sees it).

@@ -313,7 +313,10 @@ class Restorer:
             if tone:
                 restored = lower_band_from(restored, irn_out, tone)
             if detail > 0:
-                restored = upper_band_from(restored, irn_out, detail, o.irn_detail_octaves)
+                # A face guided by a reference keeps its decoded detail: the IRN's finest octave carries the
+                # identity read from the degraded photo and dilutes the reference's (docs/reference.md).
+                weight = detail if reference is None else rep(torch.where(has, 0.0, detail)).view(-1, 1, 1, 1)
+                restored = upper_band_from(restored, irn_out, weight, o.irn_detail_octaves)
         restored = restored.clamp(-1, 1).view(b, n, 3, s, s)
         sampling = Sampling(sigma_start, scale, nfe(o.sampler, o.steps) if sigma_start > 0 else 0, ref_scale, detail,
                             o.irn_detail_octaves, tone)

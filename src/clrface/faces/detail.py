@@ -101,10 +101,10 @@ def band_split(x: Tensor, size: int) -> tuple[Tensor, Tensor]:
     return x - high, high
 
 
-def upper_band_from(x: Tensor, source: Tensor, weight: float = 1.0, octaves: int = 1) -> Tensor:
-    """x [B,C,N,N] with ``weight`` of its ``octaves`` upper octaves (what an N/2**octaves-px image cannot hold, see
-    :func:`band_split`) replaced by those of ``source`` [B,C,N,N]: the decoded latent's shape and tone, the detail
-    of a sharper estimate of the same face."""
+def upper_band_from(x: Tensor, source: Tensor, weight: float | Tensor = 1.0, octaves: int = 1) -> Tensor:
+    """x [B,C,N,N] with ``weight`` (one number, or [B,1,1,1] per face) of its ``octaves`` upper octaves (what an
+    N/2**octaves-px image cannot hold, see :func:`band_split`) replaced by those of ``source`` [B,C,N,N]: the
+    decoded latent's shape and tone, the detail of a sharper estimate of the same face."""
     size = x.shape[-1] >> octaves
     return x + weight * (band_split(source, size)[1] - band_split(x, size)[1])
 
