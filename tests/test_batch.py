@@ -52,15 +52,20 @@ def test_colliding_inputs_each_get_their_own_result(tmp_path, restorer):
     assert {r["final"][0] for r in report["images"]} == {str(f) for f in finals}
 
 
-def test_resume_redoes_an_input_replaced_since(tmp_path, restorer):
+def _restored_folder(tmp_path: Path, restorer, n: int) -> tuple[list[Path], Path, RestoreOptions]:
+    """n random crops face0.png .. restored once into tmp_path/out: (inputs, out, options)."""
     src = tmp_path / "in"
     src.mkdir()
-    inputs = [src / f"face{i}.png" for i in range(3)]
+    inputs = [src / f"face{i}.png" for i in range(n)]
     for i, p in enumerate(inputs):
         _crop(p, seed=i)
-    out = tmp_path / "out"
-    o = restorer.options(steps=1, mode="prior")
+    out, o = tmp_path / "out", restorer.options(steps=1, mode="prior")
     restore_files(inputs, out, restorer, o, **QUIET)
+    return inputs, out, o
+
+
+def test_resume_redoes_an_input_replaced_since(tmp_path, restorer):
+    inputs, out, o = _restored_folder(tmp_path, restorer, 3)
     before = (out / "final" / "face1.png").read_bytes()
     _crop(inputs[1], seed=99)  # same name, new content
     st = inputs[1].stat()
@@ -168,14 +173,7 @@ def test_options_refuse_non_finite_values():
 
 
 def test_a_rerun_redoes_an_input_whose_result_was_deleted(tmp_path, restorer):
-    src = tmp_path / "in"
-    src.mkdir()
-    inputs = [src / f"face{i}.png" for i in range(2)]
-    for i, p in enumerate(inputs):
-        _crop(p, seed=i)
-    out = tmp_path / "out"
-    o = restorer.options(steps=1, mode="prior")
-    restore_files(inputs, out, restorer, o, **QUIET)
+    inputs, out, o = _restored_folder(tmp_path, restorer, 2)
     (out / "final" / "face0.png").unlink()
     again = restore_files(inputs, out, restorer, o, **QUIET)
     assert again["skipped"] == 1 and (out / "final" / "face0.png").is_file()
