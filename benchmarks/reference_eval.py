@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reference-guidance", type=float, default=None, help="override for the faces with one")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--irn-detail", type=float, default=None,
-                    help="share of the IRN output's finest octave in mode full (default: the model's)")
+                    help="share of the IRN output's finest octave in mode full (default: the model's); "
+                         "faces guided by a reference do not take it")
     ap.add_argument("--calibrate-only", action="store_true", help="only the matched / wrong cosines")
     ap.add_argument("--lmd", action="store_true")
     ap.add_argument("--fid", action="store_true", help="FID against faces128/train (cached statistics)")
