@@ -142,6 +142,9 @@ TABLES: dict[str, dict[str, Row]] = {
         **{f"Heun-10, sigma 0.447, guidance 5{f', IRN tone {t}' if t else ''}": Row(
             {**FULL, "steps": 10, "sigma_start": 0.447, "guidance_scale": 5.0, "irn_tone": t}, mask=True)
            for t in (0, 8)},
+        "Heun-10, sigma 0.447, guidance 5, IRN tone 8, detail 1 octave": Row(
+            {**FULL, "steps": 10, "sigma_start": 0.447, "guidance_scale": 5.0, "irn_tone": 8, "irn_detail": 1.0},
+            mask=True),
     },
     # Paper Table 2 at 128 px: extreme upsampling (run on the x32 and x64 test sets).
     # Where identity is lost on the way x_id -> E -> refine -> G: each row adds one arrow.
