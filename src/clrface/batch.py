@@ -264,21 +264,19 @@ def restore_files(inputs: list[Path], out_dir: str | Path, restorer: Restorer, o
     done.mkdir(parents=True, exist_ok=True)
     named = list(zip(inputs, output_names(inputs)))
 
-    def finished(path: Path, name: str) -> dict[str, Any] | None:
-        """The completion record of ``path`` if its outputs are there and were made with these options."""
+    def completion(name: str) -> dict[str, Any]:
+        """The completion record an earlier run wrote under ``name`` ({} if none or unreadable)."""
         try:
             rec = json.loads((done / f"{name}.done.json").read_text())
         except (OSError, ValueError):
-            return None
-        same = rec.get("key") == key and rec.get("source") == input_stamp(path)
-        return rec if same and all(Path(f).is_file() for f in rec["record"].get("final", [])) else None
+            return {}
+        return rec if isinstance(rec, dict) else {}
 
-    def earlier_input(name: str) -> str | None:
-        """The input whose results an earlier run wrote under ``name``, if any."""
-        try:
-            return json.loads((done / f"{name}.done.json").read_text())["source"]["input"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+    def finished(path: Path, name: str) -> dict[str, Any] | None:
+        """The completion record of ``path`` if its outputs are there and were made with these options."""
+        rec = completion(name)
+        same = bool(rec) and rec.get("key") == key and rec.get("source") == input_stamp(path)
+        return rec if same and all(Path(f).is_file() for f in rec["record"].get("final", [])) else None
 
     mine = named[rank::world]
     todo = [(p, n) for p, n in mine if overwrite or finished(p, n) is None]
@@ -310,7 +308,8 @@ def restore_files(inputs: list[Path], out_dir: str | Path, restorer: Restorer, o
     bar = tqdm(todo, desc="restore" if world == 1 else f"restore [{rank}/{world}]", unit="img",
                disable=not progress or len(todo) < 2, file=sys.stderr)
     for path, name in bar:
-        if (other := earlier_input(name)) is not None and Path(other).resolve() != path.resolve():
+        other = completion(name).get("source", {}).get("input")  # whose results the name holds now
+        if other is not None and Path(other).resolve() != path.resolve():
             emit(f"clrface: warning: {path}: replaces the results of {other} (same output name {name})")
         try:
             stamp = input_stamp(path)  # before reading: a file replaced during its restore is redone next time
