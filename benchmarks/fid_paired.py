@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clrface.data.io import data_root, list_images
+from clrface.data.io import data_root, image_batches, list_images
 from clrface.metrics.bootstrap import paired_set_diff_ci
-from clrface.metrics.fid import folder_stats, frechet_distance_of_set, inception_features, load_images, load_inception
+from clrface.metrics.fid import folder_stats, frechet_distance_of_set, inception_features, load_inception
 
 
 def features(model: torch.nn.Module, files: list[Path]) -> np.ndarray:
-    return inception_features(model, load_images(files))
+    return np.concatenate([inception_features(model, batch) for batch in image_batches(files)])
 
 
 def main() -> None:

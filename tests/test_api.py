@@ -4,10 +4,12 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from clrface import Restorer
 from clrface.demo import demo_image
+from clrface.errors import ClrfaceError
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -42,3 +44,6 @@ def test_api_accepts_paths_and_pil_and_takes_overrides(tmp_path):
     assert from_path.sampling["nfe"] == 0
     up = r.restore(crop, aligned=True, upscale=2, mode="direct")
     assert up.image.shape == (256, 256, 3)
+    for bad in (np.zeros((0, 0, 3), np.uint8), crop[..., 0], crop.astype(np.float32)):
+        with pytest.raises(ClrfaceError, match=r"a photo to restore is uint8 \[H, W, 3\] with H, W > 0"):
+            r.restore(bad)

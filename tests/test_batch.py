@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
-from clrface.batch import output_names, restore_files
+from clrface.batch import restore_files
 from clrface.cli import main
 from clrface.errors import ClrfaceError
 from clrface.options import RestoreOptions
@@ -21,20 +21,6 @@ def _crop(path: Path, seed: int, size: tuple[int, int] = (40, 40)) -> np.ndarray
     a = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     Image.fromarray(a).save(path, quality=95) if path.suffix == ".jpg" else Image.fromarray(a).save(path)
     return a
-
-
-def test_output_names_keep_todays_names_and_disambiguate_collisions():
-    assert output_names([Path("in/a.png"), Path("in/b.jpg")]) == ["a", "b"]
-    assert output_names([Path("in/a.png"), Path("in/a.jpg")]) == ["a_png", "a_jpg"]
-    clash = [Path("in/x.jpg"), Path("in/x.png"), Path("in/x_png.jpg")]
-    names = output_names(clash)
-    assert len({n.casefold() for n in names}) == 3
-    assert names[0] == "x_jpg" and names[1].startswith("x_png_") and names[2].startswith("x_png_")
-    # a name depends on the input list only, not on the shard that restores it
-    assert output_names(clash) == names and output_names(clash[::-1]) == names[::-1]
-    assert len({n.casefold() for n in output_names([Path("A.png"), Path("a.jpg")])}) == 2  # case-insensitive disks
-    same_file_name = output_names([Path("one/a.png"), Path("two/a.png")])
-    assert len(set(same_file_name)) == 2
 
 
 def test_colliding_inputs_each_get_their_own_result(tmp_path, restorer):

@@ -87,3 +87,30 @@ def test_fine_tuned_model_takes_missing_stages_from_its_base(tmp_path, model_dir
     (ft / "restore.json").write_text(json.dumps({"base": "nosuchmodel"}))
     with pytest.raises(CheckpointError, match="nosuchmodel"):
         Restorer.from_pretrained("tinyft", facerec=restorer.facerec)
+
+
+def test_pack_checks_everything_before_writing_and_a_base_may_have_a_base(tmp_path, model_dir, restorer,
+                                                                          monkeypatch, capsys):
+    weights = tmp_path / "weights"
+    shutil.copytree(model_dir, weights / "tinybase")
+    monkeypatch.setattr(clrface.model_folder, "package_weights", lambda name: weights / name)
+    refused = tmp_path / "refused"
+    assert main(["pack", "--base", "tinybase", "--irn", str(model_dir / "prior"), "-o", str(refused)]) == 1
+    assert "is a 'prior' checkpoint, expected 'irn'" in capsys.readouterr().err
+    assert main(["pack", "--base", "tinybase", "--irn", str(tmp_path / "none"), "-o", str(refused)]) == 1
+    assert not refused.exists()  # no restore.json that would load as a copy of the base
+    # mask onto tinybase, the IRN onto that: vqgan/ and prior/ come from two bases down
+    assert main(["pack", "--base", "tinybase", "--mask", str(model_dir / "mask"), "-o", str(weights / "mid")]) == 0
+    top = tmp_path / "top"
+    assert main(["pack", "--base", "mid", "--irn", str(model_dir / "irn"), "-o", str(top)]) == 0
+    r = Restorer.from_pretrained(top, facerec=restorer.facerec)
+    assert r.irn is not None and r.mask is not None
+    # packed again without a base: the earlier irn/ is neither kept silently nor deleted; the base goes
+    stages = ["--vqgan", str(model_dir / "vqgan"), "--prior", str(model_dir / "prior")]
+    assert main(["pack", *stages, "-o", str(top)]) == 1
+    assert "holds irn/ from an earlier pack" in capsys.readouterr().err
+    assert main(["pack", *stages, "--irn", str(model_dir / "irn"), "-o", str(top)]) == 0
+    assert json.loads((top / "restore.json").read_text()) == {}
+    (weights / "mid" / "restore.json").write_text(json.dumps({"base": "mid"}))
+    with pytest.raises(CheckpointError, match="leads back"):
+        Restorer.from_pretrained("mid", facerec=restorer.facerec)

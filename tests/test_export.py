@@ -25,7 +25,7 @@ from clrface.demo import DEMO_SEED, demo_image
 from clrface.diffusion import sampler as torch_sampler  # noqa: E402
 from clrface.diffusion.schedule import ScheduleConfig, karras_sigmas, sigmas_from  # noqa: E402
 from clrface.errors import CheckpointError, ClrfaceError  # noqa: E402
-from clrface.export import GRAPH_IO, export_graph, graph_modules  # noqa: E402
+from clrface.export import GRAPH_IO, export_graph, export_restorer, graph_modules, graph_opset  # noqa: E402
 from clrface.faces import detail
 from clrface.faces.align import align_faces
 from clrface.onnx_runtime import OnnxRestorer, face_noise, to_uint8  # noqa: E402
@@ -73,6 +73,11 @@ def test_runtime_json_and_opset(exported, restorer):
     for name in spec["graphs"].values():
         m = onnx.load(str(exported / name), load_external_data=False)
         assert max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) == 18
+        assert graph_opset(exported / name) == 18
+    for opset in (16, onnx.defs.onnx_opset_version() + 1):  # refused before any graph is written
+        with pytest.raises(ClrfaceError, match=f"between 17 and {onnx.defs.onnx_opset_version()}"):
+            export_restorer(restorer, exported / f"opset{opset}", opset=opset)
+        assert not (exported / f"opset{opset}").exists()
 
 
 def test_each_graph_matches_torch_at_batch_1(exported, restorer, runtime, demo_faces):
@@ -132,6 +137,7 @@ def test_restore_crops_is_independent_of_batch_size(runtime, demo_faces):
     assert one.shape == (3, 1, 128, 128, 3) and one.dtype == np.uint8
     assert np.abs(one.astype(int) - three.astype(int)).max() <= 1
     assert not np.array_equal(one[0], one[2])  # face 0 and face 2 (same pixels) draw different noise
+    assert runtime.restore_crops(crops[:0], o).shape == (0, 1, 128, 128, 3)  # no faces: no results
 
 
 def test_guidance_is_torch_only_and_options_are_checked(runtime, demo_faces):

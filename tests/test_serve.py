@@ -279,6 +279,10 @@ def test_parse_options_uses_model_defaults(restorer):
     assert o.mode == "full" and policy.all_faces and policy.force  # a reference selects the guided mode
     with pytest.raises(serve_app.RequestError, match="mode full"):
         parse_options("mode=irn", restorer, lim, references=1)
+    assert parse_options("aligned=Yes", restorer, lim)[1] and not parse_options("aligned=off", restorer, lim)[1]
+    with pytest.raises(serve_app.RequestError, match="aligned must be one of") as e:
+        parse_options("aligned=yep", restorer, lim)  # not silently false
+    assert e.value.status == 400
 
 
 def _multipart(fields: list[tuple[str, bytes]]) -> tuple[bytes, str]:

@@ -8,13 +8,11 @@ so a killed run resumes where it stopped.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -24,7 +22,14 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from clrface.data.io import ensure_not_input, is_image_file, load_image, save_image, transparency_and_frames
+from clrface.data.io import (
+    ensure_not_input,
+    is_image_file,
+    load_image,
+    output_names,
+    save_image,
+    transparency_and_frames,
+)
 from clrface.errors import ClrfaceError
 from clrface.options import RestoreOptions
 from clrface.photo import restore_photo, side_by_side
@@ -36,27 +41,6 @@ from clrface.video_io import is_video, list_media, probe_video
 DONE_DIR = ".clrface-done"
 """Per-input completion records under the output folder: a rerun with the same model and options skips inputs
 whose record exists (resumable after a kill); records are written only after all of an input's files."""
-
-
-def output_names(inputs: list[Path]) -> list[str]:
-    """The output name of each input, unique (also ignoring case) by construction.
-
-    Its stem, with the extension appended where two inputs share a stem (``x.png``, ``x.jpg`` -> ``x_png``,
-    ``x_jpg``). Where that still collides (``x_png.jpg`` beside those two), each colliding input gets a suffix
-    hashed from its file name, else from its path: the names depend on the list alone, never on which process
-    restores which input, and the names without a collision stay as they are.
-    """
-    stems = Counter(p.stem for p in inputs)
-    base = [p.stem if stems[p.stem] == 1 else f"{p.stem}_{p.suffix.lstrip('.').lower()}" for p in inputs]
-    names = list(base)
-    for key in (lambda i, p: p.name, lambda i, p: p.as_posix(), lambda i, p: f"{i}:{p.as_posix()}"):
-        count = Counter(n.casefold() for n in names)
-        if max(count.values(), default=1) == 1:
-            break
-        names = [n if count[n.casefold()] == 1
-                 else f"{b}_{hashlib.sha1(key(i, p).encode()).hexdigest()[:8]}"
-                 for i, (p, n, b) in enumerate(zip(inputs, names, base))]
-    return names
 
 
 def input_stamp(path: Path) -> dict[str, Any]:

@@ -85,16 +85,30 @@ def load_weights(folder: str | Path, model: nn.Module, *, strict: bool = True) -
     return model
 
 
-def convert_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+def checkpoint_kind(folder: str | Path) -> str:
+    """The kind recorded in a checkpoint folder's config.json ("vqgan", "prior", "irn", ...); raises
+    CheckpointError when the folder is not a checkpoint."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise CheckpointError(f"{folder}: not a checkpoint folder (needs config.json and model.safetensors)")
+    try:
+        return str(json.loads((folder / "config.json").read_text()).get("kind"))
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{folder / 'config.json'}: unreadable config ({e})") from None
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16,
+                       kind: str | None = None) -> Path:
     """Copies a checkpoint folder with its float tensors cast to ``dtype`` (fp16 to ship: half the size;
-    loading casts back to the model's dtype)."""
+    loading casts back to the model's dtype). ``kind``: the kind it must be, checked before anything is written."""
     src, dst = Path(src), Path(dst)
-    if not (src / "config.json").is_file() or not (src / "model.safetensors").is_file():
-        raise CheckpointError(f"{src}: not a checkpoint folder (needs config.json and model.safetensors)")
+    found = checkpoint_kind(src)
+    if kind is not None and found != kind:
+        raise CheckpointError(f"{src}: is a '{found}' checkpoint, expected '{kind}'")
     meta = json.loads((src / "config.json").read_text())
     state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
              for k, v in load_file(str(src / "model.safetensors")).items()}
     dst.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(dst / "model.safetensors"), metadata={"kind": str(meta.get("kind"))})
+    save_file(state, str(dst / "model.safetensors"), metadata={"kind": found})
     (dst / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     return dst

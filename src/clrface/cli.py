@@ -23,7 +23,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="which model to train")
     p.add_argument("--config", required=True, help="YAML file under configs/ (model + training settings)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config entry, e.g. --set train.steps=1000 (repeatable)")
+                   help="override a config entry, e.g. --set train.steps=1000 (repeatable); VALUE is read as YAML, "
+                        "so quote words YAML takes for booleans: --set \"train.mixed_precision='no'\"")
     p.add_argument("--out", help="run folder (default: the config's train.out_dir)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/train_state after a crash or kill")
 
@@ -79,7 +80,8 @@ def _add_make_testset(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="folder of aligned square faces")
     p.add_argument("out", help="output folder")
     _add_degradation_args(p, "face", "resize faces to SIZE x SIZE (ranges scale to SIZE)")
-    p.add_argument("--limit", type=int, help="use only the first LIMIT faces")
+    p.add_argument("--limit", type=positive_int, help="use only the first LIMIT faces of the sorted folder "
+                                                       "(default: all)")
     p.add_argument("--realistic", action="store_true",
                    help="degrade with the preset inside the realistic mix the models train on (a second round, "
                         "faded colours, grain, grayscale; clrface.data.realistic defaults): old-photo-like faces "
@@ -140,14 +142,19 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                         "(default: all)")
     p.add_argument("--lpips-weights", help="folder holding alexnet-owt-7be5be79.pth and alex.pth for LPIPS")
     p.add_argument("--json", help="also write the result rows (with protocols and timings) to this JSON file")
-    p.add_argument("--device", default="cpu", help="torch device for the networks (default cpu)")
-    p.add_argument("--batch-size", type=int, default=25, help="faces per chunk (default 25)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"],
+                   help="torch device for the networks (default cpu)")
+    p.add_argument("--batch-size", type=positive_int, default=25, help="faces per chunk (default 25)")
 
     def run(args: argparse.Namespace) -> int:
+        from clrface.device import resolve_device
         from clrface.metrics.evaluate import ALL_METRICS, evaluate_folders, format_table
 
         metrics = ALL_METRICS if args.metrics is None else [m.strip() for m in args.metrics.split(",") if m.strip()]
-        res = evaluate_folders(args.pred, args.gt, metrics=metrics, fid_ref=args.fid_ref, device=args.device,
+        if not metrics:
+            raise ClrfaceError(f"--metrics {args.metrics!r}: no metric named; choose from {', '.join(ALL_METRICS)}")
+        res = evaluate_folders(args.pred, args.gt, metrics=metrics, fid_ref=args.fid_ref,
+                               device=resolve_device(args.device),
                                batch_size=args.batch_size, lpips_dir=args.lpips_weights, pairs=args.pairs,
                                log=lambda s: print(s, file=sys.stderr))
         print(format_table(res))
@@ -352,40 +359,57 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+PACK_STAGES = ("vqgan", "prior", "irn", "mask")
+
+
 def _add_pack(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pack", help="assemble trained stages into one model folder for `clrface restore --model` "
                                     "(fp16 by default)")
-    p.add_argument("-o", "--out", required=True, help="model folder to write (gets vqgan/, prior/, irn/, mask/)")
-    for stage in ("vqgan", "prior", "irn", "mask"):
+    p.add_argument("-o", "--out", required=True,
+                   help="model folder to write (gets the stages given; a restore.json already there keeps its "
+                        "settings, its base becomes --base)")
+    for stage in PACK_STAGES:
         p.add_argument(f"--{stage}",
                        help=f"checkpoint folder of the {stage} stage (e.g. runs/{stage}-128/model)"
                        + ("; required unless --base" if stage in ("vqgan", "prior") else "; optional"))
     p.add_argument("--base", help="an installed model (e.g. default) that supplies the stages not given here and "
                                   "the restore settings (mode, steps, fidelity map): a fine-tuned model ships only "
                                   "what it changed (written to restore.json)")
-    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage dtype of the weights")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16",
+                   help="storage dtype of the weights (default %(default)s: half the size; restore casts them back "
+                        "to float32)")
 
     def run(args: argparse.Namespace) -> int:
         import torch
 
-        from clrface.checkpoint import convert_checkpoint
-        from clrface.model_folder import resolve_model
+        from clrface.checkpoint import checkpoint_kind, convert_checkpoint
+        from clrface.model_folder import read_spec, resolve_model
 
-        if not args.base and not (args.vqgan and args.prior):
+        stages = {stage: getattr(args, stage) for stage in PACK_STAGES if getattr(args, stage)}
+        if not args.base and not ("vqgan" in stages and "prior" in stages):
             raise ClrfaceError("pack needs --vqgan and --prior, or --base NAME to take the missing stages from")
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise ClrfaceError(f"{out}: exists and is not a folder")
+        # all checks before the first write: a refused pack leaves no half-made model folder behind
         if args.base:
-            resolve_model(args.base)  # fail now on a name that does not resolve
-            spec_path = Path(args.out) / "restore.json"
-            spec = json.loads(spec_path.read_text()) if spec_path.is_file() else {}
-            spec_path.parent.mkdir(parents=True, exist_ok=True)
-            spec_path.write_text(json.dumps({**spec, "base": args.base}, indent=1) + "\n")
-
-        for stage in ("vqgan", "prior", "irn", "mask"):
-            src = getattr(args, stage)
-            if src:
-                dst = convert_checkpoint(src, Path(args.out) / stage, getattr(torch, args.dtype))
-                size = (dst / "model.safetensors").stat().st_size / 2**20
-                print(f"{stage}: {src} -> {dst} ({size:.1f} MiB)")
+            resolve_model(args.base)
+        for stage, src in stages.items():
+            if (kind := checkpoint_kind(src)) != stage:
+                raise ClrfaceError(f"--{stage} {src}: is a '{kind}' checkpoint, expected '{stage}'")
+        stale = [stage for stage in PACK_STAGES if stage not in stages and (out / stage).exists()]
+        if stale:
+            raise ClrfaceError(f"{out}: holds {', '.join(s + '/' for s in stale)} from an earlier pack, which this "
+                               f"one would not replace; remove it or give --{stale[0]}")
+        spec = {k: v for k, v in read_spec(out).items() if k != "base"}  # the settings a user wrote stay
+        if args.base or (out / "restore.json").is_file():
+            out.mkdir(parents=True, exist_ok=True)
+            spec = {**spec, "base": args.base} if args.base else spec
+            (out / "restore.json").write_text(json.dumps(spec, indent=1) + "\n")
+        for stage, src in stages.items():
+            dst = convert_checkpoint(src, out / stage, getattr(torch, args.dtype), kind=stage)
+            size = (dst / "model.safetensors").stat().st_size / 2**20
+            print(f"{stage}: {src} -> {dst} ({size:.1f} MiB)")
         return 0
 
     p.set_defaults(func=run)
@@ -486,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ClrfaceError as e:
+        print(f"clrface: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # an output the system refuses (read-only, full disk, a file where a folder goes)
         print(f"clrface: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -161,7 +161,21 @@ def export_graph(module: nn.Module, args: tuple[Tensor, ...], path: Path, inputs
     with _quiet_exporter(), torch.no_grad():
         torch.onnx.export(module, args, str(path), input_names=list(inputs), output_names=[output],
                           opset_version=opset, **kw)
+    written = graph_opset(path)
+    if written not in (None, opset):  # the exporter logs a failed conversion and writes its own opset
+        raise ClrfaceError(f"{path.name}: the exporter could not convert the graph to opset {opset} (it wrote "
+                           f"opset {written}); choose another --opset")
     return path
+
+
+def graph_opset(path: Path) -> int | None:
+    """The default-domain opset of a written .onnx file (None without the onnx package to read it)."""
+    try:
+        import onnx  # noqa: PLC0415  optional dependency
+    except ImportError:
+        return None
+    model = onnx.load(str(path), load_external_data=False)
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 def runtime_spec(vqgan: VQGAN, prior: LatentPrior, *, has_irn: bool, fidelity_map: dict[str, float],
@@ -197,11 +211,20 @@ class _NoFacerec(nn.Module):
         raise RuntimeError("export has no face recogniser")
 
 
+def max_opset() -> int:
+    """The newest ONNX opset the installed onnx package defines (18 without it: the legacy exporter's own)."""
+    try:
+        import onnx  # noqa: PLC0415  optional dependency
+    except ImportError:
+        return OPSET
+    return int(onnx.defs.onnx_opset_version())
+
+
 def export_restorer(restorer: Restorer, out_dir: str | Path, *, opset: int = OPSET, dynamo: bool = True) -> Path:
     """Writes the graphs of a loaded :class:`clrface.restorer.Restorer` (fp32 weights on the CPU) and
     ``runtime.json`` into ``out_dir``; returns the path of ``runtime.json``."""
-    if opset < 17:
-        raise ClrfaceError(f"opset must be >= 17, got {opset}")
+    if not 17 <= opset <= max_opset():
+        raise ClrfaceError(f"opset must be between 17 and {max_opset()} (the newest this onnx knows), got {opset}")
     if restorer.device.type != "cpu" or next(restorer.vqgan.parameters()).dtype != torch.float32:
         raise ClrfaceError(f"export needs a Restorer with fp32 weights on the CPU, got {restorer.device}")
     out = Path(out_dir)

@@ -3,7 +3,8 @@
 A model folder holds ``vqgan/`` and ``prior/`` checkpoints (required), ``irn/`` and ``mask/`` (optional) and
 ``restore.json`` (optional: ``fidelity_map``, measured-best ``defaults``, and ``base``, an installed model that
 supplies the stages the folder lacks and the settings it leaves out, so a fine-tuned model ships only what it
-changed: an IRN packed onto ``default`` restores with the default's measured-best settings). The nets are loaded
+changed: an IRN packed onto ``default`` restores with the default's measured-best settings; a base may have a base
+of its own). The nets are loaded
 here and nowhere else; the :class:`clrface.restorer.Restorer` and the distillation stage both start from it.
 """
 
@@ -79,18 +80,30 @@ def merged_spec(own: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     return {key: {**base.get(key, {}), **own.get(key, {})} for key in ("defaults", "fidelity_map")}
 
 
+def base_chain(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The folder and its restore.json, then its base's, and so on (a model packed onto ``fast`` reaches
+    ``default`` through it); a base that leads back to a folder of the chain raises CheckpointError."""
+    chain = [(folder, read_spec(folder))]
+    while chain[-1][1].get("base"):
+        base = resolve_model(chain[-1][1]["base"])
+        if any(base.resolve() == f.resolve() for f, _ in chain):
+            raise CheckpointError(f"{chain[-1][0] / 'restore.json'}: base {chain[-1][1]['base']!r} leads back to "
+                                  f"{base}")
+        chain.append((base, read_spec(base)))
+    return chain
+
+
 def load_model_folder(path_or_name: str | Path | None = None, device: str | torch.device = "cpu") -> ModelFolder:
     """Loads the stages of a model folder (see the module docstring) in fp32 on ``device``. A missing or
     incomplete folder or a checkpoint of the wrong kind/shape raises CheckpointError."""
-    folder = resolve_model(path_or_name)
-    spec = read_spec(folder)
-    base = resolve_model(spec["base"]) if spec.get("base") else None
-    if base is not None:
-        spec = merged_spec(spec, read_spec(base))
+    chain = base_chain(resolve_model(path_or_name))
+    folder = chain[0][0]
+    spec = chain[-1][1]
+    for _, own in reversed(chain[:-1]):
+        spec = merged_spec(own, spec)
 
     def stage(sub: str) -> Path:
-        own = folder / sub
-        return base / sub if base is not None and not own.is_dir() else own
+        return next((f / sub for f, _ in chain if (f / sub).is_dir()), folder / sub)
 
     missing = [sub for sub in ("vqgan", "prior") if not (stage(sub) / "config.json").is_file()
                or not (stage(sub) / "model.safetensors").is_file()]

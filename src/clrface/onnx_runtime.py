@@ -333,7 +333,7 @@ class OnnxRestorer:
         crops = np.asarray(crops)
         if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[3] != 3:
             raise ClrfaceError(f"restore_crops needs uint8 [F,S,S,3], got {crops.dtype} {crops.shape}")
-        out = []
+        out = [np.zeros((0, o.samples, *crops.shape[1:]), np.uint8)]  # no crops: no results, not an error
         for i in range(0, len(crops), o.batch_size):
             x = to_model_range(crops[i:i + o.batch_size])
             out.append(to_uint8(self.restore_faces(x, o, first_index=i)["restored"]))

@@ -155,8 +155,8 @@ def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions
     """
     o = options
     img = np.asarray(photo)
-    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-        raise ClrfaceError(f"restore_image needs uint8 [H, W, 3], got {img.dtype} {img.shape}")
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or 0 in img.shape:
+        raise ClrfaceError(f"a photo to restore is uint8 [H, W, 3] with H, W > 0, got {img.dtype} {img.shape}")
     h, w = img.shape[:2]
     s, u = restorer.resolution, o.upscale
     keep = o.color == "keep" or (o.color == "auto" and is_monochrome(img))

@@ -120,6 +120,10 @@ def split_upload(data: bytes, content_type: str) -> tuple[bytes, list[bytes]]:
     return fields["photo"][0], refs
 
 
+FLAG_VALUES = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False,
+               "no": False, "": False}
+
+
 def parse_options(query: str, restorer: Restorer, limits: ServeLimits, references: int = 0
                   ) -> tuple[RestoreOptions, bool, str, ReferencePolicy]:
     """Query string -> (RestoreOptions over the model's defaults, aligned, format "json"|"png", the reference
@@ -154,8 +158,12 @@ def parse_options(query: str, restorer: Restorer, limits: ServeLimits, reference
                                 samples=1)
     except ClrfaceError as e:
         raise RequestError(400, str(e)) from None
+
     def flag(key: str) -> bool:
-        return q.get(key, "0") in ("1", "true", "on")
+        value = q.get(key, "0").lower()
+        if value not in FLAG_VALUES:
+            raise RequestError(400, f"{key} must be one of {', '.join(FLAG_VALUES)}, got {q[key]!r}")
+        return FLAG_VALUES[value]
 
     return opts, flag("aligned"), fmt, ReferencePolicy(all_faces=flag("reference_all"), force=flag("force_reference"))
 

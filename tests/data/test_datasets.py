@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -177,3 +178,22 @@ def test_build_testset_realistic_mix_grays_targets_and_is_repeatable(face_dir: P
     for i, e in enumerate(colour["images"]):
         np.testing.assert_array_equal(read(tmp_path / "a" / "gt" / e["name"]), face(i))  # colour targets untouched
         np.testing.assert_array_equal(read(tmp_path / "a" / "lq" / e["name"]), read(tmp_path / "b" / "lq" / e["name"]))
+
+
+def test_build_testset_keeps_faces_that_share_a_stem_apart(face_dir: Path, tmp_path: Path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    first, second = sorted(face_dir.iterdir())[:2]
+    shutil.copy(first, src / "a.png")
+    Image.open(second).convert("RGB").save(src / "a.jpg", quality=95)
+    m = build_testset(src, tmp_path / "t", "bfr", seed=0)
+    names = [im["name"] for im in m["images"]]
+    assert names == ["a_jpg.png", "a_png.png"] and [im["source"] for im in m["images"]] == ["a.jpg", "a.png"]
+    assert sorted(p.name for p in (tmp_path / "t" / "gt").iterdir()) == names
+    for bad in ("0", "-1"):
+        with pytest.raises(SystemExit):
+            main(["make-testset", str(src), str(tmp_path / "u"), "--limit", bad])
+    # an output the system refuses (a file where a folder goes) is a one-line error, not a traceback
+    (tmp_path / "file").write_text("x")
+    assert main(["make-testset", str(src), str(tmp_path / "file" / "t")]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("clrface: error:")

@@ -9,9 +9,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from clrface.data.io import ensure_not_input, list_images, load_image, save_image, transparency_and_frames
+from clrface.data.io import (
+    ensure_not_input,
+    image_batches,
+    list_images,
+    load_image,
+    output_names,
+    same_size_runs,
+    save_image,
+    transparency_and_frames,
+)
 from clrface.errors import ClrfaceError, ImageError
 
 
@@ -248,3 +258,29 @@ def test_save_image_never_leaves_a_truncated_file(tmp_path, monkeypatch, failure
     new = np.full((20, 20, 3), 9, np.uint8)
     save_image(target, new)  # written through a temporary name: the pixels are those given
     assert np.array_equal(np.asarray(Image.open(target)), new)
+
+
+def test_output_names_keep_todays_names_and_disambiguate_collisions():
+    assert output_names([Path("in/a.png"), Path("in/b.jpg")]) == ["a", "b"]
+    assert output_names([Path("in/a.png"), Path("in/a.jpg")]) == ["a_png", "a_jpg"]
+    clash = [Path("in/x.jpg"), Path("in/x.png"), Path("in/x_png.jpg")]
+    names = output_names(clash)
+    assert len({n.casefold() for n in names}) == 3
+    assert names[0] == "x_jpg" and names[1].startswith("x_png_") and names[2].startswith("x_png_")
+    # a name depends on the input list only, not on the shard that restores it
+    assert output_names(clash) == names and output_names(clash[::-1]) == names[::-1]
+    assert len({n.casefold() for n in output_names([Path("A.png"), Path("a.jpg")])}) == 2  # case-insensitive disks
+    same_file_name = output_names([Path("one/a.png"), Path("two/a.png")])
+    assert len(set(same_file_name)) == 2
+
+
+def test_image_batches_split_a_folder_of_mixed_sizes_in_order(tmp_path):
+    arrays = [np.zeros((s, s, 3), np.uint8) for s in (8, 8, 4, 8)]
+    assert same_size_runs(arrays) == [slice(0, 2), slice(2, 3), slice(3, 4)] and same_size_runs([]) == []
+    files = []
+    for i, s in enumerate((32, 32, 16, 32)):
+        files.append(tmp_path / f"{i}.png")
+        save_image(files[-1], _rgb(s, s))
+    batches = image_batches(files)
+    assert [tuple(b.shape) for b in batches] == [(2, 3, 32, 32), (1, 3, 16, 16), (1, 3, 32, 32)]
+    assert batches[0].dtype == torch.uint8 and np.array_equal(batches[1][0].permute(1, 2, 0).numpy(), _rgb(16, 16))

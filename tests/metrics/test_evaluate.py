@@ -128,3 +128,30 @@ def test_lfw_verification_protocol(tmp_path):
     assert read_pairs(tmp_path / "pairs.txt")[1] == ("P0", 1, "P1", 2, False)
     v = lfw_verification(tmp_path, tmp_path / "pairs.txt", facerec=_ColourNet())
     assert v["accuracy"] == 1.0 and v["n_pairs"] == 16 and v["n_missing"] == 1 and v["n_images"] == 16
+
+
+def test_folders_may_mix_sizes_between_pairs(folders, tmp_path, capsys):
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    for d in (gt, pred):
+        d.mkdir()
+    for i, f in enumerate(sorted((folders / "gt").iterdir())):
+        size = 128 if i % 2 else 96  # 96, 128, 96: three runs of one size each
+        Image.open(f).convert("RGB").resize((size, size)).save(gt / f"{i}.png")
+        Image.open(f).convert("RGB").resize((size, size)).save(pred / f"{i}.png")
+    res = evaluate_folders(pred, gt, metrics=("psnr", "ids"))
+    assert res["n_pairs"] == 3 and _values(res)["psnr"] == 100.0 and len(res["per_face"]["ids"]) == 3
+    assert res["protocol"]["resolution"] == "96x96 px, 128x128 px"
+    fid = evaluate_folders(pred, None, metrics=("fid",), fid_ref=gt)["rows"][0]  # both sides mix sizes
+    assert fid["n"] == 3 and fid["value"] == pytest.approx(0.0, abs=1e-3)
+    # too few restored faces for FID, a bad number in pairs.txt, a bad --batch-size: one line, exit 1 or 2
+    (tmp_path / "one").mkdir()
+    shutil.copy(gt / "0.png", tmp_path / "one" / "0.png")
+    with pytest.raises(ClrfaceError, match="FID needs at least 2 restored images, found 1"):
+        evaluate_folders(tmp_path / "one", None, metrics=("fid",), fid_ref=gt)
+    (tmp_path / "pairs.txt").write_text("1\t1\nAnn\tone\t2\n")
+    with pytest.raises(ClrfaceError, match="pairs.txt:2: expected image numbers"):
+        read_pairs(tmp_path / "pairs.txt")
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--batch-size", "0"])
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--metrics", " , "]) == 1
+    assert "no metric named" in capsys.readouterr().err

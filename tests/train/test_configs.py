@@ -1,12 +1,14 @@
 """Every configs/*.yaml maps onto the dataclasses of its stage (what ``clrface train`` builds), so a renamed
 field or a typo in a config fails here rather than at the start of a training run."""
 
+import re
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 from clrface.errors import ClrfaceError
+from clrface.train.engine import EngineConfig
 from clrface.train.run import STAGE_SECTIONS, load_config, stage_configs
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
@@ -53,3 +55,31 @@ def test_overrides_read_exponents_without_a_dot_as_numbers(tmp_path):
     assert raw["stage"] == {"lr": 2e-4, "warmup": 5, "disc_lr": 1e-5, "alpha": 1.5}
     assert raw["train"] == {"out_dir": "1e5x", "seed": 3}
     assert isinstance(raw["stage"]["warmup"], int) and isinstance(raw["train"]["seed"], int)
+
+
+def test_bad_values_and_overrides_are_one_line_errors(tmp_path):
+    path = tmp_path / "irn.yaml"
+    path.write_text("train:\n  steps: 10\n  mixed_precision: 'no'\n")
+    cases = {  # override -> what the error says
+        "train.mixed_precision=no": "YAML reads no/yes/on/off as booleans",  # unquoted: a boolean
+        "train.steps=abc": "train.steps: expected int, got 'abc'",
+        "train.steps=1.5": "expected int",
+        "train.steps=-1": "train.steps must be at least 1",
+        "train.batch_size=0": "train.batch_size must be at least 1",
+        "train.mixed_precision=fp8": "choose from auto, no, bf16, fp16",
+        "train.steps=[1": "not valid YAML",
+        "train.steps.x=1": "train.steps is a value, not a section",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ClrfaceError, match=re.escape(message)):
+            stage_configs("irn", load_config(path, [override]))
+    cfg = stage_configs("irn", load_config(path, ["stage.lr=1", "train.mixed_precision='no'"]))
+    assert cfg["stage"].lr == 1 and cfg["train"].mixed_precision == "no"  # an int fills a float field
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ClrfaceError, match="not a config"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "broken.yaml").write_text("train: [1\n")
+    with pytest.raises(ClrfaceError, match="broken.yaml: not valid YAML"):
+        load_config(tmp_path / "broken.yaml")
+    with pytest.raises(ClrfaceError, match="grad_accum must be at least 1"):
+        EngineConfig(grad_accum=0)

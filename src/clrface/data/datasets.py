@@ -18,6 +18,7 @@ from clrface.data.io import (
     ensure_not_input,
     list_images,
     load_image,
+    output_names,
     save_image,
     to_model_range,
     to_uint8,
@@ -172,13 +173,15 @@ def build_testset(
     if not src.is_dir():
         raise ClrfaceError(f"{src}: not a folder")
     files = list_images(src)
-    files = files[:limit] if limit else files
+    if limit is not None and limit < 1:
+        raise ClrfaceError(f"limit must be at least 1, got {limit}")
+    files = files[:limit]
     if not files:
         raise ClrfaceError(f"{src}: no images found")
     cfg0 = get_preset(preset)
     images, failures = [], []
-    for i, f in enumerate(files):
-        name = f.stem + ".png"
+    for i, (f, stem) in enumerate(zip(files, output_names(files))):
+        name = stem + ".png"  # a.jpg beside a.png: a_jpg.png, a_png.png, never one pair over the other
         try:
             gt = _resize_square(load_image(f), size)
             if gt.shape[0] != gt.shape[1]:

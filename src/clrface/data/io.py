@@ -13,9 +13,11 @@ colour that the hidden RGB channels carry under alpha 0.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import warnings
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -242,3 +244,42 @@ def list_images(path: str | os.PathLike, *, recursive: bool = False) -> list[Pat
         and not any(part.startswith(".") for part in f.relative_to(p).parts)
     ]
     return sorted(files)
+
+
+def output_names(inputs: list[Path]) -> list[str]:
+    """The output name of each input, unique (also ignoring case) by construction.
+
+    Its stem, with the extension appended where two inputs share a stem (``x.png``, ``x.jpg`` -> ``x_png``,
+    ``x_jpg``). Where that still collides (``x_png.jpg`` beside those two), each colliding input gets a suffix
+    hashed from its file name, else from its path: the names depend on the list alone, never on which process
+    restores which input, and the names without a collision stay as they are.
+    """
+    stems = Counter(p.stem for p in inputs)
+    base = [p.stem if stems[p.stem] == 1 else f"{p.stem}_{p.suffix.lstrip('.').lower()}" for p in inputs]
+    names = list(base)
+    for key in (lambda i, p: p.name, lambda i, p: p.as_posix(), lambda i, p: f"{i}:{p.as_posix()}"):
+        count = Counter(n.casefold() for n in names)
+        if max(count.values(), default=1) == 1:
+            break
+        names = [n if count[n.casefold()] == 1
+                 else f"{b}_{hashlib.sha1(key(i, p).encode()).hexdigest()[:8]}"
+                 for i, (p, n, b) in enumerate(zip(inputs, names, base))]
+    return names
+
+
+def same_size_runs(arrays: Sequence[np.ndarray]) -> list[slice]:
+    """Slices of consecutive HWC arrays of one height and width: each stacks into one batch, so a folder may
+    mix sizes."""
+    cuts = [i for i in range(1, len(arrays)) if arrays[i].shape[:2] != arrays[i - 1].shape[:2]]
+    return [slice(a, b) for a, b in zip([0, *cuts], [*cuts, len(arrays)])] if len(arrays) else []
+
+
+def stack_images(arrays: Sequence[np.ndarray]) -> torch.Tensor:
+    """uint8 HWC arrays of one size -> uint8 [B,3,H,W]."""
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def image_batches(files: Sequence[str | os.PathLike]) -> list[torch.Tensor]:
+    """Image files -> uint8 [B,3,H,W] batches in file order, one per run of consecutive files of one size."""
+    arrays = [load_image(f) for f in files]
+    return [stack_images(arrays[run]) for run in same_size_runs(arrays)]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from clrface.data.io import list_images, load_image, to_model_range
+from clrface.data.io import image_batches, list_images, load_image, same_size_runs, stack_images, to_model_range
 from clrface.errors import ClrfaceError, ImageError
 from clrface.identity.facerec import load_facerec
 from clrface.metrics import ids, lmd, lpips, psnr_ssim
@@ -165,17 +165,6 @@ def match_files(pred_dir: str | Path, gt_dir: str | Path) -> tuple[list[tuple[Pa
     return [(p[k], g[k]) for k in keys], sorted(set(g) - set(p)), sorted(set(p) - set(g))
 
 
-def _load_batch(paths: Sequence[Path], size: tuple[int, int] | None = None) -> Tensor:
-    arrs = []
-    for f in paths:
-        a = load_image(f)
-        if size is not None and a.shape[:2] != size:
-            raise ImageError(f, f"is {a.shape[1]}x{a.shape[0]}, its counterpart is {size[1]}x{size[0]}; "
-                                "evaluate restored and ground-truth faces at the same size")
-        arrs.append(a)
-    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
-
-
 def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path | None, *, metrics: Sequence[str] = DEFAULT_METRICS,
                      fid_ref: str | Path | None = None, device: str | torch.device = "cpu", batch_size: int = 25,
                      lpips_dir: str | Path | None = None, pairs: str | Path | None = None,
@@ -213,13 +202,19 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path | None, *, metrics
         sizes, per_face = set(), {m: [] for m in meters}
         for i in range(0, len(pairs_), batch_size):
             chunk = pairs_[i:i + batch_size]
-            gt = _load_batch([g for _, g in chunk])
-            pred = _load_batch([p for p, _ in chunk], size=tuple(gt.shape[-2:]))
-            sizes.add(tuple(gt.shape[-2:]))
-            for m, meter in meters.items():
-                t = time.perf_counter()
-                per_face[m] += meter.update(pred, gt).double().flatten().tolist()
-                timing[m] += time.perf_counter() - t
+            gts = [load_image(g) for _, g in chunk]
+            preds = [load_image(p) for p, _ in chunk]
+            for (p, _), a, g in zip(chunk, preds, gts):
+                if a.shape[:2] != g.shape[:2]:
+                    raise ImageError(p, f"is {a.shape[1]}x{a.shape[0]}, its counterpart is {g.shape[1]}x{g.shape[0]}; "
+                                        "evaluate restored and ground-truth faces at the same size")
+            for run in same_size_runs(gts):
+                gt, pred = stack_images(gts[run]), stack_images(preds[run])
+                sizes.add(tuple(gt.shape[-2:]))
+                for m, meter in meters.items():
+                    t = time.perf_counter()
+                    per_face[m] += meter.update(pred, gt).double().flatten().tolist()
+                    timing[m] += time.perf_counter() - t
             if log:
                 log(f"evaluated {min(i + batch_size, len(pairs_))}/{len(pairs_)}")
         size_str = ", ".join(f"{w}x{h} px" for h, w in sorted(sizes))
@@ -273,13 +268,17 @@ def _fid_row(pred_dir, fid_ref, ctx: _Context, log) -> dict:
         ref = folder_stats(fid_ref, ctx.inception, log=log)
         t_ref = time.perf_counter() - t
         files = list_images(pred_dir, recursive=True)
-        meter = FID(ctx.inception)
+        if len(files) < 2:
+            raise ClrfaceError(f"{pred_dir}: FID needs at least 2 restored images, found {len(files)}")
+        meter, sizes = FID(ctx.inception), set()
         t = time.perf_counter()
         for i in range(0, len(files), 64):
-            meter.update(_load_batch(files[i:i + 64]))
+            for batch in image_batches(files[i:i + 64]):
+                meter.update(batch)
+                sizes.add(tuple(batch.shape[-2:]))
         value = meter.compute(ref)
         dt = time.perf_counter() - t
-        size = "x".join(str(s) for s in _load_batch(files[:1]).shape[-2:][::-1]) + " px"
+        size = ", ".join(f"{w}x{h} px" for h, w in sorted(sizes))
         row.update(value=value, n=meter.n, status="ok", seconds=dt, s_per_100=100 * dt / max(meter.n, 1),
                    ref_seconds=t_ref, protocol=_protocols(size, fid_ref=f"{fid_ref} (n={ref['n']})")["fid"]
                    + ("; biased: < 2,000 images" if min(meter.n, ref["n"]) < 2000 else ""))
@@ -303,12 +302,15 @@ def read_pairs(pairs_file: str | Path) -> list[tuple[str, int, str, int, bool]]:
         raise ClrfaceError(f"{pairs_file}: cannot read ({e.strerror})") from None
     for ln, line in enumerate(lines[1:], 2):
         f = line.split()
-        if len(f) == 3:
-            out.append((f[0], int(f[1]), f[0], int(f[2]), True))
-        elif len(f) == 4:
-            out.append((f[0], int(f[1]), f[2], int(f[3]), False))
-        elif f:
+        if f and len(f) not in (3, 4):
             raise ClrfaceError(f"{pairs_file}:{ln}: expected 3 or 4 fields, got {len(f)}")
+        try:
+            if len(f) == 3:
+                out.append((f[0], int(f[1]), f[0], int(f[2]), True))
+            elif len(f) == 4:
+                out.append((f[0], int(f[1]), f[2], int(f[3]), False))
+        except ValueError:
+            raise ClrfaceError(f"{pairs_file}:{ln}: expected image numbers, got {line.strip()!r}") from None
     return out
 
 
@@ -340,9 +342,11 @@ def lfw_verification(folder: str | Path, pairs_file: str | Path, *, facerec=None
     emb: dict[str, Tensor] = {}
     for i in range(0, len(need), batch_size):
         ks = need[i:i + batch_size]
-        x = to_model_range(_load_batch([index[k] for k in ks]), channels_last=False).to(prm.device, prm.dtype)
-        for k, e in zip(ks, facerec.embed(x).double().cpu()):
-            emb[k] = e
+        arrays = [load_image(index[k]) for k in ks]
+        for run in same_size_runs(arrays):
+            x = to_model_range(stack_images(arrays[run]), channels_last=False).to(prm.device, prm.dtype)
+            for k, e in zip(ks[run], facerec.embed(x).double().cpu()):
+                emb[k] = e
         if log:
             log(f"verification: embedded {min(i + batch_size, len(need))}/{len(need)}")
     sims = torch.stack([(emb[key(a, i)] * emb[key(b, j)]).sum() for a, i, b, j, _ in keep])

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clrface.data.io import cache_root, list_images, load_image, to_uint8
+from clrface.data.io import cache_root, image_batches, list_images, to_uint8
 from clrface.errors import ClrfaceError
 from clrface.metrics.lpips import MetricUnavailable
 
@@ -160,17 +160,12 @@ def _folder_key(files: Sequence[Path], root: Path, weights: Path) -> str:
     return h.hexdigest()[:20]
 
 
-def load_images(files: Sequence[Path]) -> Tensor:
-    """uint8 [N,3,H,W] of image files of one size."""
-    return torch.from_numpy(np.stack([load_image(f) for f in files])).permute(0, 3, 1, 2)
-
-
 def folder_stats(folder: str | Path, model: torch.nn.Module | None = None, *, weights: str | Path | None = None,
                  cache: bool = True, cache_dir: str | Path | None = None, recursive: bool = True,
                  chunk: int = 256, log: Callable[[str], None] | None = None) -> dict:
     """{"mu", "sigma", "n", "path"} of a folder of images (recursive), cached as .npz; or a stats ``.npz`` as is.
 
-    Images of one folder must share one size (they are stacked per chunk).
+    Images may differ in size (each is resized to Inception's input).
     """
 
     p = Path(folder)
@@ -188,7 +183,7 @@ def folder_stats(folder: str | Path, model: torch.nn.Module | None = None, *, we
     model = model if model is not None else load_inception(wpath)
     feats = []
     for i in range(0, len(files), chunk):
-        feats.append(inception_features(model, load_images(files[i:i + chunk])))
+        feats += [inception_features(model, batch) for batch in image_batches(files[i:i + chunk])]
         if log:
             log(f"FID features {min(i + chunk, len(files))}/{len(files)} of {p}")
     mu, sigma = feature_stats(np.concatenate(feats, 0))

@@ -26,6 +26,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from clrface.device import native_bf16
+from clrface.errors import ClrfaceError
+
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,14 @@ class EngineConfig:
     seed: int = 0
     threads: int = 0  # torch threads per process; 0 keeps torch's default
     max_minutes: float = 0.0  # checkpoint and stop after this much wall time (0: no limit)
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, key) < 1:
+                raise ClrfaceError(f"train.{key} must be at least 1, got {getattr(self, key)}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ClrfaceError(f"train.mixed_precision {self.mixed_precision!r}: choose from "
+                               f"{', '.join(MIXED_PRECISION)}")
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -39,27 +40,57 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ClrfaceError(f"{path}: config file not found")
-    cfg = yaml.load(path.read_text(), _Loader) or {}
+    cfg = _yaml(path.read_text(), str(path)) or {}
+    if not isinstance(cfg, dict):
+        raise ClrfaceError(f"{path}: not a config (expected sections of KEY: VALUE, got a {type(cfg).__name__})")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise ClrfaceError(f"--set {item}: expected KEY=VALUE")
         node = cfg
         *parents, leaf = key.split(".")
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
-        node[leaf] = yaml.load(value, _Loader)
+            if not isinstance(node, dict):
+                raise ClrfaceError(f"--set {item}: {'.'.join(parents[:i + 1])} is a value, not a section")
+        node[leaf] = _yaml(value, f"--set {item}")
     return cfg
+
+
+def _yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.load(text, _Loader)
+    except yaml.YAMLError as e:
+        raise ClrfaceError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
 
 
 def build(cls: type, section: dict[str, Any] | None, name: str) -> Any:
     """A config dataclass from a YAML section; unknown keys raise (typos must not pass silently)."""
     section = section or {}
+    if not isinstance(section, dict):
+        raise ClrfaceError(f"config section '{name}': expected KEY: VALUE pairs, got {section!r}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(section) - known)
     if unknown:
         raise ClrfaceError(f"config section '{name}': unknown keys {unknown} for {cls.__name__}")
+    hints = typing.get_type_hints(cls)
+    for key, value in section.items():
+        check_value(f"{name}.{key}", value, hints[key])
     return cls(**section)
+
+
+def check_value(key: str, value: Any, hint: Any) -> None:
+    """Raises ClrfaceError when a config value cannot be of a plain field type (str, int, float, bool); other
+    types (lists, unions) are left to the dataclass."""
+    if hint not in (str, int, float, bool):
+        return
+    if hint is bool or hint is str:
+        ok = isinstance(value, hint)
+    else:  # an int fills a float field too; a bool is no number here
+        ok = isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    if not ok:
+        why = " (YAML reads no/yes/on/off as booleans: quote it, KEY='no')" if isinstance(value, bool) else ""
+        raise ClrfaceError(f"config {key}: expected {hint.__name__}, got {value!r}{why}")
 
 
 # The config dataclass of every YAML section a stage reads ("train" -> EngineConfig for all stages). The prior's
