@@ -44,6 +44,9 @@ def test_api_accepts_paths_and_pil_and_takes_overrides(tmp_path):
     assert from_path.sampling["nfe"] == 0
     up = r.restore(crop, aligned=True, upscale=2, mode="direct")
     assert up.image.shape == (256, 256, 3)
+    assert not up.warnings
+    wide = r.restore(crop[16:112], aligned=True, mode="direct")  # 128x96: stretched to a square
+    assert wide.image.shape == (96, 128, 3) and "128x96, not square" in wide.warnings[0]
     for bad in (np.zeros((0, 0, 3), np.uint8), crop[..., 0], crop.astype(np.float32)):
         with pytest.raises(ClrfaceError, match=r"a photo to restore is uint8 \[H, W, 3\] with H, W > 0"):
             r.restore(bad)

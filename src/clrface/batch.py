@@ -162,11 +162,6 @@ def restore_input(path: Path, name: str, out: Path, restorer: Restorer, options:
     photo = load_image(path)
     res = restore_photo(restorer, photo, options, aligned=aligned, keep_detail=keep_detail, reference=reference,
                         reference_policy=reference_policy)
-    h, w = photo.shape[:2]
-    if aligned and h != w:  # the model sees square crops: a non-square one is stretched to a square
-        res.warnings.insert(0, f"--aligned: the crop is {w}x{h}, not square; it was resized to a square, so the "
-                               "face is distorted (crop it square, or restore without --aligned)")
-
     alpha, frames = transparency_and_frames(path)
     if frames > 1:
         res.warnings.append(f"an animated image: only the first of its {frames} frames was restored")

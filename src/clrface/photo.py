@@ -180,7 +180,10 @@ def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions
         face = FaceResult(crop, crops_out, np.array([0.0, 0.0, w, h]), affine,
                           out.id_vs_irn[0].tolist(), out.id_vs_input[0].tolist(), detail,
                           with_result(refs[0], out, 0))
-        return RestoreResult(images, [face], warnings=ref_warnings, sampling=out.sampling.as_dict())
+        # the model sees square crops: a non-square one was stretched to a square
+        shape = [] if w == h else [f"aligned: the crop is {w}x{h}, not square; it was resized to a square, so the "
+                                   "face is distorted (crop it square, or restore it as a photo, not aligned)"]
+        return RestoreResult(images, [face], warnings=shape + ref_warnings, sampling=out.sampling.as_dict())
     # bicubic warp + bicubic paste: the round trip keeps > 47 dB on every real_lq photo (docs/RESULTS.md)
     found = align_faces(img, s, max_faces=o.max_faces, resample="bicubic")
     base = restorer.background(img, u)
