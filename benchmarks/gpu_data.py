@@ -1,10 +1,10 @@
-"""Packs what a GPU training session needs into .gpu/ (git-ignored; it travels with the repository to a machine
-that has no ../shared and no dlib models), sized to a byte budget:
+"""Packs what a GPU training session needs into .gpu/ (git-ignored; it is copied with the repository to a GPU
+machine that has neither the data folder nor the dlib models), sized to a byte budget:
 
     .gpu/faces.zip           train/*.webp: training faces, evenly spread over the given folders, re-encoded as WebP
                              (quality 85: ~2.2 KB and ~39 dB to the 128-px JPEG originals); val/*.jpg: the first
-                             --val faces of the validation folder. One stored (uncompressed) zip, since a transfer
-                             that counts disk blocks charges thousands of small files ~4 KB each;
+                             --val faces of the validation folder. One stored (uncompressed) zip: thousands of small
+                             files cost ~4 KB of disk each and copy slowly;
                              benchmarks/gpu_session.sh unpacks it into .gpu/data/
     .gpu/cache/facerec/      the dlib face-recognition ResNet, fp16, in the cache layout of identity/facerec.py
 

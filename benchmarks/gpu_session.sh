@@ -14,7 +14,7 @@
 #             weights 1.5 and 4 against the detail the decoder still loses (val lapvar_ratio)
 #   decoder-tex, decoder-tex-hi  the same decoder fine-tune with the local Laplacian energy term
 #             (stage.detail_energy_weight 2 and 6), which pays for texture of the right strength
-#   distill   the one-step prior distilled from TEACHER (a model folder, e.g. made by clrface pack and carried)
+#   distill   the one-step prior distilled from TEACHER (a model folder, e.g. made by clrface pack and copied along)
 # Inputs sit in .gpu/ (git-ignored; made by benchmarks/gpu_data.py): a zip of training faces and 64 validation
 # faces, unpacked first, and the face-recognition network's fp16 cache. Every run gets SIGTERM at the deadline,
 # checkpoints and exports; results land in $OUT: log.txt and one tar per run (model/ in fp16 as shipped, log.csv,

@@ -36,7 +36,7 @@ def native_bf16(device: torch.device, flags: frozenset[str] | None = None) -> bo
 
 def auto_dtype(device: torch.device, flags: frozenset[str] | None = None) -> str:
     """The compute precision ``--dtype auto`` picks: bfloat16 on a CPU with native bf16 (AMX or AVX512-BF16),
-    where it measured 1.25-3.4x faster at equal quality (docs/RESULTS.md, "Cheap speed-ups"); else float32
+    where it measured 1.25-3.4x faster at equal quality (docs/RESULTS.md, "CPU, speed-ups one at a time"); else float32
     (emulated bf16 is slower; on an H200 bf16 autocast was slower for one face and at most 1.25x faster per face
     in batches of 16: docs/RESULTS.md)."""
     if device.type == "cpu" and native_bf16(device, flags):

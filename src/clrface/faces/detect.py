@@ -63,7 +63,7 @@ MERGE_COVER = 0.7
 #: one core), the CNN looks too: it also finds faces turned or tilted beyond HOG's frontal model.
 CNN_FALLBACK_PIXELS = 250_000
 #: HOG boxes scoring below this are shown to the MMOD CNN, on a crop around the box scaled so the box is
-#: CONFIRM_BOX px wide, and kept only where it finds a face too. Real faces score higher: the 28 faces of the
+#: CONFIRM_BOX px wide, and kept only where it finds a face too. Real faces score higher: the 24 faces of the
 #: ten real_lq photos 0.52-2.95; the round mission patch on the astronaut portrait's suit 0.004-0.12.
 CONFIRM_SCORE = 0.3
 CONFIRM_BOX = 100.0
