@@ -97,18 +97,15 @@ def checkpoint_kind(folder: str | Path) -> str:
         raise CheckpointError(f"{folder / 'config.json'}: unreadable config ({e})") from None
 
 
-def convert_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16,
-                       kind: str | None = None) -> Path:
+def convert_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16) -> Path:
     """Copies a checkpoint folder with its float tensors cast to ``dtype`` (fp16 to ship: half the size;
-    loading casts back to the model's dtype). ``kind``: the kind it must be, checked before anything is written."""
+    loading casts back to the model's dtype)."""
     src, dst = Path(src), Path(dst)
-    found = checkpoint_kind(src)
-    if kind is not None and found != kind:
-        raise CheckpointError(f"{src}: is a '{found}' checkpoint, expected '{kind}'")
+    kind = checkpoint_kind(src)
     meta = json.loads((src / "config.json").read_text())
     state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
              for k, v in load_file(str(src / "model.safetensors")).items()}
     dst.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(dst / "model.safetensors"), metadata={"kind": found})
+    save_file(state, str(dst / "model.safetensors"), metadata={"kind": kind})
     (dst / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     return dst

@@ -407,7 +407,7 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
             spec = {**spec, "base": args.base} if args.base else spec
             (out / "restore.json").write_text(json.dumps(spec, indent=1) + "\n")
         for stage, src in stages.items():
-            dst = convert_checkpoint(src, out / stage, getattr(torch, args.dtype), kind=stage)
+            dst = convert_checkpoint(src, out / stage, getattr(torch, args.dtype))
             size = (dst / "model.safetensors").stat().st_size / 2**20
             print(f"{stage}: {src} -> {dst} ({size:.1f} MiB)")
         return 0

@@ -168,11 +168,18 @@ def export_graph(module: nn.Module, args: tuple[Tensor, ...], path: Path, inputs
     return path
 
 
+def _onnx() -> Any:
+    """The onnx package, or None: it is an optional dependency (the legacy exporter runs without it)."""
+    try:
+        import onnx  # noqa: PLC0415
+    except ImportError:
+        return None
+    return onnx
+
+
 def graph_opset(path: Path) -> int | None:
     """The default-domain opset of a written .onnx file (None without the onnx package to read it)."""
-    try:
-        import onnx  # noqa: PLC0415  optional dependency
-    except ImportError:
+    if (onnx := _onnx()) is None:
         return None
     model = onnx.load(str(path), load_external_data=False)
     return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
@@ -212,12 +219,9 @@ class _NoFacerec(nn.Module):
 
 
 def max_opset() -> int:
-    """The newest ONNX opset the installed onnx package defines (18 without it: the legacy exporter's own)."""
-    try:
-        import onnx  # noqa: PLC0415  optional dependency
-    except ImportError:
-        return OPSET
-    return int(onnx.defs.onnx_opset_version())
+    """The newest ONNX opset the installed onnx package defines (the default opset without the package)."""
+    onnx = _onnx()
+    return OPSET if onnx is None else int(onnx.defs.onnx_opset_version())
 
 
 def export_restorer(restorer: Restorer, out_dir: str | Path, *, opset: int = OPSET, dynamo: bool = True) -> Path:

@@ -4,8 +4,8 @@ A model folder holds ``vqgan/`` and ``prior/`` checkpoints (required), ``irn/`` 
 ``restore.json`` (optional: ``fidelity_map``, measured-best ``defaults``, and ``base``, an installed model that
 supplies the stages the folder lacks and the settings it leaves out, so a fine-tuned model ships only what it
 changed: an IRN packed onto ``default`` restores with the default's measured-best settings; a base may have a base
-of its own). The nets are loaded
-here and nowhere else; the :class:`clrface.restorer.Restorer` and the distillation stage both start from it.
+of its own). The nets are loaded here and nowhere else; the :class:`clrface.restorer.Restorer` and the
+distillation stage both start from it.
 """
 
 from __future__ import annotations

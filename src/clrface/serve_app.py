@@ -162,7 +162,7 @@ def parse_options(query: str, restorer: Restorer, limits: ServeLimits, reference
     def flag(key: str) -> bool:
         value = q.get(key, "0").lower()
         if value not in FLAG_VALUES:
-            raise RequestError(400, f"{key} must be one of {', '.join(FLAG_VALUES)}, got {q[key]!r}")
+            raise RequestError(400, f"{key} must be one of {', '.join(filter(None, FLAG_VALUES))}, got {q[key]!r}")
         return FLAG_VALUES[value]
 
     return opts, flag("aligned"), fmt, ReferencePolicy(all_faces=flag("reference_all"), force=flag("force_reference"))
