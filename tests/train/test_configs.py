@@ -1,7 +1,10 @@
 """Every configs/*.yaml maps onto the dataclasses of its stage (what ``clrface train`` builds), so a renamed
 field or a typo in a config fails here rather than at the start of a training run."""
 
+import os
 import re
+import shlex
+import subprocess
 from dataclasses import asdict
 from pathlib import Path
 
@@ -11,7 +14,8 @@ from clrface.errors import ClrfaceError
 from clrface.train.engine import EngineConfig
 from clrface.train.run import STAGE_SECTIONS, load_config, stage_configs
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 def stage_of(path: Path) -> str:
@@ -83,3 +87,18 @@ def test_bad_values_and_overrides_are_one_line_errors(tmp_path):
         load_config(tmp_path / "broken.yaml")
     with pytest.raises(ClrfaceError, match="grad_accum must be at least 1"):
         EngineConfig(grad_accum=0)
+
+
+def test_every_run_of_the_gpu_script_builds_its_configs():
+    """benchmarks/gpu_session.sh's runs with their --set overrides map onto the dataclasses: a renamed key or a
+    value of the wrong type fails here, not on a GPU machine."""
+    text = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
+    block = re.search(r"^data=.*?^\)$", text, re.S | re.M).group(0)
+    listing = block + '\nfor r in "${!ARGS[@]}"; do printf "%s\\t%s %s\\0" "$r" "${ARGS[$r]}" "$data"; done'
+    out = subprocess.run(["bash", "-c", listing], capture_output=True, text=True, check=True,
+                         env={"PATH": os.environ["PATH"], "TEACHER": "runs/pack-teacher"}).stdout
+    runs = dict(item.split("\t", 1) for item in out.split("\0") if item)
+    assert {"irn", "irn-l", "extreme", "prior-st", "decoder-tex-hi", "distill"} <= set(runs)
+    for args in map(shlex.split, runs.values()):
+        overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+        stage_configs(args[0], load_config(ROOT / args[args.index("--config") + 1], overrides))
