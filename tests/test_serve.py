@@ -131,6 +131,8 @@ def test_page_and_info(server):
     assert hdr["Server"] == "clrface"  # no Python version
     assert 'id="maxeval"' in page and "max_evaluations" in page
     assert request(server, "GET", "/nope")[0] == 404
+    st, hdr, body = request(server, "GET", "/api/restore")  # the endpoint exists, for POST only
+    assert st == 405 and hdr["Allow"] == "POST" and "POST" in json.loads(body)["error"]
 
 
 def test_restores_demo_photo(demo_upload, server):

@@ -199,6 +199,9 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, "text/html; charset=utf-8", PAGE.encode(), {"Content-Security-Policy": csp})
         elif path == "/api/info":
             self._send(200, "application/json", json.dumps(self.server.app.info()).encode())
+        elif path == "/api/restore":
+            self._send(405, "application/json", json.dumps({"error": "method not allowed: POST the photo to "
+                                                                      "/api/restore"}).encode(), {"Allow": "POST"})
         else:
             self._error(404, f"no such page: {path}")
 
