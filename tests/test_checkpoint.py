@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from clrface.checkpoint import load_weights, read_config, save_checkpoint
+from clrface.checkpoint import checkpoint_kind, load_weights, read_config, save_checkpoint
 from clrface.errors import CheckpointError
 from clrface.vqgan.model import VQGAN, VQGANConfig
 
@@ -37,3 +37,13 @@ def test_wrong_kind_wrong_shape_and_missing_raise(tmp_path):
     (tmp_path / "a/config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="does not match"):
         read_config(tmp_path / "a", "vqgan", VQGANConfig)
+
+
+def test_checkpoint_kind_reads_the_kind_or_says_why_not(tmp_path):
+    save_checkpoint(tmp_path / "a", VQGAN(TINY), TINY, "vqgan")
+    assert checkpoint_kind(tmp_path / "a") == "vqgan"
+    with pytest.raises(CheckpointError, match="not a checkpoint folder"):
+        checkpoint_kind(tmp_path)
+    (tmp_path / "a/config.json").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(CheckpointError, match="unreadable config"):
+        checkpoint_kind(tmp_path / "a")

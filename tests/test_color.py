@@ -114,3 +114,7 @@ def test_pack_checks_everything_before_writing_and_a_base_may_have_a_base(tmp_pa
     (weights / "mid" / "restore.json").write_text(json.dumps({"base": "mid"}))
     with pytest.raises(CheckpointError, match="leads back"):
         Restorer.from_pretrained("mid", facerec=restorer.facerec)
+    assert main(["pack", "--base", "mid", "--irn", str(model_dir / "irn"), "-o", str(refused)]) == 1  # at pack time
+    (weights / "mid" / "restore.json").write_text("{}")  # now a base of a mask alone
+    assert main(["pack", "--base", "mid", "--irn", str(model_dir / "irn"), "-o", str(refused)]) == 1
+    assert "supplies no vqgan/ and prior/" in capsys.readouterr().err and not refused.exists()

@@ -93,7 +93,7 @@ def checkpoint_kind(folder: str | Path) -> str:
         raise CheckpointError(f"{folder}: not a checkpoint folder (needs config.json and model.safetensors)")
     try:
         return str(json.loads((folder / "config.json").read_text()).get("kind"))
-    except (json.JSONDecodeError, AttributeError) as e:
+    except (ValueError, AttributeError) as e:  # not JSON, not text, or not an object
         raise CheckpointError(f"{folder / 'config.json'}: unreadable config ({e})") from None
 
 

@@ -383,7 +383,7 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
         import torch
 
         from clrface.checkpoint import checkpoint_kind, convert_checkpoint
-        from clrface.model_folder import read_spec, resolve_model
+        from clrface.model_folder import base_chain, read_spec, resolve_model
 
         stages = {stage: getattr(args, stage) for stage in PACK_STAGES if getattr(args, stage)}
         if not args.base and not ("vqgan" in stages and "prior" in stages):
@@ -393,7 +393,11 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
             raise ClrfaceError(f"{out}: exists and is not a folder")
         # all checks before the first write: a refused pack leaves no half-made model folder behind
         if args.base:
-            resolve_model(args.base)
+            chain = base_chain(resolve_model(args.base))
+            lacking = [s for s in ("vqgan", "prior") if s not in stages and not any((f / s).is_dir() for f, _ in chain)]
+            if lacking:
+                raise ClrfaceError(f"--base {args.base}: supplies no {' and '.join(s + '/' for s in lacking)}; "
+                                   f"give --{lacking[0]}")
         for stage, src in stages.items():
             if (kind := checkpoint_kind(src)) != stage:
                 raise ClrfaceError(f"--{stage} {src}: is a '{kind}' checkpoint, expected '{stage}'")
@@ -402,14 +406,14 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
             raise ClrfaceError(f"{out}: holds {', '.join(s + '/' for s in stale)} from an earlier pack, which this "
                                f"one would not replace; remove it or give --{stale[0]}")
         spec = {k: v for k, v in read_spec(out).items() if k != "base"}  # the settings a user wrote stay
-        if args.base or (out / "restore.json").is_file():
-            out.mkdir(parents=True, exist_ok=True)
-            spec = {**spec, "base": args.base} if args.base else spec
-            (out / "restore.json").write_text(json.dumps(spec, indent=1) + "\n")
         for stage, src in stages.items():
             dst = convert_checkpoint(src, out / stage, getattr(torch, args.dtype))
             size = (dst / "model.safetensors").stat().st_size / 2**20
             print(f"{stage}: {src} -> {dst} ({size:.1f} MiB)")
+        if args.base or (out / "restore.json").is_file():  # last: a pack that failed midway names no base
+            out.mkdir(parents=True, exist_ok=True)
+            spec = {**spec, "base": args.base} if args.base else spec
+            (out / "restore.json").write_text(json.dumps(spec, indent=1) + "\n")
         return 0
 
     p.set_defaults(func=run)
@@ -469,7 +473,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                     "guidance needs autograd and stays torch-only.")
     o.add_argument("--model", default="default", help="model folder or installed model name (default: %(default)s)")
     o.add_argument("-o", "--output", required=True, help="output folder")
-    o.add_argument("--opset", type=int, default=18, help="ONNX opset, >= 17 (default %(default)s)")
+    o.add_argument("--opset", type=int, default=18,
+                   help="ONNX opset, from 17 to the newest the installed onnx package defines (default %(default)s)")
     o.add_argument("--torchscript", action="store_true",
                    help="use torch's legacy TorchScript exporter (deprecated; faster, needs no onnxscript)")
 

@@ -218,17 +218,19 @@ class _NoFacerec(nn.Module):
         raise RuntimeError("export has no face recogniser")
 
 
-def max_opset() -> int:
-    """The newest ONNX opset the installed onnx package defines (the default opset without the package)."""
+def max_opset() -> int | None:
+    """The newest ONNX opset the installed onnx package defines (None without the package: the exporter says)."""
     onnx = _onnx()
-    return OPSET if onnx is None else int(onnx.defs.onnx_opset_version())
+    return None if onnx is None else int(onnx.defs.onnx_opset_version())
 
 
 def export_restorer(restorer: Restorer, out_dir: str | Path, *, opset: int = OPSET, dynamo: bool = True) -> Path:
     """Writes the graphs of a loaded :class:`clrface.restorer.Restorer` (fp32 weights on the CPU) and
     ``runtime.json`` into ``out_dir``; returns the path of ``runtime.json``."""
-    if not 17 <= opset <= max_opset():
-        raise ClrfaceError(f"opset must be between 17 and {max_opset()} (the newest this onnx knows), got {opset}")
+    newest = max_opset()
+    if opset < 17 or (newest is not None and opset > newest):
+        raise ClrfaceError(f"opset must be between 17 and {newest} (the newest this onnx knows), got {opset}"
+                           if newest is not None else f"opset must be >= 17, got {opset}")
     if restorer.device.type != "cpu" or next(restorer.vqgan.parameters()).dtype != torch.float32:
         raise ClrfaceError(f"export needs a Restorer with fp32 weights on the CPU, got {restorer.device}")
     out = Path(out_dir)

@@ -87,6 +87,11 @@ def test_bad_values_and_overrides_are_one_line_errors(tmp_path):
         load_config(tmp_path / "broken.yaml")
     with pytest.raises(ClrfaceError, match="grad_accum must be at least 1"):
         EngineConfig(grad_accum=0)
+    with pytest.raises(ClrfaceError, match="ckpt_every must be at least 1"):
+        EngineConfig(ckpt_every=0)  # a division by it, late in the run
+    assert stage_configs("irn", load_config(path, ["train.steps=1e5"]))["train"].steps == 100_000
+    (tmp_path / "empty.yaml").write_text("train:\nstage:\n")  # empty sections take overrides like absent ones
+    assert stage_configs("irn", load_config(tmp_path / "empty.yaml", ["train.steps=5"]))["train"].steps == 5
 
 
 def test_every_run_of_the_gpu_script_builds_its_configs():

@@ -51,9 +51,10 @@ class EngineConfig:
     max_minutes: float = 0.0  # checkpoint and stop after this much wall time (0: no limit)
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "grad_accum"):
-            if getattr(self, key) < 1:
-                raise ClrfaceError(f"train.{key} must be at least 1, got {getattr(self, key)}")
+        for key, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("log_every", 1), ("ckpt_every", 1),
+                         ("val_every", 0), ("threads", 0), ("max_minutes", 0)):
+            if getattr(self, key) < low:
+                raise ClrfaceError(f"train.{key} must be at least {low}, got {getattr(self, key)}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ClrfaceError(f"train.mixed_precision {self.mixed_precision!r}: choose from "
                                f"{', '.join(MIXED_PRECISION)}")

@@ -50,7 +50,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
         node = cfg
         *parents, leaf = key.split(".")
         for i, p in enumerate(parents):
-            node = node.setdefault(p, {})
+            if node.get(p) is None:  # absent, or an empty section in the file
+                node[p] = {}
+            node = node[p]
             if not isinstance(node, dict):
                 raise ClrfaceError(f"--set {item}: {'.'.join(parents[:i + 1])} is a value, not a section")
         node[leaf] = _yaml(value, f"--set {item}")
@@ -75,7 +77,9 @@ def build(cls: type, section: dict[str, Any] | None, name: str) -> Any:
         raise ClrfaceError(f"config section '{name}': unknown keys {unknown} for {cls.__name__}")
     hints = typing.get_type_hints(cls)
     for key, value in section.items():
-        check_value(f"{name}.{key}", value, hints[key])
+        if hints[key] is int and isinstance(value, float) and value.is_integer():
+            section = {**section, key: int(value)}  # steps: 1e5
+        check_value(f"{name}.{key}", section[key], hints[key])
     return cls(**section)
 
 
