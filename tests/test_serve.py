@@ -326,6 +326,9 @@ def test_cli_defaults_and_busy_port(restorer, server):
     assert (args.host, args.port, args.model, args.max_upload_mb) == ("127.0.0.1", 7860, "default", 20.0)
     with pytest.raises(ClrfaceError, match="cannot listen"):
         make_server(restorer, "127.0.0.1", server.server_address[1])
+    for port in ("70000", "-1"):  # refused when parsed, before the model loads
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "--port", port])
 
 
 def test_work_per_request_is_bounded(restorer, small_server, four_faces, demo_upload, monkeypatch):

@@ -429,7 +429,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default %(default)s: this machine only; 0.0.0.0 exposes it, "
                         "without authentication)")
-    p.add_argument("--port", type=int, default=7860, help="TCP port (default %(default)s; 0: any free port)")
+    p.add_argument("--port", type=int_at_least(0, at_most=65535), default=7860,
+                   help="TCP port (default %(default)s; 0: any free port)")
     p.add_argument("--model", default="default", help="model folder or installed model name (default: %(default)s)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"], help="torch device (default cpu)")
     p.add_argument("--threads", type=int, default=None, metavar="N",

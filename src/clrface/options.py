@@ -184,8 +184,8 @@ def finite_float(text: str) -> float:
     return value
 
 
-def int_at_least(low: int) -> Callable[[str], int]:
-    """argparse ``type=`` for counts and sizes: an integer >= ``low``."""
+def int_at_least(low: int, at_most: int | None = None) -> Callable[[str], int]:
+    """argparse ``type=`` for counts, sizes and ports: an integer >= ``low`` (and <= ``at_most``)."""
 
     def parse(text: str) -> int:
         try:
@@ -194,6 +194,8 @@ def int_at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if at_most is not None and value > at_most:
+            raise argparse.ArgumentTypeError(f"must be <= {at_most}, got {value}")
         return value
 
     return parse
