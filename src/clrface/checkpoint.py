@@ -43,16 +43,25 @@ def save_checkpoint(
     return folder
 
 
-def read_config(folder: str | Path, kind: str, config_cls: type[C]) -> tuple[C, dict[str, Any]]:
-    """Reads ``config.json``; raises CheckpointError when it is missing or of another kind."""
-    folder = Path(folder)
+def read_meta(folder: Path) -> dict[str, Any]:
+    """A checkpoint folder's ``config.json`` as a dict; CheckpointError when it is missing or unreadable."""
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder}: not a checkpoint folder (no config.json)")
     try:
         meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # not JSON, or not text
         raise CheckpointError(f"{path}: unreadable config ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: unreadable config (not a JSON object)")
+    return meta
+
+
+def read_config(folder: str | Path, kind: str, config_cls: type[C]) -> tuple[C, dict[str, Any]]:
+    """Reads ``config.json``; raises CheckpointError when it is missing or of another kind."""
+    folder = Path(folder)
+    path = folder / "config.json"
+    meta = read_meta(folder)
     if meta.get("kind") != kind:
         raise CheckpointError(f"{folder}: is a '{meta.get('kind')}' checkpoint, expected '{kind}'")
     try:
@@ -88,24 +97,23 @@ def load_weights(folder: str | Path, model: nn.Module, *, strict: bool = True) -
 def checkpoint_kind(folder: str | Path) -> str:
     """The kind recorded in a checkpoint folder's config.json ("vqgan", "prior", "irn", ...); raises
     CheckpointError when the folder is not a checkpoint."""
-    folder = Path(folder)
-    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
-        raise CheckpointError(f"{folder}: not a checkpoint folder (needs config.json and model.safetensors)")
-    try:
-        return str(json.loads((folder / "config.json").read_text()).get("kind"))
-    except (ValueError, AttributeError) as e:  # not JSON, not text, or not an object
-        raise CheckpointError(f"{folder / 'config.json'}: unreadable config ({e})") from None
+    return str(_checkpoint_meta(Path(folder)).get("kind"))
+
+
+def _checkpoint_meta(folder: Path) -> dict[str, Any]:
+    if not (folder / "model.safetensors").is_file():
+        raise CheckpointError(f"{folder}: not a checkpoint folder (no model.safetensors)")
+    return read_meta(folder)
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16) -> Path:
     """Copies a checkpoint folder with its float tensors cast to ``dtype`` (fp16 to ship: half the size;
     loading casts back to the model's dtype)."""
     src, dst = Path(src), Path(dst)
-    kind = checkpoint_kind(src)
-    meta = json.loads((src / "config.json").read_text())
+    meta = _checkpoint_meta(src)
     state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
              for k, v in load_file(str(src / "model.safetensors")).items()}
     dst.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(dst / "model.safetensors"), metadata={"kind": kind})
+    save_file(state, str(dst / "model.safetensors"), metadata={"kind": str(meta.get("kind"))})
     (dst / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     return dst
