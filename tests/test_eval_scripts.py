@@ -49,8 +49,10 @@ def test_parse_row_and_runs():
     assert parse_row("a=b=irn") == ("a=b", {"mode": "irn"})  # the name may hold '='
     opts, mask = row_options(parse_row("x=full:mask=off,sigma_start=none,sampler=euler")[1], batch_size=3)
     assert (opts.mode, opts.sigma_start, opts.sampler, opts.batch_size, mask) == ("full", None, "euler", 3, False)
-    for bad in ("nomode", "x=fancy", "x=full:steps", "x=full:colour=1", "x=full:fidelity=2"):
-        with pytest.raises(ClrfaceError):
+    for bad, msg in (("nomode", "expected NAME=MODE"), ("x=fancy", "expected NAME=MODE"),
+                     ("x=full:steps", "not key=val"), ("x=full:colour=1", "unknown RestoreOptions field"),
+                     ("x=full:fidelity=2", "fidelity must be")):
+        with pytest.raises(ClrfaceError, match=msg):
             parse_row(bad)
     assert consecutive_runs([0, 1, 2, 5, 6, 9], 2) == [(0, 2), (2, 1), (3, 2), (5, 1)]
     assert slug("full model / f=0.8") == "full_model_f=0.8"

@@ -43,8 +43,9 @@ def test_fidelity_mapping_end_points_and_monotone():
     sig = [RestoreOptions(fidelity=f).resolve(fm) for f in np.linspace(0, 1, 6)]
     assert all(a[0] > b[0] and a[1] < b[1] for a, b in zip(sig, sig[1:]))
     assert RestoreOptions(fidelity=0.3, sigma_start=0.2, guidance_scale=3.0).resolve(fm) == (0.2, 3.0)
-    for bad in ({"fidelity": 1.5}, {"sampler": "ddim"}, {"mode": "x"}, {"upscale": 0}, {"steps": 0}):
-        with pytest.raises(ClrfaceError):
+    for bad, msg in (({"fidelity": 1.5}, "fidelity must be in"), ({"sampler": "ddim"}, "unknown sampler"),
+                     ({"mode": "x"}, "unknown mode"), ({"upscale": 0}, "upscale"), ({"steps": 0}, "steps must be")):
+        with pytest.raises(ClrfaceError, match=msg):
             RestoreOptions(**bad)
 
 
@@ -66,8 +67,13 @@ def test_restore_faces_shapes_determinism_and_batching(restorer):
     assert (a.restored[:, 0] - a.restored[:, 1]).abs().max() > 1e-3  # samples differ
     d = restorer.restore_faces(x, RestoreOptions(steps=3, seed=8, samples=2, fidelity=0.7))
     assert (d.restored - a.restored).abs().max() > 1e-3
-    # identity scores are cosines of unit embeddings
-    assert (a.id_vs_input.abs() <= 1 + 1e-5).all()
+    # identity scores: cosines of each sample's embedding with the IRN output's (what --samples ranks by) and
+    # with the input's
+    with torch.no_grad():
+        e = restorer.embed(a.restored.flatten(0, 1)).view(3, 2, -1)
+        e_irn, e_in = restorer.embed(a.x_id), restorer.embed(x)
+    torch.testing.assert_close(a.id_vs_irn, (e * e_irn[:, None]).sum(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.id_vs_input, (e * e_in[:, None]).sum(-1), atol=1e-5, rtol=0)
 
 
 def test_sigma_start_zero_without_guidance_is_decoded_irn_output(restorer):

@@ -88,7 +88,7 @@ def test_size_resizes_tensor_source_and_scales_the_preset():
     faces = torch.from_numpy(np.stack([face(i) for i in range(2)]))
     ds = PairedFaces(faces, get_preset("bfr"), size=32, deterministic=True)
     assert ds.size == 32 and ds.cfg.scale == (1.0, 2.0) and ds[0]["lq"].shape == (3, 32, 32)
-    with pytest.raises(ClrfaceError):
+    with pytest.raises(ClrfaceError, match=r"needs uint8 \[N, S, S, 3\]"):
         PairedFaces(torch.zeros(2, 8, 9, 3, dtype=torch.uint8))
 
 
@@ -161,7 +161,7 @@ def test_load_face_folder_concatenates_a_list_in_order(face_dir: Path, tmp_path:
     assert torch.equal(both[:5], load_face_folder(face_dir))
     assert torch.equal(both[5], torch.from_numpy(face(9)))
     assert load_face_folder([face_dir, extra], limit=2).shape[0] == 2
-    with pytest.raises(ClrfaceError):
+    with pytest.raises(ClrfaceError, match="no face folders"):
         load_face_folder([])
 
 

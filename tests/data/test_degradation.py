@@ -1,10 +1,12 @@
 import dataclasses
+import io
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from scipy.ndimage import convolve
 
 from clrface.data.degradation import (
@@ -114,11 +116,12 @@ def test_config_validates_and_accepts_yaml_lists():
     c = DegradationConfig(scale=[1, 4], noise=[0, 5], blur_sigma=[0.5, 1], jpeg=[50, 60], down_modes=["bicubic"])
     assert c.scale == (1, 4) and c.down_modes == ("bicubic",)
     hash(c)
-    for bad in (dict(kernel_size=8), dict(scale=(0.5, 2)), dict(jpeg=(30, 120)), dict(down_modes=("nearest",)),
-                dict(noise=(5, 1))):
-        with pytest.raises(ValueError):
+    for bad, msg in ((dict(kernel_size=8), "kernel_size"), (dict(scale=(0.5, 2)), "scale >= 1"),
+                     (dict(jpeg=(30, 120)), "jpeg quality"), (dict(down_modes=("nearest",)), "down_modes"),
+                     (dict(noise=(5, 1)), "low <= high")):
+        with pytest.raises(ValueError, match=msg):
             DegradationConfig(**bad)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown degradation preset"):
         get_preset("nope")
 
 
@@ -165,6 +168,17 @@ def test_mild_parameters_leave_the_image_nearly_unchanged():
     out = apply_degradation(img, params(sigma_x=0.1, sigma_y=0.1, jpeg_q=100), 0)
     assert psnr(out, img) > 40
     np.testing.assert_array_equal(apply_degradation(img, params(sigma_x=0.1, sigma_y=0.1), 0), img)
+
+
+def test_jpeg_step_is_pils_codec():
+    # a blur too narrow to change a pixel and no resize leave JPEG alone: the output is PIL's quality-50 round trip
+    img = smooth_image(96)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=50)
+    want = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    out = apply_degradation(img, params(sigma_x=0.1, sigma_y=0.1, jpeg_q=50), 0)
+    np.testing.assert_array_equal(out, want)
+    assert psnr(out, img) < 45  # quality 50 does change the image, so the comparison can tell
 
 
 def test_blur_only_equals_reference_convolution():

@@ -67,7 +67,7 @@ def test_lower_quality_loses_more_and_each_image_gets_its_own_quality():
 
 
 def test_rejects_bad_shapes():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"expected \[B,3,H,W\]"):
         jpeg_roundtrip(torch.zeros(2, 1, 16, 16), torch.tensor([50, 50]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"and \[B\] qualities"):
         jpeg_roundtrip(torch.zeros(2, 3, 16, 16), torch.tensor([50]))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from clrface.data.degradation import get_preset
+from clrface.data.degradation import degrade_batch, get_preset
 from clrface.data.realistic import RealisticConfig, degrade_realistic, fade, to_gray
 
 
@@ -48,6 +48,11 @@ def test_degrade_realistic_without_extras_is_one_bfr_round():
     none = RealisticConfig(second_prob=0, fade_prob=0, gray_prob=0, grain_prob=0)
     a, t = degrade_realistic(x, get_preset("bfr", 32), none, torch.Generator().manual_seed(1))
     assert torch.equal(t, x)
+    # the same generator, after the gray draw, gives the very same bfr round
+    g = torch.Generator().manual_seed(1)
+    torch.rand(4, generator=g)
+    one_round, _ = degrade_batch(x, get_preset("bfr", 32), g)
+    assert torch.equal(a, one_round.add(1).mul(127.5).round().div(127.5).sub(1))
     assert (a - x).abs().mean() > 0.001
 
 

@@ -129,11 +129,11 @@ def test_config_and_checkpoint_round_trip(tmp_path):
 
 
 def test_bad_config_raises():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not divisible by 2"):
         UNetConfig(resolution=30)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="embedding must be"):
         UNetConfig(embedding="learned")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="norm_groups"):
         UNetConfig(model_channels=48, norm_groups=32)
 
 

@@ -161,7 +161,7 @@ def test_estimate_record_and_input_face_size():
     # up to resampling round-off at disc edges, which differs between CPUs (49.9 dB on an AMD EPYC)
     assert psnr(face[32:-32, 32:-32], photo[32:352, 32:352]) > 45
     assert input_face(photo, m, 128, scale=2.0).shape == (768, 768, 3)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="square and at least 128"):
         keep_input_detail(x[:100], x[:128, :128])
 
 

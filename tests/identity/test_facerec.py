@@ -15,6 +15,7 @@ from clrface.identity.facerec import (
     DlibFaceRecognizer,
     _dlib_add,
     chip_affine,
+    feature_distance,
     identity_loss,
     jittered_affines,
     load_facerec,
@@ -222,6 +223,18 @@ def test_features_and_perceptual_distance(fr: DlibFaceRecognizer):
     a = x.clone().requires_grad_()
     perceptual_distance(fr, a, blur8).sum().backward()
     assert torch.isfinite(a.grad).all() and a.grad.abs().sum() > 0
+
+
+def test_feature_distance_closed_form():
+    # one position, channels (1, 1) vs (1, 0): unit vectors (1/sqrt2, 1/sqrt2) and (1, 0), squared distance
+    # (1 - 1/sqrt2)^2 + 1/2 = 2 - sqrt2; a second layer of identical features halves the mean over layers
+    a, b = torch.tensor([1.0, 1.0]).view(1, 2, 1, 1), torch.tensor([1.0, 0.0]).view(1, 2, 1, 1)
+    assert float(feature_distance([a], [b])) == pytest.approx(2 - 2**0.5, abs=1e-6)
+    assert float(feature_distance([a, a], [b, a])) == pytest.approx((2 - 2**0.5) / 2, abs=1e-6)
+    # positions are averaged: one differing position of four gives a quarter
+    fa, fb = torch.ones(1, 2, 2, 2), torch.ones(1, 2, 2, 2)
+    fb[0, 1, 0, 0] = 0.0
+    assert float(feature_distance([fa], [fb])) == pytest.approx((2 - 2**0.5) / 4, abs=1e-6)
 
 
 def test_identity_loss_closed_form():

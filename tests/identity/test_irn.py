@@ -115,6 +115,9 @@ def test_swin_pads_to_whole_windows():
     torch.nn.init.normal_(net.tail.weight, std=0.05)
     x = _faces(1, 18)
     assert net(x).shape == (1, 3, 18, 18)
+    # the body sees the 20x20 reflect-padded input and its 18x18 corner is kept
+    with torch.no_grad():
+        torch.testing.assert_close(net.body(x), net.body(F.pad(x, (0, 2, 0, 2), mode="reflect"))[..., :18, :18])
 
 
 def test_window_partition_round_trip_and_layout():

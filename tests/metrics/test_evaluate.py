@@ -8,8 +8,20 @@ import torch
 from PIL import Image
 
 from clrface.cli import main
+from clrface.data.io import load_image, stack_images, to_model_range
 from clrface.errors import ClrfaceError
-from clrface.metrics.evaluate import evaluate_folders, evaluate_tensors, lfw_verification, match_files, read_pairs
+from clrface.identity.facerec import load_facerec, perceptual_distance
+from clrface.metrics.evaluate import (
+    evaluate_folders,
+    evaluate_tensors,
+    format_table,
+    lfw_verification,
+    match_files,
+    read_pairs,
+)
+from clrface.metrics.ids import cosine
+from clrface.metrics.lmd import lmd_pair
+from clrface.metrics.psnr_ssim import psnr, psnr_y, ssim, ssim_y
 
 
 def _degrade(src, dst):
@@ -64,6 +76,24 @@ def test_degraded_folder_is_worse(folders):
     assert 0.8 < v["ids"] < 0.999 and v["lmd"] > 0 and v["facerec_perceptual"] > 0
     lo, hi = next(r["ci95"] for r in res["rows"] if r["metric"] == "psnr")
     assert lo <= v["psnr"] <= hi and lo < hi
+    # every row is the mean of the metric's own function on the loaded files
+    pairs, _, _ = match_files(folders / "deg", folders / "gt")
+    pred = stack_images([load_image(p) for p, _ in pairs])
+    gt = stack_images([load_image(g) for _, g in pairs])
+    for name, fn in (("psnr", psnr), ("ssim", ssim), ("psnr_y", psnr_y), ("ssim_y", ssim_y)):
+        assert v[name] == pytest.approx(float(fn(pred, gt).mean()), abs=1e-12), name
+    fr = load_facerec()
+    a, b = (fr.descriptor_from_chip(fr.chip(to_model_range(x, channels_last=False))) for x in (pred, gt))
+    assert v["ids"] == pytest.approx(float(cosine(a, b).mean()), abs=1e-6)
+    assert v["same_person"] == pytest.approx(float(((a - b).norm(dim=-1) < 0.6).double().mean()))
+    assert v["facerec_perceptual"] == pytest.approx(float(perceptual_distance(fr, to_model_range(
+        pred, channels_last=False), to_model_range(gt, channels_last=False)).mean()), abs=1e-6)
+    lmds = [lmd_pair(p.permute(1, 2, 0).numpy(), g.permute(1, 2, 0).numpy())[0] for p, g in zip(pred, gt)]
+    assert v["lmd"] == pytest.approx(float(np.mean(lmds)), abs=1e-9)
+    # the tensor entry point gives the same means
+    t = evaluate_tensors(pred, gt, metrics=("psnr", "ssim", "psnr_y", "ssim_y", "ids", "facerec_perceptual"))
+    for name, value in t.items():
+        assert value == pytest.approx(v[name], abs=1e-9), name
 
 
 def test_match_files_by_stem(folders, tmp_path):
@@ -76,14 +106,16 @@ def test_match_files_by_stem(folders, tmp_path):
     assert len(pairs) == 1 and len(missing) == 2 and extra == ["zzz"]
 
 
-def test_evaluate_tensors_matches_folders(real_val_faces):
+def test_evaluate_tensors_identical_and_refusals(real_val_faces):
     x = real_val_faces[:2]
     out = evaluate_tensors(x, x, metrics=("psnr", "ssim", "ids"))
     assert out["psnr"] == 100.0 and out["ssim"] == pytest.approx(1.0) and out["ids"] == pytest.approx(1.0, abs=1e-5)
-    with pytest.raises(ClrfaceError):
+    with pytest.raises(ClrfaceError, match="FID needs reference"):
         evaluate_tensors(x, x, metrics=("fid",))
-    with pytest.raises(ClrfaceError):
+    with pytest.raises(ClrfaceError, match="unknown metric"):
         evaluate_tensors(x, x, metrics=("psnrr",))
+    with pytest.raises(ClrfaceError, match="no images"):
+        evaluate_tensors(x[:0], x[:0], metrics=("psnr",))
 
 
 def test_cli_writes_json_and_reports_errors(folders, tmp_path, capsys):
@@ -155,3 +187,16 @@ def test_folders_may_mix_sizes_between_pairs(folders, tmp_path, capsys):
         main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--batch-size", "0"])
     assert main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--metrics", " , "]) == 1
     assert "no metric named" in capsys.readouterr().err
+
+
+def test_missing_weights_give_unavailable_rows_not_values(folders, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    monkeypatch.setenv("CLRFACE_FID_WEIGHTS", str(tmp_path / "missing.pt"))
+    res = evaluate_folders(folders / "deg", folders / "gt", metrics=("psnr", "lpips", "fid"),
+                           fid_ref=folders / "gt", lpips_dir=tmp_path / "none")
+    rows = {r["metric"]: r for r in res["rows"]}
+    assert rows["psnr"]["status"] == "ok" and rows["psnr"]["n"] == 3
+    for m in ("lpips", "fid"):
+        assert rows[m]["value"] is None and rows[m]["n"] == 0 and rows[m]["status"].startswith("unavailable")
+    assert str(tmp_path / "missing.pt") in rows["fid"]["status"]
+    assert len([line for line in format_table(res).splitlines() if "unavailable" in line]) == 2

@@ -50,7 +50,33 @@ def test_lmd_real_identical_is_zero_and_blur_positive(real_val_faces):
         assert d == 0.0
     blurred = np.asarray(Image.fromarray(faces[0]).resize((24, 24), Image.Resampling.BICUBIC).resize((128, 128)))
     d, _ = lmd_pair(blurred, faces[0])
-    assert 0.0 < d < 60.0
+    assert 4.0 < d < 40.0  # pixels at 512 px: a few 128-px pixels of landmark drift, times 4
+
+
+def test_lmd_is_in_pixels_at_512(monkeypatch):
+    # fake predictor: all 68 "landmarks" at the brightest pixel, so moving a dot by (3, 4) pixels at 128 px must
+    # read as 5 * 512/128 = 20 pixels at 512 px, and the images really are resized before landmarking
+    sizes = []
+
+    def brightest(img, box):
+        sizes.append(img.shape[:2])
+        y, x = np.unravel_index(np.argmax(img[..., 0]), img.shape[:2])
+        return np.zeros((68, 2)) + np.array([x, y], dtype=np.float64)
+
+    monkeypatch.setattr(lmd_mod, "landmarks68", brightest)
+    gt, pred = np.zeros((2, 128, 128, 3), np.uint8)
+    gt[60, 50], pred[64, 53] = 255, 255
+    d, _ = lmd_pair(pred, gt, detect=False)
+    assert d == pytest.approx(20.0) and set(sizes) == {(512, 512)}
+
+
+def test_lmd_counts_fallbacks_and_refuses_an_empty_mean():
+    m = LMD()
+    blank = torch.zeros(1, 3, 128, 128, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="no images"):
+        m.compute()
+    assert m.update(blank, blank).tolist() == [0.0]
+    assert m.fallbacks == 1  # no face on a blank image: the fixed FFHQ box was used
 
 
 def test_fixed_box_fallback_scales_with_size():

@@ -97,7 +97,7 @@ def test_ssim_meter_and_worse_for_noise():
 
 
 def test_rejects_bad_shapes():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="equal shape"):
         psnr(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 9))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least 11x11"):
         ssim(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8))  # smaller than the 11 px window

@@ -1,4 +1,5 @@
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -87,6 +88,10 @@ def test_lr_schedule_warmup_and_cosine_end():
     assert lr_at(4, 100, o) == 0.0
     assert abs(lr_at(5, 100, o) - 0.1) < 1e-9 and abs(lr_at(14, 100, o) - 1.0) < 1e-9
     assert abs(lr_at(100, 100, o) - 0.1) < 1e-9
+    # a fifth of the way through the decay (17 of 85 steps): 0.1 + 0.9 * (1 + cos(pi/5)) / 2; linear would be 0.82
+    assert lr_at(32, 100, o) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 5)), abs=1e-12)
+    lrs = [lr_at(s, 100, o) for s in range(14, 101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
 def test_loss_decreases_and_checkpoint_written(tmp_path):

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from clrface.identity.guidance import LatentMask, MaskConfig
@@ -15,6 +16,12 @@ def test_mask_gradient_only_through_mask_and_sparsity_counts(tiny_models):
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mask.parameters())
     assert 0 < logs["mask_mean"] < 1
+    # the loss is the weighted sum of its logged terms, the sparsity term the mean of the mask guided_step applies
+    c = stage.cfg
+    want = c.perceptual_weight * logs["perc"] + c.identity_weight * logs["id"] + c.sparsity_weight * logs["mask_mean"]
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    with torch.no_grad():
+        assert logs["mask_mean"] == pytest.approx(float(stage.guided_step(mask, b)[1].float().mean()), rel=1e-5)
     # a mask of zeros leaves the denoised latent untouched: guidance acts only through M_l
     zero = LatentMask(MaskConfig())
     for p in zero.parameters():

@@ -6,6 +6,7 @@ import torch
 from clrface.diffusion.loss import start_state_noise
 from clrface.diffusion.prior import load_prior
 from clrface.diffusion.schedule import ScheduleConfig
+from clrface.metrics.psnr_ssim import psnr
 from clrface.train import diffusion as diffusion_stage
 from clrface.train.diffusion import PriorStage, PriorTrainConfig, latent_stats
 from clrface.train.engine import EngineConfig, train
@@ -141,3 +142,24 @@ def test_prior_stage_bf16_targets_stay_close_to_fp32(tiny_models, tmp_path, monk
                              seed=0, batch_size=4, out_dir=tmp_path / str(b)).batch(1, 0, 1) for b in (False, True))
     err = (fp32["z0"] - bf16["z0"]).pow(2).mean().sqrt().item()
     assert (0 < err < 0.05 if native else err == 0) and bf16["z0"].dtype == torch.float32
+
+
+def test_prior_validation_is_fixed_noise_losses_and_the_direct_decode(tiny_models, tmp_path):
+    cfg = PriorTrainConfig(vqgan=str(tiny_models["vqgan"]), train_dir=str(tiny_models["faces"]),
+                           val_dir=str(tiny_models["faces"]), val_count=4, val_steps=2)
+    stage = PriorStage(tiny_models["unet_cfg"], 1.0, ScheduleConfig(), cfg, seed=0, batch_size=4, out_dir=tmp_path)
+    prior = stage.modules["prior"].eval()
+    with torch.no_grad():
+        logs = stage.validate(prior, 0, tmp_path)
+        again = stage.validate(prior, 0, tmp_path)
+        z0 = prior.normalize(stage.vq.encode(stage.val_gt))
+        zd = prior.normalize(stage._encode_cond(stage.val_lq))  # bf16 where native, as in training
+        noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
+        # the EDM loss written out: lambda(sigma) * ||D(z0 + sigma n) - z0||^2, lambda = (s^2 + sd^2) / (s sd)^2
+        sd, s = prior.config.sigma_data, 2.0
+        d = prior.precond(z0 + s * noise, torch.full((4,), s), zd)
+        want = ((s**2 + sd**2) / (s * sd) ** 2 * (d - z0).pow(2).mean((1, 2, 3))).mean().item()
+        direct = stage.vq.decode(prior.denormalize(zd)).float()
+    assert logs == again  # fixed sigmas and noise: comparable from run to run
+    assert logs["loss@2"] == pytest.approx(want, rel=1e-4)
+    assert logs["psnr_direct"] == pytest.approx(psnr(direct, stage.val_gt).mean().item(), abs=1e-4)

@@ -134,6 +134,8 @@ def evaluate_tensors(pred: Tensor, gt: Tensor, *, metrics: Sequence[str] = TENSO
     metrics = _check_metrics(metrics)
     if "fid" in metrics:
         raise ClrfaceError("FID needs reference statistics: use clrface.metrics.fid.fid(pred, ref)")
+    if len(pred) == 0:
+        raise ClrfaceError("nothing to evaluate: the batch holds no images")
     ctx = _Context(device, facerec=facerec, lpips_model=lpips_model)
     out = {}
     for m in metrics:

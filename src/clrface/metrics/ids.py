@@ -10,12 +10,13 @@ of 0.01 is meaningful and our numbers are not comparable with ArcFace-based valu
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from clrface.metrics.meter import MeanMeter
 
 #: images [B,3,H,W] in [-1,1] -> embeddings [B,D]
 Embed = Callable[[Tensor], Tensor]
@@ -53,23 +54,16 @@ def descriptor_distance(e_pred: Tensor, e_gt: Tensor) -> Tensor:
     return (e_pred.detach().double() - e_gt.detach().double()).norm(dim=-1)
 
 
-class IDS:
+class IDS(MeanMeter):
     """Mean IDS over images: ``update(pred, gt) -> [B]``, ``compute() -> float``. With ``embed`` giving dlib's raw
     descriptors, ``distances`` keeps each pair's descriptor distance (the same-person rule)."""
 
     def __init__(self, embed: Embed) -> None:
+        super().__init__(self._ids)
         self.embed = embed
-        self.total = 0.0
-        self.n = 0
         self.distances: list[float] = []
 
-    def update(self, pred: Tensor, gt: Tensor) -> Tensor:
+    def _ids(self, pred: Tensor, gt: Tensor) -> Tensor:
         a, b = embed_pair(pred, gt, self.embed)
-        v = cosine(a, b)
         self.distances += descriptor_distance(a, b).tolist()
-        self.total += float(v.sum())
-        self.n += len(v)
-        return v
-
-    def compute(self) -> float:
-        return self.total / self.n if self.n else math.nan
+        return cosine(a, b)

@@ -17,8 +17,6 @@ detector puts FFHQ-aligned faces. The restored image is never re-detected.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from PIL import Image
@@ -26,6 +24,7 @@ from torch import Tensor
 
 from clrface.data.io import to_uint8
 from clrface.faces.detect import detect_faces, landmarks68
+from clrface.metrics.meter import MeanMeter
 
 LMD_SIZE = 512
 
@@ -79,17 +78,18 @@ def lmd_pair(pred: np.ndarray, gt: np.ndarray, *, size: int = LMD_SIZE, detect: 
     return float(landmark_distance(landmarks68(p, box), landmarks68(g, box))), found
 
 
-class LMD:
+class LMD(MeanMeter):
     """Mean LMD over images (pixels at ``size`` px): ``update(pred, gt) -> [B]``, ``compute() -> float``.
 
     pred, gt: [B,3,H,W] float in [-1,1] or uint8. ``fallbacks`` counts pairs that used the fixed box.
     """
 
     def __init__(self, size: int = LMD_SIZE, detect: bool = True) -> None:
+        super().__init__(self._lmd)
         self.size, self.detect = size, detect
-        self.total, self.n, self.fallbacks = 0.0, 0, 0
+        self.fallbacks = 0
 
-    def update(self, pred: Tensor, gt: Tensor) -> Tensor:
+    def _lmd(self, pred: Tensor, gt: Tensor) -> Tensor:
         if pred.shape != gt.shape:
             raise ValueError(f"pred and gt differ in shape: {tuple(pred.shape)} vs {tuple(gt.shape)}")
         out = []
@@ -97,10 +97,4 @@ class LMD:
             d, found = lmd_pair(p, g, size=self.size, detect=self.detect)
             out.append(d)
             self.fallbacks += not found
-        v = torch.tensor(out, dtype=torch.float64)
-        self.total += float(v.sum())
-        self.n += len(v)
-        return v
-
-    def compute(self) -> float:
-        return self.total / self.n if self.n else math.nan
+        return torch.tensor(out, dtype=torch.float64)

@@ -18,7 +18,6 @@ images' own resolution (128 px for our faces; published BFR tables use 512 px), 
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 from clrface.data.io import to_model_range
 from clrface.errors import ClrfaceError
 from clrface.identity.facerec import perceptual_distance
+from clrface.metrics.meter import MeanMeter
 
 
 class MetricUnavailable(ClrfaceError):
@@ -166,23 +166,17 @@ def load_lpips(net: str = "alex", weights_dir: str | Path | None = None, *,
     return model.to(device=device, dtype=dtype)
 
 
-class LPIPSMeter:
-    """Mean LPIPS over images: ``update(pred, gt) -> [B]``, ``compute() -> float``. pred, gt in [-1,1]."""
+class LPIPSMeter(MeanMeter):
+    """Mean LPIPS over images: ``update(pred, gt) -> [B]``, ``compute() -> float``. pred, gt in [-1,1] or uint8."""
 
     def __init__(self, model: nn.Module) -> None:
+        super().__init__(self._lpips)
         self.model = model
-        self.total, self.n = 0.0, 0
 
     @torch.no_grad()
-    def update(self, pred: Tensor, gt: Tensor) -> Tensor:
+    def _lpips(self, pred: Tensor, gt: Tensor) -> Tensor:
         p = next(self.model.parameters())
-        v = self.model(_as_float(pred).to(p.device), _as_float(gt).to(p.device)).double().cpu()
-        self.total += float(v.sum())
-        self.n += len(v)
-        return v
-
-    def compute(self) -> float:
-        return self.total / self.n if self.n else math.nan
+        return self.model(_as_float(pred).to(p.device), _as_float(gt).to(p.device)).double().cpu()
 
 
 def _as_float(x: Tensor) -> Tensor:
@@ -191,25 +185,19 @@ def _as_float(x: Tensor) -> Tensor:
 
 
 
-class FacerecPerceptualMeter:
+class FacerecPerceptualMeter(MeanMeter):
     """Mean ``clrface.identity.facerec.perceptual_distance`` over images: our stated offline LPIPS substitute
     (LPIPS-style distance on the dlib ResNet's multi-layer features, unit layer weights, not learned), reported
     under its own name ``facerec_perceptual``, never as LPIPS. ``update(pred, gt) -> [B]``, ``compute() -> float``.
     """
 
     def __init__(self, fr: nn.Module) -> None:
+        super().__init__(self._distance)
         self.fr = fr
-        self.total, self.n = 0.0, 0
 
     @torch.no_grad()
-    def update(self, pred: Tensor, gt: Tensor) -> Tensor:
+    def _distance(self, pred: Tensor, gt: Tensor) -> Tensor:
         p = next(self.fr.parameters())
         a = _as_float(pred).to(device=p.device, dtype=p.dtype)
         b = _as_float(gt).to(device=p.device, dtype=p.dtype)
-        v = perceptual_distance(self.fr, a, b).double().cpu()
-        self.total += float(v.sum())
-        self.n += len(v)
-        return v
-
-    def compute(self) -> float:
-        return self.total / self.n if self.n else math.nan
+        return perceptual_distance(self.fr, a, b).double().cpu()

@@ -16,11 +16,11 @@ still give 95.1 dB < 100).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from clrface.metrics.meter import MeanMeter
 
 PSNR_CAP_DB = 100.0
 SSIM_WINDOW = 11
@@ -110,24 +110,6 @@ def ssim(pred: Tensor, gt: Tensor, *, y_channel: bool = False) -> Tensor:
 def ssim_y(pred: Tensor, gt: Tensor) -> Tensor:
     """``ssim`` on the BT.601 Y channel. Returns [B]."""
     return ssim(pred, gt, y_channel=True)
-
-
-class MeanMeter:
-    """Running mean of a per-image metric ``fn(pred, gt) -> [B]``: ``update(pred, gt)``, ``compute() -> float``."""
-
-    def __init__(self, fn) -> None:
-        self.fn = fn
-        self.total = 0.0
-        self.n = 0
-
-    def update(self, pred: Tensor, gt: Tensor) -> Tensor:
-        v = self.fn(pred, gt)
-        self.total += float(v.sum())
-        self.n += int(v.numel())
-        return v
-
-    def compute(self) -> float:
-        return self.total / self.n if self.n else math.nan
 
 
 class PSNR(MeanMeter):
