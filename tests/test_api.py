@@ -47,6 +47,17 @@ def test_api_accepts_paths_and_pil_and_takes_overrides(tmp_path):
     assert not up.warnings
     wide = r.restore(crop[16:112], aligned=True, mode="direct")  # 128x96: stretched to a square
     assert wide.image.shape == (96, 128, 3) and "128x96, not square" in wide.warnings[0]
-    for bad in (np.zeros((0, 0, 3), np.uint8), crop[..., 0], crop.astype(np.float32)):
-        with pytest.raises(ClrfaceError, match=r"a photo to restore is uint8 \[H, W, 3\] with H, W > 0"):
+    # arrays are read as files are: grey repeated, 16-bit scaled, alpha composited on white
+    grey = r.restore(crop[..., 0], aligned=True, mode="direct")
+    assert np.array_equal(grey.image, r.restore(np.repeat(crop[..., :1], 3, 2), aligned=True, mode="direct").image)
+    deep = crop.astype(np.uint16) * 257  # 255 * 257 = 65535: the same picture in 16 bits
+    assert np.array_equal(r.restore(deep, aligned=True, mode="direct").image, from_path.image)
+    opaque = np.concatenate([crop, np.full_like(crop[..., :1], 255)], 2)
+    assert np.array_equal(r.restore(opaque, aligned=True, mode="direct").image, from_path.image)
+    for bad, msg in ((crop.astype(np.float32), "scale floats to 0..255"), (crop[..., :2], r"\[H, W, 4\]")):
+        with pytest.raises(ClrfaceError, match=msg):
             r.restore(bad)
+    # too small to hold a face: refused, where dlib would abort the process on an image a few pixels wide
+    for tiny in (np.zeros((0, 0, 3), np.uint8), np.full((300, 4, 3), 128, np.uint8), np.zeros((15, 15, 3), np.uint8)):
+        with pytest.raises(ClrfaceError, match=r"a photo to restore is uint8 \[H, W, 3\] with H, W >= 16"):
+            r.restore(tiny)

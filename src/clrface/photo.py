@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from clrface.data.io import to_model_range, to_uint8
+from clrface.data.io import MIN_SIDE, to_model_range, to_uint8
 from clrface.errors import ClrfaceError
 from clrface.faces.align import align_faces
 from clrface.faces.detail import input_face, keep_input_detail, photo_blockiness
@@ -77,9 +77,10 @@ def is_monochrome(photo: np.ndarray, tol: float = 1.5) -> bool:
     """True for grayscale and single-hue (sepia, cyanotype) photos: the chroma vectors (Cb-128, Cr-128) of the
     pixels lie on one ray from neutral gray, within ``tol`` (0-255 scale, rms distance off the ray; the colour
     photos of the real_lq set measure 2.6 to 9.3, a warm film still the lowest)."""
-    c = _ycbcr(photo)[..., 1:].reshape(-1, 2).astype(np.float64) - 128.0
-    if len(c) > 65536:  # a fixed subsample is plenty for a 2-D direction
-        c = c[:: len(c) // 65536]
+    px = np.asarray(photo).reshape(-1, 3)
+    if len(px) > 65536:  # a fixed subsample is plenty for a 2-D direction, taken before the colour conversion
+        px = px[:: len(px) // 65536]
+    c = _ycbcr(np.ascontiguousarray(px[:, None]))[..., 1:].reshape(-1, 2).astype(np.float64) - 128.0
     _, _, vt = np.linalg.svd(c, full_matrices=False)
     d = vt[0]
     along = c @ d
@@ -155,8 +156,9 @@ def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions
     """
     o = options
     img = np.asarray(photo)
-    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or 0 in img.shape:
-        raise ClrfaceError(f"a photo to restore is uint8 [H, W, 3] with H, W > 0, got {img.dtype} {img.shape}")
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or min(img.shape[:2]) < MIN_SIDE:
+        raise ClrfaceError(f"a photo to restore is uint8 [H, W, 3] with H, W >= {MIN_SIDE}, got {img.dtype} "
+                           f"{img.shape}")
     h, w = img.shape[:2]
     s, u = restorer.resolution, o.upscale
     keep = o.color == "keep" or (o.color == "auto" and is_monochrome(img))

@@ -28,7 +28,7 @@ from PIL import Image, ImageOps
 from torch import Tensor, nn
 
 from clrface.background import Upscaler, lanczos_upscale
-from clrface.data.io import load_image, to_model_range, to_rgb_uint8
+from clrface.data.io import array_to_rgb_uint8, load_image, to_model_range, to_rgb_uint8
 from clrface.device import autocast
 from clrface.diffusion.prior import LatentPrior
 from clrface.diffusion.sampler import SAMPLERS, Denoise, nfe, sample
@@ -338,8 +338,9 @@ class Restorer:
 
     def restore(self, image: str | Path | np.ndarray | Image.Image, *, aligned: bool = False,
                 reference: Reference | Sequence[str | Path | np.ndarray] | None = None, reference_all: bool = False,
-                force_reference: bool = False, **options: Any) -> RestoreResult:
-        """The Python API: restores a photo given as a path, a PIL image or a uint8 [H,W,3] array.
+                force_reference: bool = False, keep_detail: bool = True, **options: Any) -> RestoreResult:
+        """The Python API: restores a photo given as a path, a PIL image or an array (uint8 or uint16; grey, RGB or
+        RGBA, as :func:`clrface.data.io.array_to_rgb_uint8` reads it).
 
         ``options`` are RestoreOptions fields (fidelity, steps, sampler, seed, samples, mode, upscale, ...); those
         not given take the model's measured-best defaults. The result holds the whole restored photo
@@ -347,20 +348,21 @@ class Restorer:
         ``reference``: clean photos of the person (paths, folders, arrays; aligned crops when ``aligned``) or a
         :class:`clrface.reference.Reference`; the face that matches it is guided toward its identity (every face
         with ``reference_all``; also a face that disagrees with it with ``force_reference``). A reference runs
-        mode full unless ``mode`` is given.
+        mode full unless ``mode`` is given. ``keep_detail``: as ``clrface restore --keep-detail`` (default on).
         """
         if isinstance(image, (str, Path)):
             photo = load_image(image)
         elif isinstance(image, Image.Image):
             photo = to_rgb_uint8(ImageOps.exif_transpose(image))
         else:
-            photo = np.asarray(image)
+            photo = array_to_rgb_uint8(np.asarray(image))
         if reference is not None and not isinstance(reference, Reference):
             reference = load_reference(self, [reference] if isinstance(reference, (str, Path, np.ndarray))
                                        else reference, aligned=aligned)
         if reference is not None and options.get("mode") is None:
             options["mode"] = "full"
-        return restore_photo(self, photo, self.options(**options), aligned=aligned, reference=reference,
+        return restore_photo(self, photo, self.options(**options), aligned=aligned, keep_detail=keep_detail,
+                             reference=reference,
                              reference_policy=ReferencePolicy(all_faces=reference_all, force=force_reference))
 
     def restore_image(self, photo: np.ndarray, options: RestoreOptions | None = None, *, aligned: bool = False

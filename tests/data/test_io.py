@@ -284,3 +284,46 @@ def test_image_batches_split_a_folder_of_mixed_sizes_in_order(tmp_path):
     batches = image_batches(files)
     assert [tuple(b.shape) for b in batches] == [(2, 3, 32, 32), (1, 3, 16, 16), (1, 3, 32, 32)]
     assert batches[0].dtype == torch.uint8 and np.array_equal(batches[1][0].permute(1, 2, 0).numpy(), _rgb(16, 16))
+
+
+def _matrix_trc_profile(description: str, primaries: tuple, gamma: float) -> bytes:
+    """A minimal ICC v2 RGB display profile: PCS-adapted (D50) primaries as columns and one gamma curve."""
+    def s15(v):
+        return struct.pack(">i", round(v * 65536))
+
+    def xyz(v):
+        return b"XYZ " + bytes(4) + b"".join(s15(c) for c in v)
+
+    text = description.encode() + b"\0"
+    tags = [(b"desc", b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(8) + bytes(3) + bytes(67)),
+            (b"wtpt", xyz((0.9642, 1.0, 0.8249))), (b"rXYZ", xyz(primaries[0])), (b"gXYZ", xyz(primaries[1])),
+            (b"bXYZ", xyz(primaries[2]))]
+    curve = b"curv" + bytes(4) + struct.pack(">IH", 1, round(gamma * 256)) + bytes(2)
+    tags += [(b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]
+    offset, table, data = 128 + 4 + 12 * len(tags), b"", b""
+    for sig, body in tags:
+        body += bytes(-len(body) % 4)
+        table += sig + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    size = offset + len(data)
+    header = (struct.pack(">I", size) + bytes(4) + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ " + bytes(12)
+              + b"acsp" + bytes(24) + bytes(4) + s15(0.9642) + s15(1.0) + s15(0.8249) + bytes(48))
+    return header + struct.pack(">I", len(tags)) + table + data
+
+
+def test_load_image_converts_a_wide_gamut_profile_to_srgb(tmp_path):
+    # Display P3 primaries (D50-adapted): a P3-tagged muted red is a more saturated red in sRGB; grey stays grey
+    p3 = _matrix_trc_profile("Display P3 (test)", ((0.5151, 0.2412, -0.0011), (0.2920, 0.6922, 0.0419),
+                                                   (0.1571, 0.0666, 0.7841)), 2.2)
+    px = np.zeros((16, 32, 3), np.uint8)
+    px[:, :16] = (200, 90, 80)
+    px[:, 16:] = (128, 128, 128)
+    Image.fromarray(px).save(tmp_path / "p3.png", icc_profile=p3)
+    Image.fromarray(px).save(tmp_path / "plain.png")
+    got = load_image(tmp_path / "p3.png")
+    red, grey = got[0, 0].astype(int), got[0, -1].astype(int)
+    assert red[0] > 200 + 10 and red[1] < 90 - 5  # wider than sRGB: the same numbers mean a stronger red
+    assert np.abs(grey - 128).max() <= 3 and grey.max() - grey.min() <= 1
+    assert np.array_equal(load_image(tmp_path / "plain.png"), px)  # no profile: taken as sRGB
+    Image.fromarray(px).save(tmp_path / "broken.png", icc_profile=b"not a profile")
+    assert np.array_equal(load_image(tmp_path / "broken.png"), px)

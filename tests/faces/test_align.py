@@ -11,6 +11,7 @@ from PIL import Image
 
 from clrface.data.io import data_root
 from clrface.faces.align import (
+    _wide_blur,
     affine_scale,
     align_affine,
     align_faces,
@@ -166,3 +167,15 @@ def test_align_faces_on_a_photo(real_data):
     assert abs(el[1] - er[1]) < 4 and abs((el[0] + er[0]) / 2 - 63.5) < 4 and 40 < el[1] < 64
     js = info.to_json()
     assert len(js["landmarks68"]) == 68 and len(js["affine"]) == 2
+
+
+def test_wide_blur_matches_the_full_size_filter():
+    # the padding's blur of a large face runs on a reduced copy: within a grey level of scipy's full-size filter
+    a = np.random.default_rng(0).uniform(0, 255, (300, 260, 3)).astype(np.float32)
+    a += np.linspace(0, 60, 260, dtype=np.float32)[None, :, None]  # a ramp, so the blur has something to keep
+    for sigma in (5.0, 24.0, 40.0):
+        ref = scipy.ndimage.gaussian_filter(a, [sigma, sigma, 0])
+        got = _wide_blur(a, sigma)
+        assert got.shape == a.shape and got.dtype == np.float32
+        assert np.abs(got - ref)[40:-40, 40:-40].max() < 1.0 and np.abs(got - ref).mean() < 0.2, sigma
+    assert np.array_equal(_wide_blur(a, 5.0), scipy.ndimage.gaussian_filter(a, [5.0, 5.0, 0]))  # narrow: exact

@@ -51,3 +51,18 @@ def test_align_refuses_to_overwrite_input(real_data, tmp_path, capsys):
     assert main(["align", str(tmp_path), str(tmp_path), "--size", "64"]) == 1
     assert "refusing to overwrite" in capsys.readouterr().err
     assert (tmp_path / "p_0.png").read_bytes() == before
+
+
+def test_align_gives_namesakes_their_own_crops(real_data, tmp_path, capsys):
+    # photo.jpg in two folders, x.jpg beside x.JPG: every face gets its own file (they used to overwrite each other)
+    src = tmp_path / "in"
+    for sub in ("a", "b"):
+        (src / sub).mkdir(parents=True)
+        shutil.copy(real_data / "real_lq" / "whole" / "codeformer_03.jpg", src / sub / "photo.jpg")
+    shutil.copy(real_data / "real_lq" / "whole" / "codeformer_03.jpg", src / "x.jpg")
+    shutil.copy(real_data / "real_lq" / "whole" / "codeformer_03.jpg", src / "x.JPG")
+    out = tmp_path / "out"
+    assert main(["align", str(src), str(out), "--size", "64", "--recursive"]) == 0
+    files = [r["file"] for r in json.loads((out / "faces.json").read_text())["faces"]]
+    assert len(files) == 4 and len({f.casefold() for f in files}) == 4
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(files)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import warnings
 from collections import Counter
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from clrface.errors import ClrfaceError, ImageError
 
@@ -122,8 +123,25 @@ def transparency_and_frames(path: str | os.PathLike) -> tuple[np.ndarray | None,
     return (None if alpha.min() == 255 else alpha), frames
 
 
+def to_srgb(im: Image.Image) -> Image.Image:
+    """An RGB(A) image with an embedded colour profile (a phone's Display P3, a camera's Adobe RGB) converted to
+    sRGB, the space the models were trained in and in which a PNG without a profile is shown; unchanged without a
+    profile, with an sRGB one, or with one LittleCMS cannot read (then its numbers are taken as sRGB, as before)."""
+    icc = im.info.get("icc_profile")
+    if not icc or im.mode not in ("RGB", "RGBA"):
+        return im
+    try:
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if ImageCms.getProfileDescription(src).strip().lower().startswith("srgb"):
+            return im
+        return ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"), outputMode=im.mode)
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return im
+
+
 def to_rgb_uint8(im: Image.Image) -> np.ndarray:
-    """Any PIL mode -> uint8 [H, W, 3] RGB."""
+    """Any PIL mode -> uint8 [H, W, 3] RGB (sRGB where the image names another colour space: :func:`to_srgb`)."""
+    im = to_srgb(im)
     mode = im.mode
     if mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
@@ -153,6 +171,22 @@ def to_rgb_uint8(im: Image.Image) -> np.ndarray:
     if mode != "RGB":
         im = im.convert("RGB")
     return np.array(im, dtype=np.uint8)
+
+
+def array_to_rgb_uint8(a: np.ndarray) -> np.ndarray:
+    """A photo as an array -> uint8 [H, W, 3] RGB, read as ``load_image`` reads files: uint8 or uint16 (scaled by
+    255/65535), grey [H, W] or [H, W, 1] repeated, RGBA [H, W, 4] composited on white. Float arrays are refused:
+    whether they span [0, 1] or [0, 255] would be a guess."""
+    a = np.asarray(a)
+    if a.dtype == np.uint16:
+        a = np.rint(a.astype(np.float64) * (255.0 / 65535.0)).astype(np.uint8)
+    if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
+        hint = " (scale floats to 0..255 and cast to uint8)" if a.dtype.kind == "f" else ""
+        raise ClrfaceError(f"a photo as an array is uint8 or uint16 [H, W], [H, W, 3] or [H, W, 4], got {a.dtype} "
+                           f"{a.shape}{hint}")
+    if a.ndim == 3 and a.shape[2] == 3:
+        return a
+    return to_rgb_uint8(Image.fromarray(np.ascontiguousarray(a[..., 0] if a.ndim == 3 and a.shape[2] == 1 else a)))
 
 
 def ensure_not_input(out_path: str | os.PathLike, input_paths: Iterable[str | os.PathLike]) -> None:

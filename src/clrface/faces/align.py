@@ -23,7 +23,6 @@ folded into the affine exactly. The faces128 data never hit that branch (quads <
 from __future__ import annotations
 
 import json
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import numpy as np
 import scipy.ndimage
 from PIL import Image
 
-from clrface.data.io import load_image, save_image
+from clrface.data.io import load_image, output_names, save_image
 from clrface.errors import ClrfaceError
 from clrface.faces.detect import Face, detect_faces
 
@@ -209,6 +208,22 @@ def warp_face(image: np.ndarray, affine: np.ndarray, size: int, *, supersample: 
     return np.asarray(res, np.uint8).copy()
 
 
+def _wide_blur(a: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of float32 [H, W, C] over H and W. A wide one (sigma ~80 px for a 2,000 px face warped at the
+    photo's own resolution) runs on a copy box-averaged by f ~ sigma / 8 and is enlarged back bilinearly: the blurred
+    image holds no detail at that scale, and the full-size filter took minutes and gigabytes there."""
+    f = int(sigma // 8)
+    if f < 2:
+        return scipy.ndimage.gaussian_filter(a, [sigma, sigma, 0])
+    h, w, c = a.shape
+    hs, ws = -(-h // f), -(-w // f)
+    small = np.pad(a, ((0, hs * f - h), (0, ws * f - w), (0, 0)), mode="edge").reshape(hs, f, ws, f, c).mean((1, 3))
+    # the box adds (f^2 - 1) / 12 to the variance
+    small = scipy.ndimage.gaussian_filter(small, [np.sqrt(max(sigma**2 - (f * f - 1) / 12, 0)) / f] * 2 + [0])
+    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(small[..., k], np.float32)).resize(
+        (ws * f, hs * f), Image.Resampling.BILINEAR))[:h, :w] for k in range(c)], -1)
+
+
 def _ffhq_pad(a: np.ndarray, pad: list[int], qsize: float) -> np.ndarray:
     """Reflect-pad [H, W, 3] by pad = (left, top, right, bottom), fading to blur then median (FFHQ)."""
     a = np.pad(a.astype(np.float32), ((pad[1], pad[3]), (pad[0], pad[2]), (0, 0)), mode="reflect")
@@ -219,8 +234,7 @@ def _ffhq_pad(a: np.ndarray, pad: list[int], qsize: float) -> np.ndarray:
         1.0 - np.minimum(xx.astype(np.float32) / max(pad[0], eps), (w - 1 - xx).astype(np.float32) / max(pad[2], eps)),
         1.0 - np.minimum(yy.astype(np.float32) / max(pad[1], eps), (h - 1 - yy).astype(np.float32) / max(pad[3], eps)),
     )[..., None]
-    sigma = qsize * 0.02
-    blurred = scipy.ndimage.gaussian_filter(a, [sigma, sigma, 0])
+    blurred = _wide_blur(a, qsize * 0.02)
     a = a + (blurred - a) * np.clip(mask * 3.0 + 1.0, 0.0, 1.0)
     a = a + (np.median(a, axis=(0, 1)) - a) * np.clip(mask, 0.0, 1.0)
     return np.uint8(np.clip(np.rint(a), 0, 255))
@@ -251,15 +265,14 @@ def align_files(inputs: list, out_dir, size: int = 512, *, max_faces: int | None
     Returns (records, failures, no_face): one record per face (the JSON entries), one line per
     input that could not be read, the inputs without a face. Unreadable inputs are reported via
     ``log(line)`` and skipped; inputs are never overwritten. Stems shared by several inputs get
-    the extension added (``a_png_0.png``) so outputs stay distinct.
+    the extension added (``a_png_0.png``), and names that still collide (``photo.jpg`` in two folders, ``x.jpg`` and
+    ``x.JPG``) a hashed suffix (:func:`clrface.data.io.output_names`), so no crop is written over another.
     """
 
     out_dir = Path(out_dir)
     inputs = [Path(p) for p in inputs]
-    dup = Counter(p.stem for p in inputs)
     records, failures, no_face = [], [], []
-    for path in inputs:
-        name = path.stem if dup[path.stem] == 1 else f"{path.stem}_{path.suffix.lstrip('.').lower()}"
+    for path, name in zip(inputs, output_names(inputs)):
         try:
             image = load_image(path)
             aligned = align_faces(image, size, max_faces=max_faces, upsample=upsample, detector=detector)

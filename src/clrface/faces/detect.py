@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from clrface.data.io import MIN_SIDE
 from clrface.errors import ClrfaceError
 
 #: With an explicit ``upsample``, detection runs on a copy of the photo with at most this many
@@ -349,6 +350,8 @@ def detect_faces(image: np.ndarray, *, upsample: int | None = None, max_faces: i
     """
     img = _as_rgb_uint8(image)
     h, w = img.shape[:2]
+    if min(h, w) < MIN_SIDE:  # holds no face, and dlib's detectors abort the process on images a few px wide
+        return []
     if upsample is None:
         boxes, scores = detect_boxes(img, detector=detector, min_face=min_face, max_pixels=max_pixels)
         # faces dlib also finds in one call with its own doublings keep that box: the 68-point model fitted
