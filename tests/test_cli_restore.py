@@ -18,7 +18,7 @@ def _face_like(path: Path, size: int = 48, seed: int = 0) -> np.ndarray:
     return a
 
 
-def _huge_png_header(path: Path, w: int = 10_000, h: int = 10_000) -> None:
+def _huge_png_header(path: Path, w: int = 12_000, h: int = 12_000) -> None:
     """A PNG whose header claims w x h pixels (no pixel data): load_image must refuse it from the header."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -74,6 +74,11 @@ def test_no_face_photo_is_copied_with_a_warning(tmp_path, model_dir, capsys):
     assert np.array_equal(np.asarray(Image.open(out / "final" / "wall.png")), photo)
     assert json.loads((out / "report.json").read_text())["images"][0]["no_face"] is True
     assert not (out / "restored_faces").exists()
+    assert "--aligned" not in cap.err  # a wide picture: no hint
+    # a small square picture without a detected face is most likely a face crop: the warning says how to restore it
+    Image.fromarray(photo[:48, :48]).save(tmp_path / "crop.png")
+    assert main(["restore", str(tmp_path / "crop.png"), "-o", str(tmp_path / "o2"), "--model", str(model_dir)]) == 0
+    assert "if it is an aligned face crop, restore it as one: --aligned" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", ["corrupt", "tiny", "huge"])

@@ -43,8 +43,10 @@ PRESETS = ["bfr", "x32", "x64", "extreme", "gray"]
 def _add_degradation_args(p: argparse.ArgumentParser, item: str, size_help: str) -> None:
     """--preset, --seed and --size of the commands that degrade images (``item``: what the seeds number)."""
     p.add_argument("--preset", default="bfr", choices=PRESETS,
-                   help="degradation preset (paper Sec. 4.1; x32/x64: fixed x32/x64 at 512 px, i.e. x8/x16 at 128 px; "
-                        "extreme: x32..x64)")
+                   help="degradation preset, its ranges given for 512 px faces: bfr (paper Sec. 4.1: Gaussian blur "
+                        "sigma 0.1-10, downscale x1-x32, noise 0-20, JPEG q30-90), gray (bfr on a grayscale copy: the "
+                        "colorization task), x32/x64 (blur, a fixed x32/x64 downscale and noise, no JPEG: x8/x16 at "
+                        "128 px), extreme (the same at x32-x64); default bfr")
     p.add_argument("--seed", type=int, default=0, help=f"{item} i of the sorted input gets seed SEED+i")
     p.add_argument("--size", type=int_at_least(16), help=size_help)
 
@@ -57,7 +59,13 @@ def _summary(manifest: dict, done: str) -> int:
 
 
 def _add_degrade(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("degrade", help="apply the synthetic BFR degradation (blur, downscale, noise, JPEG) to images")
+    p = sub.add_parser(
+        "degrade", help="apply the synthetic BFR degradation (blur, downscale, noise, JPEG) to images",
+        description="Applies the paper's training degradation x_d = JPEG_q((x * k) downscaled by s + noise), "
+                    "upsampled back to the input's size, to an image or every image of a folder. Each image's "
+                    "drawn parameters are recorded (OUTPUT.json beside a single output, manifest.json in an output "
+                    "folder), so a degraded set can be rebuilt exactly. A folder's outputs are <stem>.png "
+                    "(<stem>_<ext>.png where two inputs share a stem); inputs are never overwritten.")
     p.add_argument("input", help="an image file or a folder of images")
     p.add_argument("output", help="output image (for a file input, .png/.jpg; the parameters go to the same "
                                   "name with .json beside it) or folder (the parameters go to its manifest.json)")
@@ -100,13 +108,23 @@ def _add_make_testset(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_align(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("align", help="detect faces and write FFHQ-aligned crops + faces.json (box, landmarks, affine)")
+    p = sub.add_parser(
+        "align", help="detect faces and write FFHQ-aligned crops + faces.json (box, landmarks, affine)",
+        description="Finds every face of a photo (or of each photo of a folder) with dlib, fits its 68 landmarks and "
+                    "writes the FFHQ-aligned crop as OUT/<stem>_<k>.png (k = 0 for the largest face), the crops "
+                    "`clrface restore --aligned` and the models take. OUT/faces.json records per face its box, "
+                    "landmarks, the FFHQ quad and the affine map from photo to crop. Photos that fail to load are "
+                    "reported and skipped (exit status 1); photos without a face are listed.")
     p.add_argument("input", help="a photo or a folder of photos")
     p.add_argument("out", help="output folder: <stem>_<k>.png crops and faces.json")
-    p.add_argument("--size", type=int_at_least(16), default=512, help="crop size in pixels (default 512)")
-    p.add_argument("--max-faces", type=positive_int, default=None, help="keep only the N largest faces per photo")
-    p.add_argument("--upsample", type=int_at_least(0), default=None,
-                   help="detector upsampling steps (default: automatic, doubles small photos)")
+    p.add_argument("--size", type=int_at_least(16), default=512,
+                   help="crop size in pixels, at least 16 (default 512; the models work at 128)")
+    p.add_argument("--max-faces", type=positive_int, default=None, metavar="N",
+                   help="keep only the N largest faces per photo (default: all)")
+    p.add_argument("--upsample", type=int_at_least(0), default=None, metavar="N",
+                   help="one detector pass with N doublings of the photo, for photos whose faces are known to be "
+                        "large (default: the multi-scale tiled search, which finds faces from 32 px wide at any "
+                        "photo size)")
     p.add_argument("--detector", choices=["hog", "cnn"], default="hog", help="dlib HOG (fast) or CNN mmod (slower)")
     p.add_argument("--recursive", action="store_true", help="also look into sub-folders")
 

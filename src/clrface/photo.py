@@ -190,8 +190,11 @@ def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions
     found = align_faces(img, s, max_faces=o.max_faces, resample="bicubic")
     base = restorer.background(img, u)
     if not found:
+        # the detector needs some context around a face: one that fills a small square picture is an aligned crop
+        crop_like = max(h, w) <= 2 * s and 0.8 <= w / h <= 1.25
+        hint = " (if it is an aligned face crop, restore it as one: --aligned, aligned=True)" if crop_like else ""
         return RestoreResult([base.copy() for _ in range(o.samples)], [], no_face=True,
-                             warnings=["no face found; returned unchanged"])
+                             warnings=[f"no face found; returned unchanged{hint}"])
     crops = np.stack([c for c, _ in found])
     rows, refs, ref_warnings = (None, [None] * len(crops), []) if reference is None else \
         reference_rows(restorer, crops, reference, reference_policy)

@@ -53,7 +53,7 @@ MAX_REFERENCES = 5
 
 @dataclass(frozen=True)
 class ServeLimits:
-    """max_bytes: upload size; max_pixels: the photo's W*H (below load_image's 60 MP default: a server should
+    """max_bytes: upload size; max_pixels: the photo's W*H (below load_image's 120 MP default: a server should
     stay small); max_steps: sampler steps a request may ask for; max_evaluations: faces x network evaluations per
     face (:func:`evaluations_per_face`) a request may cost; send_seconds: time a client has to take its answer."""
 

@@ -125,10 +125,18 @@ def test_degrade_files_single_folder_and_no_overwrite(face_dir: Path, tmp_path: 
 
     Image.fromarray(face(9)).save(face_dir / "001.jpg")  # same stem as 001.png
     (face_dir / "bad.png").write_bytes(b"")
-    m = degrade_files(face_dir, tmp_path / "out", "gray", seed=0, size=32)
+    Image.fromarray(face(8)[:, :40]).save(face_dir / "wide.png")  # 40x64: stretched to 32x32, with a warning
+    logged = []
+    m = degrade_files(face_dir, tmp_path / "out", "gray", seed=0, size=32, log=logged.append)
     outs = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert "001.jpg.png" in outs and "001.png.png" in outs and "manifest.json" in outs
-    assert len(m["images"]) == 6 and len(m["failures"]) == 1 and "empty" in m["failures"][0]["error"]
+    assert "001_jpg.png" in outs and "001_png.png" in outs and "manifest.json" in outs  # the names restore gives
+    assert [line for line in logged if "stretched" in line] == [
+        f"clrface: warning: {face_dir / 'wide.png'}: 40x64 stretched to 32x32 (--size makes images square; crop it "
+        "square first to keep its proportions)"]
+    with pytest.raises(ClrfaceError, match="a folder input writes a folder of images"):
+        degrade_files(face_dir, tmp_path / "f2.png", "bfr")
+    (face_dir / "wide.png").unlink()
+    assert len(m["images"]) == 7 and len(m["failures"]) == 1 and "empty" in m["failures"][0]["error"]
     assert all(e["size"] == 32 and e["params"]["gray"] for e in m["images"])
 
 

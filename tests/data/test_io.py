@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -188,9 +189,12 @@ def test_decompression_bomb_refused_before_decoding(tmp_path):
     (tmp_path / "bomb.png").write_bytes(_png_header_only(100_000, 100_000))  # 10 GP, beyond PIL's own limit
     with pytest.raises(ImageError, match="too large"):
         load_image(tmp_path / "bomb.png")
-    (tmp_path / "big.png").write_bytes(_png_header_only(9_000, 9_000))  # 81 MP: under PIL's error, over our cap
-    with pytest.raises(ImageError, match="81 MP exceeds the 60 MP cap"):
+    (tmp_path / "big.png").write_bytes(_png_header_only(11_000, 11_000))  # 121 MP: under PIL's error, over our cap
+    with pytest.raises(ImageError, match=r"11000x11000 = 121.0 MP exceeds the 120 MP cap"):
         load_image(tmp_path / "big.png")
+    (tmp_path / "a7r.png").write_bytes(_png_header_only(9_504, 6_336))  # a 61 MP camera frame: read, then truncated
+    with pytest.raises(ImageError, match="unreadable or corrupt"):
+        load_image(tmp_path / "a7r.png")
     save_image(tmp_path / "ok.png", _rgb(40, 40))
     with pytest.raises(ImageError, match="too large"):
         load_image(tmp_path / "ok.png", max_pixels=1000)
@@ -327,3 +331,15 @@ def test_load_image_converts_a_wide_gamut_profile_to_srgb(tmp_path):
     assert np.array_equal(load_image(tmp_path / "plain.png"), px)  # no profile: taken as sRGB
     Image.fromarray(px).save(tmp_path / "broken.png", icc_profile=b"not a profile")
     assert np.array_equal(load_image(tmp_path / "broken.png"), px)
+
+
+def test_mpo_pictures_are_not_frames_and_corrupt_exif_is_quiet(tmp_path):
+    face, preview = Image.fromarray(_rgb(32, 32)), Image.fromarray(_rgb(16, 16))
+    face.save(tmp_path / "two.jpg", format="MPO", save_all=True, append_images=[preview])  # a phone's gain map
+    assert Image.open(tmp_path / "two.jpg").n_frames == 2
+    assert transparency_and_frames(tmp_path / "two.jpg") == (None, 1)
+    face.save(tmp_path / "exif.jpg", exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05\x01\x12\x00\x03")  # cut short
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's "Corrupt EXIF data" would fail the test
+        assert load_image(tmp_path / "exif.jpg").shape == (32, 32, 3)
+        assert transparency_and_frames(tmp_path / "exif.jpg") == (None, 1)

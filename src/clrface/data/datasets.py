@@ -221,10 +221,11 @@ def degrade_files(
     """Degrades one image or every image of a folder (the ``clrface degrade`` command).
 
     A file with an image-suffixed ``out`` writes that file plus ``<out>.json``; otherwise ``out`` is a
-    folder receiving ``<stem>.png`` per image and ``manifest.json``. Image i (sorted) uses seed
-    ``seed + i``; the preset is scaled to ``size`` (images resized to size x size first) or, without
-    ``size``, to each image's shorter side. In a folder run failures are logged, listed and skipped (a
-single file raises); inputs are never overwritten.
+    folder receiving ``<name>.png`` per image (:func:`clrface.data.io.output_names`: the stem, ``a_jpg`` where
+    stems clash) and ``manifest.json``. Image i (sorted) uses seed ``seed + i``; the preset is scaled to ``size``
+    (images resized to size x size first, a non-square one stretched, with a warning) or, without ``size``, to
+    each image's shorter side. In a folder run failures are logged, listed and skipped (a single file raises);
+    inputs are never overwritten.
     Returns the manifest.
     """
     inp, out = Path(inp), Path(out)
@@ -232,13 +233,13 @@ single file raises); inputs are never overwritten.
     if not files:
         raise ClrfaceError(f"{inp}: no images found")
     single = inp.is_file() and out.suffix.lower() in IMAGE_EXTENSIONS  # save_image rejects e.g. .webp
+    if inp.is_dir() and out.suffix.lower() in IMAGE_EXTENSIONS:
+        raise ClrfaceError(f"{out}: a folder input writes a folder of images; give a folder name, not an image file")
     if single:
         targets = [out]
         manifest_path = out.with_suffix(".json")
     else:
-        stems = [f.stem for f in files]
-        # a.jpg and a.png would both become a.png: keep the full name for clashing stems
-        targets = [out / (f.stem + ".png" if stems.count(f.stem) == 1 else f.name + ".png") for f in files]
+        targets = [out / f"{name}.png" for name in output_names(files)]
         manifest_path = out / "manifest.json"
     for t in [*targets, manifest_path]:
         ensure_not_input(t, files)
@@ -246,7 +247,11 @@ single file raises); inputs are never overwritten.
     images, failures = [], []
     for i, (f, t) in enumerate(zip(files, targets)):
         try:
-            img = _resize_square(load_image(f), size)
+            img = load_image(f)
+            if size is not None and img.shape[0] != img.shape[1] and log:
+                log(f"clrface: warning: {f}: {img.shape[1]}x{img.shape[0]} stretched to {size}x{size} (--size "
+                    "makes images square; crop it square first to keep its proportions)")
+            img = _resize_square(img, size)
             cfg = cfg0.scale_to(size or min(img.shape[:2]))
             lq, params = degrade(img, cfg, seed + i)
             save_image(t, lq, inputs=files)

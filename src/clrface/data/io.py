@@ -30,10 +30,10 @@ from clrface.errors import ClrfaceError, ImageError
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 
-#: Default pixel cap: a 60 MP photo is ~180 MB as uint8 RGB and already bigger than any camera
-#: output we expect; anything larger is almost certainly a decompression bomb or a scan at
+#: Default pixel cap: 120 MP holds the largest camera files (61 MP full frame, 102 MP medium format) and a
+#: 2-face 42 MP photo peaks at ~3.7 GB; anything larger is almost certainly a decompression bomb or a scan at
 #: absurd dpi, which would exhaust memory in detection and paste-back.
-MAX_PIXELS = 60_000_000
+MAX_PIXELS = 120_000_000
 #: Smaller than this no face can be found or restored.
 MIN_SIDE = 16
 
@@ -89,12 +89,14 @@ def load_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS, min_sid
     # checked from the header before any pixel is decoded.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        # damaged EXIF costs only the orientation tag; the pixels load, so PIL's warnings are noise here
+        warnings.filterwarnings("ignore", message=".*orrupt EXIF", category=UserWarning)
         try:
             with Image.open(p) as im:
                 w, h = im.size
                 if w * h > max_pixels:
-                    raise ImageError(p, f"too large: {w}x{h} = {w * h / 1e6:.0f} MP exceeds the "
-                                        f"{max_pixels / 1e6:.0f} MP cap")
+                    raise ImageError(p, f"too large: {w}x{h} = {w * h / 1e6:.1f} MP exceeds the "
+                                        f"{max_pixels / 1e6:g} MP cap")
                 if min(w, h) < min_side:
                     raise ImageError(p, f"too small: {w}x{h}, need at least {min_side} px on each side")
                 im.load()
@@ -115,11 +117,14 @@ def load_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS, min_sid
 def transparency_and_frames(path: str | os.PathLike) -> tuple[np.ndarray | None, int]:
     """What :func:`load_image` drops of a readable image file: its transparency as uint8 [H, W] upright (None
     where every pixel is opaque) and its number of frames (an animated GIF or WebP has several)."""
-    with Image.open(path) as im:
-        frames = int(getattr(im, "n_frames", 1))
-        if not (im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info):
-            return None, frames
-        alpha = np.asarray(ImageOps.exif_transpose(im).convert("RGBA").getchannel("A"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*orrupt EXIF", category=UserWarning)
+        with Image.open(path) as im:
+            # an MPO's further pictures (a phone's gain map, a camera's preview) are not frames of an animation
+            frames = 1 if im.format == "MPO" else int(getattr(im, "n_frames", 1))
+            if not (im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info):
+                return None, frames
+            alpha = np.asarray(ImageOps.exif_transpose(im).convert("RGBA").getchannel("A"))
     return (None if alpha.min() == 255 else alpha), frames
 
 
