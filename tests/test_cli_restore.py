@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import clrface.photo
 from clrface.cli import build_parser, main
+from clrface.errors import ClrfaceError
 from clrface.model_folder import merged_spec, package_weights, read_spec
-from clrface.options import FidelityMap
+from clrface.options import FidelityMap, RestoreOptions
 
 
 def _face_like(path: Path, size: int = 48, seed: int = 0) -> np.ndarray:
@@ -155,3 +157,17 @@ def test_demo_writes_the_comparison(tmp_path, model_dir, capsys):
     first = np.asarray(Image.open(tmp_path / "demo" / "degraded.png"))
     main(["demo", "-o", str(tmp_path / "demo2"), "--model", str(model_dir), "--steps", "1"])
     assert np.array_equal(first, np.asarray(Image.open(tmp_path / "demo2" / "degraded.png")))
+
+
+def test_min_face_reaches_the_photo_search(tmp_path, model_dir, monkeypatch):
+    seen = []
+    monkeypatch.setattr(clrface.photo, "align_faces", lambda *a, **k: seen.append(k["min_face"]) or [])
+    _face_like(tmp_path / "a.png", size=64)
+    for extra, want in (([], 32), (["--min-face", "80"], 80)):
+        assert main(["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / f"o{want}"), "--model", str(model_dir),
+                     *extra]) == 0
+        assert seen.pop() == want
+    with pytest.raises(SystemExit):
+        main(["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "o8"), "--min-face", "8"])
+    with pytest.raises(ClrfaceError, match="min_face must be an integer number of pixels >= 16"):
+        RestoreOptions(min_face=8)

@@ -237,7 +237,7 @@ class OnnxRestorer:
     def options(self, **overrides: Any) -> RestoreOptions:
         """The model's default options (restore.json at export), then ``overrides`` that are not None. The runtime
         honours fidelity, steps, sampler, sigma_start, guidance_scale, irn_tone, irn_detail(_octaves), seed, samples,
-        mode and batch_size; the photo-level fields (upscale, max_faces, color) belong to the torch path."""
+        mode and batch_size; the photo-level fields (upscale, max_faces, min_face, color) belong to the torch path."""
         return RestoreOptions.for_model(self.defaults, self.resolution, **overrides)
 
     def _run(self, name: str, **inputs: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ from clrface.data.io import MIN_SIDE, to_model_range, to_uint8
 from clrface.errors import ClrfaceError
 from clrface.faces.align import align_faces
 from clrface.faces.detail import input_face, keep_input_detail, photo_blockiness
+from clrface.faces.detect import DETECT_MIN_FACE
 from clrface.faces.paste import paste_faces
 from clrface.options import RestoreOptions
 from clrface.reference import Reference, ReferencePolicy, assign_reference
@@ -187,7 +188,7 @@ def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions
                                    "face is distorted (crop it square, or restore it as a photo, not aligned)"]
         return RestoreResult(images, [face], warnings=shape + ref_warnings, sampling=out.sampling.as_dict())
     # bicubic warp + bicubic paste: the round trip keeps > 47 dB on every real_lq photo (docs/RESULTS.md)
-    found = align_faces(img, s, max_faces=o.max_faces, resample="bicubic")
+    found = align_faces(img, s, max_faces=o.max_faces, resample="bicubic", min_face=o.min_face or DETECT_MIN_FACE)
     base = restorer.background(img, u)
     if not found:
         # the detector needs some context around a face: one that fills a small square picture is an aligned crop

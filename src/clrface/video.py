@@ -284,7 +284,8 @@ class VideoRestorer:
             return res.image, len(res.faces)
         r, o, c = self.restorer, self.options, self.config
         s, u = r.resolution, o.upscale
-        tracks = self.tracker.update(t, detect_faces(frame, max_faces=o.max_faces, min_face=VIDEO_MIN_FACE))
+        tracks = self.tracker.update(t, detect_faces(frame, max_faces=o.max_faces,
+                                                             min_face=o.min_face or VIDEO_MIN_FACE))
         base = r.background(frame, u)
         if not tracks:
             return base, 0

@@ -32,7 +32,7 @@ from PIL import Image
 
 from clrface.data.io import load_image, output_names, save_image
 from clrface.errors import ClrfaceError
-from clrface.faces.detect import Face, detect_faces
+from clrface.faces.detect import DETECT_MIN_FACE, Face, detect_faces
 
 
 @dataclass
@@ -252,14 +252,16 @@ def align_face(image: np.ndarray, face: Face, size: int = 512, *, supersample: i
 
 def align_faces(image: np.ndarray, size: int = 512, *, max_faces: int | None = None, upsample: int | None = None,
                 detector: str = "hog", supersample: int = 4, resample: str = "bilinear",
-                ) -> list[tuple[np.ndarray, AlignedFace]]:
-    """Detect, landmark and FFHQ-align every face of ``image: uint8 [H, W, 3]``, largest first."""
-    faces = detect_faces(image, upsample=upsample, max_faces=max_faces, detector=detector)
+                min_face: float = DETECT_MIN_FACE) -> list[tuple[np.ndarray, AlignedFace]]:
+    """Detect, landmark and FFHQ-align every face of ``image: uint8 [H, W, 3]``, largest first (faces from
+    ``min_face`` px wide: :func:`clrface.faces.detect.detect_faces`)."""
+    faces = detect_faces(image, upsample=upsample, max_faces=max_faces, detector=detector, min_face=min_face)
     return [align_face(image, f, size, supersample=supersample, resample=resample) for f in faces]
 
 
 def align_files(inputs: list, out_dir, size: int = 512, *, max_faces: int | None = None, upsample: int | None = None,
-                detector: str = "hog", log=None) -> tuple[list[dict], list[str], list[str]]:
+                detector: str = "hog", min_face: float = DETECT_MIN_FACE, log=None
+                ) -> tuple[list[dict], list[str], list[str]]:
     """Aligns every face of every input photo into ``out_dir/<stem>_<k>.png`` + ``out_dir/faces.json``.
 
     Returns (records, failures, no_face): one record per face (the JSON entries), one line per
@@ -275,7 +277,8 @@ def align_files(inputs: list, out_dir, size: int = 512, *, max_faces: int | None
     for path, name in zip(inputs, output_names(inputs)):
         try:
             image = load_image(path)
-            aligned = align_faces(image, size, max_faces=max_faces, upsample=upsample, detector=detector)
+            aligned = align_faces(image, size, max_faces=max_faces, upsample=upsample, detector=detector,
+                                  min_face=min_face)
             if not aligned:
                 no_face.append(str(path))
                 if log:
