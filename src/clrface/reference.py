@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from clrface.data.io import list_images, load_image, to_model_range
+from clrface.data.io import array_to_rgb_uint8, list_images, load_image, to_model_range
 from clrface.errors import ClrfaceError
 from clrface.faces.align import align_faces
 
@@ -112,11 +112,9 @@ def reference_crops(images: Sequence[str | os.PathLike | np.ndarray], size: int,
     crops, names = [], []
     for name, src in items:
         try:
-            photo = load_image(src) if isinstance(src, Path) else np.asarray(src)
+            photo = load_image(src) if isinstance(src, Path) else array_to_rgb_uint8(src)
         except ClrfaceError as e:  # say that the bad file is a reference, not an input
             raise ClrfaceError(f"reference {e}") from None
-        if photo.dtype != np.uint8 or photo.ndim != 3 or photo.shape[2] != 3:
-            raise ClrfaceError(f"reference {name}: needs uint8 [H, W, 3], got {photo.dtype} {photo.shape}")
         if aligned:
             crops.append(np.asarray(Image.fromarray(photo).resize((size, size), Image.Resampling.LANCZOS)))
         else:
