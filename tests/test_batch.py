@@ -208,6 +208,28 @@ def test_transparency_is_kept_and_an_animation_is_named(tmp_path, model_dir, cap
         in err.splitlines()
 
 
+def test_ext_jpg_writes_whole_photos_as_jpeg_and_says_what_it_drops(tmp_path, model_dir, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(np.dstack([rgb, np.full((40, 40), 128, np.uint8)])).save(src / "cutout.png")
+    Image.fromarray(rgb).save(src / "plain.png")
+    out = tmp_path / "out"
+    args = ["restore", str(src), "-o", str(out), "--model", str(model_dir), "--aligned", "--steps", "1"]
+    assert main([*args, "--ext", "jpg"]) == 0
+    err = capsys.readouterr().err
+    assert sorted(p.name for p in (out / "final").iterdir()) == ["cutout.jpg", "plain.jpg"]
+    jpg = Image.open(out / "final" / "plain.jpg")
+    assert jpg.format == "JPEG" and jpg.mode == "RGB" and jpg.size == (40, 40)
+    assert f"clrface: warning: {src / 'cutout.png'}: its transparency is not kept in JPG (--ext png keeps it)" \
+        in err.splitlines()
+    assert sorted(p.name for p in (out / "restored_faces").iterdir()) == ["cutout_0.png", "plain_0.png"]
+    # the same options but PNG: another result, so the run redoes both inputs instead of skipping them
+    assert main(args) == 0
+    assert "already done" not in capsys.readouterr().out
+    assert {p.name for p in (out / "final").iterdir()} >= {"cutout.png", "plain.png"}
+
+
 def test_a_run_refused_for_its_options_leaves_no_output_folder(tmp_path, model_dir, capsys):
     _crop(tmp_path / "a.png", seed=0)
     out = tmp_path / "new" / "out"

@@ -31,7 +31,7 @@ from clrface.data.io import (
     transparency_and_frames,
 )
 from clrface.errors import ClrfaceError
-from clrface.options import RestoreOptions
+from clrface.options import FINAL_EXTS, RestoreOptions
 from clrface.photo import restore_photo, side_by_side
 from clrface.reference import Reference, ReferencePolicy
 from clrface.restorer import Restorer
@@ -139,16 +139,16 @@ def write_atomic(path: Path, text: str) -> None:
 
 def restore_input(path: Path, name: str, out: Path, restorer: Restorer, options: RestoreOptions, aligned: bool,
                   inputs: list[Path], emit: Callable[[str], None], stabilize: bool = True, keep_detail: bool = True,
-                  reference: Reference | None = None, reference_policy: ReferencePolicy = ReferencePolicy()
-                  ) -> dict[str, Any]:
-    """Restores one photo or video into ``out`` and returns its report record."""
+                  reference: Reference | None = None, reference_policy: ReferencePolicy = ReferencePolicy(),
+                  final_ext: str = "png") -> dict[str, Any]:
+    """Restores one photo or video into ``out`` and returns its report record (whole photos as ``final_ext``)."""
     t0 = time.perf_counter()
 
     def sfx(j: int) -> str:
         return f"_s{j}" if options.samples > 1 else ""
 
     # before any work: a result that would land on an input (e.g. restoring OUT/final into OUT again)
-    for final in [f"{name}.mp4"] if is_video(path) else [f"{name}{sfx(j)}.png" for j in range(options.samples)]:
+    for final in [f"{name}.mp4"] if is_video(path) else [f"{name}{sfx(j)}.{final_ext}" for j in range(options.samples)]:
         ensure_not_input(out / "final" / final, inputs)
     if is_video(path):  # final/<name>.mp4; faces are detected per frame, so --aligned does not apply
         rec = restore_video(path, out / "final" / f"{name}.mp4", restorer, options, stabilize=stabilize,
@@ -165,13 +165,16 @@ def restore_input(path: Path, name: str, out: Path, restorer: Restorer, options:
     alpha, frames = transparency_and_frames(path)
     if frames > 1:
         res.warnings.append(f"an animated image: only the first of its {frames} frames was restored")
+    if alpha is not None and final_ext != "png":
+        res.warnings.append(f"its transparency is not kept in {final_ext.upper()} (--ext png keeps it)")
+        alpha = None
     rec: dict[str, Any] = {"input": str(path), "size": [int(photo.shape[1]), int(photo.shape[0])],
                            "no_face": res.no_face, "sampling": res.sampling, "faces": [], "final": []}
     for j, im in enumerate(res.images):
         if alpha is not None:  # the photo's transparency, at the final size (a cut-out portrait stays cut out)
             a = np.asarray(Image.fromarray(alpha).resize(im.shape[1::-1], Image.Resampling.BILINEAR))
             im = np.dstack([im, a])
-        rec["final"].append(str(save_image(out / "final" / f"{name}{sfx(j)}.png", im, inputs=inputs)))
+        rec["final"].append(str(save_image(out / "final" / f"{name}{sfx(j)}.{final_ext}", im, inputs=inputs)))
     for k, f in enumerate(res.faces):
         fr: dict[str, Any] = {"index": k, "box": [round(float(v), 2) for v in f.box],
                               "id_vs_irn": [round(v, 4) for v in f.id_vs_irn],
@@ -209,7 +212,7 @@ def restore_files(inputs: list[Path], out_dir: str | Path, restorer: Restorer, o
                   rank: int = 0, world: int = 1, barrier: Callable[[], None] = lambda: None,
                   overwrite: bool = False, stabilize: bool = True, keep_detail: bool = True,
                   ignored: Sequence[dict[str, str]] = (), reference: Reference | None = None,
-                  reference_policy: ReferencePolicy = ReferencePolicy()) -> dict[str, Any]:
+                  reference_policy: ReferencePolicy = ReferencePolicy(), final_ext: str = "png") -> dict[str, Any]:
     """Restores each input photo into ``out_dir``: cropped_faces/, restored_faces/, cmp/, final/, report.json.
 
     Videos (``clrface.video.VIDEO_EXTENSIONS``) go to ``final/<name>.mp4`` with their audio, every face of every
@@ -217,7 +220,8 @@ def restore_files(inputs: list[Path], out_dir: str | Path, restorer: Restorer, o
     keep the input's own detail where it has it (see clrface.photo.restore_photo; photos only). ``reference``
     guides the identity of the faces ``reference_policy`` gives it to (photos only; clrface.reference).
 
-    Files: ``<name>_<k>.png`` per face k (``_s<j>`` appended per sample when samples > 1), ``final/<name>.png``;
+    Files: ``<name>_<k>.png`` per face k (``_s<j>`` appended per sample when samples > 1), ``final/<name>.png``
+    (``.jpg`` with ``final_ext="jpg"``: quality 95, 4:4:4 chroma, no transparency);
     ``<name>`` from ``output_names``, unique per input. Images and report.json are written under a temporary name
     and renamed, so a kill never leaves a truncated file. Unreadable inputs and write errors (``OSError``: disk
     full, permissions) are reported through ``log`` and recorded under ``failures``, and the run goes on with the
@@ -237,6 +241,9 @@ def restore_files(inputs: list[Path], out_dir: str | Path, restorer: Restorer, o
     emit = log or (lambda line: tqdm.write(line, file=sys.stderr))
     key = run_key(restorer, options, aligned) + ("" if stabilize else " no-stabilize")
     key += " keep-detail" if keep_detail else ""
+    if final_ext not in FINAL_EXTS:
+        raise ClrfaceError(f"final_ext must be one of {', '.join(FINAL_EXTS)}, got {final_ext!r}")
+    key += "" if final_ext == "png" else f" final {final_ext}"
     if reference is not None:  # another reference (or policy) is another result
         key += f" reference {reference.embedding.tolist()} {asdict(reference_policy)}"
     done = out / DONE_DIR
@@ -293,7 +300,7 @@ def restore_files(inputs: list[Path], out_dir: str | Path, restorer: Restorer, o
         try:
             stamp = input_stamp(path)  # before reading: a file replaced during its restore is redone next time
             rec = restore_input(path, name, out, restorer, options, aligned, inputs, emit, stabilize, keep_detail,
-                                reference, reference_policy)
+                                reference, reference_policy, final_ext)
             write_atomic(done / f"{name}.done.json", json.dumps({"key": key, "source": stamp, "record": rec}))
         except (ClrfaceError, MemoryError, OSError) as e:
             if isinstance(e, ClrfaceError):

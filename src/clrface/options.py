@@ -37,6 +37,8 @@ DIFFUSION_MODES = ("full", "prior")
 SAMPLER_NAMES = ("heun", "euler", "dpmpp_2m")
 """The ODE solvers of ``clrface.diffusion.sampler.SAMPLERS`` (a test keeps the two in step)."""
 COLOR_MODES = ("auto", "keep", "full")
+#: Formats of the whole photos in final/: PNG (lossless, transparency kept) or JPEG (quality 95, 4:4:4 chroma).
+FINAL_EXTS = ("png", "jpg")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 """Compute precisions; ``--dtype`` also takes "auto" (see ``clrface.device.auto_dtype``)."""
 MAX_UPSCALE = 8
