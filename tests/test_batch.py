@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
+import clrface.batch
 from clrface.batch import restore_files
 from clrface.cli import main
 from clrface.errors import ClrfaceError
@@ -250,3 +251,13 @@ def test_a_result_that_would_land_on_its_input_fails_before_the_work(tmp_path, m
     err = capsys.readouterr().err
     assert rc == 1 and "refusing to overwrite the input file" in err
     assert (out / "final" / "a.png").read_bytes() == before
+
+
+def test_a_large_photo_says_the_search_takes_a_while(tmp_path, model_dir, capsys, monkeypatch):
+    monkeypatch.setattr(clrface.batch, "LARGE_PHOTO_MP", 0.001)  # 40 x 40 = 0.0016 MP counts as large here
+    _crop(tmp_path / "p.png", seed=0)
+    assert main(["restore", str(tmp_path / "p.png"), "-o", str(tmp_path / "o"), "--model", str(model_dir)]) == 0
+    assert (f"clrface: {tmp_path / 'p.png'}: 0.0 MP; searching it for faces takes a while (--min-face 64 searches "
+            "~3.5x faster when its faces are larger)") in capsys.readouterr().err.splitlines()
+    main(["restore", str(tmp_path / "p.png"), "-o", str(tmp_path / "o2"), "--model", str(model_dir), "--aligned"])
+    assert "takes a while" not in capsys.readouterr().err  # a crop is not searched

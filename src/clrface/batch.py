@@ -39,6 +39,8 @@ from clrface.video import restore_video
 from clrface.video_io import is_video, list_media, probe_video
 
 DONE_DIR = ".clrface-done"
+#: From this size a photo's face search takes ~15 s or more on one core (docs/detection.md): say so before it starts.
+LARGE_PHOTO_MP = 10.0
 """Per-input completion records under the output folder: a rerun with the same model and options skips inputs
 whose record exists (resumable after a kill); records are written only after all of an input's files."""
 
@@ -160,6 +162,10 @@ def restore_input(path: Path, name: str, out: Path, restorer: Restorer, options:
             emit(f"clrface: warning: {path}: {wmsg}")
         return rec
     photo = load_image(path)
+    megapixels = photo.shape[0] * photo.shape[1] / 1e6
+    if megapixels >= LARGE_PHOTO_MP and not aligned:  # minutes without output otherwise (no bar for one input)
+        emit(f"clrface: {path}: {megapixels:.1f} MP; searching it for faces takes a while"
+             + ("" if options.min_face else " (--min-face 64 searches ~3.5x faster when its faces are larger)"))
     res = restore_photo(restorer, photo, options, aligned=aligned, keep_detail=keep_detail, reference=reference,
                         reference_policy=reference_policy)
     alpha, frames = transparency_and_frames(path)
