@@ -63,6 +63,24 @@ def test_resize_tf1_bilinear_closed_form():
     assert y[0, 0, :, 1].tolist() == pytest.approx([5.0] * 4, abs=1e-5)
 
 
+def test_resize_tf1_bilinear_128_to_299_matches_a_numpy_reference():
+    # the size the FID protocol uses: TF1's separable interpolation written out in float64
+    x = torch.from_numpy(np.random.default_rng(0).uniform(0, 255, (1, 2, 128, 128)))
+
+    def weights(n_in: int, n_out: int) -> np.ndarray:
+        src = np.arange(n_out) * (n_in / n_out)
+        lo = np.floor(src).astype(int)
+        hi, frac = np.minimum(lo + 1, n_in - 1), src - lo
+        m = np.zeros((n_out, n_in))
+        m[np.arange(n_out), lo] += 1 - frac
+        m[np.arange(n_out), hi] += frac
+        return m
+
+    m = weights(128, 299)
+    want = np.einsum("oh,bchw,pw->bcop", m, x.numpy(), m)
+    np.testing.assert_allclose(resize_tf_bilinear(x, 299).numpy(), want, atol=1e-9)
+
+
 class _MeanColour(torch.nn.Module):
     """Stands in for Inception: 4 features per image, counts its calls."""
 
