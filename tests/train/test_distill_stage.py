@@ -1,3 +1,4 @@
+import functools
 import math
 
 import pytest
@@ -5,7 +6,9 @@ import torch
 
 from clrface.data.datasets import load_face_folder
 from clrface.diffusion.prior import load_prior
+from clrface.diffusion.sampler import euler, sample
 from clrface.diffusion.schedule import ScheduleConfig, sigmas_from
+from clrface.metrics.psnr_ssim import psnr
 from clrface.model_folder import load_model_folder
 from clrface.train.distill import (
     DistillStage,
@@ -65,6 +68,13 @@ def test_stage_trajectories_training_and_export(tiny_models, tmp_path, tiny_mode
     assert math.isfinite(first) and loss.item() < 0.5 * first
     logs = stage.validate(student.eval(), 0, out)
     assert {"latent_mse@1", "latent_mse@2", "latent_mse@4", "psnr@1", "psnr_teacher"} <= set(logs)
+    with torch.no_grad():  # the teacher's row: its trajectory's end decoded, against the ground truth
+        teacher_img = stage.teacher.decode(stage.val_teacher).clamp(-1, 1).cpu()
+        one_step = sample(euler, functools.partial(student, cond=stage.val_zd), stage.val_zid,
+                          sigmas_from(stage.schedule, cfg.val_sigma_start, 1), sigma_start=cfg.val_sigma_start,
+                          noise=stage.val_noise)
+    assert logs["psnr_teacher"] == pytest.approx(psnr(teacher_img, stage.val_gt).mean().item(), abs=1e-9)
+    assert logs["latent_mse@1"] == pytest.approx((one_step - stage.val_teacher).square().mean().item(), rel=1e-6)
     assert (out / "val" / "0000000.png").is_file()
     stage.export(student, tmp_path / "student")
     loaded = load_prior(tmp_path / "student")
