@@ -149,11 +149,12 @@ def restore_input(path: Path, name: str, out: Path, restorer: Restorer, options:
     def sfx(j: int) -> str:
         return f"_s{j}" if options.samples > 1 else ""
 
-    # before any work: a result that would land on an input (e.g. restoring OUT/final into OUT again)
-    for final in [f"{name}.mp4"] if is_video(path) else [f"{name}{sfx(j)}.{final_ext}" for j in range(options.samples)]:
-        ensure_not_input(out / "final" / final, inputs)
+    finals = [out / "final" / (f"{name}.mp4" if is_video(path) else f"{name}{sfx(j)}.{final_ext}")
+              for j in range(1 if is_video(path) else options.samples)]
+    for final in finals:  # before any work: a result that would land on an input (restoring OUT/final into OUT)
+        ensure_not_input(final, inputs)
     if is_video(path):  # final/<name>.mp4; faces are detected per frame, so --aligned does not apply
-        rec = restore_video(path, out / "final" / f"{name}.mp4", restorer, options, stabilize=stabilize,
+        rec = restore_video(path, finals[0], restorer, options, stabilize=stabilize,
                             inputs=inputs, progress=False)
         rec.update(video=True, no_face=rec["frames_without_face"] == rec["frames"], faces=[])
         rec["warnings"] += ["--aligned does not apply to videos: faces are detected per frame"] if aligned else []
@@ -180,7 +181,7 @@ def restore_input(path: Path, name: str, out: Path, restorer: Restorer, options:
         if alpha is not None:  # the photo's transparency, at the final size (a cut-out portrait stays cut out)
             a = np.asarray(Image.fromarray(alpha).resize(im.shape[1::-1], Image.Resampling.BILINEAR))
             im = np.dstack([im, a])
-        rec["final"].append(str(save_image(out / "final" / f"{name}{sfx(j)}.{final_ext}", im, inputs=inputs)))
+        rec["final"].append(str(save_image(finals[j], im, inputs=inputs)))
     for k, f in enumerate(res.faces):
         fr: dict[str, Any] = {"index": k, "box": [round(float(v), 2) for v in f.box],
                               "id_vs_irn": [round(v, 4) for v in f.id_vs_irn],

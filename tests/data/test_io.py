@@ -343,3 +343,13 @@ def test_mpo_pictures_are_not_frames_and_corrupt_exif_is_quiet(tmp_path):
         warnings.simplefilter("error")  # PIL's "Corrupt EXIF data" would fail the test
         assert load_image(tmp_path / "exif.jpg").shape == (32, 32, 3)
         assert transparency_and_frames(tmp_path / "exif.jpg") == (None, 1)
+
+
+def test_an_image_above_pils_bomb_warning_but_under_our_cap_reads_quietly(tmp_path, monkeypatch):
+    # PIL warns from 89 MP; our cap is 120 MP: a 100 MP photo must not print PIL's warning anywhere it is read
+    save_image(tmp_path / "p.png", _rgb(32, 32))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600)  # 1,024 px: over PIL's warning, under its error (x2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_image(tmp_path / "p.png").shape == (32, 32, 3)
+        assert transparency_and_frames(tmp_path / "p.png") == (None, 1)

@@ -18,7 +18,7 @@ import io
 import os
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +66,17 @@ def to_uint8(x: torch.Tensor, *, channels_last: bool = True) -> torch.Tensor:
     return (u.permute(0, 2, 3, 1) if channels_last else u).cpu()
 
 
+@contextlib.contextmanager
+def _quiet_pil() -> Iterator[None]:
+    """Reading an image without PIL's warnings that mean nothing here: its decompression-bomb warning (it fires from
+    89 MP; ``load_image`` applies ``MAX_PIXELS`` from the header instead, and PIL still raises above 179 MP) and
+    damaged EXIF (it costs only the orientation tag; the pixels load)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.filterwarnings("ignore", message=".*orrupt EXIF", category=UserWarning)
+        yield
+
+
 def load_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE) -> np.ndarray:
     """Reads an image file as ``uint8 [H, W, 3]`` RGB, upright (EXIF orientation applied).
 
@@ -85,12 +96,7 @@ def load_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS, min_sid
         raise ImageError(p, f"cannot read ({e.strerror or e})") from e
     if size == 0:
         raise ImageError(p, "empty file (0 bytes)")
-    # PIL warns above MAX_IMAGE_PIXELS and raises above twice that; we apply our own cap instead,
-    # checked from the header before any pixel is decoded.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        # damaged EXIF costs only the orientation tag; the pixels load, so PIL's warnings are noise here
-        warnings.filterwarnings("ignore", message=".*orrupt EXIF", category=UserWarning)
+    with _quiet_pil():
         try:
             with Image.open(p) as im:
                 w, h = im.size
@@ -117,14 +123,12 @@ def load_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS, min_sid
 def transparency_and_frames(path: str | os.PathLike) -> tuple[np.ndarray | None, int]:
     """What :func:`load_image` drops of a readable image file: its transparency as uint8 [H, W] upright (None
     where every pixel is opaque) and its number of frames (an animated GIF or WebP has several)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*orrupt EXIF", category=UserWarning)
-        with Image.open(path) as im:
-            # an MPO's further pictures (a phone's gain map, a camera's preview) are not frames of an animation
-            frames = 1 if im.format == "MPO" else int(getattr(im, "n_frames", 1))
-            if not (im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info):
-                return None, frames
-            alpha = np.asarray(ImageOps.exif_transpose(im).convert("RGBA").getchannel("A"))
+    with _quiet_pil(), Image.open(path) as im:
+        # an MPO's further pictures (a phone's gain map, a camera's preview) are not frames of an animation
+        frames = 1 if im.format == "MPO" else int(getattr(im, "n_frames", 1))
+        if not (im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info):
+            return None, frames
+        alpha = np.asarray(ImageOps.exif_transpose(im).convert("RGBA").getchannel("A"))
     return (None if alpha.min() == 255 else alpha), frames
 
 
