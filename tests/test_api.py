@@ -5,8 +5,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+import clrface.device
 from clrface import Restorer
 from clrface.demo import demo_image
 from clrface.errors import ClrfaceError
@@ -61,3 +63,13 @@ def test_api_accepts_paths_and_pil_and_takes_overrides(tmp_path):
     for tiny in (np.zeros((0, 0, 3), np.uint8), np.full((300, 4, 3), 128, np.uint8), np.zeros((15, 15, 3), np.uint8)):
         with pytest.raises(ClrfaceError, match=r"a photo to restore is uint8 \[H, W, 3\] with H, W >= 16"):
             r.restore(tiny)
+
+
+def test_from_pretrained_takes_the_cli_dtype_names(monkeypatch):
+    monkeypatch.setattr(clrface.device, "native_bf16", lambda device, flags=None: True)
+    assert Restorer.from_pretrained("default", dtype="auto").dtype == torch.bfloat16
+    monkeypatch.setattr(clrface.device, "native_bf16", lambda device, flags=None: False)
+    assert Restorer.from_pretrained("default", dtype="auto").dtype == torch.float32
+    assert Restorer.from_pretrained("default", dtype="bfloat16").dtype == torch.bfloat16
+    with pytest.raises(ClrfaceError, match="dtype must be 'auto', one of float32, bfloat16, float16"):
+        Restorer.from_pretrained("default", dtype="half")

@@ -227,7 +227,7 @@ def test_ext_jpg_writes_whole_photos_as_jpeg_and_says_what_it_drops(tmp_path, mo
     assert sorted(p.name for p in (out / "restored_faces").iterdir()) == ["cutout_0.png", "plain_0.png"]
     # the same options but PNG: another result, so the run redoes both inputs instead of skipping them
     assert main(args) == 0
-    assert "already done" not in capsys.readouterr().out
+    assert "by an earlier run" not in capsys.readouterr().out
     assert {p.name for p in (out / "final").iterdir()} >= {"cutout.png", "plain.png"}
 
 
@@ -261,3 +261,33 @@ def test_a_large_photo_says_the_search_takes_a_while(tmp_path, model_dir, capsys
             "~3.5x faster when its faces are larger)") in capsys.readouterr().err.splitlines()
     main(["restore", str(tmp_path / "p.png"), "-o", str(tmp_path / "o2"), "--model", str(model_dir), "--aligned"])
     assert "takes a while" not in capsys.readouterr().err  # a crop is not searched
+
+
+def _files(out: Path) -> set[Path]:
+    return {f for d in ("final", "cropped_faces", "restored_faces", "cmp") for f in (out / d).glob("*")}
+
+
+def test_a_rerun_removes_what_the_earlier_result_of_a_name_had_and_this_one_has_not(tmp_path, restorer):
+    src = tmp_path / "in"
+    src.mkdir()
+    _crop(src / "x.png", seed=0)
+    out = tmp_path / "out"
+    first = restore_files([src / "x.png"], out, restorer, restorer.options(steps=1, mode="prior", samples=3), **QUIET)
+    assert _files(out) == clrface.batch.record_files(out, "x", first["images"][0])  # the record names every file
+    assert len(_files(out)) == 3 + 1 + 3 + 3  # final, input crop, restored and side-by-side per sample
+    again = restore_files([src / "x.png"], out, restorer, restorer.options(steps=1, mode="prior"), **QUIET)
+    assert {f.name for f in _files(out)} == {"x.png", "x_0.png"}  # final/, cropped_faces/, restored_faces/, cmp/
+    assert len(_files(out)) == 4 and _files(out) == clrface.batch.record_files(out, "x", again["images"][0])
+
+
+def test_stale_faces_go_but_never_an_input(tmp_path):
+    out = tmp_path / "out"
+    old = {"final": ["elsewhere/final/p.png"], "faces": [{"index": 0}, {"index": 1}, {"index": 2}]}
+    new = {"final": ["final/p.png"], "faces": [{"index": 0}]}
+    for f in clrface.batch.record_files(out, "p", old):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"x")
+    an_input = out / "cmp" / "p_2.png"  # restoring OUT/cmp into OUT: a file there may be an input
+    clrface.batch.remove_stale(out, "p", old, new, inputs=[an_input])
+    left = sorted(str(f.relative_to(out)) for f in _files(out))
+    assert left == ["cmp/p_0.png", "cmp/p_2.png", "cropped_faces/p_0.png", "final/p.png", "restored_faces/p_0.png"]

@@ -108,7 +108,7 @@ def summary_line(report: dict[str, Any], out_dir: str | Path, world: int = 1) ->
         return (f"nothing to do: the {n_ok} input(s) were already restored into {out_dir} with these options "
                 "(--overwrite redoes them)")
     no_face = sum(r["no_face"] for r in report["images"])
-    skipped = f", {report['skipped']} already done" if report["skipped"] else ""
+    skipped = f", {report['skipped']} of them by an earlier run" if report["skipped"] else ""
     ignored = f", {len(report['ignored'])} other file(s) not restored" if report.get("ignored") else ""
     procs = f" by {world} processes" if world > 1 else ""
     vids = [r for r in report["images"] if r.get("video")]
@@ -137,6 +137,30 @@ def write_atomic(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise
+
+
+def record_files(out: Path, name: str, record: dict[str, Any]) -> set[Path]:
+    """The files under ``out`` that the report record of the input named ``name`` says were written: its final
+    image(s) or video and, per face, the input crop and per sample the restored crop and side-by-side. From names,
+    not from the record's paths, which may be relative to another working folder."""
+    finals = record.get("final", [])
+    sfx = [f"_s{j}" for j in range(len(finals))] if len(finals) > 1 else [""]
+    files = {out / "final" / Path(f).name for f in finals}
+    for face in record.get("faces", []):
+        k = face["index"]
+        files.add(out / "cropped_faces" / f"{name}_{k}.png")
+        files.update(out / d / f"{name}_{k}{s}.png" for s in sfx for d in ("restored_faces", "cmp"))
+    return files
+
+
+def remove_stale(out: Path, name: str, old: dict[str, Any], new: dict[str, Any], inputs: list[Path]) -> None:
+    """Deletes what an earlier result under ``name`` wrote and this one did not (faces it no longer has, samples,
+    another final format), so the output folder shows one result per name. Never an input."""
+    keep = {p.resolve() for p in inputs}
+    for f in record_files(out, name, old) - record_files(out, name, new):
+        if f.resolve() not in keep:
+            with contextlib.suppress(OSError):
+                f.unlink(missing_ok=True)
 
 
 def restore_input(path: Path, name: str, out: Path, restorer: Restorer, options: RestoreOptions, aligned: bool,
@@ -301,7 +325,8 @@ def restore_files(inputs: list[Path], out_dir: str | Path, restorer: Restorer, o
     bar = tqdm(todo, desc="restore" if world == 1 else f"restore [{rank}/{world}]", unit="img",
                disable=not progress or len(todo) < 2, file=sys.stderr)
     for path, name in bar:
-        other = completion(name).get("source", {}).get("input")  # whose results the name holds now
+        earlier = completion(name)
+        other = earlier.get("source", {}).get("input")  # whose results the name holds now
         if other is not None and Path(other).resolve() != path.resolve():
             emit(f"clrface: warning: {path}: replaces the results of {other} (same output name {name})")
         try:
@@ -309,6 +334,8 @@ def restore_files(inputs: list[Path], out_dir: str | Path, restorer: Restorer, o
             rec = restore_input(path, name, out, restorer, options, aligned, inputs, emit, stabilize, keep_detail,
                                 reference, reference_policy, final_ext)
             write_atomic(done / f"{name}.done.json", json.dumps({"key": key, "source": stamp, "record": rec}))
+            if isinstance(earlier.get("record"), dict):
+                remove_stale(out, name, earlier["record"], rec, inputs)
         except (ClrfaceError, MemoryError, OSError) as e:
             if isinstance(e, ClrfaceError):
                 msg = str(e)

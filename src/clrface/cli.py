@@ -17,6 +17,7 @@ from clrface.options import (
     COLOR_MODES,
     DTYPE_NAMES,
     FINAL_EXTS,
+    MAX_UPSCALE,
     MIN_FACE_PX,
     MODES,
     SAMPLER_NAMES,
@@ -94,7 +95,12 @@ def _add_degrade(sub: argparse._SubParsersAction) -> None:
 
 def _add_make_testset(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("make-testset",
-                       help="build a fixed synthetic test set (gt/, lq/, manifest.json) from aligned faces")
+                       help="build a fixed synthetic test set (gt/, lq/, manifest.json) from aligned faces",
+                       description="Degrades every aligned face of SRC once, with a seed per face, and writes the "
+                                   "pairs as OUT/gt/ (the face resized to SIZE) and OUT/lq/ (its degraded copy) with "
+                                   "OUT/manifest.json (the preset and each face's degradation parameters): a test "
+                                   "set that every method is scored on with `clrface evaluate --pred ... --gt "
+                                   "OUT/gt`.")
     p.add_argument("src", help="folder of aligned square faces")
     p.add_argument("out", help="output folder")
     _add_degradation_args(p, "face", "resize faces to SIZE x SIZE (ranges scale to SIZE)")
@@ -121,12 +127,13 @@ def _add_align(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "align", help="detect faces and write FFHQ-aligned crops + faces.json (box, landmarks, affine)",
         description="Finds every face of a photo (or of each photo of a folder) with dlib, fits its 68 landmarks and "
-                    "writes the FFHQ-aligned crop as OUT/<stem>_<k>.png (k = 0 for the largest face), the crops "
+                    "writes the FFHQ-aligned crop as OUT/<name>_<k>.png (<name>: the photo's file name without "
+                    "its extension, <stem>_<ext> where two photos share a stem; k = 0 for the largest face), the crops "
                     "`clrface restore --aligned` and the models take. OUT/faces.json records per face its box, "
                     "landmarks, the FFHQ quad and the affine map from photo to crop. Photos that fail to load are "
                     "reported and skipped (exit status 1); photos without a face are listed.")
     p.add_argument("input", help="a photo or a folder of photos")
-    p.add_argument("out", help="output folder: <stem>_<k>.png crops and faces.json")
+    p.add_argument("out", help="output folder: <name>_<k>.png crops and faces.json")
     p.add_argument("--size", type=int_at_least(16), default=512,
                    help="crop size in pixels, at least 16 (default 512; the models work at 128)")
     p.add_argument("--max-faces", type=positive_int, default=None, metavar="N",
@@ -162,7 +169,13 @@ def _add_align(sub: argparse._SubParsersAction) -> None:
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate",
-                       help="PSNR/SSIM/LPIPS/IDS/LMD/FID of restored faces vs ground truth; LFW verification")
+                       help="PSNR/SSIM/LPIPS/IDS/LMD/FID of restored faces vs ground truth; LFW verification",
+                       description="Scores a folder of restored faces: against ground truth (--gt, matched by file "
+                                   "name) with PSNR, SSIM, LPIPS, the face-recognition perceptual distance, identity "
+                                   "similarity (IDS) and landmark distance (LMD); against a reference set with FID "
+                                   "(--fid-ref); or as LFW 10-fold verification accuracy (--pairs). Prints one row "
+                                   "per metric with its mean and bootstrap 95 %% interval; a metric whose weights "
+                                   "are not installed is shown as unavailable, never as a number.")
     p.add_argument("--pred", required=True,
                    help="folder of restored faces (files matched to --gt by name, any extension)")
     p.add_argument("--gt", help="folder of ground-truth faces, same size as the restored ones")
@@ -260,7 +273,7 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bg-upscale", "--upscale", dest="upscale", type=int, default=1, metavar="N",
                    help="integer factor: the whole photo is enlarged by N (Lanczos, or Real-ESRGAN with --bg-model) "
                         "before the restored faces are pasted at that resolution (aligned crops: the crop size x N); "
-                        "default 1")
+                        f"1 to {MAX_UPSCALE}, default 1")
     p.add_argument("--bg-model", default=None, metavar="WEIGHTS",
                    help="Real-ESRGAN RRDBNet weights for the background (e.g. RealESRGAN_x4plus.pth or x2plus, "
                         "placed by you; nothing is downloaded); run on tiles, then resampled to --bg-upscale")
@@ -383,7 +396,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="degrade and restore a public-domain portrait; writes OUTPUT/demo_cmp.png",
         description="Degrades the public-domain NASA astronaut portrait shipped with scikit-image (bfr preset, fixed "
-                    "seed), restores it and writes OUTPUT/demo_cmp.png (degraded | restored | original) plus the "
+                    "seed), restores it and writes OUTPUT/demo_cmp.png (degraded | restored | original), "
+                    "OUTPUT/original.png and OUTPUT/degraded.png (the input it restores), plus the "
                     "outputs of `clrface restore` (cropped_faces/, restored_faces/, cmp/, final/, report.json).")
     p.add_argument("-o", "--output", required=True, help="output folder")
     _add_restore_model_args(p)
@@ -406,7 +420,11 @@ PACK_STAGES = ("vqgan", "prior", "irn", "mask")
 
 def _add_pack(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pack", help="assemble trained stages into one model folder for `clrface restore --model` "
-                                    "(fp16 by default)")
+                                    "(fp16 by default)",
+                       description="Writes a model folder that `clrface restore --model OUT` and "
+                                   "`Restorer.from_pretrained(OUT)` load: the stages given (each a checkpoint folder "
+                                   "with config.json + model.safetensors, stored in --dtype) and restore.json; the "
+                                   "stages not given and the restore settings come from --base.")
     p.add_argument("-o", "--out", required=True,
                    help="model folder to write (gets the stages given; a restore.json already there keeps its "
                         "settings, its base becomes --base)")

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from clrface.background import Upscaler, lanczos_upscale
 from clrface.data.io import array_to_rgb_uint8, load_image, to_model_range, to_rgb_uint8
-from clrface.device import autocast
+from clrface.device import DTYPES, autocast, resolve_dtype
 from clrface.diffusion.prior import LatentPrior
 from clrface.diffusion.sampler import SAMPLERS, Denoise, nfe, sample
 from clrface.diffusion.schedule import sigmas_from
@@ -157,12 +157,17 @@ class Restorer:
 
     @classmethod
     def from_pretrained(cls, path_or_name: str | Path | None = None, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, *, facerec: nn.Module | None = None,
+                        dtype: torch.dtype | str = torch.float32, *, facerec: nn.Module | None = None,
                         background: Upscaler = lanczos_upscale) -> Restorer:
         """Loads a model folder, or the installed model ``clrface/weights/<name>`` for a name (None or "default":
         the shipped default); see :mod:`clrface.model_folder`. Weights load in fp32 on ``device``; ``dtype`` is the
-        compute precision (autocast). A missing or incomplete folder or a checkpoint of the wrong kind/shape
+        compute precision (autocast): a torch dtype or the CLI's ``--dtype`` names ("auto": bfloat16 on a CPU
+        with native bf16, else float32). A missing or incomplete folder or a checkpoint of the wrong kind/shape
         raises CheckpointError."""
+        if isinstance(dtype, str):
+            if dtype != "auto" and dtype not in DTYPES:
+                raise ClrfaceError(f"dtype must be 'auto', one of {', '.join(DTYPES)} or a torch dtype, got {dtype!r}")
+            dtype = DTYPES[resolve_dtype(dtype, torch.device(device))]
         m = load_model_folder(path_or_name, device)
         return cls(m.vqgan, m.prior, m.irn, m.mask, facerec, fidelity_map=m.fidelity_map, source=str(m.folder),
                    dtype=dtype, defaults=m.defaults, background=background)
