@@ -28,7 +28,15 @@ from clrface.video import (
     truncated,
     warp_to_current,
 )
-from clrface.video_io import VideoWriter, ffmpeg_exe, fps_fraction, list_media, read_video
+from clrface.video_io import (
+    VideoColor,
+    VideoWriter,
+    ffmpeg_exe,
+    fps_fraction,
+    list_media,
+    read_video,
+    video_color,
+)
 
 
 @pytest.fixture(scope="module")
@@ -253,3 +261,44 @@ def test_cli_restores_a_folder_of_photos_and_videos(tmp_path, restorer, portrait
     assert "not a readable video" in capsys.readouterr().err
     with pytest.raises(ClrfaceError, match="no such file"):
         read_video(tmp_path / "missing.mp4")
+
+
+def test_video_color_reads_ffmpegs_pixel_format_description():
+    assert video_color("yuv420p(tv, bt709, progressive)", 1080) == VideoColor("bt709", False, "bt709", "bt709")
+    assert video_color("yuv420p(tv, bt709/unknown/unknown)", 480) == VideoColor("bt709", False, None, None)
+    assert video_color("yuv420p(progressive)", 720) == VideoColor("bt709")  # untagged HD: BT.709, as players guess
+    assert video_color("yuv420p(progressive)", 576) == VideoColor("smpte170m")  # untagged SD: BT.601
+    assert video_color("yuvj420p(pc, bt470bg/bt470bg/smpte170m)", 240) == \
+        VideoColor("bt470bg", True, "bt470bg", "smpte170m")
+    assert video_color("yuv420p10le(tv, bt2020nc/bt2020/arib-std-b67)", 2160).scale_args("in").startswith(
+        "in_color_matrix=bt2020:in_range=tv")
+    assert VideoColor("smpte170m", True).tags() == "setparams=colorspace=smpte170m:range=pc"
+
+
+def test_hd_colours_survive_a_write_read_round_trip_and_are_tagged(tmp_path):
+    """A BT.709 HD clip written and read back keeps its colours (swscale's default rounding lost about a grey level
+    per round trip, and an untagged HD file is shown by players with another matrix than it was written with)."""
+    frame = np.zeros((720, 1280, 3), np.uint8)
+    frame[:, :640] = (38, 158, 58)
+    frame[:, 640:] = (199, 39, 40)
+    hd = VideoColor("bt709", False, "bt709", "bt709")
+    with VideoWriter(tmp_path / "hd.mp4", (1280, 720), Fraction(10), color=hd) as wr:
+        wr.write(frame)
+    assert "bt709" in _streams(tmp_path / "hd.mp4")
+    info, frames = read_video(tmp_path / "hd.mp4")
+    got = next(frames).astype(int)
+    assert info.color == hd
+    assert np.abs(got[8:-8, 8:632] - frame[0, 0]).max() <= 1 and np.abs(got[8:-8, 648:-8] - frame[0, -1]).max() <= 1
+
+
+def test_a_variable_rate_video_is_read_at_its_average_rate_over_its_real_length(tmp_path):
+    """Ten frames at 25 fps, then ten frames 0.2 s apart (2.4 s): read at the average rate the container states
+    and so written back, the frames span the same 2.4 s (read at the 25 fps base rate they spanned 5.8 s)."""
+    src = tmp_path / "vfr.mp4"
+    subprocess.run([ffmpeg_exe(), "-y", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=25",
+                    "-frames:v", "20", "-vf", "setpts='if(lt(N,10),N*0.04,0.4+(N-10)*0.2)/TB'", "-fps_mode", "vfr",
+                    "-c:v", "libx264", "-pix_fmt", "yuv420p", str(src)], check=True)
+    info, frames = read_video(src)
+    n = len(list(frames))
+    assert float(info.fps) == pytest.approx(10.42, abs=0.01)
+    assert n / float(info.fps) == pytest.approx(2.4, abs=1.5 / float(info.fps))

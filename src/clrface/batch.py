@@ -166,8 +166,9 @@ def remove_stale(out: Path, name: str, old: dict[str, Any], new: dict[str, Any],
 def restore_input(path: Path, name: str, out: Path, restorer: Restorer, options: RestoreOptions, aligned: bool,
                   inputs: list[Path], emit: Callable[[str], None], stabilize: bool = True, keep_detail: bool = True,
                   reference: Reference | None = None, reference_policy: ReferencePolicy = ReferencePolicy(),
-                  final_ext: str = "png") -> dict[str, Any]:
-    """Restores one photo or video into ``out`` and returns its report record (whole photos as ``final_ext``)."""
+                  final_ext: str = "png", frame_progress: bool = False) -> dict[str, Any]:
+    """Restores one photo or video into ``out`` and returns its report record (whole photos as ``final_ext``;
+    ``frame_progress``: a video shows a bar over its frames)."""
     t0 = time.perf_counter()
 
     def sfx(j: int) -> str:
@@ -179,7 +180,7 @@ def restore_input(path: Path, name: str, out: Path, restorer: Restorer, options:
         ensure_not_input(final, inputs)
     if is_video(path):  # final/<name>.mp4; faces are detected per frame, so --aligned does not apply
         rec = restore_video(path, finals[0], restorer, options, stabilize=stabilize,
-                            inputs=inputs, progress=False)
+                            inputs=inputs, progress=frame_progress)
         rec.update(video=True, no_face=rec["frames_without_face"] == rec["frames"], faces=[])
         rec["warnings"] += ["--aligned does not apply to videos: faces are detected per frame"] if aligned else []
         rec["warnings"] += ["--reference applies to photos: the video was restored without it"] if reference else []
@@ -332,7 +333,7 @@ def restore_files(inputs: list[Path], out_dir: str | Path, restorer: Restorer, o
         try:
             stamp = input_stamp(path)  # before reading: a file replaced during its restore is redone next time
             rec = restore_input(path, name, out, restorer, options, aligned, inputs, emit, stabilize, keep_detail,
-                                reference, reference_policy, final_ext)
+                                reference, reference_policy, final_ext, frame_progress=progress and len(todo) == 1)
             write_atomic(done / f"{name}.done.json", json.dumps({"key": key, "source": stamp, "record": rec}))
             if isinstance(earlier.get("record"), dict):
                 remove_stale(out, name, earlier["record"], rec, inputs)

@@ -360,15 +360,16 @@ def restore_video(path: str | os.PathLike, out_path: str | os.PathLike, restorer
     info, frames = read_video(src)
     u = options.upscale
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.video{out.suffix}")
-    muxed = out.with_name(f".{out.stem}.muxed{out.suffix}")
+    # per process: a second run into the same folder must not write into this run's files (the last rename wins)
+    tmp = out.with_name(f".{out.stem}.video{os.getpid()}{out.suffix}")
+    muxed = out.with_name(f".{out.stem}.muxed{os.getpid()}{out.suffix}")
     vr = VideoRestorer(restorer, options, stabilize=stabilize, config=config)
     counts: list[int] = []
     warnings = []
     if options.samples > 1:
         warnings.append("videos get one sample per face; --samples ignored")
     try:
-        with VideoWriter(tmp, (info.size[0] * u, info.size[1] * u), info.fps) as writer:
+        with VideoWriter(tmp, (info.size[0] * u, info.size[1] * u), info.fps, color=info.color) as writer:
             for frame in tqdm(frames, total=info.frames or None, desc=src.name, unit="frame",
                               disable=not progress, file=sys.stderr):
                 img, n = vr(frame)
