@@ -76,5 +76,9 @@ def test_lanczos_and_bad_weights(tmp_path):
     with pytest.raises(CheckpointError, match="not a Real-ESRGAN"):
         load_rrdbnet(tmp_path / "other.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot read"):
+    with pytest.raises(CheckpointError, match="not a Real-ESRGAN weights file that can be read safely"):
         load_rrdbnet(tmp_path / "junk.pth")
+    torch.save({"params": {"w": torch.zeros(1)}, "f": np.float64}, tmp_path / "pickled.pth")  # not plain tensors
+    with pytest.raises(CheckpointError) as e:
+        load_rrdbnet(tmp_path / "pickled.pth")
+    assert str(e.value).endswith("(not a plain PyTorch file of tensors)") and "weights_only=False" not in str(e.value)

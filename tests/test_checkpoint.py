@@ -42,8 +42,11 @@ def test_wrong_kind_wrong_shape_and_missing_raise(tmp_path):
 def test_checkpoint_kind_reads_the_kind_or_says_why_not(tmp_path):
     save_checkpoint(tmp_path / "a", VQGAN(TINY), TINY, "vqgan")
     assert checkpoint_kind(tmp_path / "a") == "vqgan"
-    with pytest.raises(CheckpointError, match="not a checkpoint folder"):
+    with pytest.raises(CheckpointError, match=r"not a checkpoint folder \(no model.safetensors\)$"):
         checkpoint_kind(tmp_path)
+    save_checkpoint(tmp_path / "run" / "model", VQGAN(TINY), TINY, "vqgan")  # a training run's folder
+    with pytest.raises(CheckpointError, match="the run's checkpoint is .*run/model$"):
+        checkpoint_kind(tmp_path / "run")
     (tmp_path / "a/config.json").write_bytes(b"\xff\xfe\x00binary")
     with pytest.raises(CheckpointError, match="unreadable config"):
         checkpoint_kind(tmp_path / "a")

@@ -99,6 +99,16 @@ def test_pack_checks_everything_before_writing_and_a_base_may_have_a_base(tmp_pa
     assert "is a 'prior' checkpoint, expected 'irn'" in capsys.readouterr().err
     assert main(["pack", "--base", "tinybase", "--irn", str(tmp_path / "none"), "-o", str(refused)]) == 1
     assert not refused.exists()  # no restore.json that would load as a copy of the base
+    damaged = tmp_path / "damaged"
+    shutil.copytree(model_dir / "prior", damaged)
+    (damaged / "model.safetensors").write_bytes((damaged / "model.safetensors").read_bytes()[:-100])
+    assert main(["pack", "--vqgan", str(model_dir / "vqgan"), "--prior", str(damaged), "-o", str(refused)]) == 1
+    assert "model.safetensors: unreadable weights" in capsys.readouterr().err
+    assert not refused.exists()  # the good vqgan/ was not written before the damaged prior was found
+    (weights / "orphan").mkdir()
+    (weights / "orphan" / "restore.json").write_text(json.dumps({"base": "nosuch"}))
+    assert main(["pack", "--base", "orphan", "--irn", str(model_dir / "irn"), "-o", str(refused)]) == 1
+    assert "orphan/restore.json: base: model 'nosuch': no such folder" in capsys.readouterr().err
     # mask onto tinybase, the IRN onto that: vqgan/ and prior/ come from two bases down
     assert main(["pack", "--base", "tinybase", "--mask", str(model_dir / "mask"), "-o", str(weights / "mid")]) == 0
     top = tmp_path / "top"

@@ -171,6 +171,13 @@ def test_tone_and_detail_match_torch():
                                    detail.upper_band_from(x, src, 0.7, k).numpy(), atol=1e-5, rtol=0)
 
 
+def test_export_to_a_file_is_refused_before_exporting(tmp_path, capsys):
+    (tmp_path / "clip.mp4").write_bytes(b"x")
+    assert main(["export", "onnx", "-o", str(tmp_path / "clip.mp4")]) == 1
+    assert capsys.readouterr().err.strip().endswith("clip.mp4: exists and is not a folder; --output must be a folder")
+    assert (tmp_path / "clip.mp4").read_bytes() == b"x"
+
+
 def test_missing_runtime_json_raises(tmp_path):
     with pytest.raises(CheckpointError, match="runtime.json"):
         OnnxRestorer(tmp_path)

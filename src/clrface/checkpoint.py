@@ -71,16 +71,22 @@ def read_config(folder: str | Path, kind: str, config_cls: type[C]) -> tuple[C, 
     return cfg, meta
 
 
-def load_weights(folder: str | Path, model: nn.Module, *, strict: bool = True) -> nn.Module:
-    """Loads ``model.safetensors`` into ``model`` (cast to the model's dtype); shape mismatches raise
-    CheckpointError."""
+def read_state(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``folder/model.safetensors``; a missing or damaged file raises CheckpointError."""
     path = Path(folder) / "model.safetensors"
     if not path.is_file():
         raise CheckpointError(f"{folder}: no model.safetensors")
     try:
-        state = load_file(str(path))
+        return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for truncated files
         raise CheckpointError(f"{path}: unreadable weights ({e})") from None
+
+
+def load_weights(folder: str | Path, model: nn.Module, *, strict: bool = True) -> nn.Module:
+    """Loads ``model.safetensors`` into ``model`` (cast to the model's dtype); shape mismatches raise
+    CheckpointError."""
+    path = Path(folder) / "model.safetensors"
+    state = read_state(folder)
     own = model.state_dict()
     bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if bad:
@@ -102,17 +108,20 @@ def checkpoint_kind(folder: str | Path) -> str:
 
 def _checkpoint_meta(folder: Path) -> dict[str, Any]:
     if not (folder / "model.safetensors").is_file():
-        raise CheckpointError(f"{folder}: not a checkpoint folder (no model.safetensors)")
+        inner = folder / "model"  # a training run's folder holds its checkpoint there
+        hint = f"; the run's checkpoint is {inner}" if (inner / "model.safetensors").is_file() else ""
+        raise CheckpointError(f"{folder}: not a checkpoint folder (no model.safetensors){hint}")
     return read_meta(folder)
 
 
-def convert_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+def convert_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16, *,
+                       state: dict[str, torch.Tensor] | None = None) -> Path:
     """Copies a checkpoint folder with its float tensors cast to ``dtype`` (fp16 to ship: half the size;
-    loading casts back to the model's dtype)."""
+    loading casts back to the model's dtype). ``state``: its tensors, already read (:func:`read_state`)."""
     src, dst = Path(src), Path(dst)
     meta = _checkpoint_meta(src)
     state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
-             for k, v in load_file(str(src / "model.safetensors")).items()}
+             for k, v in (read_state(src) if state is None else state).items()}
     dst.mkdir(parents=True, exist_ok=True)
     save_file(state, str(dst / "model.safetensors"), metadata={"kind": str(meta.get("kind"))})
     (dst / "config.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -442,7 +442,7 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         import torch
 
-        from clrface.checkpoint import checkpoint_kind, convert_checkpoint
+        from clrface.checkpoint import checkpoint_kind, convert_checkpoint, read_state
         from clrface.model_folder import base_chain, read_spec, resolve_model
 
         stages = {stage: getattr(args, stage) for stage in PACK_STAGES if getattr(args, stage)}
@@ -461,13 +461,14 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
         for stage, src in stages.items():
             if (kind := checkpoint_kind(src)) != stage:
                 raise ClrfaceError(f"--{stage} {src}: is a '{kind}' checkpoint, expected '{stage}'")
+        states = {stage: read_state(src) for stage, src in stages.items()}  # a damaged file fails before any write
         stale = [stage for stage in PACK_STAGES if stage not in stages and (out / stage).exists()]
         if stale:
             raise ClrfaceError(f"{out}: holds {', '.join(s + '/' for s in stale)} from an earlier pack, which this "
                                f"one would not replace; remove it or give --{stale[0]}")
         spec = {k: v for k, v in read_spec(out).items() if k != "base"}  # the settings a user wrote stay
         for stage, src in stages.items():
-            dst = convert_checkpoint(src, out / stage, getattr(torch, args.dtype))
+            dst = convert_checkpoint(src, out / stage, getattr(torch, args.dtype), state=states[stage])
             size = (dst / "model.safetensors").stat().st_size / 2**20
             print(f"{stage}: {src} -> {dst} ({size:.1f} MiB)")
         if args.base or (out / "restore.json").is_file():  # last: a pack that failed midway names no base
@@ -540,6 +541,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    help="use torch's legacy TorchScript exporter (deprecated; faster, needs no onnxscript)")
 
     def run(args: argparse.Namespace) -> int:
+        if Path(args.output).exists() and not Path(args.output).is_dir():  # before the minute of exporting
+            raise ClrfaceError(f"{args.output}: exists and is not a folder; --output must be a folder")
         from clrface.export import export_onnx
 
         path = export_onnx(args.model, args.output, opset=args.opset, dynamo=not args.torchscript)

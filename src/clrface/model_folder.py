@@ -46,8 +46,8 @@ def resolve_model(path_or_name: str | Path | None) -> Path:
             return pkg
         root = package_weights("")
         avail = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
-        raise CheckpointError(f"model {name!r}: no such folder and no installed model of that name in {root} "
-                              f"(installed: {', '.join(avail) or 'none'}); pass --model FOLDER")
+        raise CheckpointError(f"model {name!r}: no such folder and no installed model of that name "
+                              f"(installed: {', '.join(avail) or 'none'}); a model folder is given by its path")
     raise CheckpointError(f"{p}: model folder not found")
 
 
@@ -85,7 +85,10 @@ def base_chain(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
     ``default`` through it); a base that leads back to a folder of the chain raises CheckpointError."""
     chain = [(folder, read_spec(folder))]
     while chain[-1][1].get("base"):
-        base = resolve_model(chain[-1][1]["base"])
+        try:
+            base = resolve_model(chain[-1][1]["base"])
+        except CheckpointError as e:
+            raise CheckpointError(f"{chain[-1][0] / 'restore.json'}: base: {e}") from None
         if any(base.resolve() == f.resolve() for f, _ in chain):
             raise CheckpointError(f"{chain[-1][0] / 'restore.json'}: base {chain[-1][1]['base']!r} leads back to "
                                   f"{base}")
