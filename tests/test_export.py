@@ -150,6 +150,8 @@ def test_guidance_is_torch_only_and_options_are_checked(runtime, demo_faces):
         runtime.restore_faces(x, RestoreOptions(mode="full", guidance_scale=0.0, irn_tone=128))
     with pytest.raises(ClrfaceError, match="needs faces"):
         runtime.restore_faces(x[:, :, :64], runtime.options(mode="irn"))
+    with pytest.raises(ClrfaceError, match=r"restore_crops needs uint8 \[F,128,128,3\] \(this model's resolution"):
+        runtime.restore_crops(demo_faces[:1, :64, :64], runtime.options(mode="irn"))
 
 
 @pytest.mark.parametrize("n_in,n_out", [(128, 8), (8, 128), (128, 64), (64, 128), (37, 5), (5, 37)])

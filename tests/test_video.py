@@ -239,6 +239,18 @@ def test_odd_sized_video_without_faces_is_copied(tmp_path, restorer):
     got = list(out)
     assert info.size == (97, 75) and len(got) == 3 and rec["no_face"] and rec["frames_without_face"] == 3
     assert max(np.abs(g.astype(int) - f).max() for g, f in zip(got, frames)) <= 2
+    assert any("odd frame size (97x75)" in w for w in rec["warnings"])
+
+
+def test_audio_players_cannot_play_in_mp4_is_reencoded(tmp_path, restorer):
+    frames = [np.full((48, 64, 3), 90, np.uint8)] * 5
+    silent = _clip(tmp_path / "silent.mp4", frames, Fraction(10), audio=False)
+    src = tmp_path / "pcm.mkv"
+    subprocess.run([ffmpeg_exe(), "-y", "-v", "error", "-i", str(silent), "-f", "lavfi", "-i",
+                    "sine=frequency=440:duration=0.5", "-c:v", "copy", "-c:a", "pcm_s16le", str(src)], check=True)
+    assert read_video(src)[0].audio_codec == "pcm_s16le"
+    rec = restore_files([src], tmp_path / "out", restorer, RestoreOptions(mode="irn"), progress=False)["images"][0]
+    assert rec["audio"] == "aac" and "Audio: aac" in _streams(Path(rec["final"][0]))
 
 
 def test_cli_restores_a_folder_of_photos_and_videos(tmp_path, restorer, portrait, capsys):

@@ -325,7 +325,9 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
                     "cmp/ (input crop | restored), final/ (whole photos) and report.json (boxes, identity cosines "
                     "restored-vs-IRN and restored-vs-input, timings, failures). Inputs are never overwritten. "
                     "Videos (.mp4 .mov .mkv .avi .webm) go to final/<name>.mp4 with their audio: every face of every "
-                    "frame is restored, tracked across frames and stabilised (see --no-stabilize).")
+                    "frame is restored, tracked across frames and stabilised (see --no-stabilize). report.json "
+                    "describes the inputs of this run. A large folder can be split over processes: `accelerate "
+                    "launch --multi_gpu --num_processes N -m clrface restore FOLDER -o OUT` (also on CPUs).")
     p.add_argument("input", help="a photo, a video or a folder of them")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--aligned", action="store_true",

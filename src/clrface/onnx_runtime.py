@@ -327,12 +327,15 @@ class OnnxRestorer:
         return SAMPLER_FNS[options.sampler](lambda v, sig: self.denoise(v, sig, z_d), x, sigmas)
 
     def restore_crops(self, crops: np.ndarray, options: RestoreOptions | None = None) -> np.ndarray:
-        """uint8 [F,S,S,3] aligned faces -> uint8 [F,N,S,S,3] restored, in chunks of ``batch_size`` faces
-        (face i keeps its own noise, so the chunking does not change the result)."""
+        """uint8 [F,S,S,3] aligned faces, S the model's ``resolution`` (resize other crops first) -> uint8
+        [F,N,S,S,3] restored, in chunks of ``batch_size`` faces (face i keeps its own noise, so the chunking does not
+        change the result)."""
         o = options or self.options()
         crops = np.asarray(crops)
-        if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[3] != 3:
-            raise ClrfaceError(f"restore_crops needs uint8 [F,S,S,3], got {crops.dtype} {crops.shape}")
+        s = self.resolution
+        if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[1:] != (s, s, 3):
+            raise ClrfaceError(f"restore_crops needs uint8 [F,{s},{s},3] (this model's resolution; resize other "
+                               f"crops first), got {crops.dtype} {crops.shape}")
         out = [np.zeros((0, o.samples, *crops.shape[1:]), np.uint8)]  # no crops: no results, not an error
         for i in range(0, len(crops), o.batch_size):
             x = to_model_range(crops[i:i + o.batch_size])

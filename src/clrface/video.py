@@ -379,7 +379,7 @@ def restore_video(path: str | os.PathLike, out_path: str | os.PathLike, restorer
             raise ClrfaceError(f"{src}: no frames could be read")
         audio = None
         if info.has_audio:  # muxed under a temporary name too: `out` only ever appears whole
-            audio = mux_audio(tmp, src, muxed)
+            audio = mux_audio(tmp, src, muxed, info.audio_codec)
             os.replace(muxed, out)
         else:
             os.replace(tmp, out)
@@ -390,7 +390,10 @@ def restore_video(path: str | os.PathLike, out_path: str | os.PathLike, restorer
         warnings.append(f"only {len(counts)} of the {info.frames} frames the file declares could be decoded "
                         "(truncated or damaged file); the output holds those")
     if not any(counts):
-        warnings.append("no face found in any frame; frames written unchanged")
+        warnings.append("no face found in any frame; frames re-encoded without a change")
+    if (info.size[0] * u) % 2 or (info.size[1] * u) % 2:
+        warnings.append(f"an odd frame size ({info.size[0] * u}x{info.size[1] * u}) is kept by writing H.264 4:4:4, "
+                        "which browsers and some players do not play; crop it to even sides for those")
     return {
         "input": str(src), "final": [str(out)], "size": list(info.size), "fps": str(info.fps),
         "frames": len(counts), "frames_declared": info.frames, "audio": audio or "none", "stabilize": stabilize,

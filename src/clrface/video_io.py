@@ -115,6 +115,7 @@ class VideoInfo:
     has_audio: bool
     codec: str
     color: VideoColor = VideoColor()
+    audio_codec: str = ""  # of the first audio stream, as ffmpeg names it ("aac", "pcm_s16le"); "" without audio
 
 
 def _open_frames(p: Path, output_params: list[str] | None = None) -> tuple[dict, Iterator[bytes]]:
@@ -150,7 +151,7 @@ def read_video(path: str | os.PathLike) -> tuple[VideoInfo, Iterator[np.ndarray]
     meta, gen = _open_frames(p, ["-vf", f"scale={color.scale_args('in')}", "-r", str(fps)])
     dur = float(meta.get("duration") or 0)
     info = VideoInfo((w, h), fps, int(round(dur * float(fps))), dur, "audio_codec" in meta,
-                     str(meta.get("codec", "")), color)
+                     str(meta.get("codec", "")), color, str(meta.get("audio_codec", "")).strip(" ,"))
 
     def frames() -> Iterator[np.ndarray]:
         try:
@@ -211,11 +212,17 @@ class VideoWriter:
         self.close()
 
 
-def mux_audio(video: str | os.PathLike, source: str | os.PathLike, out: str | os.PathLike) -> str:
+#: Audio codecs that mp4 players (browsers, phones, QuickTime) play: copied. ffmpeg also puts PCM and Vorbis in mp4,
+#: which most players do not play: those are re-encoded.
+MP4_AUDIO = frozenset({"aac", "mp3", "ac3", "eac3", "opus", "alac"})
+
+
+def mux_audio(video: str | os.PathLike, source: str | os.PathLike, out: str | os.PathLike, audio_codec: str) -> str:
     """``out`` = the video stream of ``video`` (copied) + every audio stream of ``source``. Audio is copied
-    when mp4 can hold its codec, else re-encoded to AAC. Returns "copy" or "aac"."""
+    when its codec (``audio_codec``, the first stream's) is one mp4 players play, else (or where the copy fails)
+    re-encoded to AAC. Returns "copy" or "aac"."""
     exe = ffmpeg_exe()
-    for codec in ("copy", "aac"):
+    for codec in ("copy", "aac") if audio_codec in MP4_AUDIO else ("aac",):
         cmd = [exe, "-y", "-v", "error", "-i", str(video), "-i", str(source), "-map", "0:v:0", "-map", "1:a",
                "-c:v", "copy", "-c:a", codec, *(["-b:a", "192k"] if codec == "aac" else []),
                "-movflags", "+faststart", str(out)]
