@@ -273,6 +273,11 @@ def test_cli_restores_a_folder_of_photos_and_videos(tmp_path, restorer, portrait
     assert "not a readable video" in capsys.readouterr().err
     with pytest.raises(ClrfaceError, match="no such file"):
         read_video(tmp_path / "missing.mp4")
+    sound = tmp_path / "sound.mp4"
+    subprocess.run([ffmpeg_exe(), "-y", "-v", "error", "-f", "lavfi", "-i", "sine=duration=0.3", "-c:a", "aac",
+                    str(sound)], check=True)
+    with pytest.raises(ClrfaceError, match=r"sound.mp4: holds no video stream \(only audio or data\)$"):
+        read_video(sound)
 
 
 def test_video_color_reads_ffmpegs_pixel_format_description():

@@ -128,7 +128,10 @@ def _open_frames(p: Path, output_params: list[str] | None = None) -> tuple[dict,
         return next(gen), gen
     except (OSError, RuntimeError, IndexError, AttributeError, StopIteration) as e:
         gen.close()
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        text = str(e)
+        if "Stream #" in text and ": Video:" not in text:
+            raise ClrfaceError(f"{p}: holds no video stream (only audio or data)") from None
+        reason = text.strip().splitlines()[-1] if text.strip() else type(e).__name__
         raise ClrfaceError(f"{p}: not a readable video ({reason})") from None
     finally:
         log.setLevel(level)
