@@ -171,6 +171,10 @@ def test_load_face_folder_concatenates_a_list_in_order(face_dir: Path, tmp_path:
     assert load_face_folder([face_dir, extra], limit=2).shape[0] == 2
     with pytest.raises(ClrfaceError, match="no face folders"):
         load_face_folder([])
+    with pytest.raises(ClrfaceError, match=r"^data/nowhere: no such folder \(relative to the current folder "):
+        load_face_folder("data/nowhere")  # a config's relative path, run from another folder
+    with pytest.raises(ClrfaceError, match=r"empty: no face images found$"):
+        load_face_folder((tmp_path / "empty").mkdir() or tmp_path / "empty")
 
 
 def test_build_testset_realistic_mix_grays_targets_and_is_repeatable(face_dir: Path, tmp_path: Path):

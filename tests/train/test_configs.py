@@ -107,3 +107,16 @@ def test_every_run_of_the_gpu_script_builds_its_configs():
     for args in map(shlex.split, runs.values()):
         overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
         stage_configs(args[0], load_config(ROOT / args[args.index("--config") + 1], overrides))
+
+
+@pytest.mark.parametrize("stage, raw, message", [
+    ("prior", {"stage": {"realistic": {}, "cache_latents": True}},
+     "config section 'stage': stage.realistic needs stage.cache_latents: false"),
+    ("prior", {"stage": {"start_prob": 0.5}}, "config section 'stage': stage.start_prob > 0 needs stage.irn"),
+    ("prior", {"stage": {"preset": "nope"}}, "config stage.preset: unknown degradation preset 'nope'; choose from"),
+    ("irn", {"stage": {"degradation": "nope"}}, "config stage.degradation: unknown degradation preset 'nope'"),
+    ("irn", {"model": {"body": "swinx"}}, "config section 'model': body must be one of"),
+])
+def test_a_dataclass_check_is_a_one_line_error_before_any_data_is_read(stage, raw, message):
+    with pytest.raises(ClrfaceError, match=re.escape(message)):
+        stage_configs(stage, raw)

@@ -1,5 +1,6 @@
 import json
 import math
+import signal
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from accelerate import debug_launcher
 from torch import nn
 
 from clrface.checkpoint import load_weights, save_checkpoint
+from clrface.errors import ClrfaceError
 from clrface.train.engine import (
     ChunkedBatches,
     EngineConfig,
@@ -17,6 +19,7 @@ from clrface.train.engine import (
     resolve_mixed_precision,
     step_indices,
     train,
+    truncate_log,
 )
 
 
@@ -159,3 +162,42 @@ def test_chunked_batches_make_each_chunk_once_and_serve_step_slices():
     assert batches(8, 0, 1)["x"].tolist() == [200, 201, 202]
     assert batches(8, 1, 2)["x"].tolist() == [200, 201, 202] and calls[-1] == (2, 1, 2)  # another process's chunk
     assert len(calls) == 3
+
+
+def test_a_run_folder_is_never_overwritten_or_resumed_into_another_network(tmp_path):
+    base = EngineConfig(out_dir=str(tmp_path / "run"), steps=4, batch_size=4, mixed_precision="no", val_every=0,
+                        ckpt_every=100)
+    dump = {"model": {"dim": 4}, "train": {"steps": 4}}
+    train(ToyStage(), base, config_dump=dump)
+    with pytest.raises(ClrfaceError, match=r"holds an earlier training run \(checkpoint at step 4\); --resume"):
+        train(ToyStage(), base, config_dump=dump)
+    with pytest.raises(ClrfaceError, match=r"trained with model \{'dim': 4\}, this config gives \{'dim': 8\}"):
+        train(ToyStage(), replace(base, steps=6), resume=True, config_dump={**dump, "model": {"dim": 8}})
+    assert json.loads((tmp_path / "run" / "run_config.json").read_text()) == dump  # untouched by the refusals
+    assert train(ToyStage(), replace(base, steps=6), resume=True, config_dump={**dump, "train": {"steps": 6}}) == 6
+    assert json.loads((tmp_path / "run" / "run_config.json").read_text()) == dump  # the run's own config stays
+    assert json.loads((tmp_path / "run" / "run_config.resumed-4.json").read_text())["train"] == {"steps": 6}
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ClrfaceError, match="afile: is a file; train.out_dir"):
+        train(ToyStage(), replace(base, out_dir=str(tmp_path / "afile")))
+
+
+def test_resume_after_a_kill_drops_the_log_rows_past_the_checkpoint(tmp_path):
+    log = tmp_path / "log.csv"
+    log.write_text("step,elapsed_s,name,value\n5,1.0,mse,2\n10,2.0,mse,1\n10,2.0,val/mse,1\n15,3.0,mse,0.5\n")
+    truncate_log(log, 10)
+    assert log.read_text().splitlines() == ["step,elapsed_s,name,value", "5,1.0,mse,2", "10,2.0,mse,1",
+                                            "10,2.0,val/mse,1"]
+
+
+def test_a_signal_saves_a_checkpoint_and_then_interrupts(tmp_path):
+    class Stopped(ToyStage):
+        def validate(self, ema, step, out_dir):  # the signal arrives during step 3
+            signal.raise_signal(signal.SIGINT)
+            return {}
+
+    cfg = EngineConfig(out_dir=str(tmp_path / "run"), steps=10, batch_size=4, mixed_precision="no", val_every=3,
+                       ckpt_every=100)
+    with pytest.raises(KeyboardInterrupt):
+        train(Stopped(), cfg)
+    assert json.loads((tmp_path / "run" / "train_state" / "progress.json").read_text()) == {"step": 3}

@@ -44,7 +44,10 @@ def load_face_folder(folder: str | Path | list[str | Path], size: int | None = N
         faces = torch.cat([load_face_folder(f, size=size) for f in folder])
         return faces[:limit] if limit else faces
     folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    if not folder.is_dir():
+        where = "" if folder.is_absolute() else f" (relative to the current folder {Path.cwd()})"
+        raise ClrfaceError(f"{folder}: no such folder{where}")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ClrfaceError(f"{folder}: no face images found")
     files = files[:limit] if limit else files

@@ -25,6 +25,7 @@ from clrface.diffusion.unet import UNetConfig
 from clrface.identity.irn import load_irn
 from clrface.metrics.psnr_ssim import psnr
 from clrface.model_folder import apply_irn
+from clrface.train.cache import cached, folder_stamp
 from clrface.train.engine import ChunkedBatches, Objective, step_indices, train_device
 from clrface.train.vqgan import save_grid
 from clrface.vqgan.model import VQGAN, load_vqgan
@@ -74,6 +75,8 @@ class PriorTrainConfig:
             object.__setattr__(self, "realistic", RealisticConfig(**self.realistic))
         if self.realistic is not None and self.cache_latents:
             raise ValueError("stage.realistic needs stage.cache_latents: false (gray targets are not cached)")
+        if self.start_prob > 0 and not self.irn:
+            raise ValueError("stage.start_prob > 0 needs stage.irn (an IRN checkpoint folder)")
 
 
 @torch.no_grad()
@@ -112,13 +115,12 @@ class PriorStage:
             else:
                 mean, std = latent_stats(encode_all(self.vq, faces[: cfg.stats_faces], cfg.encode_batch))
         else:
-            if cache.exists():
-                self.z0 = torch.load(cache)
-            else:
-                self.z0 = torch.stack([encode_all(self.vq, faces, cfg.encode_batch),
-                                       encode_all(self.vq, faces, cfg.encode_batch, flip=True)], 1)
-                out_dir.mkdir(parents=True, exist_ok=True)
-                torch.save(self.z0, cache)
+            dirs = cfg.train_dir if isinstance(cfg.train_dir, list) else [cfg.train_dir]
+            key = {"vqgan": folder_stamp(cfg.vqgan), "train_dir": [str(Path(d).resolve()) for d in dirs],
+                   "faces": len(faces), "size": size}
+            self.z0 = cached(cache, key, lambda: torch.stack([encode_all(self.vq, faces, cfg.encode_batch),
+                                                              encode_all(self.vq, faces, cfg.encode_batch, flip=True)],
+                                                             1))
             mean, std = latent_stats(self.z0[:, 0])
         out_dir.mkdir(parents=True, exist_ok=True)
         self.prior_cfg = PriorConfig(unet=unet_cfg, sigma_data=sigma_data, latent_mean=mean, latent_std=std,
@@ -130,8 +132,6 @@ class PriorStage:
         self.modules: dict[str, nn.Module] = {"prior": prior}
         self.irn = None
         if cfg.start_prob > 0:
-            if not cfg.irn:
-                raise ValueError("stage.start_prob > 0 needs stage.irn (an IRN checkpoint folder)")
             self.irn = load_irn(cfg.irn).to(dev)
         val = load_face_folder(cfg.val_dir, size=size, limit=cfg.val_count)
         self.val_gt = to_model_range(val)

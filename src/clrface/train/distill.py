@@ -25,7 +25,9 @@ with the final latent as its target. The student starts from the teacher's weigh
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +46,15 @@ from clrface.diffusion.prior import LatentPrior
 from clrface.diffusion.sampler import Denoise, euler, heun, sample
 from clrface.diffusion.schedule import ScheduleConfig, sigmas_from
 from clrface.metrics.psnr_ssim import psnr
-from clrface.model_folder import ModelFolder, apply_irn, decode_latent, encode_latent, load_model_folder
+from clrface.model_folder import (
+    ModelFolder,
+    apply_irn,
+    decode_latent,
+    encode_latent,
+    load_model_folder,
+    resolve_model,
+)
+from clrface.train.cache import cached, folder_stamp
 from clrface.train.engine import Objective, step_indices, train_device
 from clrface.train.vqgan import save_grid
 
@@ -164,14 +174,15 @@ class DistillStage:
         self.teacher = teacher
         self.schedule = teacher.prior.config.schedule
         size = teacher.resolution
-        cache = out_dir / "trajectories.pt"
-        if cache.exists():
-            self.data = torch.load(cache, map_location=teacher.device)
-        else:
-            faces = load_face_folder(cfg.train_dir, size=size, limit=cfg.pairs)
-            self.data = make_trajectories(teacher, faces, cfg, self.schedule, seed)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            torch.save(self.data, cache)
+        dirs = cfg.train_dir if isinstance(cfg.train_dir, list) else [cfg.train_dir]
+        made_by = {k: v for k, v in dataclasses.asdict(cfg).items()  # what the trajectories depend on
+                   if k not in ("model", "train_dir", "val_dir", "val_count", "lr", "warmup", "val_sigma_start",
+                                "val_steps")}
+        key = {"model": folder_stamp(resolve_model(cfg.model)), "train_dir": [str(Path(d).resolve()) for d in dirs],
+               "seed": seed, "teacher_dtype": str(teacher.dtype), **json.loads(json.dumps(made_by, default=str))}
+        self.data = cached(out_dir / "trajectories.pt", key, lambda: make_trajectories(
+            teacher, load_face_folder(cfg.train_dir, size=size, limit=cfg.pairs), cfg, self.schedule, seed),
+            map_location=teacher.device)
         student = LatentPrior(teacher.prior.config)
         student.load_state_dict(teacher.prior.state_dict())
         self.modules: dict[str, nn.Module] = {"prior": student.train().requires_grad_(True)}

@@ -152,6 +152,53 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         eb.copy_(mb)
 
 
+#: The config sections that shape a stage's network: a resumed run must keep them (its checkpoint has that shape).
+NETWORK_SECTIONS = ("model", "unet", "precond")
+
+
+def _saved_step(out: Path) -> int | None:
+    """The step of the checkpoint in ``out/train_state`` (None: none there)."""
+    try:
+        return int(json.loads((out / "train_state" / "progress.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_run_folder(out: Path, resume: bool, config_dump: dict | None = None) -> None:
+    """Refuses, before any work, what would overwrite or corrupt a run: an ``out`` that is a file; a fresh run into
+    a folder holding an earlier run's checkpoint (its weights and log would be replaced and mixed); a resumed run
+    whose config changes the network's shape (the checkpoint cannot load into it)."""
+    if out.exists() and not out.is_dir():
+        raise ClrfaceError(f"{out}: is a file; train.out_dir (--out) names the run's folder")
+    step = _saved_step(out)
+    if not resume and (step is not None or (out / "model" / "model.safetensors").is_file()):
+        at = f" (checkpoint at step {step})" if step is not None else ""
+        raise ClrfaceError(f"{out}: holds an earlier training run{at}; --resume continues it, another "
+                           "train.out_dir (--out) starts a new one, or remove the folder to start over here")
+    saved_cfg = out / "run_config.json"
+    if resume and step is not None and config_dump is not None and saved_cfg.is_file():
+        saved = json.loads(saved_cfg.read_text())
+        now = json.loads(json.dumps(config_dump, default=str))
+        for section in NETWORK_SECTIONS:
+            if saved.get(section) != now.get(section):
+                raise ClrfaceError(f"--resume: the run in {out} was trained with {section} {saved.get(section)}, "
+                                   f"this config gives {now.get(section)}; a resumed run keeps its network (start "
+                                   "a new train.out_dir for another one)")
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drops the rows of ``log.csv`` after ``step``: a run killed after its last checkpoint logged steps that the
+    resumed run logs again."""
+    if not path.is_file():
+        return
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+    if len(kept) < len(rows):
+        with path.open("w", newline="") as f:
+            csv.writer(f).writerows(kept)
+
+
 class _Logger:
     def __init__(self, path: Path):
         self.path = path
@@ -168,18 +215,26 @@ class _Logger:
 
 
 def train(stage: Stage, cfg: EngineConfig, *, resume: bool = False, config_dump: dict | None = None) -> int:
-    """Runs `stage` to `cfg.steps` (or `max_minutes`); returns the last completed step."""
+    """Runs `stage` to `cfg.steps` (or `max_minutes`); returns the last completed step. Stopped by SIGINT
+    (Ctrl-C) or SIGTERM, it saves a checkpoint and raises KeyboardInterrupt, so the command's status says the
+    run did not finish. ``config_dump`` is written to ``run_config.json`` for a new run; a resumed run keeps that
+    file and writes its own config beside it (``run_config.resumed-<step>.json``)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    check_run_folder(out, resume, config_dump)
     acc = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision, train_device()),
                       cpu=train_device().type == "cpu")
     set_seed(cfg.seed + acc.process_index)
-    out = Path(cfg.out_dir)
     state_dir = out / "train_state"
+    resume_step = _saved_step(out) if resume else None
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         if config_dump is not None:
-            (out / "run_config.json").write_text(json.dumps(config_dump, indent=2, default=str))
+            name = "run_config.json" if resume_step is None else f"run_config.resumed-{resume_step}.json"
+            (out / name).write_text(json.dumps(config_dump, indent=2, default=str))
+        if resume_step is not None:
+            truncate_log(out / "log.csv", resume_step)
     names = list(stage.modules)
     prepared = acc.prepare(*[stage.modules[n] for n in names])
     prepared = prepared if isinstance(prepared, (tuple, list)) else [prepared]
@@ -191,17 +246,20 @@ def train(stage: Stage, cfg: EngineConfig, *, resume: bool = False, config_dump:
     acc.register_for_checkpointing(ema)
 
     step = 0
-    if resume and (state_dir / "progress.json").exists():
+    if resume_step is not None:
         acc.load_state(str(state_dir))
-        step = json.loads((state_dir / "progress.json").read_text())["step"]
+        step = resume_step
         acc.print(f"resumed from {state_dir} at step {step}")
     elif resume:
         acc.print(f"no training state in {state_dir}; starting at step 0")
+    if step >= cfg.steps:
+        acc.print(f"the run is at step {step} of train.steps {cfg.steps}: nothing to do (raise train.steps to "
+                  "train on)")
 
-    stop = {"flag": False}
+    stop = {"flag": False, "signal": False}
 
     def on_signal(signum: int, _frame: Any) -> None:
-        stop["flag"] = True
+        stop["flag"] = stop["signal"] = True
 
     old_handlers = ({s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
                     if acc.is_main_process else {})
@@ -272,4 +330,6 @@ def train(stage: Stage, cfg: EngineConfig, *, resume: bool = False, config_dump:
         for s, h in old_handlers.items():
             signal.signal(s, h)
     del last_logs
+    if stop["signal"]:
+        raise KeyboardInterrupt
     return step

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import yaml
 
+from clrface.data.degradation import PRESETS
 from clrface.diffusion.schedule import ScheduleConfig
 from clrface.diffusion.unet import UNetConfig
 from clrface.errors import ClrfaceError
@@ -19,7 +20,7 @@ from clrface.identity.guidance import MaskConfig
 from clrface.identity.irn import IRNConfig
 from clrface.train.diffusion import PriorStage, PriorTrainConfig
 from clrface.train.distill import DistillStage, DistillTrainConfig
-from clrface.train.engine import EngineConfig, train, train_device
+from clrface.train.engine import EngineConfig, check_run_folder, train, train_device
 from clrface.train.irn import IRNStage, IRNTrainConfig
 from clrface.train.mask import MaskStage, MaskTrainConfig
 from clrface.train.vqgan import VQGANStage, VQGANTrainConfig
@@ -80,7 +81,15 @@ def build(cls: type, section: dict[str, Any] | None, name: str) -> Any:
         if hints[key] is int and isinstance(value, float) and value.is_integer():
             section = {**section, key: int(value)}  # steps: 1e5
         check_value(f"{name}.{key}", section[key], hints[key])
-    return cls(**section)
+    try:
+        obj = cls(**section)
+    except (ValueError, TypeError) as e:  # the dataclass's own checks: one line, as every config error
+        raise ClrfaceError(f"config section '{name}': {e}") from None
+    for key in ("preset", "degradation"):  # preset names, checked before any data is read
+        if isinstance(getattr(obj, key, None), str) and getattr(obj, key) not in PRESETS:
+            raise ClrfaceError(f"config {name}.{key}: unknown degradation preset {getattr(obj, key)!r}; choose "
+                               f"from {', '.join(sorted(PRESETS))}")
+    return obj
 
 
 def check_value(key: str, value: Any, hint: Any) -> None:
@@ -136,6 +145,7 @@ def run_stage(stage: str, config: str | Path, overrides: list[str] = (), out: st
         raw.setdefault("train", {})["out_dir"] = out
     cfg = stage_configs(stage, raw)
     engine_cfg: EngineConfig = cfg["train"]
+    check_run_folder(Path(engine_cfg.out_dir), resume, raw)  # before the stage reads data or fills caches
     torch.manual_seed(engine_cfg.seed)  # stages build their networks here, before the engine seeds its loop
     seed, batch, out_dir = engine_cfg.seed, engine_cfg.batch_size, Path(engine_cfg.out_dir)
     if stage == "vqgan":
