@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,9 +119,13 @@ class PriorStage:
             dirs = cfg.train_dir if isinstance(cfg.train_dir, list) else [cfg.train_dir]
             key = {"vqgan": folder_stamp(cfg.vqgan), "train_dir": [str(Path(d).resolve()) for d in dirs],
                    "faces": len(faces), "size": size}
-            self.z0 = cached(cache, key, lambda: torch.stack([encode_all(self.vq, faces, cfg.encode_batch),
-                                                              encode_all(self.vq, faces, cfg.encode_batch, flip=True)],
-                                                             1))
+            def encode() -> Tensor:
+                print(f"encoding {len(faces)} faces and their mirror images for {cache} (once per run folder)",
+                      file=sys.stderr)
+                return torch.stack([encode_all(self.vq, faces, cfg.encode_batch),
+                                    encode_all(self.vq, faces, cfg.encode_batch, flip=True)], 1)
+
+            self.z0 = cached(cache, key, encode)
             mean, std = latent_stats(self.z0[:, 0])
         out_dir.mkdir(parents=True, exist_ok=True)
         self.prior_cfg = PriorConfig(unet=unet_cfg, sigma_data=sigma_data, latent_mean=mean, latent_std=std,
