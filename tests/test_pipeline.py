@@ -17,6 +17,7 @@ from clrface.faces.paste import paste_mask
 from clrface.options import FidelityMap, RestoreOptions
 from clrface.photo import best_first, restore_photo
 from clrface.restorer import Restorer, face_noise
+from clrface.vqgan.model import encoder_fingerprint, load_vqgan
 
 S = 32  # the resolution of conftest.build_tiny_model
 
@@ -187,6 +188,19 @@ def test_missing_and_wrong_models(tmp_path, model_dir, tiny_model_builder):
     save_checkpoint(c / "prior", LatentPrior(cfg), cfg, "prior")
     with pytest.raises(CheckpointError, match="does not fit the VQGAN"):
         Restorer.from_pretrained(c)
+    # a prior trained on another VQGAN's latents (same shape): refused by the encoder's fingerprint it records
+    d = tiny_model_builder(tmp_path / "d", irn=False, mask=False)
+    meta = json.loads((d / "prior" / "config.json").read_text())
+    (d / "prior" / "config.json").write_text(json.dumps({**meta, "vqgan_encoder": "0123456789abcdef"}))
+    with pytest.raises(CheckpointError, match="was trained on the latents of another VQGAN encoder"):
+        Restorer.from_pretrained(d)
+    own = encoder_fingerprint(load_vqgan(d / "vqgan"))
+    (d / "prior" / "config.json").write_text(json.dumps({**meta, "vqgan_encoder": own}))
+    assert Restorer.from_pretrained(d).prior is not None
+    decoder_tuned = load_vqgan(d / "vqgan")
+    with torch.no_grad():
+        decoder_tuned.decoder.conv_in.weight.add_(1.0)  # a decoder fine-tune keeps the encoder's fingerprint
+    assert encoder_fingerprint(decoder_tuned) == own
 
 
 def test_without_irn_starts_from_zd(tmp_path, tiny_model_builder):

@@ -19,12 +19,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from clrface.checkpoint import read_meta
 from clrface.diffusion.prior import LatentPrior, load_prior
 from clrface.errors import CheckpointError, ClrfaceError
 from clrface.identity.guidance import LatentMask, load_mask
 from clrface.identity.irn import load_irn
 from clrface.options import FidelityMap, RestoreOptions
-from clrface.vqgan.model import VQGAN, load_vqgan
+from clrface.vqgan.model import VQGAN, encoder_fingerprint, load_vqgan
 
 
 def package_weights(name: str) -> Path:
@@ -125,6 +126,10 @@ def load_model_folder(path_or_name: str | Path | None = None, device: str | torc
     except (ValueError, TypeError, ClrfaceError) as e:
         raise CheckpointError(f"{folder / 'restore.json'}: invalid ({e})") from None
     check_compatible(vqgan, prior, mask, str(folder))
+    trained_on = read_meta(stage("prior")).get("vqgan_encoder")  # priors trained before it was recorded: unchecked
+    if trained_on is not None and trained_on != encoder_fingerprint(vqgan):
+        raise CheckpointError(f"{folder}: its prior ({stage('prior')}) was trained on the latents of another VQGAN "
+                              f"encoder than {stage('vqgan')}'s; pack it with the VQGAN it was trained with")
     return ModelFolder(folder, vqgan, prior, irn, mask, fmap, defaults)
 
 

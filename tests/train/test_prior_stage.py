@@ -10,6 +10,7 @@ from clrface.metrics.psnr_ssim import psnr
 from clrface.train import diffusion as diffusion_stage
 from clrface.train.diffusion import PriorStage, PriorTrainConfig, latent_stats
 from clrface.train.engine import EngineConfig, train
+from clrface.vqgan.model import encoder_fingerprint, load_vqgan
 
 
 def test_latent_stats_normalise_to_zero_mean_unit_std():
@@ -34,6 +35,8 @@ def test_prior_stage_trains_and_exports_with_stats(tiny_models, tmp_path):
     assert (out / "latents.pt").exists()  # clean latents cached once
     train(stage, EngineConfig(out_dir=str(out), steps=2, batch_size=4, mixed_precision="no", val_every=2, ckpt_every=2))
     prior = load_prior(out / "model")
+    meta = json.loads((out / "model" / "config.json").read_text())
+    assert meta["vqgan_encoder"] == encoder_fingerprint(load_vqgan(tiny_models["vqgan"]))  # what its latents are of
     stats = json.loads((out / "latent_stats.json").read_text())
     assert list(prior.config.latent_mean) == stats["mean"] and list(prior.config.latent_std) == stats["std"]
     assert "val/psnr_direct" in (out / "log.csv").read_text()

@@ -29,7 +29,7 @@ from clrface.model_folder import apply_irn
 from clrface.train.cache import cached, folder_stamp
 from clrface.train.engine import ChunkedBatches, Objective, step_indices, train_device
 from clrface.train.vqgan import save_grid
-from clrface.vqgan.model import VQGAN, load_vqgan
+from clrface.vqgan.model import VQGAN, encoder_fingerprint, load_vqgan
 
 
 @dataclass(frozen=True)
@@ -224,4 +224,4 @@ class PriorStage:
         return logs
 
     def export(self, ema: nn.Module, folder: Path) -> None:
-        save_checkpoint(folder, ema, self.prior_cfg, "prior")
+        save_checkpoint(folder, ema, self.prior_cfg, "prior", extra={"vqgan_encoder": encoder_fingerprint(self.vq)})

@@ -57,6 +57,7 @@ from clrface.model_folder import (
 from clrface.train.cache import cached, folder_stamp
 from clrface.train.engine import Objective, step_indices, train_device
 from clrface.train.vqgan import save_grid
+from clrface.vqgan.model import encoder_fingerprint
 
 
 @dataclass(frozen=True)
@@ -234,4 +235,5 @@ class DistillStage:
         return logs
 
     def export(self, ema: nn.Module, folder: Path) -> None:
-        save_checkpoint(folder, ema, ema.config, "prior")
+        save_checkpoint(folder, ema, ema.config, "prior",
+                        extra={"vqgan_encoder": encoder_fingerprint(self.teacher.vqgan)})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,3 +212,15 @@ def load_vqgan(folder: str | Path, device: str | torch.device = "cpu", dtype: to
     cfg, _ = read_config(folder, "vqgan", VQGANConfig)
     model = load_weights(folder, VQGAN(cfg))
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def encoder_fingerprint(vqgan: VQGAN) -> str:
+    """A hash of the encoder's and the codebook's weights (at fp16, as models ship): what a prior's latents depend
+    on. A prior records it when trained, so a prior packed with another VQGAN is refused, not run on latents it
+    never saw; a decoder fine-tune keeps it."""
+    h = hashlib.sha256()
+    for name, v in sorted(vqgan.state_dict().items()):
+        if not name.startswith("decoder."):
+            h.update(name.encode())
+            h.update(v.detach().cpu().to(torch.float16 if v.is_floating_point() else v.dtype).numpy().tobytes())
+    return h.hexdigest()[:16]
