@@ -70,6 +70,7 @@ def test_bad_values_and_overrides_are_one_line_errors(tmp_path):
         "train.steps=1.5": "expected int",
         "train.steps=-1": "train.steps must be at least 1",
         "train.batch_size=0": "train.batch_size must be at least 1",
+        "train.ema_decay=5": "train.ema_decay must be in [0, 1), got 5",
         "train.mixed_precision=fp8": "choose from auto, no, bf16, fp16",
         "train.steps=[1": "not valid YAML",
         "train.steps.x=1": "train.steps is a value, not a section",

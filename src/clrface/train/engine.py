@@ -55,6 +55,8 @@ class EngineConfig:
                          ("val_every", 0), ("threads", 0), ("max_minutes", 0)):
             if getattr(self, key) < low:
                 raise ClrfaceError(f"train.{key} must be at least {low}, got {getattr(self, key)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ClrfaceError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ClrfaceError(f"train.mixed_precision {self.mixed_precision!r}: choose from "
                                f"{', '.join(MIXED_PRECISION)}")
