@@ -291,3 +291,24 @@ def test_stale_faces_go_but_never_an_input(tmp_path):
     clrface.batch.remove_stale(out, "p", old, new, inputs=[an_input])
     left = sorted(str(f.relative_to(out)) for f in _files(out))
     assert left == ["cmp/p_0.png", "cmp/p_2.png", "cropped_faces/p_0.png", "final/p.png", "restored_faces/p_0.png"]
+
+
+def test_a_photo_without_a_face_is_copied_as_it_is(tmp_path, restorer):
+    src = tmp_path / "in"
+    src.mkdir()
+    _crop(src / "wall.jpg", seed=3, size=(96, 64))
+    _crop(src / "sky.png", seed=4, size=(96, 64))
+    inputs = [src / "sky.png", src / "wall.jpg"]
+    o = restorer.options(steps=1, mode="prior")
+    quiet = dict(progress=False, log=lambda s: None)
+    for ext, copied in (("png", {"sky.png"}), ("jpg", {"wall.jpg"})):
+        out = tmp_path / ext
+        report = restore_files(inputs, out, restorer, o, final_ext=ext, **quiet)
+        assert all(r["no_face"] for r in report["images"])
+        for p in inputs:
+            final = out / "final" / f"{p.stem}.{ext}"
+            assert (final.read_bytes() == p.read_bytes()) == (p.name in copied)  # a second JPEG generation: no
+            assert np.array_equal(np.asarray(Image.open(final)), np.asarray(Image.open(p))) or ext == "jpg"
+    up = restore_files(inputs, tmp_path / "up", restorer, restorer.options(steps=1, mode="prior", upscale=2),
+                       **quiet)
+    assert Image.open(up["images"][1]["final"][0]).size == (192, 128)  # enlarged: written, not copied

@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from clrface.data.io import (
+    copy_image,
     ensure_not_input,
     is_image_file,
     load_image,
@@ -39,6 +40,8 @@ from clrface.video import restore_video
 from clrface.video_io import is_video, list_media, probe_video
 
 DONE_DIR = ".clrface-done"
+#: The input extensions whose files are final/ files of that format as they are.
+FINAL_SUFFIXES = {"png": (".png",), "jpg": (".jpg", ".jpeg")}
 #: From this size a photo's face search takes ~15 s or more on one core (docs/detection.md): say so before it starts.
 LARGE_PHOTO_MP = 10.0
 """Per-input completion records under the output folder: a rerun with the same model and options skips inputs
@@ -202,7 +205,12 @@ def restore_input(path: Path, name: str, out: Path, restorer: Restorer, options:
         alpha = None
     rec: dict[str, Any] = {"input": str(path), "size": [int(photo.shape[1]), int(photo.shape[0])],
                            "no_face": res.no_face, "sampling": res.sampling, "faces": [], "final": []}
+    # no face and no enlarging: the photo is returned as it is, so its file is copied (no second JPEG generation)
+    unchanged = res.no_face and options.upscale == 1 and path.suffix.lower() in FINAL_SUFFIXES[final_ext]
     for j, im in enumerate(res.images):
+        if unchanged:
+            rec["final"].append(str(copy_image(path, finals[j], inputs=inputs)))
+            continue
         if alpha is not None:  # the photo's transparency, at the final size (a cut-out portrait stays cut out)
             a = np.asarray(Image.fromarray(alpha).resize(im.shape[1::-1], Image.Resampling.BILINEAR))
             im = np.dstack([im, a])

@@ -16,9 +16,10 @@ import contextlib
 import hashlib
 import io
 import os
+import shutil
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -237,15 +238,25 @@ def save_image(path: str | os.PathLike, img: np.ndarray, *, inputs: Iterable[str
         raise ClrfaceError(f"{p}: JPEG has no transparency; write RGBA images as .png")
     ensure_not_input(p, inputs)
     im = Image.fromarray(np.ascontiguousarray(a))
-    # A hidden temporary name in the same folder, renamed over the final one: a kill or a full disk mid-write
-    # leaves the earlier file (or none), never a truncated image under the final name.
+    options = {"quality": quality, "subsampling": 0} if fmt == "JPEG" else {}
+    return _write_via_temporary(p, lambda tmp: im.save(tmp, fmt, **options))
+
+
+def copy_image(src: str | os.PathLike, dst: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Copies an image file byte for byte (an unchanged photo keeps its encoding, metadata and colour profile);
+    written as :func:`save_image` writes, never over a file listed in ``inputs``."""
+    p = Path(dst)
+    ensure_not_input(p, inputs)
+    return _write_via_temporary(p, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def _write_via_temporary(p: Path, write: Callable[[Path], object]) -> Path:
+    """``write(tmp)`` to a hidden temporary name in the same folder, then renamed over ``p``: a kill or a full disk
+    mid-write leaves the earlier file (or none), never a truncated image under the final name."""
     tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
-        if fmt == "JPEG":
-            im.save(tmp, fmt, quality=quality, subsampling=0)
-        else:
-            im.save(tmp, fmt)
+        write(tmp)
         os.replace(tmp, p)
     except BaseException as e:
         with contextlib.suppress(OSError):
