@@ -114,10 +114,28 @@ def test_files_not_restored_are_reported(tmp_path, model_dir, capsys):
     report = json.loads((out / "report.json").read_text())
     ignored = {Path(r["input"]).name: r["reason"] for r in report["ignored"]}
     assert set(ignored) == {"notes.txt", "phone.heic", "sub", "gone.png"} and "(.heic)" in ignored["phone.heic"]
-    assert ignored["sub"] == "a folder: sub-folders are not searched"
+    assert ignored["sub"] == "a folder: sub-folders are searched with --recursive"
     assert ignored["gone.png"] == "a broken link: its target does not exist"
     assert "4 other file(s) not restored" in cap.out
     assert [Path(r["input"]).name for r in report["images"]] == ["good.png", "new.avif"][:1 + readable]
+
+
+def test_recursive_restores_sub_folders_flat_and_never_its_own_outputs(tmp_path, model_dir, capsys):
+    src = tmp_path / "album"
+    for sub, seed in (("1962", 0), ("1975", 1), ("1975/.thumbs", 2)):
+        (src / sub).mkdir(parents=True)
+        _crop(src / sub / "portrait.png", seed=seed)
+    (src / "1975" / "notes.txt").write_text("x")
+    out = src / "restored"  # inside the input folder: its results must not become inputs of a rerun
+    args = ["restore", str(src), "-o", str(out), "--model", str(model_dir), "--aligned", "--steps", "1", "--recursive"]
+    for _ in range(2):
+        assert main(args) == 0, capsys.readouterr().err
+        report = json.loads((out / "report.json").read_text())
+        assert [Path(r["input"]).relative_to(src).as_posix() for r in report["images"]] == \
+            ["1962/portrait.png", "1975/portrait.png"]
+        assert [Path(r["input"]).relative_to(src).as_posix() for r in report["ignored"]] == ["1975/notes.txt"]
+    finals = sorted(p.name for p in (out / "final").iterdir())
+    assert len(finals) == 2 and all(n.startswith("portrait_") for n in finals)  # same name: hashed apart
 
 
 def test_aligned_non_square_crop_warns(tmp_path, model_dir, capsys):

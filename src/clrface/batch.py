@@ -67,25 +67,38 @@ def check_writable(out: Path) -> None:
         out.rmdir()
 
 
-def prepare_inputs(source: str | Path, out_dir: str | Path) -> tuple[list[Path], list[dict[str, str]]]:
+def prepare_inputs(source: str | Path, out_dir: str | Path, *,
+                   recursive: bool = False) -> tuple[list[Path], list[dict[str, str]]]:
     """The inputs of ``clrface restore`` and the files of the folder that will not be restored (with the reason),
     checked before any model is loaded: a single bad input file or an unwritable output folder raises here.
 
     Files of a folder whose extension is not a known image or video one are restored when PIL reads their header
-    (AVIF, PPM, ...); the others are listed as ``{"input", "reason"}``. Hidden files are ignored.
+    (AVIF, PPM, ...); the others are listed as ``{"input", "reason"}``. Hidden files are ignored, and so is the
+    output folder where it lies inside the input folder (its results are no inputs). ``recursive``: the files of
+    sub-folders too.
     """
     src, out = Path(source), Path(out_dir)
-    inputs = list_media(src)
+    inputs = list_media(src, recursive=recursive)
     ignored: list[dict[str, str]] = []
     if src.is_file():  # a single bad file is the command's error
         probe_video(inputs[0]) if is_video(inputs[0]) else load_image(inputs[0])
     else:
-        listed, own_report = set(inputs), (out / "report.json").resolve()
-        for f in sorted(src.iterdir()):
-            if f.name.startswith(".") or f in listed or f.resolve() == own_report:
+        own = out.resolve()
+        # An output folder inside the input folder holds results, not inputs. (Restoring OUT/final into OUT, the
+        # input folder lies inside the output folder: its files are inputs, and ensure_not_input guards them.)
+        out_inside = not src.resolve().is_relative_to(own)
+
+        def is_output(f: Path) -> bool:
+            return out_inside and f.resolve().is_relative_to(own)
+
+        inputs = [f for f in inputs if not is_output(f)]
+        listed = set(inputs)
+        for f in sorted(src.rglob("*") if recursive else src.iterdir()):
+            if any(part.startswith(".") for part in f.relative_to(src).parts) or f in listed or is_output(f):
                 continue
             if f.is_dir():
-                ignored.append({"input": str(f), "reason": "a folder: sub-folders are not searched"})
+                if not recursive:
+                    ignored.append({"input": str(f), "reason": "a folder: sub-folders are searched with --recursive"})
             elif not f.exists():
                 ignored.append({"input": str(f), "reason": "a broken link: its target does not exist"})
             elif not f.is_file():

@@ -360,6 +360,9 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference-guidance", type=finite_float, default=None, metavar="SCALE",
                    help="with --reference: the identity-guidance scale of the face the reference guides (default "
                         "30, measured in docs/reference.md; --guidance-scale sets that of the other faces)")
+    p.add_argument("--recursive", action="store_true",
+                   help="also restore the photos and videos of sub-folders (the output folder stays flat: names "
+                        "that would clash get the extension or a short hash; report.json names each input)")
     p.add_argument("--force-reference", action="store_true",
                    help="with --reference: use it even on a face that looks like another person (it pulls that "
                         "face toward the reference's identity)")
@@ -373,7 +376,7 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
             raise ClrfaceError("--reference-all and --force-reference need --reference")
         if args.reference and args.mode not in (None, "full"):
             raise ClrfaceError(f"--reference guides the identity of mode full; --mode {args.mode} has no guidance")
-        inputs, ignored = prepare_inputs(args.input, args.output)  # fails here, before any model is loaded
+        inputs, ignored = prepare_inputs(args.input, args.output, recursive=args.recursive)  # before any model
         rank, world, barrier, args.device = process_group(args.device)
         if args.reference:
             args.mode = "full"
