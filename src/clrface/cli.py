@@ -332,6 +332,9 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--aligned", action="store_true",
                    help="inputs are already FFHQ-aligned face crops (any size): no detection, restored at their size")
+    p.add_argument("--recursive", action="store_true",
+                   help="also restore the photos and videos of sub-folders (the output folder stays flat: names "
+                        "that would clash get the extension or a short hash; report.json names each input)")
     p.add_argument("--overwrite", action="store_true",
                    help="redo inputs that an earlier run into OUTPUT finished with the same model and options "
                         "(by default they are skipped, so a killed run resumes where it stopped)")
@@ -360,9 +363,6 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference-guidance", type=finite_float, default=None, metavar="SCALE",
                    help="with --reference: the identity-guidance scale of the face the reference guides (default "
                         "30, measured in docs/reference.md; --guidance-scale sets that of the other faces)")
-    p.add_argument("--recursive", action="store_true",
-                   help="also restore the photos and videos of sub-folders (the output folder stays flat: names "
-                        "that would clash get the extension or a short hash; report.json names each input)")
     p.add_argument("--force-reference", action="store_true",
                    help="with --reference: use it even on a face that looks like another person (it pulls that "
                         "face toward the reference's identity)")
