@@ -72,7 +72,7 @@ def test_upload_restore_download(server, browser, tmp_path, demo_upload):
     assert 0.9 < float(cells[3]) <= 1.0 and float(cells[4]) == pytest.approx(1.0, abs=2e-3)  # vs input, vs IRN
     link = browser.find_element(By.ID, "download")
     assert link.get_attribute("href").startswith("blob:")
-    assert link.get_attribute("download") == "astronaut_lq_restored.png"
+    assert link.get_attribute("download") == "astronaut_lq_irn.png"
     # The download link holds the PNG the server made: fetch the blob inside the page and compare the size.
     n = browser.execute_async_script(
         "const done = arguments[arguments.length - 1];"
@@ -86,19 +86,28 @@ def test_upload_restore_download(server, browser, tmp_path, demo_upload):
         shutil.copy(shot, os.environ["CLRFACE_SCREENSHOT"])
 
 
-def test_page_shows_refusal(server, browser, tmp_path):
+def test_page_shows_refusal_and_no_earlier_result_beside_it(server, browser, tmp_path, demo_upload):
     # selenium is optional (the browser extra): imported here, so the default run collects this file without it
     from selenium.webdriver.common.by import By  # noqa: PLC0415
     from selenium.webdriver.support.ui import WebDriverWait  # noqa: PLC0415
 
-    bad = tmp_path / "notes.png"
+    good, bad = tmp_path / "astronaut_lq.jpg", tmp_path / "notes.png"
+    good.write_bytes(demo_upload)
     bad.write_bytes(b"this is not a picture")
     browser.get(server.url)
-    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "mode").get_attribute("value"))
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: d.find_element(By.ID, "mode").get_attribute("value"))
+    assert not browser.find_element(By.ID, "pair").is_displayed()  # no empty image frames before a result
+    browser.find_element(By.ID, "file").send_keys(str(good))
+    browser.find_element(By.ID, "restore").click()
+    wait.until(lambda d: d.find_element(By.ID, "pair").is_displayed())
+    assert browser.find_element(By.ID, "status").text.startswith("astronaut_lq.jpg: 1 face(s) restored in ")
     browser.find_element(By.ID, "file").send_keys(str(bad))
     browser.find_element(By.ID, "restore").click()
-    msg = WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "error").text)
+    msg = wait.until(lambda d: d.find_element(By.ID, "error").text)
     assert "not an image" in msg
+    assert not browser.find_element(By.ID, "pair").is_displayed()
+    assert not browser.find_element(By.ID, "faces").is_displayed()
 
 
 def test_upload_with_a_reference_photo(server, browser, tmp_path, demo_upload):
@@ -113,6 +122,8 @@ def test_upload_with_a_reference_photo(server, browser, tmp_path, demo_upload):
     wait.until(lambda d: d.find_element(By.ID, "mode").get_attribute("value") == "irn")
     browser.find_element(By.ID, "file").send_keys(str(photo))
     browser.find_element(By.ID, "ref").send_keys(str(ref))
+    mode = browser.find_element(By.ID, "mode")
+    assert mode.get_attribute("value") == "full" and not mode.is_enabled()  # what the request will use
     browser.find_element(By.ID, "restore").click()
     wait.until(lambda d: "face(s) restored" in d.find_element(By.ID, "status").text
                or d.find_element(By.ID, "error").text)

@@ -91,7 +91,8 @@ def assign_reference(cos_to_input: Sequence[float], policy: ReferencePolicy = Re
                                 f"cosine {cos[i]:.3f} < {policy.threshold:.3f}; --force-reference)")
         else:
             warnings.append(f"face {i}: the reference looks like another person (identity cosine {cos[i]:.3f} < "
-                            f"{policy.threshold:.3f}); restored without it (--force-reference uses it anyway)")
+                            f"{policy.threshold:.3f}); restored without it (forcing the reference, --force-reference, "
+                            "uses it anyway)")
     return used, warnings
 
 
@@ -102,7 +103,7 @@ def reference_crops(images: Sequence[str | os.PathLike | np.ndarray], size: int,
     items: list[tuple[str, np.ndarray | Path]] = []
     for im in images:
         if isinstance(im, np.ndarray):
-            items.append((f"photo {len(items)}", im))
+            items.append((f"photo {len(items) + 1}", im))
         elif Path(im).is_dir():
             items += [(str(p), p) for p in list_images(im)]
         else:
@@ -121,7 +122,7 @@ def reference_crops(images: Sequence[str | os.PathLike | np.ndarray], size: int,
             found = align_faces(photo, size, max_faces=1, resample="bicubic")
             if not found:
                 raise ClrfaceError(f"reference {name}: no face found (give a clear photo of the person, or aligned "
-                                   "crops with --aligned)")
+                                   "face crops given as aligned)")
             crops.append(found[0][0])
         names.append(name)
     return np.stack(crops), tuple(names)

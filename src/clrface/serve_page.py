@@ -9,7 +9,10 @@ body{font:15px system-ui,sans-serif;margin:1.5em auto;max-width:1100px;padding:0
 fieldset{border:1px solid #ccc;display:flex;flex-wrap:wrap;gap:1em;align-items:end}
 label{display:flex;flex-direction:column;font-size:13px;gap:.2em}
 input[type=number]{width:6em} button{font-size:15px;padding:.4em 1.2em}
+[hidden]{display:none !important}
 #pair{display:grid;grid-template-columns:1fr 1fr;gap:1em;margin-top:1em}
+@media (max-width:600px){#pair{grid-template-columns:1fr}}
+#facebox{overflow-x:auto}
 figure{margin:0} figure img{width:100%;max-height:70vh;object-fit:contain;background:#eee}
 figcaption{font-size:13px;color:#555}
 #error{color:#b00020;white-space:pre-wrap} #status{color:#555}
@@ -18,7 +21,7 @@ td img{width:96px;height:96px}
 </style></head><body>
 <h1>clrface &mdash; face restoration</h1>
 <p id="model" class="small"></p>
-<fieldset><legend>Photo and options</legend>
+<fieldset id="form"><legend>Photo and options</legend>
 <label>Photo <input id="file" type="file" accept="image/*"></label>
 <label title="clean photos of the same person: the face that matches them is guided toward their identity (mode full)">
 Reference photos (optional) <input id="ref" type="file" accept="image/*" multiple></label>
@@ -26,7 +29,7 @@ Reference photos (optional) <input id="ref" type="file" accept="image/*" multipl
  <output id="fidout">0.5</output></span></label>
 <label>Steps <input id="steps" type="number" min="1" max="100" value="20"></label>
 <label>Seed <input id="seed" type="number" value="0"></label>
-<label>Mode <select id="mode"></select></label>
+<label>Mode <select id="mode"></select> <span id="modenote" hidden>reference photos: mode full</span></label>
 <label title="the photo is already an FFHQ-aligned face crop: no detection">Aligned crop
  <input id="aligned" type="checkbox"></label>
 <button id="restore" type="button">Restore</button>
@@ -36,17 +39,17 @@ sampler); irn and direct ignore them. High fidelity stays close to the input's i
 regenerate more. Restores run one at a time on this machine, and each is bounded in work: faces &times;
 network evaluations per face (1, plus the sampler's evaluations in modes full and prior: heun 2 &times; steps
 &minus; 1) may not exceed <span id="maxeval">the server's limit</span>.</p>
-<p id="status"></p><p id="error" role="alert"></p>
+<p id="status" aria-live="polite"></p><p id="error" role="alert"></p>
 <div id="pair" hidden>
 <figure><img id="before" alt="input"><figcaption>input (as the model read it)</figcaption></figure>
 <figure><img id="after" alt="restored">
 <figcaption>restored &mdash; <a id="download" download="restored.png">download PNG</a></figcaption></figure>
 </div>
-<table id="faces" hidden><thead><tr><th>face</th><th>input crop</th><th>restored</th>
+<div id="facebox"><table id="faces" hidden><thead><tr><th>face</th><th>input crop</th><th>restored</th>
 <th title="cosine of face-recognition embeddings, restored vs input">identity vs input</th>
 <th title="restored vs the Identity Recovery Network's output">identity vs IRN</th>
 <th title="whether the reference photos guided this face, and its input's identity cosine to them">reference</th>
-</tr></thead><tbody></tbody></table>
+</tr></thead><tbody></tbody></table></div>
 <script>
 "use strict";
 const $ = (id) => document.getElementById(id);
@@ -60,6 +63,15 @@ function b64blob(b64) {
 }
 const png = (b64) => "data:image/png;base64," + b64;
 $("fidelity").addEventListener("input", () => { $("fidout").textContent = $("fidelity").value; });
+// reference photos guide the identity in mode full only: the request is made in that mode, and the menu says so
+$("ref").addEventListener("change", () => {
+  const refs = $("ref").files.length > 0;
+  if (refs) $("mode").value = "full";
+  $("mode").disabled = refs; $("modenote").hidden = !refs;
+});
+function clearResult() {
+  $("pair").hidden = true; $("faces").hidden = true; $("status").textContent = ""; $("error").textContent = "";
+}
 fetch("api/info").then((r) => r.json()).then((j) => {
   info = j;
   const d = j.defaults;
@@ -77,7 +89,7 @@ fetch("api/info").then((r) => r.json()).then((j) => {
 }).catch((e) => { $("error").textContent = "cannot reach the server: " + e; });
 $("restore").addEventListener("click", async () => {
   const f = $("file").files[0];
-  $("error").textContent = "";
+  clearResult();  // a new request: no earlier result stays on screen beside its status or error
   if (!f) { $("error").textContent = "choose a photo first"; return; }
   const refs = Array.from($("ref").files);
   const total = refs.reduce((n, r) => n + r.size, f.size);
@@ -94,27 +106,31 @@ $("restore").addEventListener("click", async () => {
     body.append("photo", f);
     for (const r of refs) body.append("reference", r);
   }
-  $("restore").disabled = true;
+  $("form").disabled = true;  // the options shown stay those of the restore under way
+  $("status").textContent = "restoring…";
   const t0 = performance.now();
   const tick = setInterval(() => { $("status").textContent = "restoring… " +
     ((performance.now() - t0) / 1000).toFixed(0) + " s"; }, 250);
   try {
-    const r = await fetch("api/restore?" + q, {method: "POST", body: body, headers: headers});
+    const r = await fetch("api/restore?" + q, {method: "POST", body: body, headers: headers}).catch(() => {
+      throw new Error("the server did not answer: is clrface serve still running?");
+    });
     const j = await r.json().catch(() => ({error: "HTTP " + r.status}));
     if (!r.ok) throw new Error(j.error || ("HTTP " + r.status));
     $("before").src = png(j.input);
     if (lastUrl) URL.revokeObjectURL(lastUrl);
     lastUrl = URL.createObjectURL(b64blob(j.image));
     $("after").src = lastUrl; $("download").href = lastUrl;
-    $("download").download = f.name.replace(/\\.[^.]*$/, "") + "_restored.png";
+    $("download").download = f.name.replace(/\\.[^.]*$/, "") + "_" + j.options.mode + ".png";
     $("pair").hidden = false;
     const tb = $("faces").tBodies[0];
     tb.replaceChildren();
     for (const fc of j.faces) {
       const tr = tb.insertRow();
       tr.insertCell().textContent = fc.index;
-      for (const b of [fc.crop_in, fc.crop_out]) {
-        const im = document.createElement("img"); im.src = png(b); tr.insertCell().append(im);
+      for (const [b, what] of [[fc.crop_in, "input crop"], [fc.crop_out, "restored"]]) {
+        const im = document.createElement("img"); im.src = png(b); im.alt = "face " + fc.index + ", " + what;
+        tr.insertCell().append(im);
       }
       tr.insertCell().textContent = fc.id_vs_input.toFixed(3);
       tr.insertCell().textContent = fc.id_vs_irn.toFixed(3);
@@ -123,17 +139,21 @@ $("restore").addEventListener("click", async () => {
         ref.cos_input_vs_reference.toFixed(3) + ")" : "–";
     }
     $("faces").hidden = j.faces.length === 0;
-    const s = j.sampling;
-    $("status").textContent = (j.no_face ? "no face found: the photo is returned unchanged. " : j.faces.length +
-      " face(s) restored. ") + j.seconds.toFixed(1) + " s; mode " + j.options.mode + ", sigma_start " +
-      s.sigma_start + ", guidance " + s.guidance_scale + ", " + s.nfe + " network evaluations." +
-      (j.warnings.length ? " " + j.warnings.join(" ") : "");
+    const s = j.sampling, what = f.name + ": ";
+    const how = j.no_face ? "" : "; mode " + j.options.mode + (s.nfe ? ", " + s.nfe + " network evaluations per face" +
+      " (start noise " + Number(s.sigma_start).toFixed(2) + ", identity guidance " + s.guidance_scale + ")" : "");
+    const warnings = j.warnings.filter((w) => !w.startsWith("no face found"));
+    $("status").textContent = what + (j.no_face ? "no face found: the photo is returned unchanged" :
+      j.faces.length + " face(s) restored") + " in " + j.seconds.toFixed(1) + " s" + how + "." +
+      (warnings.length ? " Warning: " + warnings.join(" ") : "");
   } catch (e) {
-    $("status").textContent = "";
+    clearResult();
     $("error").textContent = String(e.message || e);
   } finally {
     clearInterval(tick);
-    $("restore").disabled = false;
+    $("form").disabled = false;
+    $("mode").disabled = $("ref").files.length > 0;
+    $("restore").focus();  // keyboard users continue where they were
   }
 });
 </script></body></html>
