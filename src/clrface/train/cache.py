@@ -22,6 +22,11 @@ def folder_stamp(folder: str | Path) -> list[Any]:
     return [str(root)] + [[str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
+def folders_key(folders: str | list[str]) -> list[str]:
+    """A data folder or list of folders (a stage's ``train_dir``) as resolved paths."""
+    return [str(Path(d).resolve()) for d in (folders if isinstance(folders, list) else [folders])]
+
+
 def cached(path: Path, key: dict[str, Any], make: Callable[[], T], *, map_location: Any = None,
            log: Callable[[str], None] = print) -> T:
     """``make()``'s result, stored at ``path`` with ``key`` (plain JSON-like values: what it is made from) and

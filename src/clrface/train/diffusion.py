@@ -26,7 +26,7 @@ from clrface.diffusion.unet import UNetConfig
 from clrface.identity.irn import load_irn
 from clrface.metrics.psnr_ssim import psnr
 from clrface.model_folder import apply_irn
-from clrface.train.cache import cached, folder_stamp
+from clrface.train.cache import cached, folder_stamp, folders_key
 from clrface.train.engine import ChunkedBatches, Objective, step_indices, train_device
 from clrface.train.vqgan import save_grid
 from clrface.vqgan.model import VQGAN, encoder_fingerprint, load_vqgan
@@ -116,9 +116,9 @@ class PriorStage:
             else:
                 mean, std = latent_stats(encode_all(self.vq, faces[: cfg.stats_faces], cfg.encode_batch))
         else:
-            dirs = cfg.train_dir if isinstance(cfg.train_dir, list) else [cfg.train_dir]
-            key = {"vqgan": folder_stamp(cfg.vqgan), "train_dir": [str(Path(d).resolve()) for d in dirs],
-                   "faces": len(faces), "size": size}
+            key = {"vqgan": folder_stamp(cfg.vqgan), "train_dir": folders_key(cfg.train_dir), "faces": len(faces),
+                   "size": size}
+
             def encode() -> Tensor:
                 print(f"encoding {len(faces)} faces and their mirror images for {cache} (once per run folder)",
                       file=sys.stderr)

@@ -54,7 +54,7 @@ from clrface.model_folder import (
     load_model_folder,
     resolve_model,
 )
-from clrface.train.cache import cached, folder_stamp
+from clrface.train.cache import cached, folder_stamp, folders_key
 from clrface.train.engine import Objective, step_indices, train_device
 from clrface.train.vqgan import save_grid
 from clrface.vqgan.model import encoder_fingerprint
@@ -175,11 +175,10 @@ class DistillStage:
         self.teacher = teacher
         self.schedule = teacher.prior.config.schedule
         size = teacher.resolution
-        dirs = cfg.train_dir if isinstance(cfg.train_dir, list) else [cfg.train_dir]
         made_by = {k: v for k, v in dataclasses.asdict(cfg).items()  # what the trajectories depend on
                    if k not in ("model", "train_dir", "val_dir", "val_count", "lr", "warmup", "val_sigma_start",
                                 "val_steps")}
-        key = {"model": folder_stamp(resolve_model(cfg.model)), "train_dir": [str(Path(d).resolve()) for d in dirs],
+        key = {"model": folder_stamp(resolve_model(cfg.model)), "train_dir": folders_key(cfg.train_dir),
                "seed": seed, "teacher_dtype": str(teacher.dtype), **json.loads(json.dumps(made_by, default=str))}
         self.data = cached(out_dir / "trajectories.pt", key, lambda: make_trajectories(
             teacher, load_face_folder(cfg.train_dir, size=size, limit=cfg.pairs), cfg, self.schedule, seed),
