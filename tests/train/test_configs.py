@@ -117,6 +117,7 @@ def test_every_run_of_the_gpu_script_builds_its_configs():
     ("prior", {"stage": {"preset": "nope"}}, "config stage.preset: unknown degradation preset 'nope'; choose from"),
     ("irn", {"stage": {"degradation": "nope"}}, "config stage.degradation: unknown degradation preset 'nope'"),
     ("irn", {"model": {"body": "swinx"}}, "config section 'model': body must be one of"),
+    ("irn", {"stage": {"val_count": 0}}, "config stage.val_count must be at least 1, got 0"),
 ])
 def test_a_dataclass_check_is_a_one_line_error_before_any_data_is_read(stage, raw, message):
     with pytest.raises(ClrfaceError, match=re.escape(message)):

@@ -85,6 +85,8 @@ def build(cls: type, section: dict[str, Any] | None, name: str) -> Any:
         obj = cls(**section)
     except (ValueError, TypeError) as e:  # the dataclass's own checks: one line, as every config error
         raise ClrfaceError(f"config section '{name}': {e}") from None
+    if getattr(obj, "val_count", 1) < 1:  # 0 reached the data loader as "no limit": all 500 faces every validation
+        raise ClrfaceError(f"config {name}.val_count must be at least 1, got {obj.val_count}")
     for key in ("preset", "degradation"):  # preset names, checked before any data is read
         if isinstance(getattr(obj, key, None), str) and getattr(obj, key) not in PRESETS:
             raise ClrfaceError(f"config {name}.{key}: unknown degradation preset {getattr(obj, key)!r}; choose "
