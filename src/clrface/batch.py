@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from clrface.data.io import (
+    SAVE_FORMATS,
     copy_image,
     ensure_not_input,
     is_image_file,
@@ -40,12 +41,10 @@ from clrface.video import restore_video
 from clrface.video_io import is_video, list_media, probe_video
 
 DONE_DIR = ".clrface-done"
-#: The input extensions whose files are final/ files of that format as they are.
-FINAL_SUFFIXES = {"png": (".png",), "jpg": (".jpg", ".jpeg")}
-#: From this size a photo's face search takes ~15 s or more on one core (docs/detection.md): say so before it starts.
-LARGE_PHOTO_MP = 10.0
 """Per-input completion records under the output folder: a rerun with the same model and options skips inputs
 whose record exists (resumable after a kill); records are written only after all of an input's files."""
+#: From this size a photo's face search takes ~15 s or more on one core (docs/detection.md): say so before it starts.
+LARGE_PHOTO_MP = 10.0
 
 
 def input_stamp(path: Path) -> dict[str, Any]:
@@ -172,11 +171,10 @@ def record_files(out: Path, name: str, record: dict[str, Any]) -> set[Path]:
 def remove_stale(out: Path, name: str, old: dict[str, Any], new: dict[str, Any], inputs: list[Path]) -> None:
     """Deletes what an earlier result under ``name`` wrote and this one did not (faces it no longer has, samples,
     another final format), so the output folder shows one result per name. Never an input."""
-    keep = {p.resolve() for p in inputs}
     for f in record_files(out, name, old) - record_files(out, name, new):
-        if f.resolve() not in keep:
-            with contextlib.suppress(OSError):
-                f.unlink(missing_ok=True)
+        with contextlib.suppress(ClrfaceError, OSError):  # ClrfaceError: the file is an input, so it stays
+            ensure_not_input(f, inputs)
+            f.unlink(missing_ok=True)
 
 
 def restore_input(path: Path, name: str, out: Path, restorer: Restorer, options: RestoreOptions, aligned: bool,
@@ -219,7 +217,8 @@ def restore_input(path: Path, name: str, out: Path, restorer: Restorer, options:
     rec: dict[str, Any] = {"input": str(path), "size": [int(photo.shape[1]), int(photo.shape[0])],
                            "no_face": res.no_face, "sampling": res.sampling, "faces": [], "final": []}
     # no face and no enlarging: the photo is returned as it is, so its file is copied (no second JPEG generation)
-    unchanged = res.no_face and options.upscale == 1 and path.suffix.lower() in FINAL_SUFFIXES[final_ext]
+    unchanged = (res.no_face and options.upscale == 1
+                 and SAVE_FORMATS.get(path.suffix.lower()) == SAVE_FORMATS[f".{final_ext}"])
     for j, im in enumerate(res.images):
         if unchanged:
             rec["final"].append(str(copy_image(path, finals[j], inputs=inputs)))
