@@ -138,6 +138,24 @@ def test_recursive_restores_sub_folders_flat_and_never_its_own_outputs(tmp_path,
     assert len(finals) == 2 and all(n.startswith("portrait_") for n in finals)  # same name: hashed apart
 
 
+def test_output_folder_equal_to_the_input_folder_never_reads_its_results(tmp_path, model_dir, capsys):
+    src = tmp_path / "album"
+    (src / "1975").mkdir(parents=True)
+    _crop(src / "a.png", seed=0)
+    _crop(src / "1975" / "b.png", seed=1)
+    args = ["restore", str(src), "-o", str(src), "--model", str(model_dir), "--aligned", "--steps", "1", "--recursive"]
+    for _ in range(2):  # the second run sees final/, cmp/, cropped_faces/ and restored_faces/ in its input folder
+        assert main(args) == 0, capsys.readouterr().err
+        report = json.loads((src / "report.json").read_text())
+        assert [Path(r["input"]).relative_to(src).as_posix() for r in report["images"]] == ["1975/b.png", "a.png"]
+    assert sorted(p.name for p in (src / "final").iterdir()) == ["a.png", "b.png"]
+    assert len(list((src / "cmp").iterdir())) == 2
+    # a result folder named as the input is restored: its files are what the user asked for
+    assert main(["restore", str(src / "final"), "-o", str(src), "--model", str(model_dir), "--aligned", "--steps",
+                 "1", "--overwrite"]) == 1  # both would be written over themselves: refused per file
+    assert "refusing to overwrite the input file" in capsys.readouterr().err
+
+
 def test_aligned_non_square_crop_warns(tmp_path, model_dir, capsys):
     _crop(tmp_path / "wide.png", seed=0, size=(48, 32))
     out = tmp_path / "out"
@@ -216,6 +234,7 @@ def test_transparency_is_kept_and_an_animation_is_named(tmp_path, model_dir, cap
     Image.fromarray(np.dstack([rgb, alpha])).save(src / "cutout.png")
     frames = [Image.fromarray(np.roll(rgb, k, 0)) for k in range(3)]
     frames[0].save(src / "anim.gif", save_all=True, append_images=frames[1:])
+    frames[0].save(src / "scan.tif", save_all=True, append_images=frames[1:])
     out = tmp_path / "out"
     rc = main(["restore", str(src), "-o", str(out), "--model", str(model_dir), "--aligned", "--steps", "1"])
     err = capsys.readouterr().err
@@ -225,6 +244,21 @@ def test_transparency_is_kept_and_an_animation_is_named(tmp_path, model_dir, cap
     assert Image.open(out / "final" / "anim.png").mode == "RGB"
     assert f"clrface: warning: {src / 'anim.gif'}: an animated image: only the first of its 3 frames was restored" \
         in err.splitlines()
+    assert f"clrface: warning: {src / 'scan.tif'}: a multi-page image: only the first of its 3 pages was restored" \
+        in err.splitlines()
+
+
+@pytest.mark.parametrize("ext", ["png", "jpg"])
+def test_the_photos_exif_is_kept_upright(tmp_path, model_dir, ext):
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F] = 8, "TestCam"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(
+        tmp_path / "p.jpg", exif=exif.tobytes())
+    out = tmp_path / "out"
+    assert main(["restore", str(tmp_path / "p.jpg"), "-o", str(out), "--model", str(model_dir), "--aligned",
+                 "--steps", "1", "--ext", ext]) == 0
+    final = Image.open(out / "final" / f"p.{ext}")
+    assert final.size == (40, 48) and final.getexif()[0x0112] == 1 and final.getexif()[0x010F] == "TestCam"
 
 
 def test_ext_jpg_writes_whole_photos_as_jpeg_and_says_what_it_drops(tmp_path, model_dir, capsys):

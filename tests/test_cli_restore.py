@@ -145,10 +145,18 @@ def test_help_names_every_flag():
     assert spec["fast"]["defaults"]["fidelity"] == spec["default"]["defaults"]["fidelity"]
 
 
+def test_version_is_the_packages(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert e.value.code == 0 and f'version = "{capsys.readouterr().out.split()[1]}"' in pyproject
+
+
 def test_demo_writes_the_comparison(tmp_path, model_dir, capsys):
     pytest.importorskip("skimage")
-    rc = main(["demo", "-o", str(tmp_path / "demo"), "--model", str(model_dir), "--steps", "1"])
-    assert rc == 0, capsys.readouterr().err
+    rc = main(["demo", "-o", f"{tmp_path / 'demo'}/", "--model", str(model_dir), "--steps", "1"])
+    assert rc == 0
+    assert capsys.readouterr().out.strip().endswith(f"see {tmp_path / 'demo' / 'demo_cmp.png'}")
     cmp = Image.open(tmp_path / "demo" / "demo_cmp.png")
     assert cmp.size == (3 * 512, 512)
     report = json.loads((tmp_path / "demo" / "report.json").read_text())

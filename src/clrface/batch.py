@@ -28,9 +28,11 @@ from clrface.data.io import (
     ensure_not_input,
     is_image_file,
     load_image,
+    off_white,
     output_names,
     save_image,
     transparency_and_frames,
+    upright_exif,
 )
 from clrface.errors import ClrfaceError
 from clrface.options import FINAL_EXTS, RestoreOptions
@@ -43,6 +45,8 @@ from clrface.video_io import is_video, list_media, probe_video
 DONE_DIR = ".clrface-done"
 """Per-input completion records under the output folder: a rerun with the same model and options skips inputs
 whose record exists (resumable after a kill); records are written only after all of an input's files."""
+#: The folders a run writes its results into, under the output folder.
+RESULT_DIRS = ("final", "cropped_faces", "restored_faces", "cmp")
 #: From this size a photo's face search takes ~15 s or more on one core (docs/detection.md): say so before it starts.
 LARGE_PHOTO_MP = 10.0
 
@@ -73,8 +77,8 @@ def prepare_inputs(source: str | Path, out_dir: str | Path, *,
 
     Files of a folder whose extension is not a known image or video one are restored when PIL reads their header
     (AVIF, PPM, ...); the others are listed as ``{"input", "reason"}``. Hidden files are ignored, and so is the
-    output folder where it lies inside the input folder (its results are no inputs). ``recursive``: the files of
-    sub-folders too.
+    output folder where it lies inside the input folder, and the output folder's result folders where the output
+    folder is the input folder (their files are results, not inputs). ``recursive``: the files of sub-folders too.
     """
     src, out = Path(source), Path(out_dir)
     inputs = list_media(src, recursive=recursive)
@@ -82,13 +86,15 @@ def prepare_inputs(source: str | Path, out_dir: str | Path, *,
     if src.is_file():  # a single bad file is the command's error
         probe_video(inputs[0]) if is_video(inputs[0]) else load_image(inputs[0])
     else:
-        own = out.resolve()
-        # An output folder inside the input folder holds results, not inputs. (Restoring OUT/final into OUT, the
-        # input folder lies inside the output folder: its files are inputs, and ensure_not_input guards them.)
-        out_inside = not src.resolve().is_relative_to(own)
+        own, here = out.resolve(), src.resolve()
+        # An output folder inside the input folder holds results, not inputs; so do its result folders where it is
+        # the input folder. (Restoring OUT/final into OUT, the input folder lies inside a result folder: its files
+        # are inputs, and ensure_not_input guards them.)
+        results = [own] if not here.is_relative_to(own) else \
+            [own / d for d in RESULT_DIRS if not here.is_relative_to(own / d)]
 
         def is_output(f: Path) -> bool:
-            return out_inside and f.resolve().is_relative_to(own)
+            return any(f.resolve().is_relative_to(r) for r in results)
 
         inputs = [f for f in inputs if not is_output(f)]
         listed = set(inputs)
@@ -210,7 +216,9 @@ def restore_input(path: Path, name: str, out: Path, restorer: Restorer, options:
                         reference_policy=reference_policy)
     alpha, frames = transparency_and_frames(path)
     if frames > 1:
-        res.warnings.append(f"an animated image: only the first of its {frames} frames was restored")
+        what, unit = ("a multi-page image", "pages") if path.suffix.lower() in (".tif", ".tiff") else \
+            ("an animated image", "frames")
+        res.warnings.append(f"{what}: only the first of its {frames} {unit} was restored")
     if alpha is not None and final_ext != "png":
         res.warnings.append(f"its transparency is not kept in {final_ext.upper()} (--ext png keeps it)")
         alpha = None
@@ -219,14 +227,15 @@ def restore_input(path: Path, name: str, out: Path, restorer: Restorer, options:
     # no face and no enlarging: the photo is returned as it is, so its file is copied (no second JPEG generation)
     unchanged = (res.no_face and options.upscale == 1
                  and SAVE_FORMATS.get(path.suffix.lower()) == SAVE_FORMATS[f".{final_ext}"])
+    exif = None if unchanged else upright_exif(path)  # the photo's date, camera, place: upright now
     for j, im in enumerate(res.images):
         if unchanged:
             rec["final"].append(str(copy_image(path, finals[j], inputs=inputs)))
             continue
         if alpha is not None:  # the photo's transparency, at the final size (a cut-out portrait stays cut out)
             a = np.asarray(Image.fromarray(alpha).resize(im.shape[1::-1], Image.Resampling.BILINEAR))
-            im = np.dstack([im, a])
-        rec["final"].append(str(save_image(finals[j], im, inputs=inputs)))
+            im = np.dstack([off_white(im, a), a])
+        rec["final"].append(str(save_image(finals[j], im, inputs=inputs, exif=exif)))
     for k, f in enumerate(res.faces):
         fr: dict[str, Any] = {"index": k, "box": [round(float(v), 2) for v in f.box],
                               "id_vs_irn": [round(v, 4) for v in f.id_vs_irn],

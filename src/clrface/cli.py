@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from clrface import __version__
 from clrface.errors import ClrfaceError
 from clrface.options import (
     COLOR_MODES,
@@ -413,7 +414,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         restorer, options = _restore_setup(args)
         report = run_demo(args.output, restorer, options)
         faces = report["faces_total"]
-        print(f"demo: {faces} face(s) restored; see {args.output}/demo_cmp.png"
+        print(f"demo: {faces} face(s) restored; see {Path(args.output) / 'demo_cmp.png'}"
               + ("" if faces else " (no face was found in the degraded portrait)"))
         return 0
 
@@ -573,6 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="clrface",
         description="Restore degraded face photos (CLR-Face: conditional latent refinement with a score-based prior).",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in _COMMANDS:
         add(sub)

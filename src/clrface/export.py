@@ -150,7 +150,7 @@ def export_graph(module: nn.Module, args: tuple[Tensor, ...], path: Path, inputs
         try:
             import onnxscript  # noqa: F401, PLC0415  optional dependency; the dynamo exporter translates through it
         except ImportError:
-            raise ClrfaceError("the ONNX exporter needs onnxscript and onnx (pip install onnx onnxscript), or use "
+            raise ClrfaceError("the ONNX exporter needs onnxscript and onnx (pip install 'clrface[onnx]'), or use "
                                "the legacy TorchScript exporter (--torchscript)") from None
         batch = torch.export.Dim("batch", min=1, max=4096)
         kw: dict[str, Any] = {"dynamo": True, "dynamic_shapes": {n: {0: batch} for n in inputs},

@@ -18,10 +18,12 @@ from clrface.data.io import (
     image_batches,
     list_images,
     load_image,
+    off_white,
     output_names,
     same_size_runs,
     save_image,
     transparency_and_frames,
+    upright_exif,
 )
 from clrface.errors import ClrfaceError, ImageError
 
@@ -60,6 +62,23 @@ def test_exif_orientation_applied(tmp_path):
     assert b[25:, :, 2].mean() > 240 and b[25:, :, 0].mean() < 15  # bottom is blue
 
 
+def test_upright_exif_keeps_the_tags_with_orientation_1(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F], exif[0x0132] = 6, "TestCam", "1962:07:14 10:00:00"
+    Image.fromarray(_rgb(20, 40)).save(tmp_path / "r.jpg", exif=exif.tobytes())
+    kept = upright_exif(tmp_path / "r.jpg")
+    save_image(tmp_path / "out.png", load_image(tmp_path / "r.jpg"), exif=kept)
+    written = Image.open(tmp_path / "out.png").getexif()
+    assert (written[0x0112], written[0x010F], written[0x0132]) == (1, "TestCam", "1962:07:14 10:00:00")
+    assert load_image(tmp_path / "out.png").shape == (40, 20, 3)  # upright, and not turned a second time
+    Image.fromarray(_rgb(20, 40)).save(tmp_path / "plain.png")
+    assert upright_exif(tmp_path / "plain.png") is None
+    with warnings.catch_warnings():  # a damaged block: nothing to keep, and quiet
+        warnings.simplefilter("error")
+        Image.fromarray(_rgb(20, 40)).save(tmp_path / "bad.jpg", exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05")
+        assert upright_exif(tmp_path / "bad.jpg") is None
+
+
 def test_grayscale_and_bilevel(tmp_path):
     g = (np.arange(32 * 32).reshape(32, 32) % 256).astype(np.uint8)
     Image.fromarray(g, "L").save(tmp_path / "g.png")
@@ -90,6 +109,22 @@ def test_rgba_and_la_composited_on_white(tmp_path):
     c = load_image(tmp_path / "la.png")
     np.testing.assert_array_equal(c[0, 0], [40, 40, 40])
     np.testing.assert_array_equal(c[15, 0], [255, 255, 255])
+
+
+def test_off_white_undoes_the_compositing_on_white(tmp_path):
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (32, 32, 4), dtype=np.uint8)
+    rgba[0, :, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    on_white = load_image(tmp_path / "a.png")
+    back = off_white(on_white, rgba[..., 3]).astype(int)
+    a = rgba[..., 3:].astype(float) / 255
+    err = np.abs(back - rgba[..., :3])[a[..., 0] > 0]
+    assert (err <= 0.5 / a[a > 0][:, None] + 0.5).all()  # the rounding of the composite, amplified by 1 / alpha
+    assert (np.abs(back - rgba[..., :3])[a[..., 0] >= 0.5] <= 1).all()
+    np.testing.assert_array_equal(back[0], on_white[0])  # alpha 0: the colour stays (white)
+    dark = off_white(np.zeros((1, 1, 3), np.uint8), np.array([[64]], np.uint8))  # darker than alpha 0.25 allows
+    np.testing.assert_array_equal(dark, [[[0, 0, 0]]])
 
 
 def test_transparency_and_frames_report_what_load_image_drops(tmp_path):

