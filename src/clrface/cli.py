@@ -30,7 +30,14 @@ from clrface.options import (
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one stage (vqgan, prior, irn, mask, distill: the few-step prior; "
-                                     "vqvae-rest: the ablation baseline) with the shared Accelerate engine")
+                                     "vqvae-rest: the ablation baseline) with the shared Accelerate engine",
+                       description="Trains one stage from a YAML config (run from a checkout: configs/ and the "
+                                   "configs' data paths are relative to it). The order: vqgan (configs/vqgan-128.yaml, "
+                                   "then the decoder alone: vqgan-128-ft*.yaml), prior (prior-128*.yaml, on the frozen "
+                                   "encoder's latents), irn (irn-128*.yaml), mask (mask-128.yaml: needs the prior and "
+                                   "the IRN), distill (distill-128*.yaml: from a packed model folder); then `clrface "
+                                   "pack`. Every config entry can be changed with --set; the run folder gets model/, "
+                                   "train_state/, log.csv and val/ grids (README, 'Training').")
     p.add_argument("stage", choices=["vqgan", "prior", "irn", "mask", "distill", "vqvae-rest"],
                    help="which model to train")
     p.add_argument("--config", required=True, help="YAML file under configs/ (model + training settings)")
