@@ -4,9 +4,14 @@ import base64
 import http.client
 import io
 import json
+import os
+import re
 import resource
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -21,11 +26,11 @@ import torch
 from PIL import Image
 
 from clrface import serve_app
-from clrface.cli import build_parser
+from clrface.cli import build_parser, main
 from clrface.demo import demo_image
 from clrface.errors import ClrfaceError
 from clrface.restorer import Restorer
-from clrface.serve import make_server
+from clrface.serve import Handler, make_server
 from clrface.serve_app import (
     ClientGone,
     GuardedRestorer,
@@ -158,10 +163,11 @@ def test_restores_demo_photo(demo_upload, server):
     assert inside > 2.0
     np.testing.assert_array_equal(out[-40:, :40], inp[-40:, :40])
     # format=png: the same restored photo as image/png, the scores in a header
-    st, hdr, png = post(server, data, "fidelity=0.5&steps=10&seed=0&mode=irn&format=png")
-    assert st == 200 and hdr["Content-Type"] == "image/png"
+    st, hdr, png = post(server, data, "fidelity=0.5&steps=10&seed=0&mode=IRN&format=PNG")  # case does not matter
+    assert st == 200 and hdr["Content-Type"] == "image/png" and hdr["Content-Length"] == str(len(png))
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), out)
     assert json.loads(hdr["X-Clrface-Faces"])[0]["id_vs_input"] == face["id_vs_input"]
+    assert hdr["X-Clrface-No-Face"] == "0" and json.loads(hdr["X-Clrface-Warnings"]) == []
 
 
 def _oversize_claim(srv) -> tuple[int, bytes]:
@@ -197,7 +203,9 @@ def test_bad_uploads_are_refused_and_server_keeps_serving(demo_upload, server, t
         (good, "fidelity=2", 400, "fidelity must be in [0, 1]"),
         (good, "steps=1000", 400, "steps must be <= 100"),
         (good, "mode=magic", 400, "unknown mode"),
-        (good, "seed=abc", 400, "seed must be a number"),
+        (good, "seed=abc", 400, "seed must be an integer"),
+        (good, "fidelity=x", 400, "fidelity must be a number"),
+        (good, "mode=bogus&mode=irn", 400, "given more than once: mode"),
         (good, "path=/etc/passwd", 400, "unknown option"),
     ]
     proc = psutil.Process()
@@ -321,11 +329,14 @@ def _with_ctype(body_ctype: tuple[bytes, str]) -> tuple[bytes, dict[str, str]]:
     return body_ctype[0], {"Content-Type": body_ctype[1]}
 
 
-def test_cli_defaults_and_busy_port(restorer, server):
+def test_cli_defaults_and_busy_port(restorer, server, monkeypatch, capsys):
     args = build_parser().parse_args(["serve"])
     assert (args.host, args.port, args.model, args.max_upload_mb) == ("127.0.0.1", 7860, "default", 20.0)
     with pytest.raises(ClrfaceError, match="cannot listen"):
         make_server(restorer, "127.0.0.1", server.server_address[1])
+    monkeypatch.setattr(Restorer, "from_pretrained", lambda *a, **kw: pytest.fail("loaded before the port was taken"))
+    assert main(["serve", "--port", str(server.server_address[1])]) == 1  # said before the model loads
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
     for port in ("70000", "-1"):  # refused when parsed, before the model loads
         with pytest.raises(SystemExit):
             build_parser().parse_args(["serve", "--port", port])
@@ -465,3 +476,91 @@ def test_stalled_readers_hold_one_answer_at_a_time(restorer, small_server, monke
     assert peak_alive[0] == 1
     assert len(done) == n + 3 and waited > 0.8 * n  # each stalled client held the one answer slot ~send_seconds
     assert many < one + answer_mb  # unbounded, it would be one + n x answer (n x 14 MB)
+
+
+def raw_exchange(srv, head: bytes, body: bytes = b"", timeout: float = 30) -> tuple[int, bytes, bytes]:
+    """Sends ``head`` + ``body`` on a fresh socket and reads until the server closes: (status, headers, body)."""
+    with socket.create_connection(srv.server_address[:2], timeout=timeout) as s:
+        s.sendall(head + body)
+        resp = b""
+        while got := s.recv(1 << 16):
+            resp += got
+    head_out, _, body_out = resp.partition(b"\r\n\r\n")
+    return int(head_out.split()[1]), head_out, body_out
+
+
+def test_http_1_0_clients_get_no_chunks(server, demo_upload):
+    head = (f"POST /api/restore?mode=irn HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {len(demo_upload)}\r\n\r\n"
+            .encode())
+    st, hdr, body = raw_exchange(server, head, demo_upload)
+    assert st == 200 and b"chunked" not in hdr.lower() and len(json.loads(body)["faces"]) == 1
+
+
+@pytest.mark.parametrize("head,status,words", [
+    (b"OPTIONS /api/restore HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 501, "unsupported method"),
+    (b"GET /" + b"x" * 70_000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 414, "uri too long"),
+    (b"POST /api/restore HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\n", 400,
+     "invalid content-length"),
+    (b"POST /api/restore HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: abc\r\n\r\n", 400, "invalid content-length"),
+    (b"POST /api/restore HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501, "not supported"),
+    (b"POST /api/restore HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: magic\r\nContent-Length: 1\r\n\r\n", 417,
+     "not supported"),
+])
+def test_malformed_requests_get_json_refusals(server, head, status, words):
+    st, _, body = raw_exchange(server, head)
+    assert st == status and words in json.loads(body)["error"].lower()
+
+
+def test_refusals_read_the_body_so_plain_clients_see_them(server):
+    big = b"\x00" * (8 * 2**20)  # larger than the socket buffers: unread, the client's send would break
+    st, _, body = request(server, "POST", "/api/nope", big)
+    assert st == 404 and "no such endpoint" in json.loads(body)["error"]
+    st, _, body = post(server, big[:MAX_BYTES // 2], headers={"Origin": "http://evil.example"})
+    assert st == 403
+    st, hdr, body = request(server, "PUT", "/api/restore", big)
+    assert st == 405 and hdr["Allow"] == "POST"
+    assert request(server, "DELETE", "/")[1]["Allow"] == "GET, HEAD"
+
+
+def test_a_stalled_upload_is_answered_408(server, monkeypatch):
+    monkeypatch.setattr(Handler, "timeout", 1)
+    head = b"POST /api/restore HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10000\r\n\r\n"
+    st, _, body = raw_exchange(server, head, b"\x00" * 100)
+    assert st == 408 and "stalled" in json.loads(body)["error"]
+
+
+def test_upload_slots_bound_the_bodies_in_memory(server):
+    held = [server.upload_slot(lambda: False) for _ in range(server.upload_slots)]
+    assert all(h.__enter__() for h in held)
+    gone = iter([False, False, True])
+    t0 = time.monotonic()
+    with server.upload_slot(lambda: next(gone)) as slot:  # none free: waits, then its client leaves
+        assert slot is False and time.monotonic() - t0 >= 0.5
+    for h in held:
+        h.__exit__(None, None, None)
+    with server.upload_slot(lambda: False) as slot:
+        assert slot is True
+
+
+def test_ctrl_c_during_a_restore_exits_cleanly(tmp_path, demo_upload):
+    """Interrupted while torch computes on the worker thread, the process used to abort ("terminate called
+    without an active exception", signal 6); now the restore is stopped and waited for."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "clrface", "serve", "--port", "0"], env=env, text=True,
+                            stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        line = proc.stderr.readline()
+        port = int(re.search(r":(\d+)/", line).group(1))
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(f"POST /api/restore?mode=full&steps=100 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  f"Content-Length: {len(demo_upload)}\r\n\r\n".encode() + demo_upload)
+        time.sleep(3)  # restoring: 199 evaluations of the guided prior
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(60)
+        err = proc.stderr.read()
+        s.close()
+    finally:
+        proc.kill()
+    assert rc == 0 and "terminate called" not in err and "clrface: stopped" in err, err
+    assert time.monotonic() - t0 < 20

@@ -520,8 +520,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         from clrface.device import DTYPES, resolve_device, resolve_dtype, set_threads
         from clrface.restorer import Restorer
-        from clrface.serve import serve
-        from clrface.serve_app import ServeLimits
+        from clrface.serve import make_server, serve
+        from clrface.serve_app import App, ServeLimits
 
         if args.max_upload_mb <= 0 or args.max_megapixels <= 0:
             raise ClrfaceError("--max-upload-mb and --max-megapixels must be > 0")
@@ -529,8 +529,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         set_threads(args.threads)
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
-        restorer = Restorer.from_pretrained(args.model, device, DTYPES[dtype])
-        serve(restorer, args.host, args.port, limits)
+        server = make_server(None, args.host, args.port, limits)  # a taken port is said before the model loads
+        try:
+            server.app = App(Restorer.from_pretrained(args.model, device, DTYPES[dtype]), limits)
+            serve(server)
+        finally:
+            server.server_close()
         return 0
 
     p.set_defaults(func=run)

@@ -34,14 +34,16 @@ and before each denoiser evaluation (:func:`client_gone`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import select
 import socket
 import sys
+import threading
 import time
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
 from clrface.errors import ClrfaceError
@@ -101,17 +103,40 @@ class Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _error(self, status: int, message: str, **fields: Any) -> None:
-        self._send(status, "application/json", json.dumps({"error": message, **fields}).encode())
+    def _error(self, status: int, message: str, headers: dict[str, str] | None = None, **fields: Any) -> None:
+        self._send(status, "application/json", json.dumps({"error": message, **fields}).encode(), headers)
+
+    def _refuse(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        """A refusal before the body is read: answered, then the body the client is sending is dropped for a
+        moment (bounded), so that a client that writes all of it before reading sees the answer, not a reset."""
+        self.close_connection = True
+        self._error(status, message, headers)
+        with contextlib.suppress(ValueError):
+            self._drain(int(self.headers.get("Content-Length", "0")))
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a malformed request line, a 414 URL, 431 headers, 501 method) as JSON."""
+        self.close_connection = True
+        phrase = message or self.responses.get(code, ("error",))[0]
+        self._error(code, f"{phrase}{': ' + explain if explain else ''}".lower())
 
     def _send_chunked(self, reply: Reply) -> None:
-        """Sends ``reply`` with chunked transfer encoding as its pieces are produced. A client that has spent more
-        than ``send_seconds`` taking it (encoding time not counted) is cut off: its thread holds the restore lock
-        meanwhile."""
+        """Sends ``reply`` as its pieces are produced: chunked, or to an HTTP/1.0 client (which knows no chunks)
+        until the connection closes; one piece known in advance goes out with its Content-Length. A client that
+        has spent more than ``send_seconds`` taking it (encoding time not counted) is cut off: its thread holds
+        the restore lock meanwhile."""
+        if isinstance(reply.chunks, list) and len(reply.chunks) == 1:
+            self.connection.settimeout(self.server.app.limits.send_seconds)
+            self._send(reply.status, reply.ctype, reply.chunks[0], reply.headers)
+            self.connection.settimeout(self.timeout)
+            return
+        chunked = self.request_version != "HTTP/1.0"
+        self.close_connection |= not chunked
         left = self.server.app.limits.send_seconds
         self.send_response(reply.status)
         self.send_header("Content-Type", reply.ctype)
-        self.send_header("Transfer-Encoding", "chunked")
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
         for k, v in reply.headers.items():
@@ -126,43 +151,46 @@ class Handler(BaseHTTPRequestHandler):
                 raise TimeoutError("client did not take its answer in time")
             self.connection.settimeout(left)  # sendall's timeout bounds the whole piece
             t0 = time.monotonic()
-            self.wfile.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+            self.wfile.write(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
             left -= time.monotonic() - t0
-        self.wfile.write(b"0\r\n\r\n")
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
         self.connection.settimeout(self.timeout)
 
     def _check_host(self, post: bool) -> bool:
         """DNS-rebinding and cross-origin guards (see the module docstring); False: refused and answered."""
         host = self.headers.get("Host", "")
         if self.server.loopback_only and _hostname(host) not in LOOPBACK_NAMES:
-            self._error(403, f"Host {host!r} refused: this server answers only to 127.0.0.1 / localhost")
+            self._refuse(403, f"Host {host!r} refused: this server answers only to 127.0.0.1 / localhost")
             return False
         origin = self.headers.get("Origin")
         if post and origin is not None and urlsplit(origin).netloc.lower() != host.lower():
-            self._error(403, f"cross-origin request from {origin!r} refused")
+            self._refuse(403, f"cross-origin request from {origin!r} refused")
             return False
         return True
 
     def _declared_length(self, *, drain: bool = True) -> int | None:
         """Content-Length if acceptable, else answers 411/413 and returns None. An oversized body the client is
         already sending is read and dropped for a moment (bounded), so that it sees the 413 rather than a reset."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+        coding = self.headers.get("Transfer-Encoding", "").strip().lower()
+        lengths = set(self.headers.get_all("Content-Length") or [])
+        refusal = None
+        if coding and coding != "identity":
+            refusal = (411, "chunked uploads are not supported; send Content-Length") if "chunked" in coding else \
+                (501, f"Transfer-Encoding {coding!r} is not supported; send the bytes with Content-Length")
+        elif not lengths:
+            refusal = 411, "Content-Length required"
+        elif len(lengths) > 1 or not lengths.copy().pop().strip().isdigit():
+            refusal = 400, f"invalid Content-Length: {', '.join(sorted(lengths))}"
+        if refusal:
             self.close_connection = True
-            self._error(411, "chunked uploads are not supported; send Content-Length")
+            self._error(*refusal)
             return None
-        raw = self.headers.get("Content-Length")
-        try:
-            n = int(raw) if raw is not None else -1
-        except ValueError:
-            n = -1
-        if n < 0:
-            self.close_connection = True
-            self._error(411, "Content-Length required")
-            return None
+        n = int(lengths.pop())
         if n > self.server.app.limits.max_bytes:
             self.close_connection = True
             mb = self.server.app.limits.max_bytes / 2**20
-            self._error(413, f"upload too large: {n / 2**20:.1f} MB exceeds the {mb:.0f} MB cap")
+            self._error(413, f"upload too large: {n / 2**20:,.1f} MB exceeds the {mb:.0f} MB cap")
             if drain:
                 self._drain(n)
             return None
@@ -182,6 +210,15 @@ class Handler(BaseHTTPRequestHandler):
             pass
 
     # ----------------------------------------------------------------------------------------- methods
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        expect = self.headers.get("Expect", "")
+        if expect and expect.lower() != "100-continue":  # http.server would ignore it
+            self.send_error(417, f"Expect {expect!r} is not supported")
+            return False
+        return True
 
     def handle_expect_100(self) -> bool:
         # Answer an oversized upload before the client sends its body (curl does this above 1 MB).
@@ -210,8 +247,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         url = urlsplit(self.path)
         if url.path != "/api/restore":
-            self.close_connection = True  # the body is not read: the connection cannot be reused
-            self._error(404, f"no such endpoint: POST {url.path}")
+            self._refuse(404, f"no such endpoint: POST {url.path}")
             return
         keep_alive = not self.close_connection
         self.close_connection = True  # until the body is read, the connection cannot be reused
@@ -220,14 +256,24 @@ class Handler(BaseHTTPRequestHandler):
         n = self._declared_length()
         if n is None:
             return
-        data = self.rfile.read(n)
-        self.close_connection = not keep_alive
-        if len(data) != n:
-            self.close_connection = True
-            self._error(400, f"upload truncated: got {len(data)} of {n} bytes")
-            return
+        with self.server.upload_slot(lambda: client_gone(self.connection)) as slot:
+            if not slot:  # gone while waiting
+                return
+            try:
+                data = self.rfile.read(n)
+            except TimeoutError:
+                self._error(408, f"upload stalled: no data for {self.timeout} s")
+                return
+            self.close_connection = not keep_alive
+            if len(data) != n:
+                self.close_connection = True
+                self._error(400, f"upload truncated: got {len(data)} of {n} bytes")
+                return
+            self._restore(url.query, data)
+
+    def _restore(self, query: str, data: bytes) -> None:
         try:
-            with self.server.app.restoring(url.query, data, lambda: client_gone(self.connection),
+            with self.server.app.restoring(query, data, lambda: client_gone(self.connection),
                                            self.headers.get("Content-Type", "application/octet-stream")) as reply:
                 try:
                     self._send_chunked(reply)
@@ -251,8 +297,8 @@ class Handler(BaseHTTPRequestHandler):
             self._error(500, f"internal error: {type(e).__name__}: {e}")
 
     def do_PUT(self) -> None:  # noqa: N802
-        self.close_connection = True
-        self._error(405, "method not allowed")
+        allow = "POST" if urlsplit(self.path).path == "/api/restore" else "GET, HEAD"
+        self._refuse(405, f"method {self.command} not allowed", {"Allow": allow})
 
     do_DELETE = do_PATCH = do_PUT
 
@@ -264,13 +310,29 @@ class Handler(BaseHTTPRequestHandler):
 class ClrfaceServer(ThreadingHTTPServer):
     daemon_threads = True  # Ctrl+C does not wait for stalled clients
     request_queue_size = 16
+    #: Uploads held in memory at once: the one restoring and the next; further clients wait with their bytes
+    #: unread (in their own send buffers), so memory does not grow with the number of clients.
+    upload_slots = 2
 
-    def __init__(self, address: tuple[str, int], app: App, *, quiet: bool = False):
-        self.app, self.quiet = app, quiet
+    def __init__(self, address: tuple[str, int], app: App | None, *, quiet: bool = False):
+        self.app, self.quiet = app, quiet  # app None: bound before the model loads; set it before serving
         self.loopback_only = address[0] in LOOPBACK_NAMES or address[0].startswith("127.")
         if ":" in address[0]:
             self.address_family = socket.AF_INET6  # read by TCPServer.__init__
+        self._slots = threading.BoundedSemaphore(self.upload_slots)
         super().__init__(address, Handler)
+
+    @contextlib.contextmanager
+    def upload_slot(self, gone: Callable[[], bool]) -> Iterator[bool]:
+        """Waits for one of ``upload_slots``; yields False (and holds none) when ``gone()`` turns true first."""
+        while not self._slots.acquire(timeout=0.25):
+            if gone():
+                yield False
+                return
+        try:
+            yield True
+        finally:
+            self._slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that hung up mid-response is routine (a closed tab), not a traceback.
@@ -284,25 +346,29 @@ class ClrfaceServer(ThreadingHTTPServer):
         return f"http://{'[' + host + ']' if ':' in str(host) else host}:{port}/"
 
 
-def make_server(restorer: Restorer, host: str = "127.0.0.1", port: int = 7860, limits: ServeLimits = ServeLimits(),
-                *, quiet: bool = False) -> ClrfaceServer:
-    """A bound, not yet serving server (port 0: a free port; see ``.url``). Call ``serve_forever()``."""
+def make_server(restorer: Restorer | None, host: str = "127.0.0.1", port: int = 7860,
+                limits: ServeLimits = ServeLimits(), *, quiet: bool = False) -> ClrfaceServer:
+    """A bound, not yet serving server (port 0: a free port; see ``.url``). Call ``serve_forever()``; with
+    ``restorer`` None, set ``.app`` first (the port is taken before a model takes seconds to load)."""
     try:
-        return ClrfaceServer((host, port), App(restorer, limits), quiet=quiet)
+        return ClrfaceServer((host, port), None if restorer is None else App(restorer, limits), quiet=quiet)
     except (OSError, OverflowError) as e:  # OverflowError: a port outside 0..65535
         raise ClrfaceError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e})") from None
 
 
-def serve(restorer: Restorer, host: str = "127.0.0.1", port: int = 7860, limits: ServeLimits = ServeLimits(),
-          *, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> None:
-    """Serves until Ctrl+C."""
-    server = make_server(restorer, host, port, limits)
-    log(f"clrface: serving {restorer.source} on {server.url} (one restore at a time; Ctrl+C to stop)")
+def serve(server: ClrfaceServer, *, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)
+          ) -> None:
+    """Serves ``server`` (from :func:`make_server`, its app set) until Ctrl+C. A restore under way is stopped
+    and waited for: a process that exits while torch computes on another thread aborts."""
+    app = server.app
+    log(f"clrface: serving {app.restorer.source} on {server.url} (one restore at a time; Ctrl+C to stop)")
     if not server.loopback_only:
+        host = server.server_address[0]
         log(f"clrface: warning: listening on {host}, reachable from other machines; there is no authentication")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
+        app.stop()
         log("clrface: stopped")
     finally:
         server.server_close()

@@ -128,10 +128,14 @@ def parse_options(query: str, restorer: Restorer, limits: ServeLimits, reference
                   ) -> tuple[RestoreOptions, bool, str, ReferencePolicy]:
     """Query string -> (RestoreOptions over the model's defaults, aligned, format "json"|"png", the reference
     policy); 400 on bad values. With ``references`` the mode is full unless the query names another (refused)."""
-    q = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
-    unknown = sorted(set(q) - set(OPTION_KEYS))
+    given = parse_qs(query, keep_blank_values=True)
+    unknown = sorted(set(given) - set(OPTION_KEYS))
     if unknown:
         raise RequestError(400, f"unknown option(s) {', '.join(unknown)}; known: {', '.join(OPTION_KEYS)}")
+    twice = sorted(k for k, v in given.items() if len(v) > 1)
+    if twice:
+        raise RequestError(400, f"option(s) given more than once: {', '.join(twice)}")
+    q = {k: v[0] for k, v in given.items()}
 
     def num(key: str, cast: Callable[[str], Any]) -> Any:
         if q.get(key, "") == "":
@@ -139,18 +143,19 @@ def parse_options(query: str, restorer: Restorer, limits: ServeLimits, reference
         try:
             return cast(q[key])
         except ValueError:
-            raise RequestError(400, f"{key} must be a number, got {q[key]!r}") from None
+            kind = "an integer" if cast is int else "a number"
+            raise RequestError(400, f"{key} must be {kind}, got {q[key]!r}") from None
 
     steps = num("steps", int)
     if steps is not None and steps > limits.max_steps:
         raise RequestError(400, f"steps must be <= {limits.max_steps} here, got {steps}")
-    mode = q.get("mode") or None
+    mode = q.get("mode", "").lower() or None
     if mode is not None and mode not in MODES:
         raise RequestError(400, f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     if references and mode not in (None, "full"):
         raise RequestError(400, f"a reference guides the identity of mode full; mode {mode!r} has no guidance")
     mode = "full" if references else mode
-    fmt = q.get("format") or "json"
+    fmt = q.get("format", "").lower() or "json"
     if fmt not in ("json", "png"):
         raise RequestError(400, f"format must be json or png, got {fmt!r}")
     try:
@@ -284,6 +289,12 @@ class Worker:
         self.jobs.put((fn, args, fut))
         return fut.result()
 
+    def idle(self, seconds: float) -> None:
+        """Returns once the calls handed over so far have run; TimeoutError after ``seconds``."""
+        fut: Future = Future()
+        self.jobs.put((lambda: None, (), fut))
+        fut.result(timeout=seconds)
+
     def pieces(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
         """``chunks``, each produced on the worker thread."""
         while (piece := self.run(next, chunks, None)) is not None:
@@ -306,6 +317,14 @@ class App:
         # One restore at a time, held until its answer has been sent: CPU-bound, and bounds memory to one request
         self.lock = threading.Lock()
         self.worker = Worker()
+        self.stopping = False
+
+    def stop(self, seconds: float = 30.0) -> None:
+        """Ends the restore under way (as if its client had gone: within one network evaluation) and waits up to
+        ``seconds`` for the worker to be idle; later requests are refused."""
+        self.stopping = True
+        with contextlib.suppress(TimeoutError):
+            self.worker.idle(seconds)
 
     def info(self) -> dict[str, Any]:
         return {"model": model_name(self.restorer.source), "device": str(self.restorer.device),
@@ -319,23 +338,30 @@ class App:
         """Holds the lock and yields the Reply to send (its chunks are encoded as they are read); released once
         the ``with`` body ends. Raises RequestError for refusals, ClientGone when ``gone()`` turns true. The body
         is the photo, or a multipart form with the photo and reference photos (:func:`split_upload`)."""
+        if self.stopping:
+            raise RequestError(503, "the server is stopping")
         data, references = split_upload(data, content_type)
         options, aligned, fmt, policy = parse_options(query, self.restorer, self.limits, len(references))
         if not data:
             raise RequestError(400, "empty upload: send the image file's bytes as the request body")
         check_cost(self.restorer, options, 1, self.limits.max_evaluations)
+        def ended() -> bool:  # the client gone, or the server stopping: the work stops either way
+            return self.stopping or gone()
+
         while not self.lock.acquire(timeout=0.25):
-            if gone():
+            if ended():
                 raise ClientGone
         try:
             try:
                 photo, res, summary = self.worker.run(restore_upload, self.restorer, data, options, aligned,
-                                                      self.limits, gone, references, policy)
+                                                      self.limits, ended, references, policy)
             except MemoryError:
                 raise RequestError(507, "out of memory restoring this photo; try a smaller one") from None
             if fmt == "png":
                 yield Reply(200, "image/png", [self.worker.run(png_bytes, res.image)],
-                            {"X-Clrface-Faces": json.dumps(summary["faces"])})
+                            {"X-Clrface-Faces": json.dumps(summary["faces"]),
+                             "X-Clrface-No-Face": str(int(summary["no_face"])),
+                             "X-Clrface-Warnings": json.dumps(summary["warnings"])})
                 return
             for rec, f in zip(summary["faces"], res.faces):
                 rec["crop_in"], rec["crop_out"] = _b64png(f.crop_in), _b64png(f.crops_out[0])
