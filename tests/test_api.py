@@ -1,6 +1,8 @@
 """The README's Python API example, run as written against the shipped default model."""
 
 import re
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -73,3 +75,81 @@ def test_from_pretrained_takes_the_cli_dtype_names(monkeypatch):
     assert Restorer.from_pretrained("default", dtype="bfloat16").dtype == torch.bfloat16
     with pytest.raises(ClrfaceError, match="dtype must be 'auto', one of float32, bfloat16, float16"):
         Restorer.from_pretrained("default", dtype="half")
+
+
+@pytest.fixture(scope="module")
+def shipped() -> Restorer:
+    return Restorer.from_pretrained("default")
+
+
+def _crop() -> np.ndarray:
+    return np.asarray(Image.fromarray(demo_image()[40:260, 130:350]).resize((128, 128)))
+
+
+def test_bad_options_are_one_error_before_any_work(shipped, monkeypatch):
+    monkeypatch.setattr(shipped, "restore_faces", lambda *a, **kw: pytest.fail("restored with a bad option"))
+    for kw, words in [({"steps": "3"}, "steps must be an integer, got '3'"), ({"steps": 2.5}, "steps must be an "
+                      "integer"), ({"fidelity": "high"}, "fidelity must be a number"), ({"upscale": True},
+                      "upscale must be an integer"), ({"max_faces": 1.5}, "max_faces must be an integer"),
+                      ({"fidelty": 0.3}, "unknown option(s) 'fidelty'; known: fidelity")]:
+        with pytest.raises(ClrfaceError) as e:
+            shipped.restore(demo_image(), **kw)
+        assert words in str(e.value)
+    o = shipped.options(steps=np.int64(3), upscale=np.int64(2), fidelity=np.float32(0.25))
+    assert (type(o.steps), o.upscale, type(o.fidelity)) == (int, 2, float)  # NumPy scalars taken as numbers
+
+
+def test_options_the_mode_does_not_read_are_warned_about(shipped):
+    with pytest.warns(UserWarning, match="mode irn does not use fidelity, seed; without effect"):
+        shipped.restore(_crop(), aligned=True, fidelity=0.1, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shipped.restore(_crop(), aligned=True, mode="full", steps=1, fidelity=0.1)
+
+
+def test_the_lower_level_calls_take_the_models_defaults_and_check_their_input(shipped):
+    crops = np.stack([_crop(), _crop()[:, ::-1]])
+    out = shipped.restore_crops(crops)  # no options: the model's (mode irn), not RestoreOptions()'s full mode
+    assert out.sampling.nfe == 0 and out.restored.shape == (2, 1, 3, 128, 128)
+    assert shipped.restore_faces(torch.zeros(1, 3, 128, 128)).sampling.nfe == 0
+    for bad, words in [(crops[0], "one crop: crops[None]"), (crops.astype(np.float32) / 255, "uint8 crops"),
+                       (crops[:0], "F >= 1")]:
+        with pytest.raises(ClrfaceError, match=re.escape(words)):
+            shipped.restore_crops(bad)
+    for bad in (torch.zeros(1, 3, 128, 128, dtype=torch.uint8), np.zeros((1, 3, 128, 128), np.float32)):
+        with pytest.raises(ClrfaceError, match="float tensor of faces"):
+            shipped.restore_faces(bad)
+
+
+def test_result_arrays_are_the_callers(shipped):
+    crop = _crop().copy()
+    res = shipped.restore(crop, aligned=True, keep_detail=False)
+    arrays = [res.image, res.faces[0].crop_in, res.faces[0].crops_out[0]]
+    assert all(a.flags.c_contiguous and a.flags.writeable for a in arrays)
+    assert not any(np.shares_memory(a, b) for i, a in enumerate(arrays + [crop]) for b in (arrays + [crop])[i + 1:])
+
+
+def test_one_restorer_from_two_threads_gives_what_one_thread_gives(shipped):
+    face = demo_image()
+    photos = [face, np.concatenate([face, face[:, ::-1]], 1)]  # one face, then two
+    alone = [shipped.restore(p).image for p in photos]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda p: shipped.restore(p).image, photos))
+    assert all(np.array_equal(a, b) for a, b in zip(alone, together))
+
+
+def test_devices_and_dtypes_are_checked_in_one_line():
+    for device in ("gpu", "CPU", "meta"):
+        with pytest.raises(ClrfaceError, match=f"device '{device}': choose cpu, cuda"):
+            Restorer.from_pretrained("default", device=device)
+    for dtype in (torch.int8, 16):
+        with pytest.raises(ClrfaceError, match="dtype must be"):
+            Restorer.from_pretrained("default", dtype=dtype)
+
+
+def test_an_installed_models_name_is_not_taken_by_a_folder_that_holds_none(tmp_path, monkeypatch):
+    (tmp_path / "fast").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert Path(Restorer.from_pretrained("fast").source).parent.name == "weights"
+    with pytest.raises(ClrfaceError, match="empty model name"):
+        Restorer.from_pretrained("")

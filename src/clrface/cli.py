@@ -25,6 +25,7 @@ from clrface.options import (
     finite_float,
     int_at_least,
     positive_int,
+    unused_options,
 )
 
 
@@ -255,8 +256,9 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES,
                    help="ODE solver: heun (2 evaluations per step, the paper's), euler or dpmpp_2m (1 each); "
                         "default: the model's, else heun")
-    p.add_argument("--seed", type=int, default=0, help="noise seed; face i, sample k always get the same noise")
-    p.add_argument("--samples", type=positive_int, default=1,
+    p.add_argument("--seed", type=int, default=None,
+                   help="noise seed (default 0); face i, sample k always get the same noise")
+    p.add_argument("--samples", type=positive_int, default=None,
                    help="N results per face (modes full and prior, which sample; the IRN alone gives one), written as "
                         "<name>_<k>_s0 .. _s<N-1>, best first: ranked by the identity cosine to the IRN output "
                         "(id_vs_irn in report.json; to the input in mode prior) (default 1)")
@@ -313,15 +315,16 @@ def _restore_setup(args: argparse.Namespace):
     if args.bg_model:
         background = RealESRGANUpscaler(load_rrdbnet(args.bg_model, device), tile=args.bg_tile)
     restorer = Restorer.from_pretrained(args.model, device, DTYPES[dtype], background=background)
-    options = restorer.options(fidelity=args.fidelity, steps=args.steps, sampler=args.sampler,
-                               sigma_start=args.sigma_start, guidance_scale=args.guidance_scale,
-                               irn_detail=args.irn_detail, irn_detail_octaves=args.irn_detail_octaves,
-                               irn_tone=args.irn_tone, seed=args.seed,
-                               samples=args.samples, mode=args.mode,
-                               batch_size=args.batch_size or (16 if dtype == "bfloat16" or device.type == "cuda"
-                                                              else 4),
-                               upscale=args.upscale, max_faces=args.max_faces, min_face=args.min_face,
-                               color=args.color)
+    given = {"fidelity": args.fidelity, "steps": args.steps, "sampler": args.sampler, "sigma_start": args.sigma_start,
+             "guidance_scale": args.guidance_scale, "irn_detail": args.irn_detail,
+             "irn_detail_octaves": args.irn_detail_octaves, "irn_tone": args.irn_tone, "seed": args.seed}
+    batch = args.batch_size or (16 if dtype == "bfloat16" or device.type == "cuda" else 4)
+    options = restorer.options(**given, samples=args.samples, mode=args.mode, batch_size=batch, upscale=args.upscale,
+                               max_faces=args.max_faces, min_face=args.min_face, color=args.color)
+    unused = unused_options(options.mode, [k for k, v in given.items() if v is not None])
+    if unused:  # the default model's mode irn: --fidelity, --steps and --seed would change nothing, silently
+        flags = ", ".join("--" + k.replace("_", "-") for k in unused)
+        print(f"clrface: warning: mode {options.mode} does not use {flags}; without effect here", file=sys.stderr)
     return restorer, options
 
 

@@ -57,8 +57,14 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
-    """A torch device that exists here; raises ClrfaceError (one line) for cuda/mps when unavailable."""
-    dev = torch.device(name)
+    """A torch device that exists here; raises ClrfaceError (one line) for another kind than cpu, cuda and mps, and
+    for cuda/mps when unavailable."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ClrfaceError(f"device {str(name)!r}: choose cpu, cuda (cuda:N) or mps")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ClrfaceError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
     if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):

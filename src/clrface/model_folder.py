@@ -37,19 +37,28 @@ def resolve_model(path_or_name: str | Path | None) -> Path:
     """A model folder from a path or the name of a model shipped under ``clrface/weights/`` (None: "default")."""
     if path_or_name is None:
         path_or_name = "default"
-    p = Path(path_or_name).expanduser()
-    if p.is_dir():
-        return p
     name = str(path_or_name)
-    if "/" not in name and "\\" not in name:
-        pkg = package_weights(name)
-        if pkg.is_dir():
+    if not name.strip():
+        raise CheckpointError("empty model name: give an installed model's name or a model folder's path")
+    p = Path(path_or_name).expanduser()
+    bare = "/" not in name and "\\" not in name
+    pkg = package_weights(name) if bare and name not in (".", "..") else None
+    # a folder here named like an installed model ("fast") is that model only if it holds one
+    if p.is_dir() and not (pkg is not None and pkg.is_dir() and not is_model_folder(p)):
+        return p
+    if bare:
+        if pkg is not None and pkg.is_dir():
             return pkg
         root = package_weights("")
         avail = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
         raise CheckpointError(f"model {name!r}: no such folder and no installed model of that name "
                               f"(installed: {', '.join(avail) or 'none'}); a model folder is given by its path")
     raise CheckpointError(f"{p}: model folder not found")
+
+
+def is_model_folder(p: Path) -> bool:
+    """Whether ``p`` holds a model folder's files (restore.json or a stage checkpoint), not just any folder."""
+    return (p / "restore.json").is_file() or any((p / sub / "config.json").is_file() for sub in ("vqgan", "prior"))
 
 
 @dataclass

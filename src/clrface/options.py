@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass
+import numbers
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 import numpy as np
@@ -125,6 +127,7 @@ class RestoreOptions:
     irn_tone: int = 0
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.color not in COLOR_MODES:
             raise ClrfaceError(f"unknown color {self.color!r}; choose from {', '.join(COLOR_MODES)}")
         if not 0.0 <= float(self.fidelity) <= 1.0:
@@ -164,10 +167,32 @@ class RestoreOptions:
         if self.min_face is not None and not (isinstance(self.min_face, int) and self.min_face >= MIN_FACE_PX):
             raise ClrfaceError(f"min_face must be an integer number of pixels >= {MIN_FACE_PX}, got {self.min_face}")
 
+    def _check_types(self) -> None:
+        """Integers and numbers as such (NumPy scalars converted; bool, strings and 2.5 steps refused), so that a
+        wrong type is one ClrfaceError here rather than a TypeError deep in a restore."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.default is None:
+                continue
+            if f.type == "int" or f.type == "int | None":
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                    raise ClrfaceError(f"{f.name} must be an integer, got {value!r}")
+                setattr(self, f.name, int(value))
+            elif f.type == "float" or f.type == "float | None":
+                if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                    raise ClrfaceError(f"{f.name} must be a number, got {value!r}")
+                setattr(self, f.name, float(value))
+            elif f.type == "str" and not isinstance(value, str):
+                raise ClrfaceError(f"{f.name} must be a string, got {value!r}")
+
     @classmethod
     def for_model(cls, defaults: dict[str, Any], resolution: int, **overrides: Any) -> RestoreOptions:
         """A model's defaults (its restore.json), then ``overrides`` that are not None, checked against the model
         (:meth:`check_for`), so that a bad value fails before the first photo rather than once per photo."""
+        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ClrfaceError(f"unknown option(s) {', '.join(map(repr, unknown))}; known: "
+                               f"{', '.join(f.name for f in fields(cls))}")
         return cls(**{**defaults, **{k: v for k, v in overrides.items() if v is not None}}).check_for(resolution)
 
     def check_for(self, resolution: int) -> RestoreOptions:
@@ -179,6 +204,18 @@ class RestoreOptions:
     def resolve(self, fmap: FidelityMap) -> tuple[float, float]:
         """(sigma_start, guidance_scale): the explicit values, else the fidelity map's."""
         return resolve_sampling(fmap, self.fidelity, self.sigma_start, self.guidance_scale)
+
+
+#: Options only the diffusion modes read, and those only mode full reads (guidance and the IRN's bands).
+SAMPLING_OPTIONS = ("fidelity", "steps", "sampler", "sigma_start", "seed")
+GUIDANCE_OPTIONS = ("guidance_scale", "reference_guidance", "irn_detail", "irn_detail_octaves", "irn_tone")
+
+
+def unused_options(mode: str, given: Iterable[str]) -> list[str]:
+    """Those of the option names ``given`` that mode ``mode`` does not read: irn and direct are one deterministic
+    pass, mode prior samples without guidance or the IRN."""
+    unused = {"full": (), "prior": GUIDANCE_OPTIONS}.get(mode, SAMPLING_OPTIONS + GUIDANCE_OPTIONS)
+    return [name for name in given if name in unused]
 
 
 def finite_float(text: str) -> float:

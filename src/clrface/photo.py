@@ -41,6 +41,9 @@ class FaceResult:
     detail: dict | None = None  # keep-detail estimates and weights (clrface.faces.detail); None: not applied
     reference: dict | None = None  # whether a reference guided the face and the cosines; None: none was given
 
+    def __post_init__(self) -> None:
+        self.crop_in, self.crops_out = _own(self.crop_in), [_own(c) for c in self.crops_out]
+
 
 @dataclass
 class RestoreResult:
@@ -52,9 +55,24 @@ class RestoreResult:
     warnings: list[str] = field(default_factory=list)
     sampling: dict[str, float] = field(default_factory=dict)  # sigma_start, guidance_scale, nfe actually used
 
+    def __post_init__(self) -> None:
+        seen: set[int] = set()
+        self.images = [_own(im, seen) for im in self.images]
+
     @property
     def image(self) -> np.ndarray:
         return self.images[0]
+
+
+def _own(a: np.ndarray, seen: set[int] | None = None) -> np.ndarray:
+    """``a`` as a result array a caller may keep and change: C-contiguous, writable, and a copy where it is a
+    view (of the caller's input, of another result array, of a torch tensor) or already in ``seen``."""
+    a = np.asarray(a)
+    if a.base is not None or not a.flags.c_contiguous or not a.flags.writeable or (seen is not None and id(a) in seen):
+        a = np.array(a, order="C")
+    if seen is not None:
+        seen.add(id(a))
+    return a
 
 
 def resize_lanczos(img: np.ndarray, w: int, h: int) -> np.ndarray:
@@ -164,7 +182,7 @@ def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions
     s, u = restorer.resolution, o.upscale
     keep = o.color == "keep" or (o.color == "auto" and is_monochrome(img))
     if aligned:
-        crop = resize_lanczos(img, s, s)
+        crop = np.array(resize_lanczos(img, s, s))  # a copy: crop_in is not the caller's array
         rows, refs, ref_warnings = (None, [None], []) if reference is None else \
             reference_rows(restorer, crop[None], reference, reference_policy)
         out = best_first(restorer.restore_crops(crop[None], o, reference=rows))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 
 from clrface.background import Upscaler, lanczos_upscale
 from clrface.data.io import array_to_rgb_uint8, load_image, to_model_range, to_rgb_uint8
-from clrface.device import DTYPES, autocast, resolve_dtype
+from clrface.device import DTYPES, autocast, resolve_device, resolve_dtype
 from clrface.diffusion.prior import LatentPrior
 from clrface.diffusion.sampler import SAMPLERS, Denoise, nfe, sample
 from clrface.diffusion.schedule import sigmas_from
@@ -38,7 +39,7 @@ from clrface.faces.detail import lower_band_from, upper_band_from
 from clrface.identity.facerec import load_facerec
 from clrface.identity.guidance import LatentMask, identity_guided
 from clrface.model_folder import apply_irn, check_compatible, decode_latent, encode_latent, load_model_folder
-from clrface.options import DIFFUSION_MODES, FidelityMap, RestoreOptions, face_seed
+from clrface.options import DIFFUSION_MODES, FidelityMap, RestoreOptions, face_seed, unused_options
 from clrface.photo import RestoreResult, restore_photo
 from clrface.reference import Reference, ReferencePolicy, load_reference
 from clrface.vqgan.model import VQGAN
@@ -164,10 +165,14 @@ class Restorer:
         compute precision (autocast): a torch dtype or the CLI's ``--dtype`` names ("auto": bfloat16 on a CPU
         with native bf16, else float32). A missing or incomplete folder or a checkpoint of the wrong kind/shape
         raises CheckpointError."""
-        if isinstance(dtype, str):
-            if dtype != "auto" and dtype not in DTYPES:
-                raise ClrfaceError(f"dtype must be 'auto', one of {', '.join(DTYPES)} or a torch dtype, got {dtype!r}")
-            dtype = DTYPES[resolve_dtype(dtype, torch.device(device))]
+        device = resolve_device(device)
+        if isinstance(dtype, str) and (dtype == "auto" or dtype in DTYPES):
+            dtype = DTYPES[resolve_dtype(dtype, device)]
+        if dtype not in DTYPES.values():
+            raise ClrfaceError(f"dtype must be 'auto', one of {', '.join(DTYPES)} or the torch dtype of one, "
+                               f"got {dtype!r}")
+        if dtype == torch.float16 and device.type == "cpu":
+            warnings.warn("float16 on a CPU runs ~100x slower than float32 or bfloat16", UserWarning, stacklevel=2)
         m = load_model_folder(path_or_name, device)
         return cls(m.vqgan, m.prior, m.irn, m.mask, facerec, fidelity_map=m.fidelity_map, source=str(m.folder),
                    dtype=dtype, defaults=m.defaults, background=background)
@@ -234,10 +239,13 @@ class Restorer:
         embedding that replaces the IRN output's as the guidance target (mode full; :mod:`clrface.reference`),
         or a zero row for a face that keeps its own.
         """
-        o = options or RestoreOptions()
+        o = options or self.options()
         s = self.resolution
-        if x_d.ndim != 4 or x_d.shape[1] != 3 or tuple(x_d.shape[2:]) != (s, s):
-            raise ClrfaceError(f"restore_faces needs faces [B,3,{s},{s}], got {tuple(x_d.shape)}")
+        if not isinstance(x_d, Tensor) or not x_d.is_floating_point():
+            raise ClrfaceError(f"restore_faces needs a float tensor of faces [B,3,{s},{s}] in [-1, 1], got "
+                               f"{getattr(x_d, 'dtype', type(x_d).__name__)} (uint8 crops: restore_crops)")
+        if x_d.ndim != 4 or x_d.shape[0] < 1 or x_d.shape[1] != 3 or tuple(x_d.shape[2:]) != (s, s):
+            raise ClrfaceError(f"restore_faces needs faces [B,3,{s},{s}], B >= 1, got {tuple(x_d.shape)}")
         x_d = x_d.to(self.device, torch.float32)
         b, n = x_d.shape[0], o.samples
         if reference is not None:
@@ -327,11 +335,18 @@ class Restorer:
                             o.irn_detail_octaves, tone)
         return restored, x_id, e_id, z, sampling
 
-    def restore_crops(self, crops: np.ndarray, options: RestoreOptions, reference: Tensor | None = None, *,
-                      interrupt: Callable[[], None] | None = None) -> RestoredFaces:
-        """uint8 [F,S,S,3] aligned faces -> restore_faces' result, in chunks of ``options.batch_size`` faces;
-        ``reference``: [F,D] rows as in restore_faces; ``interrupt`` is called before each chunk and each
-        denoiser evaluation (see restore_faces)."""
+    def restore_crops(self, crops: np.ndarray, options: RestoreOptions | None = None,
+                      reference: Tensor | None = None, *, interrupt: Callable[[], None] | None = None
+                      ) -> RestoredFaces:
+        """uint8 [F,S,S,3] aligned faces -> restore_faces' result, in chunks of ``options.batch_size`` faces
+        (``options`` None: the model's defaults); ``reference``: [F,D] rows as in restore_faces; ``interrupt`` is
+        called before each chunk and each denoiser evaluation (see restore_faces)."""
+        s = self.resolution
+        crops = np.asarray(crops)
+        if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[1:] != (s, s, 3) or not len(crops):
+            raise ClrfaceError(f"restore_crops needs uint8 crops [F,{s},{s},3], F >= 1, got {crops.dtype} "
+                               f"{crops.shape}" + (" (one crop: crops[None])" if crops.shape == (s, s, 3) else ""))
+        options = options or self.options()
         bs, parts = options.batch_size, []
         for i in range(0, len(crops), bs):
             if interrupt is not None:
@@ -366,11 +381,16 @@ class Restorer:
                                        else reference, aligned=aligned)
         if reference is not None and options.get("mode") is None:
             options["mode"] = "full"
-        return restore_photo(self, photo, self.options(**options), aligned=aligned, keep_detail=keep_detail,
+        o = self.options(**options)
+        unused = unused_options(o.mode, [k for k, v in options.items() if v is not None])
+        if unused:  # the default model's mode irn: fidelity, steps and seed would change nothing, silently
+            warnings.warn(f"mode {o.mode} does not use {', '.join(unused)}; without effect here", UserWarning,
+                          stacklevel=2)
+        return restore_photo(self, photo, o, aligned=aligned, keep_detail=keep_detail,
                              reference=reference,
                              reference_policy=ReferencePolicy(all_faces=reference_all, force=force_reference))
 
     def restore_image(self, photo: np.ndarray, options: RestoreOptions | None = None, *, aligned: bool = False
                       ) -> RestoreResult:
         """Every face of ``photo`` uint8 [H,W,3] restored and pasted back: :func:`clrface.photo.restore_photo`."""
-        return restore_photo(self, photo, options or RestoreOptions(), aligned=aligned)
+        return restore_photo(self, photo, options or self.options(), aligned=aligned)

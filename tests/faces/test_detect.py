@@ -4,6 +4,7 @@ photos (multi-scale passes in overlapping tiles, merged boxes), the CNN backup."
 from __future__ import annotations
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -59,6 +60,15 @@ def test_faces_sorted_by_size_and_capped(real_data):
         # landmarks lie on the face: their centre is inside the detection box
         c = f.landmarks68.mean(0)
         assert f.box[0] < c[0] < f.box[2] and f.box[1] < c[1] < f.box[3]
+
+
+def test_two_threads_detect_as_one_does(real_data):
+    """dlib's HOG detector keeps scan state: two threads sharing it found 137 and 186 faces in these photos."""
+    photos = [_photo(real_data, n) for n in ("codeformer_00.jpg", "codeformer_01.jpg")]
+    alone = [len(detect_faces(p, min_face=64)) for p in photos]
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(2):
+            assert list(pool.map(lambda p: len(detect_faces(p, min_face=64)), photos)) == alone
 
 
 def test_big_photo_detected_at_capped_resolution_and_mapped_back(real_data):
