@@ -1,6 +1,7 @@
 """`clrface serve`: a real server on a free loopback port, in a thread, with the shipped default model."""
 
 import base64
+import contextlib
 import http.client
 import io
 import json
@@ -502,6 +503,7 @@ def test_http_1_0_clients_get_no_chunks(server, demo_upload):
     (b"POST /api/restore HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\n", 400,
      "invalid content-length"),
     (b"POST /api/restore HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: abc\r\n\r\n", 400, "invalid content-length"),
+    (b"POST /api/restore HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: \xb2\r\n\r\n", 400, "invalid content-length"),
     (b"POST /api/restore HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501, "not supported"),
     (b"POST /api/restore HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: magic\r\nContent-Length: 1\r\n\r\n", 417,
      "not supported"),
@@ -522,29 +524,42 @@ def test_refusals_read_the_body_so_plain_clients_see_them(server):
     assert request(server, "DELETE", "/")[1]["Allow"] == "GET, HEAD"
 
 
-def test_a_stalled_upload_is_answered_408(server, monkeypatch):
-    monkeypatch.setattr(Handler, "timeout", 1)
-    head = b"POST /api/restore HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10000\r\n\r\n"
-    st, _, body = raw_exchange(server, head, b"\x00" * 100)
-    assert st == 408 and "stalled" in json.loads(body)["error"]
+def test_a_trickled_upload_is_answered_408(server, monkeypatch):
+    monkeypatch.setattr(Handler, "timeout", 1)  # 1 s + 64 KB/s for the 10,000 bytes: ~1.2 s
+    with socket.create_connection(server.server_address[:2], timeout=30) as s:
+        s.sendall(b"POST /api/restore HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10000\r\n\r\n")
+        t0, resp = time.monotonic(), b""
+        while b"}" not in resp and time.monotonic() - t0 < 10:  # a byte every 0.2 s: never idle for 1 s
+            with contextlib.suppress(OSError):
+                s.sendall(b"\x00")
+            s.settimeout(0.2)
+            with contextlib.suppress(TimeoutError):
+                resp += s.recv(4096)
+    assert resp.startswith(b"HTTP/1.1 408") and b"too slow" in resp and time.monotonic() - t0 < 5
 
 
-def test_upload_slots_bound_the_bodies_in_memory(server):
-    held = [server.upload_slot(lambda: False) for _ in range(server.upload_slots)]
-    assert all(h.__enter__() for h in held)
-    gone = iter([False, False, True])
-    t0 = time.monotonic()
-    with server.upload_slot(lambda: next(gone)) as slot:  # none free: waits, then its client leaves
-        assert slot is False and time.monotonic() - t0 >= 0.5
-    for h in held:
-        h.__exit__(None, None, None)
-    with server.upload_slot(lambda: False) as slot:
-        assert slot is True
+def test_upload_slots_bound_the_bodies_in_memory(server, demo_upload, monkeypatch):
+    """With every slot taken, a request's body stays unread in its socket until one frees."""
+    started = []
+    real = serve_app.restore_upload
+    monkeypatch.setattr(serve_app, "restore_upload", lambda *a: started.append(1) or real(*a))
+    with contextlib.ExitStack() as held:
+        assert all(held.enter_context(server.upload_slot(lambda: False)) for _ in range(server.upload_slots))
+        s = send_raw(server, "mode=irn", demo_upload)
+        time.sleep(1.0)
+        assert started == []  # not read, so not restored
+        gone = iter([False, False, True])
+        t0 = time.monotonic()
+        with server.upload_slot(lambda: next(gone)) as slot:  # none free: waits, then its client leaves
+            assert slot is False and time.monotonic() - t0 >= 0.5
+    s.settimeout(60)
+    assert s.recv(12) == b"HTTP/1.1 200" and started == [1]
+    s.close()
 
 
 def test_ctrl_c_during_a_restore_exits_cleanly(tmp_path, demo_upload):
-    """Interrupted while torch computes on the worker thread, the process used to abort ("terminate called
-    without an active exception", signal 6); now the restore is stopped and waited for."""
+    """A process that exits while torch computes on another thread aborts ("terminate called without an active
+    exception", signal 6): Ctrl+C stops the restore under way and waits for it."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "clrface", "serve", "--port", "0"], env=env, text=True,
                             stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -554,13 +569,19 @@ def test_ctrl_c_during_a_restore_exits_cleanly(tmp_path, demo_upload):
         s = socket.create_connection(("127.0.0.1", port))
         s.sendall(f"POST /api/restore?mode=full&steps=100 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                   f"Content-Length: {len(demo_upload)}\r\n\r\n".encode() + demo_upload)
-        time.sleep(3)  # restoring: 199 evaluations of the guided prior
+        time.sleep(3)  # restoring: 199 evaluations of the guided prior, over a minute on one core
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(60)
         err = proc.stderr.read()
+        s.settimeout(5)
+        try:
+            answer = s.recv(1 << 16)
+        except ConnectionResetError:
+            answer = b""
         s.close()
     finally:
         proc.kill()
+    assert answer == b""  # the restore was under way: stopped, not answered
     assert rc == 0 and "terminate called" not in err and "clrface: stopped" in err, err
     assert time.monotonic() - t0 < 20

@@ -323,8 +323,7 @@ def _restore_setup(args: argparse.Namespace):
                                max_faces=args.max_faces, min_face=args.min_face, color=args.color)
     unused = unused_options(options.mode, [k for k, v in given.items() if v is not None])
     if unused:  # the default model's mode irn: --fidelity, --steps and --seed would change nothing, silently
-        flags = ", ".join("--" + k.replace("_", "-") for k in unused)
-        print(f"clrface: warning: mode {options.mode} does not use {flags}; without effect here", file=sys.stderr)
+        print(f"clrface: warning: {unused}", file=sys.stderr)
     return restorer, options
 
 

@@ -23,7 +23,7 @@ import math
 import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any, Callable, get_type_hints
 
 import numpy as np
 
@@ -130,7 +130,7 @@ class RestoreOptions:
         self._check_types()
         if self.color not in COLOR_MODES:
             raise ClrfaceError(f"unknown color {self.color!r}; choose from {', '.join(COLOR_MODES)}")
-        if not 0.0 <= float(self.fidelity) <= 1.0:
+        if not 0.0 <= self.fidelity <= 1.0:
             raise ClrfaceError(f"fidelity must be in [0, 1], got {self.fidelity}")
         if self.steps < 1:
             raise ClrfaceError(f"steps must be >= 1, got {self.steps}")
@@ -154,36 +154,36 @@ class RestoreOptions:
             # irn and direct are deterministic: N samples would be N copies of one result
             raise ClrfaceError(f"samples {self.samples}: mode {self.mode} gives one result per face; several "
                                "samples need mode full or prior")
-        if not (isinstance(self.upscale, int) and 1 <= self.upscale <= MAX_UPSCALE):
+        if not 1 <= self.upscale <= MAX_UPSCALE:
             raise ClrfaceError(f"upscale (--bg-upscale) must be an integer in [1, {MAX_UPSCALE}], got {self.upscale}")
-        if not 0.0 <= float(self.irn_detail) <= 1.0:
+        if not 0.0 <= self.irn_detail <= 1.0:
             raise ClrfaceError(f"irn_detail must be in [0, 1], got {self.irn_detail}")
-        if not (isinstance(self.irn_detail_octaves, int) and 1 <= self.irn_detail_octaves <= 3):
+        if not 1 <= self.irn_detail_octaves <= 3:
             raise ClrfaceError(f"irn_detail_octaves must be 1, 2 or 3, got {self.irn_detail_octaves}")
-        if not (isinstance(self.irn_tone, int) and self.irn_tone >= 0):
+        if self.irn_tone < 0:
             raise ClrfaceError(f"irn_tone must be an integer number of pixels >= 0, got {self.irn_tone}")
         if self.max_faces is not None and self.max_faces < 1:
             raise ClrfaceError(f"max_faces must be >= 1, got {self.max_faces}")
-        if self.min_face is not None and not (isinstance(self.min_face, int) and self.min_face >= MIN_FACE_PX):
+        if self.min_face is not None and self.min_face < MIN_FACE_PX:
             raise ClrfaceError(f"min_face must be an integer number of pixels >= {MIN_FACE_PX}, got {self.min_face}")
 
     def _check_types(self) -> None:
         """Integers and numbers as such (NumPy scalars converted; bool, strings and 2.5 steps refused), so that a
         wrong type is one ClrfaceError here rather than a TypeError deep in a restore."""
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is None and f.default is None:
+        for name, hint in get_type_hints(type(self)).items():
+            value = getattr(self, name)
+            if value is None and hint in (int | None, float | None):
                 continue
-            if f.type == "int" or f.type == "int | None":
+            if hint in (int, int | None):
                 if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                    raise ClrfaceError(f"{f.name} must be an integer, got {value!r}")
-                setattr(self, f.name, int(value))
-            elif f.type == "float" or f.type == "float | None":
+                    raise ClrfaceError(f"{name} must be an integer, got {value!r}")
+                setattr(self, name, int(value))
+            elif hint in (float, float | None):
                 if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                    raise ClrfaceError(f"{f.name} must be a number, got {value!r}")
-                setattr(self, f.name, float(value))
-            elif f.type == "str" and not isinstance(value, str):
-                raise ClrfaceError(f"{f.name} must be a string, got {value!r}")
+                    raise ClrfaceError(f"{name} must be a number, got {value!r}")
+                setattr(self, name, float(value))
+            elif hint is str and not isinstance(value, str):
+                raise ClrfaceError(f"{name} must be a string, got {value!r}")
 
     @classmethod
     def for_model(cls, defaults: dict[str, Any], resolution: int, **overrides: Any) -> RestoreOptions:
@@ -211,11 +211,12 @@ SAMPLING_OPTIONS = ("fidelity", "steps", "sampler", "sigma_start", "seed")
 GUIDANCE_OPTIONS = ("guidance_scale", "reference_guidance", "irn_detail", "irn_detail_octaves", "irn_tone")
 
 
-def unused_options(mode: str, given: Iterable[str]) -> list[str]:
-    """Those of the option names ``given`` that mode ``mode`` does not read: irn and direct are one deterministic
-    pass, mode prior samples without guidance or the IRN."""
+def unused_options(mode: str, given: Iterable[str]) -> str | None:
+    """A warning naming those of the options ``given`` that mode ``mode`` does not read (irn and direct are one
+    deterministic pass, mode prior samples without guidance or the IRN); None when it reads them all."""
     unused = {"full": (), "prior": GUIDANCE_OPTIONS}.get(mode, SAMPLING_OPTIONS + GUIDANCE_OPTIONS)
-    return [name for name in given if name in unused]
+    names = [name for name in given if name in unused]
+    return f"mode {mode} does not use {', '.join(names)}; without effect here" if names else None
 
 
 def finite_float(text: str) -> float:

@@ -370,6 +370,12 @@ class Restorer:
         with ``reference_all``; also a face that disagrees with it with ``force_reference``). A reference runs
         mode full unless ``mode`` is given. ``keep_detail``: as ``clrface restore --keep-detail`` (default on).
         """
+        if reference is not None and options.get("mode") is None:
+            options["mode"] = "full"
+        o = self.options(**options)  # a bad option fails before the photo and the references are read
+        unused = unused_options(o.mode, [k for k, v in options.items() if v is not None])
+        if unused:  # the default model's mode irn: fidelity, steps and seed would change nothing, silently
+            warnings.warn(unused, UserWarning, stacklevel=2)
         if isinstance(image, (str, Path)):
             photo = load_image(image)
         elif isinstance(image, Image.Image):
@@ -379,13 +385,6 @@ class Restorer:
         if reference is not None and not isinstance(reference, Reference):
             reference = load_reference(self, [reference] if isinstance(reference, (str, Path, np.ndarray))
                                        else reference, aligned=aligned)
-        if reference is not None and options.get("mode") is None:
-            options["mode"] = "full"
-        o = self.options(**options)
-        unused = unused_options(o.mode, [k for k, v in options.items() if v is not None])
-        if unused:  # the default model's mode irn: fidelity, steps and seed would change nothing, silently
-            warnings.warn(f"mode {o.mode} does not use {', '.join(unused)}; without effect here", UserWarning,
-                          stacklevel=2)
         return restore_photo(self, photo, o, aligned=aligned, keep_detail=keep_detail,
                              reference=reference,
                              reference_policy=ReferencePolicy(all_faces=reference_all, force=force_reference))

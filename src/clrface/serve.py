@@ -18,9 +18,10 @@ Routes::
                             200: JSON {image, input: base64 PNG, faces: [{index, box, id_vs_input, id_vs_irn,
                                  crop_in, crop_out}], no_face, warnings, sampling, options, seconds}, sent in
                                  chunks as it is encoded (format=png: the restored photo as image/png, scores in
-                                 X-Clrface-Faces)
-                            4xx: JSON {error: "one line"}; the server keeps serving. 413/422 for too much work
-                                 also carry {cost, limit, faces, evaluations_per_face}
+                                 X-Clrface-Faces, X-Clrface-No-Face: 0|1, X-Clrface-Warnings: a JSON list)
+                            4xx/5xx: JSON {error: "one line"}; the server keeps serving. 413/422 for too much work
+                                 also carry {cost, limit, faces, evaluations_per_face}; 408 an upload slower than
+                                 60 s + 64 KB/s; 503 while stopping
 
 Safety: binds 127.0.0.1 unless told otherwise; on a loopback address it answers only Host headers naming
 loopback (DNS-rebinding) and refuses cross-origin POSTs (Origin must match Host). Uploads are capped in bytes
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import select
 import socket
 import sys
@@ -117,10 +119,10 @@ class Handler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own refusals (a malformed request line, a 414 URL, 431 headers, 501 method) as JSON."""
         self.close_connection = True
-        phrase = message or self.responses.get(code, ("error",))[0]
-        self._error(code, f"{phrase}{': ' + explain if explain else ''}".lower())
+        phrase = message or self.responses.get(code, ("error",))[0].lower()
+        self._error(code, f"{phrase}{': ' + explain if explain else ''}")
 
-    def _send_chunked(self, reply: Reply) -> None:
+    def _send_reply(self, reply: Reply) -> None:
         """Sends ``reply`` as its pieces are produced: chunked, or to an HTTP/1.0 client (which knows no chunks)
         until the connection closes; one piece known in advance goes out with its Content-Length. A client that
         has spent more than ``send_seconds`` taking it (encoding time not counted) is cut off: its thread holds
@@ -180,7 +182,7 @@ class Handler(BaseHTTPRequestHandler):
                 (501, f"Transfer-Encoding {coding!r} is not supported; send the bytes with Content-Length")
         elif not lengths:
             refusal = 411, "Content-Length required"
-        elif len(lengths) > 1 or not lengths.copy().pop().strip().isdigit():
+        elif len(lengths) > 1 or not re.fullmatch(r"[0-9]+", lengths.copy().pop().strip()):
             refusal = 400, f"invalid Content-Length: {', '.join(sorted(lengths))}"
         if refusal:
             self.close_connection = True
@@ -195,6 +197,31 @@ class Handler(BaseHTTPRequestHandler):
                 self._drain(n)
             return None
         return n
+
+    def _body_seconds(self, n: int) -> float:
+        """How long an upload of n bytes may take: ``timeout`` plus 64 KB/s, so a client that trickles its bytes
+        cannot hold one of the upload slots for good."""
+        return self.timeout + n / 2**16
+
+    def _read_body(self, n: int) -> bytes | None:
+        """The n body bytes (fewer when the client closes early), or None past :meth:`_body_seconds`."""
+        end, parts, got = time.monotonic() + self._body_seconds(n), [], 0
+        try:
+            while got < n:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return None
+                self.connection.settimeout(left)
+                piece = self.rfile.read1(min(n - got, 1 << 20))
+                if not piece:
+                    break
+                parts.append(piece)
+                got += len(piece)
+        except TimeoutError:
+            return None
+        finally:
+            self.connection.settimeout(self.timeout)
+        return b"".join(parts)
 
     def _drain(self, n: int, seconds: float = 2.0, chunk: int = 1 << 16) -> None:
         """Reads and drops up to n body bytes for at most ``seconds`` (never kept: memory stays one chunk)."""
@@ -259,10 +286,10 @@ class Handler(BaseHTTPRequestHandler):
         with self.server.upload_slot(lambda: client_gone(self.connection)) as slot:
             if not slot:  # gone while waiting
                 return
-            try:
-                data = self.rfile.read(n)
-            except TimeoutError:
-                self._error(408, f"upload stalled: no data for {self.timeout} s")
+            data = self._read_body(n)
+            if data is None:
+                self.close_connection = True
+                self._error(408, f"upload too slow: {n} bytes not received within {self._body_seconds(n):.0f} s")
                 return
             self.close_connection = not keep_alive
             if len(data) != n:
@@ -276,7 +303,7 @@ class Handler(BaseHTTPRequestHandler):
             with self.server.app.restoring(query, data, lambda: client_gone(self.connection),
                                            self.headers.get("Content-Type", "application/octet-stream")) as reply:
                 try:
-                    self._send_chunked(reply)
+                    self._send_reply(reply)
                 except (OSError, TimeoutError):  # gone or stalled mid-answer: drop it, free the lock
                     self.close_connection = True
                 except Exception:  # noqa: BLE001  the status line is out: no error answer can follow
@@ -358,8 +385,8 @@ def make_server(restorer: Restorer | None, host: str = "127.0.0.1", port: int = 
 
 def serve(server: ClrfaceServer, *, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)
           ) -> None:
-    """Serves ``server`` (from :func:`make_server`, its app set) until Ctrl+C. A restore under way is stopped
-    and waited for: a process that exits while torch computes on another thread aborts."""
+    """Serves ``server`` (from :func:`make_server`, its app set; the caller closes it) until Ctrl+C. A restore
+    under way is stopped and waited for: a process that exits while torch computes on another thread aborts."""
     app = server.app
     log(f"clrface: serving {app.restorer.source} on {server.url} (one restore at a time; Ctrl+C to stop)")
     if not server.loopback_only:
@@ -370,5 +397,3 @@ def serve(server: ClrfaceServer, *, log: Callable[[str], None] = lambda s: print
     except KeyboardInterrupt:
         app.stop()
         log("clrface: stopped")
-    finally:
-        server.server_close()

@@ -193,8 +193,11 @@ def png_bytes(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _b64png(img: np.ndarray) -> str:
-    return base64.b64encode(png_bytes(img)).decode("ascii")
+def add_face_crops(summary: dict[str, Any], res: RestoreResult) -> None:
+    """Each face's record in ``summary`` gets its input and restored crops as base64 PNGs."""
+    for rec, f in zip(summary["faces"], res.faces):
+        rec["crop_in"], rec["crop_out"] = (base64.b64encode(png_bytes(c)).decode("ascii")
+                                           for c in (f.crop_in, f.crops_out[0]))
 
 
 class GuardedRestorer:
@@ -272,12 +275,15 @@ class Worker:
 
     def __init__(self) -> None:
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.closed = False  # set on the worker thread itself: the calls handed over after close() are refused
         threading.Thread(target=self._loop, name="clrface-restore", daemon=True).start()
 
     def _loop(self) -> None:
         while True:
             fn, args, fut = self.jobs.get()
             try:
+                if self.closed:
+                    raise ClientGone
                 fut.set_result(fn(*args))
             except BaseException as e:  # noqa: BLE001  handed to the caller, which re-raises it
                 fut.set_exception(e)
@@ -289,10 +295,11 @@ class Worker:
         self.jobs.put((fn, args, fut))
         return fut.result()
 
-    def idle(self, seconds: float) -> None:
-        """Returns once the calls handed over so far have run; TimeoutError after ``seconds``."""
+    def close(self, seconds: float) -> None:
+        """Returns once the calls handed over so far have run, refusing later ones (ClientGone): a process must
+        not exit while torch computes on this thread (it aborts). TimeoutError after ``seconds``."""
         fut: Future = Future()
-        self.jobs.put((lambda: None, (), fut))
+        self.jobs.put((setattr, (self, "closed", True), fut))
         fut.result(timeout=seconds)
 
     def pieces(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
@@ -320,11 +327,11 @@ class App:
         self.stopping = False
 
     def stop(self, seconds: float = 30.0) -> None:
-        """Ends the restore under way (as if its client had gone: within one network evaluation) and waits up to
-        ``seconds`` for the worker to be idle; later requests are refused."""
+        """Ends the restore under way (as if its client had gone: within one network evaluation), waits up to
+        ``seconds`` for the worker to finish it and closes the worker; later requests are refused."""
         self.stopping = True
         with contextlib.suppress(TimeoutError):
-            self.worker.idle(seconds)
+            self.worker.close(seconds)
 
     def info(self) -> dict[str, Any]:
         return {"model": model_name(self.restorer.source), "device": str(self.restorer.device),
@@ -363,8 +370,7 @@ class App:
                              "X-Clrface-No-Face": str(int(summary["no_face"])),
                              "X-Clrface-Warnings": json.dumps(summary["warnings"])})
                 return
-            for rec, f in zip(summary["faces"], res.faces):
-                rec["crop_in"], rec["crop_out"] = _b64png(f.crop_in), _b64png(f.crops_out[0])
+            self.worker.run(add_face_crops, summary, res)
             chunks = json_chunks(summary, {"image": res.image, "input": photo})
             del photo, res
             yield Reply(200, "application/json", self.worker.pieces(chunks), {})

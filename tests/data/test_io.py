@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 
 from clrface.data.io import (
     ensure_not_input,
@@ -73,6 +73,17 @@ def test_upright_exif_keeps_the_tags_with_orientation_1(tmp_path):
     assert load_image(tmp_path / "out.png").shape == (40, 20, 3)  # upright, and not turned a second time
     Image.fromarray(_rgb(20, 40)).save(tmp_path / "plain.png")
     assert upright_exif(tmp_path / "plain.png") is None
+    # a TIFF's own tags (layout, 70 KB of XMP) are not the photo's description: only its camera is kept
+    Image.fromarray(_rgb(20, 40)).save(tmp_path / "scan.tif", tiffinfo={700: b"<x>" + b"a" * 70_000, 271: "Scanner"})
+    save_image(tmp_path / "scan.jpg", load_image(tmp_path / "scan.tif"), exif=upright_exif(tmp_path / "scan.tif"))
+    assert dict(Image.open(tmp_path / "scan.jpg").getexif()) == {271: "Scanner", 274: 1}
+    exif[ExifTags.IFD.Exif] = {0x9003: "1962:07:14 10:00:00", 0x927C: b"maker" * 20, 0xA002: 20}
+    exif[ExifTags.IFD.GPSInfo] = {1: "N", 2: (48.0, 51.0, 30.0)}
+    Image.fromarray(_rgb(20, 40)).save(tmp_path / "gps.jpg", exif=exif.tobytes())
+    save_image(tmp_path / "gps.png", load_image(tmp_path / "gps.jpg"), exif=upright_exif(tmp_path / "gps.jpg"))
+    kept = Image.open(tmp_path / "gps.png").getexif()
+    assert kept.get_ifd(ExifTags.IFD.GPSInfo) == {1: "N", 2: (48.0, 51.0, 30.0)}
+    assert kept.get_ifd(ExifTags.IFD.Exif) == {0x9003: "1962:07:14 10:00:00", 0xA001: 1}  # no maker note, sRGB
     with warnings.catch_warnings():  # a damaged block: nothing to keep, and quiet
         warnings.simplefilter("error")
         Image.fromarray(_rgb(20, 40)).save(tmp_path / "bad.jpg", exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05")

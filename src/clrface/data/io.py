@@ -231,15 +231,35 @@ def ensure_not_input(out_path: str | os.PathLike, input_paths: Iterable[str | os
             raise ClrfaceError(f"{out}: refusing to overwrite the input file {ip}; choose another output path")
 
 
+#: What the EXIF of a restored photo keeps: the tags that describe the picture (not a TIFF's layout, XMP or ICC
+#: data, which belong to the input's encoding), and the Exif and GPS sub-directories.
+EXIF_KEPT = (270, 271, 272, 305, 306, 315, 33432)  # description, make, model, software, date, artist, copyright
+EXIF_DROPPED = (0x927C, 0xA002, 0xA003, 0xA005)  # maker note (offsets into the old file), pixel size, interop
+EXIF_MAX_BYTES = 65_000  # a JPEG APP1 segment holds 64 KiB
+
+
 def upright_exif(path: str | os.PathLike) -> bytes | None:
-    """The EXIF block of an image file (date, camera, GPS, ...) with its orientation set to 1, for a copy whose
-    pixels :func:`load_image` turned upright; None when the file has none or it cannot be read."""
+    """The EXIF of an image file that still describes its restored copy: date, camera, place and the like
+    (``EXIF_KEPT``, the Exif and GPS directories without ``EXIF_DROPPED``), orientation 1 (:func:`load_image` turned
+    the pixels upright) and colour space sRGB. None when the file has none, it cannot be read, or it is over
+    ``EXIF_MAX_BYTES``."""
     with _quiet_pil(), contextlib.suppress(OSError, ValueError, SyntaxError), Image.open(path) as im:
-        exif = im.getexif()
-        if len(exif):
-            if ExifTags.Base.Orientation in exif:
-                exif[ExifTags.Base.Orientation] = 1
-            return exif.tobytes()
+        old = im.getexif()
+        new = Image.Exif()
+        for tag in EXIF_KEPT:
+            if tag in old:
+                new[tag] = old[tag]
+        exif_ifd = {k: v for k, v in old.get_ifd(ExifTags.IFD.Exif).items() if k not in EXIF_DROPPED}
+        if exif_ifd:
+            new[ExifTags.IFD.Exif] = {**exif_ifd, 0xA001: 1}
+        gps = old.get_ifd(ExifTags.IFD.GPSInfo)
+        if gps:
+            new[ExifTags.IFD.GPSInfo] = dict(gps)
+        if not len(new):
+            return None
+        new[ExifTags.Base.Orientation] = 1
+        data = new.tobytes()
+        return data if len(data) <= EXIF_MAX_BYTES else None
     return None
 
 
