@@ -1,5 +1,7 @@
 import json
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -179,3 +181,12 @@ def test_min_face_reaches_the_photo_search(tmp_path, model_dir, monkeypatch):
         main(["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "o8"), "--min-face", "8"])
     with pytest.raises(ClrfaceError, match="min_face must be an integer number of pixels >= 16"):
         RestoreOptions(min_face=8)
+
+
+def test_training_without_accelerate_says_which_extra_to_install():
+    code = ("import sys; sys.modules['accelerate'] = None\nfrom clrface.cli import main\n"
+            "raise SystemExit(main(['train', 'irn', '--config', 'configs/irn-128.yaml']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=Path(__file__).parents[1])
+    assert r.returncode == 1 and r.stderr.strip() == "clrface: error: training needs accelerate: pip install " \
+        "'clrface[train]'"

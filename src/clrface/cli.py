@@ -49,7 +49,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from <out>/train_state after a crash or kill")
 
     def run(args: argparse.Namespace) -> int:
-        from clrface.train.run import run_stage
+        try:
+            from clrface.train.run import run_stage
+        except ModuleNotFoundError as e:
+            if e.name != "accelerate":
+                raise
+            raise ClrfaceError("training needs accelerate: pip install 'clrface[train]'") from None
 
         run_stage(args.stage, args.config, overrides=args.set, out=args.out, resume=args.resume)
         return 0
