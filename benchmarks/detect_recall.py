@@ -10,7 +10,7 @@ the same photo blurred (sigma 1 px), with noise (sigma 3) and JPEG quality 60.
 A detection matches a pasted face at IoU >= 0.4 (greedy, best IoU first); ``extra`` counts the
 unmatched detections per photo. Time is wall-clock per photo including the 68-point landmarks.
 
-Methods: ``former`` = the detector before tiling (photo shrunk to 2.5 MP, dlib upsampling only
+Methods: ``single-call`` = one detector call without tiling (photo shrunk to 2.5 MP, dlib upsampling only
 while the upsampled copy stays under 2.5 MP); ``hog`` / ``cnn`` = ``detect_faces`` default
 (multi-scale passes in overlapping tiles, faces down to ``--min-face`` px) with dlib's HOG or MMOD;
 ``hog-unconfirmed`` = ``hog`` keeping weak boxes that the CNN does not confirm (``confirm_weak=False``).
@@ -42,7 +42,7 @@ from clrface.faces.detect import DETECT_MAX_PIXELS, DETECT_MIN_FACE, detect_face
 REL_BOX = np.array([0.21, 0.272, 0.796, 0.856])
 
 
-def former_default(img: np.ndarray, detector: str) -> np.ndarray:
+def single_call_search(img: np.ndarray, detector: str) -> np.ndarray:
     """Boxes of the detector as it was before tiling (auto-upsampling capped at 2.5 MP)."""
     h, w = img.shape[:2]
     s = min(1.0, float(np.sqrt(DETECT_MAX_PIXELS / (h * w))))
@@ -58,8 +58,8 @@ def former_default(img: np.ndarray, detector: str) -> np.ndarray:
 
 def run(method: str, img: np.ndarray, min_face: float) -> tuple[np.ndarray, float]:
     t = time.perf_counter()
-    if method == "former":
-        boxes = former_default(img, "hog")
+    if method == "single-call":
+        boxes = single_call_search(img, "hog")
     elif method == "hog-unconfirmed":  # every HOG box, weak ones not shown to the CNN
         boxes = np.array([f.box for f in detect_faces(img, min_face=min_face, confirm_weak=False)]).reshape(-1, 4)
     else:
@@ -214,7 +214,7 @@ def main() -> None:
             img, gt = group_photo(rng, mp, backgrounds, faces)
             small = (gt[:, 2] - gt[:, 0]) < 56
             for variant, im in (("clean", img), ("old", degrade(img, rng))):
-                methods = ["former", "hog-unconfirmed", "hog"]
+                methods = ["single-call", "hog-unconfirmed", "hog"]
                 methods += ["cnn"] if mp == min(args.sizes) and k < args.cnn_photos else []
                 for method in methods:
                     det, sec = run(method, im, args.min_face)
@@ -238,12 +238,12 @@ def main() -> None:
     if args.skip_real:
         return
     print("\nreal_lq/whole: faces found (seconds)\n")
-    print("| photo | W x H | former | hog | cnn |")
+    print("| photo | W x H | single-call | hog | cnn |")
     print("|---|---|---|---|---|")
     for p in sorted((args.data / "real_lq" / "whole").iterdir()):
         img = np.asarray(Image.open(p).convert("RGB"))
         cells = []
-        for method in ("former", "hog", "cnn"):
+        for method in ("single-call", "hog", "cnn"):
             det, sec = run(method, img, args.min_face)
             cells.append(f"{len(det)} ({sec:.1f})")
         print(f"| {p.name} | {img.shape[1]} x {img.shape[0]} | " + " | ".join(cells) + " |", flush=True)

@@ -358,7 +358,7 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
                         "per-track noise or temporal blending); for comparison, it flickers more")
     p.add_argument("--ext", choices=FINAL_EXTS, default="png",
                    help="format of the whole photos in final/: png (default: lossless, transparency kept) or jpg "
-                        "(quality 95, no chroma subsampling: 3.9x smaller on the real_lq photos, transparency "
+                        "(quality 95, no chroma subsampling: 3.8x smaller on the real_lq photos, transparency "
                         "dropped); face crops and cmp/ stay PNG, videos MP4")
     p.add_argument("--keep-detail", action=argparse.BooleanOptionalAction, default=True,
                    help="photos: paste each face at the input's own resolution, the restored face supplying only "
