@@ -94,7 +94,8 @@ def prepare_inputs(source: str | Path, out_dir: str | Path, *,
             [own / d for d in RESULT_DIRS if not here.is_relative_to(own / d)]
 
         def is_output(f: Path) -> bool:
-            return any(f.resolve().is_relative_to(r) for r in results)
+            where = f.resolve()
+            return any(where.is_relative_to(r) for r in results)
 
         inputs = [f for f in inputs if not is_output(f)]
         listed = set(inputs)

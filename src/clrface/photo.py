@@ -56,22 +56,19 @@ class RestoreResult:
     sampling: dict[str, float] = field(default_factory=dict)  # sigma_start, guidance_scale, nfe actually used
 
     def __post_init__(self) -> None:
-        seen: set[int] = set()
-        self.images = [_own(im, seen) for im in self.images]
+        self.images = [_own(im) for im in self.images]
 
     @property
     def image(self) -> np.ndarray:
         return self.images[0]
 
 
-def _own(a: np.ndarray, seen: set[int] | None = None) -> np.ndarray:
+def _own(a: np.ndarray) -> np.ndarray:
     """``a`` as a result array a caller may keep and change: C-contiguous, writable, and a copy where it is a
-    view (of the caller's input, of another result array, of a torch tensor) or already in ``seen``."""
+    view (of the caller's input, of another result array, of a torch tensor)."""
     a = np.asarray(a)
-    if a.base is not None or not a.flags.c_contiguous or not a.flags.writeable or (seen is not None and id(a) in seen):
+    if a.base is not None or not a.flags.c_contiguous or not a.flags.writeable:
         a = np.array(a, order="C")
-    if seen is not None:
-        seen.add(id(a))
     return a
 
 

@@ -50,7 +50,7 @@ from urllib.parse import urlsplit
 
 from clrface.errors import ClrfaceError
 from clrface.restorer import Restorer
-from clrface.serve_app import App, ClientGone, Reply, RequestError, ServeLimits
+from clrface.serve_app import App, ClientGone, Reply, RequestError, ServeLimits, acquire_unless
 from clrface.serve_page import PAGE
 
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -352,10 +352,9 @@ class ClrfaceServer(ThreadingHTTPServer):
     @contextlib.contextmanager
     def upload_slot(self, gone: Callable[[], bool]) -> Iterator[bool]:
         """Waits for one of ``upload_slots``; yields False (and holds none) when ``gone()`` turns true first."""
-        while not self._slots.acquire(timeout=0.25):
-            if gone():
-                yield False
-                return
+        if not acquire_unless(self._slots, gone):
+            yield False
+            return
         try:
             yield True
         finally:

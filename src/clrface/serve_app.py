@@ -266,6 +266,15 @@ def json_chunks(summary: dict[str, Any], images: dict[str, np.ndarray]) -> Itera
     yield b"}"
 
 
+def acquire_unless(lock: threading.Lock | threading.Semaphore, gone: Callable[[], bool]) -> bool:
+    """Waits for ``lock``, checking ``gone()`` every 0.25 s: True once acquired, False (not acquired) when
+    ``gone()`` turned true first."""
+    while not lock.acquire(timeout=0.25):
+        if gone():
+            return False
+    return True
+
+
 class Worker:
     """One daemon thread that runs the calls handed to it, one at a time. Decoding, restoring and encoding all
     run there rather than in each connection's thread: glibc gives threads their own malloc arenas and keeps
@@ -355,9 +364,8 @@ class App:
         def ended() -> bool:  # the client gone, or the server stopping: the work stops either way
             return self.stopping or gone()
 
-        while not self.lock.acquire(timeout=0.25):
-            if ended():
-                raise ClientGone
+        if not acquire_unless(self.lock, ended):
+            raise ClientGone
         try:
             try:
                 photo, res, summary = self.worker.run(restore_upload, self.restorer, data, options, aligned,
