@@ -4,6 +4,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -92,11 +93,19 @@ def _settled_count(done: Path, quiet_s: float = 3.0, limit_s: float = 120.0) -> 
     return n
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _launch(model_dir: Path, src: Path, out: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # --multi_gpu selects the torchrun launcher; without GPUs it runs CPU processes (gloo), one per shard
+    # --multi_gpu selects the torchrun launcher; without GPUs it runs CPU processes (gloo), one per shard. A free
+    # port of its own: the default 29500 may still be held by the previous multi-process test's rendezvous.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--num_machines", "1", "--main_process_port", str(_free_port()), "--mixed_precision", "no",
+           "--dynamo_backend", "no",
            "-m", "clrface", "restore", str(src), "-o", str(out), "--aligned", "--model", str(model_dir),
            "--mode", "prior", "--steps", "100"]  # ~0.3 s per crop: the kill lands mid-run
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -111,7 +120,9 @@ def test_killed_two_process_run_resumes_to_every_output_exactly_once(tmp_path, m
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and len(list((out / DONE_DIR).glob("*.done.json"))) < 3:
         time.sleep(0.2)
-    assert proc.poll() is None, "the first run ended before it could be killed, so resuming was not tested"
+    if proc.poll() is not None:
+        pytest.fail(f"the first run ended (rc {proc.returncode}) before it could be killed, so resuming was not "
+                    f"tested:\n{proc.communicate()[0][-3000:]}")
     for pid in [proc.pid, *_descendants(proc.pid)]:  # the launcher and its workers, as a crash or `kill -9` would
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
