@@ -91,7 +91,9 @@ def test_bad_options_are_one_error_before_any_work(shipped, monkeypatch):
     for kw, words in [({"steps": "3"}, "steps must be an integer, got '3'"), ({"steps": 2.5}, "steps must be an "
                       "integer"), ({"fidelity": "high"}, "fidelity must be a number"), ({"upscale": True},
                       "upscale must be an integer"), ({"max_faces": 1.5}, "max_faces must be an integer"),
-                      ({"fidelty": 0.3}, "unknown option(s) 'fidelty'; known: fidelity")]:
+                      ({"fidelty": 0.3}, "unknown option(s) 'fidelty'; known: fidelity"),
+                      ({"keep_detail": "no"}, "keep_detail must be True or False, got 'no'"),
+                      ({"aligned": 1}, "aligned must be True or False, got 1")]:
         with pytest.raises(ClrfaceError) as e:
             shipped.restore(demo_image(), **kw)
         assert words in str(e.value)

@@ -370,6 +370,11 @@ class Restorer:
         with ``reference_all``; also a face that disagrees with it with ``force_reference``). A reference runs
         mode full unless ``mode`` is given. ``keep_detail``: as ``clrface restore --keep-detail`` (default on).
         """
+        flags = {"aligned": aligned, "reference_all": reference_all, "force_reference": force_reference,
+                 "keep_detail": keep_detail}
+        for name, value in flags.items():  # "no" or "false" would read as true
+            if not isinstance(value, (bool, np.bool_)):
+                raise ClrfaceError(f"{name} must be True or False, got {value!r}")
         if reference is not None and options.get("mode") is None:
             options["mode"] = "full"
         o = self.options(**options)  # a bad option fails before the photo and the references are read
@@ -385,9 +390,10 @@ class Restorer:
         if reference is not None and not isinstance(reference, Reference):
             reference = load_reference(self, [reference] if isinstance(reference, (str, Path, np.ndarray))
                                        else reference, aligned=aligned)
-        return restore_photo(self, photo, o, aligned=aligned, keep_detail=keep_detail,
+        return restore_photo(self, photo, o, aligned=bool(aligned), keep_detail=bool(keep_detail),
                              reference=reference,
-                             reference_policy=ReferencePolicy(all_faces=reference_all, force=force_reference))
+                             reference_policy=ReferencePolicy(all_faces=bool(reference_all),
+                                                              force=bool(force_reference)))
 
     def restore_image(self, photo: np.ndarray, options: RestoreOptions | None = None, *, aligned: bool = False
                       ) -> RestoreResult:
