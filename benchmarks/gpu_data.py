@@ -7,8 +7,10 @@ machine that has neither the data folder nor the dlib models), sized to a byte b
                              files cost ~4 KB of disk each and copy slowly;
                              benchmarks/gpu_session.sh unpacks it into .gpu/data/
     .gpu/cache/facerec/      the dlib face-recognition ResNet, fp16, in the cache layout of identity/facerec.py
+    .gpu/init/NAME/          with --init NAME=DIR: the model folder DIR (a run's model/), fp16, to start a run from
+                             (stage.init_from); the runs of benchmarks/gpu_session.sh that need one name it
 
-    python benchmarks/gpu_data.py --budget-mib 18
+    python benchmarks/gpu_data.py --budget-mib 18 --init irn-deep=runs/irn-b128-deep-id2a05/model
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ from clrface.identity.facerec import load_facerec
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def save_fp16(src: Path, dst: Path) -> None:
+    """A safetensors file with its floating-point tensors in fp16 (the carried bytes halved)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(str(src)).items()}, str(dst))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", nargs="+",
@@ -38,18 +46,23 @@ def main() -> None:
     ap.add_argument("--val", type=int, default=64)
     ap.add_argument("--budget-mib", type=float, default=18.0, help="MiB for the training faces")
     ap.add_argument("--quality", type=int, default=85)
+    ap.add_argument("--init", nargs="*", default=[], metavar="NAME=DIR",
+                    help="model folders carried (fp16) as .gpu/init/NAME, the start weights of a run")
     ap.add_argument("--out", default=str(ROOT / ".gpu"))
     a = ap.parse_args()
     out = Path(a.out)
+    inits = dict(item.split("=", 1) for item in a.init)
     shutil.rmtree(out / "data", ignore_errors=True)
+    shutil.rmtree(out / "init", ignore_errors=True)
     out.mkdir(exist_ok=True)
+    for name, src in inits.items():
+        save_fp16(Path(src) / "model.safetensors", out / "init" / name / "model.safetensors")
+        shutil.copy(Path(src) / "config.json", out / "init" / name / "config.json")
     faces = zipfile.ZipFile(out / "faces.zip", "w", zipfile.ZIP_STORED)
 
     load_facerec()  # fills the local cache if it is empty
-    state = load_file(str(cache_root() / "facerec" / "dlib_resnet_v1.safetensors"))
-    (out / "cache" / "facerec").mkdir(parents=True, exist_ok=True)
-    save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()},
-              str(out / "cache" / "facerec" / "dlib_resnet_v1.safetensors"))
+    save_fp16(cache_root() / "facerec" / "dlib_resnet_v1.safetensors",
+              out / "cache" / "facerec" / "dlib_resnet_v1.safetensors")
 
     for p in sorted(Path(a.val_dir).iterdir())[: a.val]:
         faces.write(p, f"val/{p.name}")
@@ -69,7 +82,7 @@ def main() -> None:
         faces.writestr(f"train/{encoded[i][0]}.webp", encoded[i][1])
     faces.close()
     print(f"{len(keep)} of {len(files)} training faces, {sizes[keep].sum() / 2**20:.1f} MiB; "
-          f"{a.val} validation faces; facerec fp16")
+          f"{a.val} validation faces; facerec fp16" + "".join(f"; {n} from {d}" for n, d in inits.items()))
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ def test_every_run_of_the_gpu_script_builds_its_configs():
     out = subprocess.run(["bash", "-c", listing], capture_output=True, text=True, check=True,
                          env={"PATH": os.environ["PATH"], "TEACHER": "runs/pack-teacher"}).stdout
     runs = dict(item.split("\t", 1) for item in out.split("\0") if item)
-    assert {"irn", "irn-l", "extreme", "prior-st", "decoder-tex-hi", "distill"} <= set(runs)
+    assert {"irn", "irn-l", "irn-deep", "extreme", "prior-st", "decoder-tex-hi", "distill"} <= set(runs)
     for args in map(shlex.split, runs.values()):
         overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
         stage_configs(args[0], load_config(ROOT / args[args.index("--config") + 1], overrides))
