@@ -169,6 +169,17 @@ def test_face_ids_and_start_hook(restorer):
     assert restorer.restore_faces(x, RestoreOptions(mode="irn")).latent is None
 
 
+def test_both_paths_search_frames_for_faces_from_64_px(restorer, monkeypatch):
+    seen = []
+    monkeypatch.setattr("clrface.video.detect_faces", lambda img, **kw: seen.append(kw["min_face"]) or [])
+    monkeypatch.setattr("clrface.photo.align_faces", lambda img, size, **kw: seen.append(kw["min_face"]) or [])
+    frame = np.zeros((96, 96, 3), np.uint8)
+    for stab in (True, False):
+        for min_face, want in ((None, 64), (40, 40)):
+            VideoRestorer(restorer, RestoreOptions(mode="irn", min_face=min_face), stabilize=stab)(frame)
+            assert seen.pop() == want, (stab, min_face)
+
+
 # ------------------------------------------------------------------------------------------ end to end
 
 

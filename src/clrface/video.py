@@ -266,7 +266,9 @@ class VideoRestorer:
     def __init__(self, restorer: Restorer, options: RestoreOptions, *, stabilize: bool = True,
                  config: StabilizeConfig = StabilizeConfig()):
         self.restorer, self.stabilize, self.config = restorer, stabilize, config
-        self.options = dataclasses.replace(options, samples=1)
+        # faces from 64 px in frames, in both paths (the unstabilised one restores frames as photos, whose
+        # search starts at 32 px)
+        self.options = dataclasses.replace(options, samples=1, min_face=options.min_face or VIDEO_MIN_FACE)
         self.tracker = FaceTracker(config)
         self.frame = 0
         self.sampling: dict[str, float] = {}
@@ -284,8 +286,7 @@ class VideoRestorer:
             return res.image, len(res.faces)
         r, o, c = self.restorer, self.options, self.config
         s, u = r.resolution, o.upscale
-        tracks = self.tracker.update(t, detect_faces(frame, max_faces=o.max_faces,
-                                                             min_face=o.min_face or VIDEO_MIN_FACE))
+        tracks = self.tracker.update(t, detect_faces(frame, max_faces=o.max_faces, min_face=o.min_face))
         base = r.background(frame, u)
         if not tracks:
             return base, 0
