@@ -8,7 +8,7 @@ import pytest
 from clrface.device import DTYPES
 from clrface.diffusion.sampler import SAMPLERS
 from clrface.errors import ClrfaceError
-from clrface.options import DTYPE_NAMES, SAMPLER_NAMES, FidelityMap, RestoreOptions, resolve_sampling
+from clrface.options import DTYPE_NAMES, SAMPLER_NAMES, FidelityMap, RestoreOptions
 
 
 def test_names_match_the_implementations():
@@ -16,11 +16,10 @@ def test_names_match_the_implementations():
     assert DTYPE_NAMES == tuple(DTYPES)
 
 
-def test_resolve_sampling_is_the_options_resolve():
+def test_resolve_takes_explicit_values_else_the_fidelity_map():
     fm = FidelityMap(sigma_start_at_0=8.0, sigma_start_at_1=0.5, guidance_at_0=1.0, guidance_at_1=3.0)
-    assert resolve_sampling(fm, 0.5, None, None) == RestoreOptions(fidelity=0.5).resolve(fm)
-    assert resolve_sampling(fm, 0.5, None, None) == pytest.approx((2.0, 2.0))
-    assert resolve_sampling(fm, 0.5, 0.1, 0.0) == (0.1, 0.0)
+    assert RestoreOptions(fidelity=0.5).resolve(fm) == pytest.approx((2.0, 2.0))  # sqrt(8 * 0.5), (1 + 3) / 2
+    assert RestoreOptions(fidelity=0.5, sigma_start=0.1, guidance_scale=0.0).resolve(fm) == (0.1, 0.0)
 
 
 def test_options_and_restorer_imports():

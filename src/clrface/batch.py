@@ -161,12 +161,17 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def sample_suffix(j: int, samples: int) -> str:
+    """The name suffix of sample ``j`` of ``samples`` results per face: none for a single one."""
+    return f"_s{j}" if samples > 1 else ""
+
+
 def record_files(out: Path, name: str, record: dict[str, Any]) -> set[Path]:
     """The files under ``out`` that the report record of the input named ``name`` says were written: its final
     image(s) or video and, per face, the input crop and per sample the restored crop and side-by-side. From names,
     not from the record's paths, which may be relative to another working folder."""
     finals = record.get("final", [])
-    sfx = [f"_s{j}" for j in range(len(finals))] if len(finals) > 1 else [""]
+    sfx = [sample_suffix(j, len(finals)) for j in range(max(len(finals), 1))]
     files = {out / "final" / Path(f).name for f in finals}
     for face in record.get("faces", []):
         k = face["index"]
@@ -193,13 +198,14 @@ def restore_input(path: Path, name: str, out: Path, restorer: Restorer, options:
     t0 = time.perf_counter()
 
     def sfx(j: int) -> str:
-        return f"_s{j}" if options.samples > 1 else ""
+        return sample_suffix(j, options.samples)
 
-    finals = [out / "final" / (f"{name}.mp4" if is_video(path) else f"{name}{sfx(j)}.{final_ext}")
-              for j in range(1 if is_video(path) else options.samples)]
+    video = is_video(path)
+    finals = [out / "final" / f"{name}.mp4"] if video else \
+        [out / "final" / f"{name}{sfx(j)}.{final_ext}" for j in range(options.samples)]
     for final in finals:  # before any work: a result that would land on an input (restoring OUT/final into OUT)
         ensure_not_input(final, inputs)
-    if is_video(path):  # final/<name>.mp4; faces are detected per frame, so --aligned does not apply
+    if video:  # final/<name>.mp4; faces are detected per frame, so --aligned does not apply
         rec = restore_video(path, finals[0], restorer, options, stabilize=stabilize,
                             inputs=inputs, progress=frame_progress)
         rec.update(video=True, no_face=rec["frames_without_face"] == rec["frames"], faces=[])

@@ -603,10 +603,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ClrfaceError as e:
-        print(f"clrface: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # an output the system refuses (read-only, full disk, a file where a folder goes)
+    # OSError: an output the system refuses (read-only, full disk, a file where a folder goes)
+    except (ClrfaceError, OSError) as e:
         print(f"clrface: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -73,14 +73,6 @@ class FidelityMap:
         return self.guidance_at_0 + fidelity * (self.guidance_at_1 - self.guidance_at_0)
 
 
-def resolve_sampling(fmap: FidelityMap, fidelity: float, sigma_start: float | None, guidance_scale: float | None
-                     ) -> tuple[float, float]:
-    """(sigma_start, guidance_scale): the explicit values, else the fidelity map's."""
-    s = fmap.sigma_start(fidelity) if sigma_start is None else float(sigma_start)
-    g = fmap.guidance_scale(fidelity) if guidance_scale is None else float(guidance_scale)
-    return s, g
-
-
 @dataclass
 class RestoreOptions:
     """How to restore. ``fidelity`` sets sigma_start and guidance_scale unless those are given explicitly.
@@ -150,7 +142,7 @@ class RestoreOptions:
         for name in ("samples", "batch_size"):
             if getattr(self, name) < 1:
                 raise ClrfaceError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.samples > 1 and self.mode not in ("full", "prior"):
+        if self.samples > 1 and self.mode not in DIFFUSION_MODES:
             # irn and direct are deterministic: N samples would be N copies of one result
             raise ClrfaceError(f"samples {self.samples}: mode {self.mode} gives one result per face; several "
                                "samples need mode full or prior")
@@ -203,7 +195,9 @@ class RestoreOptions:
 
     def resolve(self, fmap: FidelityMap) -> tuple[float, float]:
         """(sigma_start, guidance_scale): the explicit values, else the fidelity map's."""
-        return resolve_sampling(fmap, self.fidelity, self.sigma_start, self.guidance_scale)
+        s = fmap.sigma_start(self.fidelity) if self.sigma_start is None else float(self.sigma_start)
+        g = fmap.guidance_scale(self.fidelity) if self.guidance_scale is None else float(self.guidance_scale)
+        return s, g
 
 
 #: Options only the diffusion modes read, and those only mode full reads (guidance and the IRN's bands).

@@ -2,19 +2,23 @@
 (routes, host and size checks, streaming the answer), around :class:`clrface.serve_app.App`, which does the work.
 
 Stack: the standard library's :class:`http.server.ThreadingHTTPServer` and one static HTML page (``PAGE``, in
-clrface/serve_page.py) whose few lines of JavaScript POST the chosen file's raw bytes. Why not Gradio or FastAPI:
-into a fresh venv, ``pip install --dry-run`` brings 52 packages for Gradio (huggingface_hub, pandas, httpx, ...)
-and 15 for FastAPI + uvicorn + python-multipart (starlette, pydantic, anyio, ...), for one form and two routes.
-Sending the file as the raw request body (options in the query string) means no multipart parsing at all (the
-stdlib ``cgi`` module is gone from Python 3.13), so the server needs no dependency beyond the package's own. The
-cost: no progress bar, and restores queue behind one lock.
+clrface/serve_page.py) whose few lines of JavaScript POST the chosen file. Why not Gradio or FastAPI: into a fresh
+venv, ``pip install --dry-run`` brings 52 packages for Gradio (huggingface_hub, pandas, httpx, ...) and 15 for
+FastAPI + uvicorn + python-multipart (starlette, pydantic, anyio, ...), for one form and two routes. The photo
+alone is the raw request body (options in the query string); with reference photos the body is a
+``multipart/form-data`` form, read by the standard library's ``email`` parser (the ``cgi`` module is gone from
+Python 3.13), so the server needs no dependency beyond the package's own. The cost: no progress bar, and restores
+queue behind one lock.
 
 Routes::
 
     GET  /                  the page
     GET  /api/info          model, its default options, limits (JSON)
-    POST /api/restore?fidelity=F&steps=N&seed=S&mode=M&aligned=0|1[&format=png]
-                            body: the image file's bytes (any format load_image reads)
+    POST /api/restore?fidelity=F&steps=N&seed=S&mode=M&aligned=0|1[&format=png][&reference_all=1]
+                                 [&force_reference=1]
+                            body: the image file's bytes (any format load_image reads), or a multipart/form-data
+                                 form with one "photo" field and up to MAX_REFERENCES "reference" fields (clean
+                                 photos of the person: mode full, guided toward their identity)
                             200: JSON {image, input: base64 PNG, faces: [{index, box, id_vs_input, id_vs_irn,
                                  crop_in, crop_out}], no_face, warnings, sampling, options, seconds}, sent in
                                  chunks as it is encoded (format=png: the restored photo as image/png, scores in
@@ -91,17 +95,18 @@ class Handler(BaseHTTPRequestHandler):
 
     # --------------------------------------------------------------------------------------- responses
 
-    def _send(self, status: int, ctype: str, body: bytes, headers: dict[str, str] | None = None) -> None:
+    def _start(self, status: int, ctype: str, headers: dict[str, str], framing: dict[str, str]) -> None:
+        """The status line and headers of every answer; ``framing``: Content-Length or Transfer-Encoding."""
         self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        for k, v in (headers or {}).items():
+        for k, v in {"Content-Type": ctype, **framing, "Cache-Control": "no-store",
+                     "X-Content-Type-Options": "nosniff", **headers}.items():
             self.send_header(k, v)
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
+
+    def _send(self, status: int, ctype: str, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self._start(status, ctype, headers or {}, {"Content-Length": str(len(body))})
         if self.command != "HEAD":
             self.wfile.write(body)
 
@@ -135,17 +140,7 @@ class Handler(BaseHTTPRequestHandler):
         chunked = self.request_version != "HTTP/1.0"
         self.close_connection |= not chunked
         left = self.server.app.limits.send_seconds
-        self.send_response(reply.status)
-        self.send_header("Content-Type", reply.ctype)
-        if chunked:
-            self.send_header("Transfer-Encoding", "chunked")
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        for k, v in reply.headers.items():
-            self.send_header(k, v)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
+        self._start(reply.status, reply.ctype, reply.headers, {"Transfer-Encoding": "chunked"} if chunked else {})
         for piece in reply.chunks:
             if not piece:
                 continue
@@ -264,8 +259,7 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/api/info":
             self._send(200, "application/json", json.dumps(self.server.app.info()).encode())
         elif path == "/api/restore":
-            self._send(405, "application/json", json.dumps({"error": "method not allowed: POST the photo to "
-                                                                      "/api/restore"}).encode(), {"Allow": "POST"})
+            self._error(405, "method not allowed: POST the photo to /api/restore", {"Allow": "POST"})
         else:
             self._error(404, f"no such page: {path}")
 
@@ -287,8 +281,7 @@ class Handler(BaseHTTPRequestHandler):
             if not slot:  # gone while waiting
                 return
             data = self._read_body(n)
-            if data is None:
-                self.close_connection = True
+            if data is None:  # the connection stays marked for closing
                 self._error(408, f"upload too slow: {n} bytes not received within {self._body_seconds(n):.0f} s")
                 return
             self.close_connection = not keep_alive

@@ -10,8 +10,8 @@ state the cost and the limit. The model is loaded once; one lock serialises deco
 stays that of one request whatever the number of clients; that work runs on one worker thread (:class:`Worker`),
 so that no connection thread's malloc arena keeps a request's worth of freed memory. The lock is held from
 decoding the upload until the answer has gone out, so the answer (streamed in chunks, never built whole) is the
-only one in memory. The only file written is the upload itself, into a fresh temporary folder that is deleted
-before the response goes out (``load_image`` reads paths). A client that disconnects stops its work: ``gone()``
+only one in memory. The only files written are the uploaded photos themselves, each into a fresh temporary folder
+deleted as soon as it is read (``load_image`` reads paths). A client that disconnects stops its work: ``gone()``
 is checked while waiting for the lock, before each batch of faces and before each denoiser evaluation, and the
 lock is given up.
 """
@@ -384,12 +384,6 @@ class App:
             yield Reply(200, "application/json", self.worker.pieces(chunks), {})
         finally:
             self.lock.release()
-
-    def handle_restore(self, query: str, data: bytes, content_type: str = "application/octet-stream"
-                       ) -> tuple[int, str, bytes, dict[str, str]]:
-        """-> (status, content type, whole body, extra headers): ``restoring`` for callers without a socket."""
-        with self.restoring(query, data, content_type=content_type) as r:
-            return r.status, r.ctype, b"".join(r.chunks), r.headers
 
 
 def model_name(source: str | None) -> str:
