@@ -6,6 +6,7 @@ The faces themselves are restored by any object with the :class:`clrface.restore
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -17,7 +18,7 @@ from torch import Tensor
 from clrface.data.io import MIN_SIDE, to_model_range, to_uint8
 from clrface.errors import ClrfaceError
 from clrface.faces.align import align_faces
-from clrface.faces.detail import input_face, keep_input_detail, photo_blockiness
+from clrface.faces.detail import DetailEstimate, input_face, keep_input_detail, photo_blockiness
 from clrface.faces.detect import DETECT_MIN_FACE
 from clrface.faces.paste import paste_faces
 from clrface.options import RestoreOptions
@@ -180,19 +181,13 @@ def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions
     keep = o.color == "keep" or (o.color == "auto" and is_monochrome(img))
     if aligned:
         crop = np.array(resize_lanczos(img, s, s))  # a copy: crop_in is not the caller's array
-        rows, refs, ref_warnings = (None, [None], []) if reference is None else \
-            reference_rows(restorer, crop[None], reference, reference_policy)
-        out = best_first(restorer.restore_crops(crop[None], o, reference=rows))
-        crops_out = list(to_uint8(out.restored[0]).numpy())
-        if keep:
-            crops_out = [keep_tone(c, crop) for c in crops_out]
+        out, restored, refs, ref_warnings = _restore_crops(restorer, crop[None], o, keep, reference,
+                                                           reference_policy)
+        crops_out = list(restored[0])
         images = [resize_lanczos(c, w * u, h * u) for c in crops_out]
         detail = None
         if keep_detail and w == h >= s:  # a square crop at or above S px: the blend works in its own pixels
-            kept, est, block = [], None, photo_blockiness(img)
-            for c in crops_out:  # the estimates depend on the input only: made once, reused per sample
-                k, est = keep_input_detail(img, c, block=block, estimated=est)
-                kept.append(k)
+            kept, est = _kept_detail(img, crops_out, photo_blockiness(img))
             images, detail = [resize_lanczos(k, w * u, h * u) for k in kept], est.to_json()
         affine = np.array([[s / w, 0, 0.5 * s / w - 0.5], [0, s / h, 0.5 * s / h - 0.5]])
         face = FaceResult(crop, crops_out, np.array([0.0, 0.0, w, h]), affine,
@@ -212,12 +207,7 @@ def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions
         return RestoreResult([base.copy() for _ in range(o.samples)], [], no_face=True,
                              warnings=[f"no face found; returned unchanged{hint}"])
     crops = np.stack([c for c, _ in found])
-    rows, refs, ref_warnings = (None, [None] * len(crops), []) if reference is None else \
-        reference_rows(restorer, crops, reference, reference_policy)
-    out = best_first(restorer.restore_crops(crops, o, reference=rows))
-    restored = [to_uint8(out.restored[i]).numpy() for i in range(len(found))]  # per face: [N,S,S,3]
-    if keep:  # the aligned input crop is the photo under the face: its chroma is the photo's tone there
-        restored = [np.stack([keep_tone(c, crops[i]) for c in r]) for i, r in enumerate(restored)]
+    out, restored, refs, ref_warnings = _restore_crops(restorer, crops, o, keep, reference, reference_policy)
     faces = [FaceResult(crops[i], list(restored[i]), info.box, info.affine, out.id_vs_irn[i].tolist(),
                         out.id_vs_input[i].tolist(), reference=with_result(refs[i], out, i))
              for i, (_, info) in enumerate(found)]
@@ -227,12 +217,37 @@ def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions
         for i, f in enumerate(faces):
             x_in = input_face(img, f.affine, s)  # estimates on the photo's own pixels, blend in the output's
             x_out = x_in if u == 1 else input_face(base, f.affine, s, scale=u)
-            block, est = photo_blockiness(img, f.box), None
-            for k in range(o.samples):  # the estimates depend on the input only: made once, reused per sample
-                pasted[k][i], est = keep_input_detail(x_out, f.crops_out[k], block=block, measured=x_in, estimated=est)
+            kept, est = _kept_detail(x_out, f.crops_out, photo_blockiness(img, f.box), measured=x_in)
+            for k in range(o.samples):
+                pasted[k][i] = kept[k]
             f.detail = est.to_json()
     images = [paste_back(base, crops_k, affines, s, u) for crops_k in pasted]
     return RestoreResult(images, faces, warnings=ref_warnings, sampling=out.sampling.as_dict())
+
+
+def _restore_crops(restorer: Restorer, crops: np.ndarray, o: RestoreOptions, keep: bool,
+                   reference: Reference | None, policy: ReferencePolicy
+                   ) -> tuple[RestoredFaces, list[np.ndarray], list[dict | None], list[str]]:
+    """Aligned crops uint8 [F,S,S,3] -> (the restorer's result, best sample first; per face its samples uint8
+    [N,S,S,3], in the crop's own tone with ``keep``; per face its reference entry; reference warnings)."""
+    rows, refs, warnings = (None, [None] * len(crops), []) if reference is None else \
+        reference_rows(restorer, crops, reference, policy)
+    out = best_first(restorer.restore_crops(crops, o, reference=rows))
+    restored = [to_uint8(out.restored[i]).numpy() for i in range(len(crops))]
+    if keep:  # the aligned input crop is the photo under the face: its chroma is the photo's tone there
+        restored = [np.stack([keep_tone(c, crops[i]) for c in r]) for i, r in enumerate(restored)]
+    return out, restored, refs, warnings
+
+
+def _kept_detail(x_in: np.ndarray, samples: Sequence[np.ndarray], block: float, measured: np.ndarray | None = None
+                 ) -> tuple[list[np.ndarray], DetailEstimate]:
+    """Each restored sample blended with the input face ``x_in`` (:func:`keep_input_detail`); the estimates depend
+    on the input only, so they are made once and reused per sample."""
+    kept, est = [], None
+    for c in samples:
+        k, est = keep_input_detail(x_in, c, block=block, measured=measured, estimated=est)
+        kept.append(k)
+    return kept, est
 
 
 def with_result(entry: dict | None, out: RestoredFaces, i: int) -> dict | None:
