@@ -103,6 +103,8 @@ def test_api_takes_reference_photos_and_runs_mode_full(restorer, tmp_path):
     assert isinstance(folder, Reference) and folder.sources == (str(tmp_path / "ref.png"),)
     again = restorer.restore(_crop(restorer, 1), aligned=True, reference=folder, steps=2, force_reference=True)
     assert np.array_equal(again.image, res.image)
+    with pytest.raises(ClrfaceError, match="a reference guides the identity of mode full; mode 'irn' has no "):
+        restorer.restore(tmp_path / "missing.png", reference=tmp_path / "missing-too.png", mode="irn")  # none read
 
 
 def test_cli_reference_flags(tmp_path, model_dir, capsys):

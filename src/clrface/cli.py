@@ -24,6 +24,7 @@ from clrface.options import (
     SAMPLER_NAMES,
     finite_float,
     int_at_least,
+    mode_for_reference,
     positive_int,
     unused_options,
 )
@@ -389,12 +390,10 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
 
         if (args.reference_all or args.force_reference) and not args.reference:
             raise ClrfaceError("--reference-all and --force-reference need --reference")
-        if args.reference and args.mode not in (None, "full"):
-            raise ClrfaceError(f"--reference guides the identity of mode full; --mode {args.mode} has no guidance")
+        if args.reference:
+            args.mode = mode_for_reference(args.mode)
         inputs, ignored = prepare_inputs(args.input, args.output, recursive=args.recursive)  # before any model
         rank, world, barrier, args.device = process_group(args.device)
-        if args.reference:
-            args.mode = "full"
         restorer, options = _restore_setup(args)
         if args.reference_guidance is not None:
             options = dataclasses.replace(options, reference_guidance=args.reference_guidance)

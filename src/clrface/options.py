@@ -200,6 +200,14 @@ class RestoreOptions:
         return s, g
 
 
+def mode_for_reference(mode: str | None) -> str:
+    """The mode of a restore guided by reference photos: full, the one mode with identity guidance (``None``: not
+    chosen); another mode is refused."""
+    if mode not in (None, "full"):
+        raise ClrfaceError(f"a reference guides the identity of mode full; mode {mode!r} has no guidance")
+    return "full"
+
+
 #: Options only the diffusion modes read, and those only mode full reads (guidance and the IRN's bands).
 SAMPLING_OPTIONS = ("fidelity", "steps", "sampler", "sigma_start", "seed")
 GUIDANCE_OPTIONS = ("guidance_scale", "reference_guidance", "irn_detail", "irn_detail_octaves", "irn_tone")

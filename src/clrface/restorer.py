@@ -39,7 +39,14 @@ from clrface.faces.detail import lower_band_from, upper_band_from
 from clrface.identity.facerec import load_facerec
 from clrface.identity.guidance import LatentMask, identity_guided
 from clrface.model_folder import apply_irn, check_compatible, decode_latent, encode_latent, load_model_folder
-from clrface.options import DIFFUSION_MODES, FidelityMap, RestoreOptions, face_seed, unused_options
+from clrface.options import (
+    DIFFUSION_MODES,
+    FidelityMap,
+    RestoreOptions,
+    face_seed,
+    mode_for_reference,
+    unused_options,
+)
 from clrface.photo import RestoreResult, restore_photo
 from clrface.reference import Reference, ReferencePolicy, load_reference
 from clrface.vqgan.model import VQGAN
@@ -249,8 +256,7 @@ class Restorer:
         x_d = x_d.to(self.device, torch.float32)
         b, n = x_d.shape[0], o.samples
         if reference is not None:
-            if o.mode != "full":
-                raise ClrfaceError(f"a reference guides the identity of mode full; mode {o.mode!r} has no guidance")
+            mode_for_reference(o.mode)
             if reference.ndim != 2 or reference.shape[0] != b:
                 raise ClrfaceError(f"reference needs one embedding row per face [{b}, D], got {tuple(reference.shape)}")
             reference = reference.to(self.device, torch.float32)
@@ -375,8 +381,8 @@ class Restorer:
         for name, value in flags.items():  # "no" or "false" would read as true
             if not isinstance(value, (bool, np.bool_)):
                 raise ClrfaceError(f"{name} must be True or False, got {value!r}")
-        if reference is not None and options.get("mode") is None:
-            options["mode"] = "full"
+        if reference is not None:
+            options["mode"] = mode_for_reference(options.get("mode"))
         o = self.options(**options)  # a bad option fails before the photo and the references are read
         unused = unused_options(o.mode, [k for k, v in options.items() if v is not None])
         if unused:  # the default model's mode irn: fidelity, steps and seed would change nothing, silently

@@ -41,7 +41,7 @@ from torch import Tensor
 from clrface.data.io import load_image
 from clrface.diffusion.sampler import nfe
 from clrface.errors import ClrfaceError, ImageError
-from clrface.options import DIFFUSION_MODES, MODES, RestoreOptions
+from clrface.options import DIFFUSION_MODES, MODES, RestoreOptions, mode_for_reference
 from clrface.photo import RestoreResult, restore_photo
 from clrface.reference import ReferencePolicy, load_reference
 from clrface.restorer import RestoredFaces, Restorer
@@ -152,15 +152,12 @@ def parse_options(query: str, restorer: Restorer, limits: ServeLimits, reference
     mode = q.get("mode", "").lower() or None
     if mode is not None and mode not in MODES:
         raise RequestError(400, f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-    if references and mode not in (None, "full"):
-        raise RequestError(400, f"a reference guides the identity of mode full; mode {mode!r} has no guidance")
-    mode = "full" if references else mode
     fmt = q.get("format", "").lower() or "json"
     if fmt not in ("json", "png"):
         raise RequestError(400, f"format must be json or png, got {fmt!r}")
     try:
-        opts = restorer.options(fidelity=num("fidelity", float), steps=steps, seed=num("seed", int), mode=mode,
-                                samples=1)
+        opts = restorer.options(fidelity=num("fidelity", float), steps=steps, seed=num("seed", int),
+                                mode=mode_for_reference(mode) if references else mode, samples=1)
     except ClrfaceError as e:
         raise RequestError(400, str(e)) from None
 
