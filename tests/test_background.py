@@ -68,8 +68,15 @@ def test_realesrgan_upscaler_tiles_match_one_pass_and_resample_to_factor():
 
 
 def test_lanczos_and_bad_weights(tmp_path):
-    photo = np.zeros((10, 12, 3), np.uint8)
-    assert lanczos_upscale(photo, 3).shape == (30, 36, 3)
+    photo = np.random.default_rng(0).integers(0, 256, (10, 12, 3), dtype=np.uint8)
+    same = lanczos_upscale(photo, 1)
+    assert np.array_equal(same, photo) and same is not photo  # a copy: the result is not the caller's array
+    assert (lanczos_upscale(np.full((10, 12, 3), 77, np.uint8), 3) == 77).all()
+    ramp = np.repeat(np.repeat((np.arange(12) * 20)[None, :, None], 10, 0), 3, 2).astype(np.uint8)  # 0..220
+    up = lanczos_upscale(ramp, 3).astype(float)
+    assert up.shape == (30, 36, 3)
+    x = (np.arange(36) + 0.5) / 3 - 0.5  # output pixel centres in input pixels: the ramp continued
+    np.testing.assert_allclose(up[15, 6:30, 0], 20 * x[6:30], atol=1.5)  # away from the edges' clamping
     with pytest.raises(CheckpointError, match="no such file"):
         load_rrdbnet(tmp_path / "missing.pth")
     torch.save({"params": {"conv.weight": torch.zeros(1)}}, tmp_path / "other.pth")

@@ -30,7 +30,9 @@ def restorer() -> Restorer:
 
 def test_default_model_loads_with_its_measured_defaults(restorer):
     assert restorer.resolution == 128 and restorer.irn is not None
-    assert restorer.options().mode == restorer.defaults.get("mode", "full")
+    o = restorer.options()  # the defaults README and docs/RESULTS.md describe: the IRN alone
+    assert (o.mode, o.steps, o.sampler, o.fidelity, o.irn_tone) == ("irn", 10, "heun", 0.75, 8)
+    assert o.resolve(restorer.fidelity_map) == pytest.approx((0.4472, 5.0), abs=1e-4)  # mode full's start
 
 
 @pytest.mark.skipif(not VAL.is_dir(), reason=NO_VAL)

@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from clrface.checkpoint import save_checkpoint
-from clrface.data.io import load_image
+from clrface.data.io import load_image, to_uint8
 from clrface.device import auto_dtype, native_bf16
 from clrface.diffusion.prior import LatentPrior, PriorConfig, load_prior
 from clrface.diffusion.unet import UNetConfig
 from clrface.errors import CheckpointError, ClrfaceError
-from clrface.faces.detail import lower_band_from, upper_band_from
+from clrface.faces.detail import keep_input_detail, lower_band_from, photo_blockiness, upper_band_from
 from clrface.faces.paste import paste_mask
 from clrface.options import FidelityMap, RestoreOptions
-from clrface.photo import best_first, restore_photo
+from clrface.photo import best_first, resize_lanczos, restore_photo
 from clrface.restorer import Restorer, face_noise
 from clrface.vqgan.model import encoder_fingerprint, load_vqgan
 
@@ -160,11 +160,21 @@ def test_modes(restorer):
 
 def test_restore_image_aligned_sizes(restorer):
     crop = np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)
-    res = restorer.restore_image(crop, RestoreOptions(steps=2), aligned=True)
+    o = RestoreOptions(steps=2)
+    res = restorer.restore_image(crop, o, aligned=True)
     assert res.image.shape == (200, 200, 3) and len(res.faces) == 1 and not res.no_face
-    assert res.faces[0].crop_in.shape == (S, S, 3)
+    f = res.faces[0]
+    assert np.array_equal(f.crop_in, resize_lanczos(crop, S, S))
+    assert np.array_equal(f.crops_out[0], to_uint8(restorer.restore_crops(f.crop_in[None], o).restored[0])[0].numpy())
+    kept = keep_input_detail(crop, f.crops_out[0], block=photo_blockiness(crop))[0]  # 200 px >= S: detail kept
+    assert np.array_equal(res.image, resize_lanczos(kept, 200, 200))
+    assert f.box.tolist() == [0, 0, 200, 200]
+    np.testing.assert_allclose(f.affine, [[0.16, 0, -0.42], [0, 0.16, -0.42]])  # S / 200, pixel centres
     res2 = restorer.restore_image(crop, RestoreOptions(steps=2, upscale=2), aligned=True)
-    assert res2.image.shape == (400, 400, 3)
+    assert np.array_equal(res2.image, resize_lanczos(kept, 400, 400))
+    wide = restorer.restore_image(crop[:, :160], o, aligned=True)  # 160 wide, 200 high: stretched and back
+    assert wide.image.shape == (200, 160, 3) and "not square" in wide.warnings[0]
+    assert np.array_equal(wide.faces[0].crop_in, resize_lanczos(crop[:, :160], S, S))
 
 
 def test_missing_and_wrong_models(tmp_path, model_dir, tiny_model_builder):

@@ -10,6 +10,7 @@ from PIL import Image
 from clrface.cli import main
 from clrface.data.datasets import PairedFaces, build_testset, degrade_files, load_face_folder
 from clrface.data.degradation import DegradationParams, apply_degradation, degrade, get_preset
+from clrface.data.io import load_image, to_uint8
 from clrface.data.realistic import RealisticConfig
 from clrface.errors import ClrfaceError
 
@@ -143,8 +144,13 @@ def test_degrade_files_single_folder_and_no_overwrite(face_dir: Path, tmp_path: 
 def test_cli_degrade_and_make_testset(face_dir: Path, tmp_path: Path, capsys):
     assert main(["degrade", str(face_dir), str(tmp_path / "d"), "--preset", "x32", "--seed", "1"]) == 0
     assert len(list((tmp_path / "d").glob("*.png"))) == 5
+    for i in (0, 1):  # image i (sorted) with seed SEED + i, the preset scaled to the image
+        want = degrade(load_image(face_dir / f"00{i}.png"), get_preset("x32", 64), 1 + i)[0]
+        assert np.array_equal(load_image(tmp_path / "d" / f"00{i}.png"), want)
     assert main(["make-testset", str(face_dir), str(tmp_path / "t"), "--limit", "3"]) == 0
     assert len(list((tmp_path / "t" / "lq").glob("*.png"))) == 3
+    want = PairedFaces(face_dir, "bfr", deterministic=True, base_seed=0)[0]["lq"]
+    assert np.array_equal(load_image(tmp_path / "t" / "lq" / "000.png"), to_uint8(want[None])[0].numpy())
     (face_dir / "bad.png").write_bytes(b"")
     assert main(["degrade", str(face_dir), str(tmp_path / "d2")]) == 1  # reports, continues, exits 1
     assert len(list((tmp_path / "d2").glob("*.png"))) == 5

@@ -108,3 +108,7 @@ def test_a_2000px_photo_changes_only_around_the_face(make_photo):
     crop = warp_face(photo, m, 512)
     out = paste_face(photo, crop, m)
     assert np.array_equal(out[:400], photo[:400])
+    white = paste_face(photo, np.full((512, 512, 3), 255, np.uint8), m).astype(float)
+    w = paste_mask(photo.shape[:2], m, affine_size=512)[..., None]
+    np.testing.assert_array_equal(white, np.rint(photo + (255 - photo.astype(float)) * w))  # every pixel
+    assert (w == 1).sum() > 0.4 * 440**2 and (white[1100, 900] == 255).all()  # the face's centre is the crop's

@@ -139,7 +139,7 @@ def test_missing_weights_raise(tmp_path):
         fid_weights_path(tmp_path / "nope.pt")
 
 
-def test_real_inception_self_fid_near_zero(real_val_faces):
+def test_real_inception_features_are_pinned_and_self_fid_is_zero(real_val_faces):
     try:
         net = load_inception()
     except MetricUnavailable as e:
@@ -148,6 +148,10 @@ def test_real_inception_self_fid_near_zero(real_val_faces):
     assert f.shape == (4, 2048) and (f >= 0).all()  # pool3 after ReLU
     mu, s = feature_stats(f)
     assert frechet_distance(mu, s, mu, s) == pytest.approx(0.0, abs=1e-3)
+    # pinned: a change of weights, resize, input scaling or layer moves these
+    assert f[0, :4] == pytest.approx([0.482489, 0.159983, 0.059074, 0.509972], rel=1e-3)
+    assert f.mean() == pytest.approx(0.268313, rel=1e-4)
+    assert frechet_distance(*feature_stats(f[:2]), *feature_stats(f[2:])) == pytest.approx(331.85, rel=1e-3)
 
 
 def test_real_inception_fid_grows_with_blur(val_dir):

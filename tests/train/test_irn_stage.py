@@ -14,6 +14,7 @@ from clrface.identity.irn import IRN, IRNConfig, load_irn
 from clrface.metrics.psnr_ssim import psnr
 from clrface.train.irn import IRNStage, IRNTrainConfig, descriptor, irn_loss
 from clrface.train.run import run_stage
+from clrface.vqgan.losses import hinge_d_loss
 
 DATA = data_root() / "faces128" / "val"
 TINY = IRNConfig(body="conv", channels=(8, 16), blocks=(1, 1))
@@ -156,10 +157,18 @@ def test_adversarial_option_adds_a_discriminator_objective(faces_dirs, facerec):
     batch, cache = stage.batch(0, 0, 1), {}
     loss, logs = g.loss_fn(batch, 0, cache)
     loss.backward()
-    assert {"adv", "adv_w"} <= set(logs) and torch.isfinite(loss) and "out" in cache
+    out, disc, cfg = cache["out"].detach(), stage.modules["disc"], stage.cfg
+    with torch.no_grad():  # the generator's loss: Eq. 11 + perceptual, plus adv_weight x adaptive weight x -D(out)
+        base = irn_loss(out, batch["gt"], facerec, cfg.alpha, identity_weight=cfg.identity_weight,
+                        perceptual_weight=cfg.perceptual_weight)[0]
+        assert logs["adv"] == pytest.approx(-disc(out).mean().item(), rel=1e-5)
+        assert loss.item() == pytest.approx(base.item() + 0.1 * logs["adv_w"] * logs["adv"], rel=1e-5)
+        assert logs["adv_w"] > 0
+        d_want = hinge_d_loss(disc(batch["gt"]), disc(out)).item()
     d_loss, d_logs = d.loss_fn(batch, 0, cache)
     d_loss.backward()
-    assert d_logs["d_loss"] > 0 and all(p.grad is not None for p in stage.modules["disc"].parameters())
+    assert d_logs["d_loss"] == pytest.approx(d_want, rel=1e-5)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in disc.parameters())
     assert g.name == "irn" and d.name == "disc"
 
 
