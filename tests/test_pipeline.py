@@ -152,6 +152,13 @@ def test_modes(restorer):
     o = RestoreOptions(mode="prior", sigma_start=80.0, steps=3)
     a, b = restorer.restore_faces(x, o), restorer.restore_faces(_faces(2, seed=5), o)
     assert torch.isfinite(a.restored).all() and (a.restored - b.restored).abs().max() > 0  # cond differs
+
+    def start_effect(sigma: float) -> float:  # how much a shifted start latent moves the output
+        o = RestoreOptions(mode="prior", sigma_start=sigma, steps=3)
+        moved = restorer.restore_faces(x, o, start=lambda z: z + 0.5).restored
+        return (moved - restorer.restore_faces(x, o).restored).abs().mean().item()
+
+    assert start_effect(80.0) < 0.05 * start_effect(0.5)
     # full mode: guidance changes the result relative to the same run without guidance
     g0 = restorer.restore_faces(x, RestoreOptions(steps=2, guidance_scale=0.0))
     g1 = restorer.restore_faces(x, RestoreOptions(steps=2, guidance_scale=50.0))

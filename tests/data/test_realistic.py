@@ -36,7 +36,7 @@ def test_degrade_realistic_is_seeded_and_keeps_gray_targets_gray():
     assert torch.equal(a, b) and torch.equal(ta, tb)
     assert a.shape == x.shape and a.min() >= -1 and a.max() <= 1
     gray = (ta[:, 0] == ta[:, 1]).flatten(1).all(1) & (ta[:, 1] == ta[:, 2]).flatten(1).all(1)
-    assert 2 <= int(gray.sum()) <= 14  # about half at p = 0.5
+    assert gray.int().tolist() == [1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1, 0, 1, 1, 1, 1]  # the seeded draw, p = 0.5
     assert torch.equal(ta[~gray], x[~gray])
     assert (a[gray, 0] - a[gray, 1]).abs().max() < 1e-6  # gray inputs stay gray (no fade cast on them)
     # on the 8-bit grid
