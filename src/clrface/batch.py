@@ -33,6 +33,7 @@ from clrface.data.io import (
     save_image,
     transparency_and_frames,
     upright_exif,
+    write_text_atomic,
 )
 from clrface.errors import ClrfaceError
 from clrface.options import FINAL_EXTS, RestoreOptions
@@ -147,18 +148,6 @@ def run_key(restorer: Restorer, options: RestoreOptions, aligned: bool) -> str:
             "dtype": str(restorer.dtype), "background": getattr(restorer.background, "__name__",
                                                                 type(restorer.background).__name__)}
     return json.dumps(spec, sort_keys=True)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Writes through a temporary file and a rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
 
 
 def sample_suffix(j: int, samples: int) -> str:
@@ -353,10 +342,7 @@ def restore_files(inputs: list[Path], out_dir: str | Path, restorer: Restorer, o
         if rank == 0:
             path = out / "report.json"
             ensure_not_input(path, inputs)
-            try:
-                write_atomic(path, json.dumps(report, indent=1) + "\n")
-            except OSError as e:
-                raise ClrfaceError(f"{path}: cannot write ({e.strerror or e})") from None
+            write_text_atomic(path, json.dumps(report, indent=1) + "\n")
         return report
 
     bar = tqdm(todo, desc="restore" if world == 1 else f"restore [{rank}/{world}]", unit="img",
@@ -370,7 +356,7 @@ def restore_files(inputs: list[Path], out_dir: str | Path, restorer: Restorer, o
             stamp = input_stamp(path)  # before reading: a file replaced during its restore is redone next time
             rec = restore_input(path, name, out, restorer, options, aligned, inputs, emit, stabilize, keep_detail,
                                 reference, reference_policy, final_ext, frame_progress=progress and len(todo) == 1)
-            write_atomic(done / f"{name}.done.json", json.dumps({"key": key, "source": stamp, "record": rec}))
+            write_text_atomic(done / f"{name}.done.json", json.dumps({"key": key, "source": stamp, "record": rec}))
             if isinstance(earlier.get("record"), dict):
                 remove_stale(out, name, earlier["record"], rec, inputs)
         except (ClrfaceError, MemoryError, OSError) as e:
@@ -387,10 +373,7 @@ def restore_files(inputs: list[Path], out_dir: str | Path, restorer: Restorer, o
                 write_report(named, failures, len(mine) - len(todo), interrupted=True)
             raise
     skipped = len(mine) - len(todo)
-    try:
-        write_atomic(done / f"_process{rank}.json", json.dumps({"failures": failures, "skipped": skipped}))
-    except OSError as e:
-        raise ClrfaceError(f"{done}: cannot write ({e.strerror or e})") from None
+    write_text_atomic(done / f"_process{rank}.json", json.dumps({"failures": failures, "skipped": skipped}))
     barrier()
     covered = mine
     if rank == 0:  # the merged view of every process's records

@@ -285,7 +285,7 @@ def save_image(path: str | os.PathLike, img: np.ndarray, *, inputs: Iterable[str
     options: dict[str, Any] = {"quality": quality, "subsampling": 0} if fmt == "JPEG" else {}
     if exif:
         options["exif"] = exif
-    return _write_via_temporary(p, lambda tmp: im.save(tmp, fmt, **options))
+    return write_via_temporary(p, lambda tmp: im.save(tmp, fmt, **options))
 
 
 def copy_image(src: str | os.PathLike, dst: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = ()) -> Path:
@@ -293,10 +293,10 @@ def copy_image(src: str | os.PathLike, dst: str | os.PathLike, *, inputs: Iterab
     written as :func:`save_image` writes, never over a file listed in ``inputs``."""
     p = Path(dst)
     ensure_not_input(p, inputs)
-    return _write_via_temporary(p, lambda tmp: shutil.copyfile(src, tmp))
+    return write_via_temporary(p, lambda tmp: shutil.copyfile(src, tmp))
 
 
-def _write_via_temporary(p: Path, write: Callable[[Path], object]) -> Path:
+def write_via_temporary(p: Path, write: Callable[[Path], object]) -> Path:
     """``write(tmp)`` to a hidden temporary name in the same folder, then renamed over ``p``: a kill or a full disk
     mid-write leaves the earlier file (or none), never a truncated image under the final name."""
     tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
@@ -311,6 +311,11 @@ def _write_via_temporary(p: Path, write: Callable[[Path], object]) -> Path:
             raise ClrfaceError(f"{p}: cannot write ({e.strerror or e})") from e
         raise
     return p
+
+
+def write_text_atomic(p: Path, text: str) -> Path:
+    """``text`` written as :func:`write_via_temporary` writes: a reader never sees half a file."""
+    return write_via_temporary(p, lambda tmp: tmp.write_text(text))
 
 
 def is_image_file(path: str | os.PathLike) -> bool:

@@ -4,12 +4,13 @@ data or another model remakes them instead of training on stale tensors."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+
+from clrface.data.io import write_via_temporary
 
 T = TypeVar("T")
 
@@ -40,8 +41,5 @@ def cached(path: Path, key: dict[str, Any], make: Callable[[], T], *, map_locati
             return saved["data"]
         log(f"{path}: made from other data or another model than this run's; making it again")
     data = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({"key": key, "data": data}, tmp)
-    os.replace(tmp, path)
+    write_via_temporary(path, lambda tmp: torch.save({"key": key, "data": data}, tmp))
     return data
