@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 import clrface.photo
-from clrface.cli import build_parser, main
+from clrface import model_folder
+from clrface.cli import PACK_STAGES, build_parser, main
 from clrface.errors import ClrfaceError
 from clrface.model_folder import merged_spec, package_weights, read_spec
 from clrface.options import FidelityMap, RestoreOptions
@@ -190,3 +191,10 @@ def test_training_without_accelerate_says_which_extra_to_install():
                        cwd=Path(__file__).parents[1])
     assert r.returncode == 1 and r.stderr.strip() == "clrface: error: training needs accelerate: pip install " \
         "'clrface[train]'"
+
+
+def test_the_parser_is_built_without_torch_and_packs_the_model_folders_stages():
+    code = "import sys\nfrom clrface.cli import build_parser\nbuild_parser()\nprint('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "False"  # `clrface --help` and argument errors answer without loading torch
+    assert PACK_STAGES == model_folder.PACK_STAGES

@@ -434,6 +434,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+
+#: model_folder.PACK_STAGES, repeated: importing model_folder loads torch, which `clrface --help` does not need
 PACK_STAGES = ("vqgan", "prior", "irn", "mask")
 
 
@@ -461,39 +463,11 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         import torch
 
-        from clrface.checkpoint import checkpoint_kind, convert_checkpoint, read_state
-        from clrface.model_folder import base_chain, read_spec, resolve_model
+        from clrface.model_folder import pack_model
 
         stages = {stage: getattr(args, stage) for stage in PACK_STAGES if getattr(args, stage)}
-        if not args.base and not ("vqgan" in stages and "prior" in stages):
-            raise ClrfaceError("pack needs --vqgan and --prior, or --base NAME to take the missing stages from")
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise ClrfaceError(f"{out}: exists and is not a folder")
-        # all checks before the first write: a refused pack leaves no half-made model folder behind
-        if args.base:
-            chain = base_chain(resolve_model(args.base))
-            lacking = [s for s in ("vqgan", "prior") if s not in stages and not any((f / s).is_dir() for f, _ in chain)]
-            if lacking:
-                raise ClrfaceError(f"--base {args.base}: supplies no {' and '.join(s + '/' for s in lacking)}; "
-                                   f"give --{lacking[0]}")
-        for stage, src in stages.items():
-            if (kind := checkpoint_kind(src)) != stage:
-                raise ClrfaceError(f"--{stage} {src}: is a '{kind}' checkpoint, expected '{stage}'")
-        states = {stage: read_state(src) for stage, src in stages.items()}  # a damaged file fails before any write
-        stale = [stage for stage in PACK_STAGES if stage not in stages and (out / stage).exists()]
-        if stale:
-            raise ClrfaceError(f"{out}: holds {', '.join(s + '/' for s in stale)} from an earlier pack, which this "
-                               f"one would not replace; remove it or give --{stale[0]}")
-        spec = {k: v for k, v in read_spec(out).items() if k != "base"}  # the settings a user wrote stay
-        for stage, src in stages.items():
-            dst = convert_checkpoint(src, out / stage, getattr(torch, args.dtype), state=states[stage])
-            size = (dst / "model.safetensors").stat().st_size / 2**20
-            print(f"{stage}: {src} -> {dst} ({size:.1f} MiB)")
-        if args.base or (out / "restore.json").is_file():  # last: a pack that failed midway names no base
-            out.mkdir(parents=True, exist_ok=True)
-            spec = {**spec, "base": args.base} if args.base else spec
-            (out / "restore.json").write_text(json.dumps(spec, indent=1) + "\n")
+        for stage, src, dst in pack_model(Path(args.out), stages, args.base, getattr(torch, args.dtype)):
+            print(f"{stage}: {src} -> {dst} ({(dst / 'model.safetensors').stat().st_size / 2**20:.1f} MiB)")
         return 0
 
     p.set_defaults(func=run)

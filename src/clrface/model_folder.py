@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from clrface.checkpoint import read_meta
+from clrface.checkpoint import checkpoint_kind, convert_checkpoint, read_meta, read_state
 from clrface.diffusion.prior import LatentPrior, load_prior
 from clrface.errors import CheckpointError, ClrfaceError
 from clrface.identity.guidance import LatentMask, load_mask
@@ -104,6 +104,43 @@ def base_chain(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
                                   f"{base}")
         chain.append((base, read_spec(base)))
     return chain
+
+
+#: The stages a model folder holds, each a checkpoint folder of its own (vqgan/ and prior/ required).
+PACK_STAGES = ("vqgan", "prior", "irn", "mask")
+
+
+def pack_model(out: Path, stages: dict[str, str | Path], base: str | None, dtype: torch.dtype
+               ) -> list[tuple[str, Path, Path]]:
+    """Writes the model folder ``out`` (``clrface pack``): each of ``stages`` (name -> checkpoint folder) stored in
+    ``dtype``, and ``restore.json`` naming ``base`` (an installed model that supplies the stages not given and the
+    restore settings; settings already in ``out/restore.json`` stay). Every check runs before the first write, so
+    a refused pack leaves no half-made folder. -> (stage, source, written folder) per stage."""
+    if not base and not ("vqgan" in stages and "prior" in stages):
+        raise ClrfaceError("pack needs --vqgan and --prior, or --base NAME to take the missing stages from")
+    if out.exists() and not out.is_dir():
+        raise ClrfaceError(f"{out}: exists and is not a folder")
+    if base:
+        chain = base_chain(resolve_model(base))
+        lacking = [s for s in ("vqgan", "prior") if s not in stages and not any((f / s).is_dir() for f, _ in chain)]
+        if lacking:
+            raise ClrfaceError(f"--base {base}: supplies no {' and '.join(s + '/' for s in lacking)}; "
+                               f"give --{lacking[0]}")
+    for stage, src in stages.items():
+        if (kind := checkpoint_kind(src)) != stage:
+            raise ClrfaceError(f"--{stage} {src}: is a '{kind}' checkpoint, expected '{stage}'")
+    states = {stage: read_state(src) for stage, src in stages.items()}  # a damaged file fails before any write
+    stale = [stage for stage in PACK_STAGES if stage not in stages and (out / stage).exists()]
+    if stale:
+        raise ClrfaceError(f"{out}: holds {', '.join(s + '/' for s in stale)} from an earlier pack, which this "
+                           f"one would not replace; remove it or give --{stale[0]}")
+    spec = {k: v for k, v in read_spec(out).items() if k != "base"}  # the settings a user wrote stay
+    written = [(stage, Path(src), convert_checkpoint(src, out / stage, dtype, state=states[stage]))
+               for stage, src in stages.items()]
+    if base or (out / "restore.json").is_file():  # last: a pack that failed midway names no base
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "restore.json").write_text(json.dumps({**spec, "base": base} if base else spec, indent=1) + "\n")
+    return written
 
 
 def load_model_folder(path_or_name: str | Path | None = None, device: str | torch.device = "cpu") -> ModelFolder:
