@@ -434,7 +434,6 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-
 #: model_folder.PACK_STAGES, repeated: importing model_folder loads torch, which `clrface --help` does not need
 PACK_STAGES = ("vqgan", "prior", "irn", "mask")
 
