@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from clrface.data.datasets import IMAGE_SUFFIXES
 from clrface.data.io import cache_root
@@ -33,9 +34,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def save_fp16(src: Path, dst: Path) -> None:
-    """A safetensors file with its floating-point tensors in fp16 (the carried bytes halved)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(str(src)).items()}, str(dst))
+    """A safetensors file with its floating-point tensors in fp16 (the bytes halved), metadata kept; ``dst`` may be
+    ``src``."""
+    with safe_open(str(src), "pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, str(dst), metadata=meta)
+
+
+def name_and_folder(item: str) -> tuple[str, Path]:
+    """--init's NAME=DIR, DIR a model folder (config.json + model.safetensors)."""
+    name, sep, folder = item.partition("=")
+    if not sep or not name or not (Path(folder) / "model.safetensors").is_file():
+        raise argparse.ArgumentTypeError(f"{item!r}: expected NAME=DIR, DIR holding model.safetensors")
+    return name, Path(folder)
 
 
 def main() -> None:
@@ -46,18 +58,20 @@ def main() -> None:
     ap.add_argument("--val", type=int, default=64)
     ap.add_argument("--budget-mib", type=float, default=18.0, help="MiB for the training faces")
     ap.add_argument("--quality", type=int, default=85)
-    ap.add_argument("--init", nargs="*", default=[], metavar="NAME=DIR",
-                    help="model folders carried (fp16) as .gpu/init/NAME, the start weights of a run")
+    ap.add_argument("--init", nargs="*", type=name_and_folder, default=[], metavar="NAME=DIR",
+                    help="model folders carried (fp16) as .gpu/init/NAME, the start weights of a run (without "
+                         "--init, those already in .gpu/init stay)")
     ap.add_argument("--out", default=str(ROOT / ".gpu"))
     a = ap.parse_args()
     out = Path(a.out)
-    inits = dict(item.split("=", 1) for item in a.init)
+    inits = dict(a.init)
     shutil.rmtree(out / "data", ignore_errors=True)
-    shutil.rmtree(out / "init", ignore_errors=True)
+    if inits:
+        shutil.rmtree(out / "init", ignore_errors=True)
     out.mkdir(exist_ok=True)
     for name, src in inits.items():
-        save_fp16(Path(src) / "model.safetensors", out / "init" / name / "model.safetensors")
-        shutil.copy(Path(src) / "config.json", out / "init" / name / "config.json")
+        save_fp16(src / "model.safetensors", out / "init" / name / "model.safetensors")
+        shutil.copy(src / "config.json", out / "init" / name / "config.json")
     faces = zipfile.ZipFile(out / "faces.zip", "w", zipfile.ZIP_STORED)
 
     load_facerec()  # fills the local cache if it is empty

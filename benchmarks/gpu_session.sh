@@ -18,10 +18,12 @@
 #             (stage.detail_energy_weight 2 and 6), which pays for texture of the right strength
 #   distill   the one-step prior distilled from TEACHER (a model folder, e.g. made by clrface pack and copied along)
 # Inputs sit in .gpu/ (git-ignored; made by benchmarks/gpu_data.py): a zip of training faces and 64 validation
-# faces, unpacked first, and the face-recognition network's fp16 cache. Every run gets SIGTERM at the deadline,
+# faces, unpacked first, the face-recognition network's fp16 cache, and the start weights of runs that need them
+# (.gpu/init/NAME, from gpu_data.py --init NAME=DIR; a run whose start weights are missing is not started). Every run gets SIGTERM at the deadline,
 # checkpoints and exports; results land in $OUT: log.txt and one tar per run (model/ in fp16 as shipped, log.csv,
 # run_config.json, train.log, the last validation grid).
-#   python benchmarks/gpu_data.py --budget-mib 18 && BUDGET_S=555 bash benchmarks/gpu_session.sh
+#   python benchmarks/gpu_data.py --budget-mib 18 --init irn-deep=runs/irn-b128-deep-id2a05/model
+#   BUDGET_S=555 bash benchmarks/gpu_session.sh
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 BUDGET_S=${BUDGET_S:-560}  # runs are stopped this many seconds after the script started, less the packing time
@@ -70,12 +72,16 @@ for r in $RUNS; do
   args=${ARGS[$r]}
   DIRS[$r]=$(python3 - $args <<'PY'
 import sys
+from pathlib import Path
 from clrface.train.run import load_config
 a = sys.argv[1:]
 sets = [a[i + 1] for i, x in enumerate(a) if x == "--set"]
-print(load_config(a[a.index("--config") + 1], sets)["train"]["out_dir"])
+cfg = load_config(a[a.index("--config") + 1], sets)
+start = cfg.get("stage", {}).get("init_from")
+print("" if start and not Path(start).is_dir() else cfg["train"]["out_dir"])
 PY
 )
+  if [ -z "${DIRS[$r]}" ]; then echo "$r: not started, its start weights are missing (gpu_data.py --init)" >> "$log"; continue; fi
   python3 -m clrface train $args $data $EXTRA > "$OUT/$r.log" 2>&1 &
   PIDS[$r]=$!
 done
@@ -90,21 +96,14 @@ echo "training stopped at ${SECONDS}s" >> "$log"
 
 for r in $RUNS; do  # the exported model in fp16 (as shipped), logs and the last validation grid
   run=${DIRS[$r]}
+  [ -n "$run" ] || continue  # not started
   mkdir -p "$run"  # a run that failed before making its folder keeps its log too
   tr '\r' '\n' < "$OUT/$r.log" | grep -v "it/s\]$" > "$run/train.log"
   tail -3 "$run/train.log" | sed "s/^/$r: /" >> "$log"
   rm -f "$OUT/$r.log"
   [ -f "$run/model/model.safetensors" ] || { echo "$r: no model" >> "$log"; tail -40 "$run/train.log" >> "$log"; continue; }
-  python3 - "$run/model/model.safetensors" <<'PY' >> "$log" 2>&1
-import sys
-from safetensors import safe_open
-from safetensors.torch import save_file
-path = sys.argv[1]
-with safe_open(path, "pt") as f:
-    meta = f.metadata()
-    state = {k: f.get_tensor(k) for k in f.keys()}
-save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, path, metadata=meta)
-PY
+  python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from gpu_data import save_fp16; save_fp16(sys.argv[1], sys.argv[1])" \
+    "$run/model/model.safetensors" >> "$log" 2>&1
   tar -cf "$OUT/$r.tar" -C "$run" model log.csv run_config.json train.log $(cd "$run" && ls val/*.png 2>/dev/null | tail -1)
 done
 ls -la "$OUT" >> "$log"

@@ -21,6 +21,7 @@ from clrface.options import (
     MAX_UPSCALE,
     MIN_FACE_PX,
     MODES,
+    PACK_STAGES,
     SAMPLER_NAMES,
     finite_float,
     int_at_least,
@@ -370,7 +371,7 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference", nargs="+", default=None, metavar="PHOTO",
                    help="clean photo(s) of the person, files or a folder (aligned crops with --aligned): the face "
                         "that matches them best is guided toward their identity instead of the IRN output's (mode "
-                        "full, which a reference selects unless --mode says otherwise). A face that looks like "
+                        "full; another --mode is refused). A face that looks like "
                         "another person is restored without it, with a warning; report.json says per face whether "
                         "the reference was used (docs/reference.md)")
     p.add_argument("--reference-all", action="store_true",
@@ -434,10 +435,6 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-#: model_folder.PACK_STAGES, repeated: importing model_folder loads torch, which `clrface --help` does not need
-PACK_STAGES = ("vqgan", "prior", "irn", "mask")
-
-
 def _add_pack(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pack", help="assemble trained stages into one model folder for `clrface restore --model` "
                                     "(fp16 by default)",
@@ -465,8 +462,7 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
         from clrface.model_folder import pack_model
 
         stages = {stage: getattr(args, stage) for stage in PACK_STAGES if getattr(args, stage)}
-        for stage, src, dst in pack_model(Path(args.out), stages, args.base, getattr(torch, args.dtype)):
-            print(f"{stage}: {src} -> {dst} ({(dst / 'model.safetensors').stat().st_size / 2**20:.1f} MiB)")
+        pack_model(Path(args.out), stages, args.base, getattr(torch, args.dtype))
         return 0
 
     p.set_defaults(func=run)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.resources
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,12 @@ import torch
 from torch import Tensor, nn
 
 from clrface.checkpoint import checkpoint_kind, convert_checkpoint, read_meta, read_state
+from clrface.data.io import write_text_atomic
 from clrface.diffusion.prior import LatentPrior, load_prior
 from clrface.errors import CheckpointError, ClrfaceError
 from clrface.identity.guidance import LatentMask, load_mask
 from clrface.identity.irn import load_irn
-from clrface.options import FidelityMap, RestoreOptions
+from clrface.options import PACK_STAGES, FidelityMap, RestoreOptions
 from clrface.vqgan.model import VQGAN, encoder_fingerprint, load_vqgan
 
 
@@ -106,16 +108,12 @@ def base_chain(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
     return chain
 
 
-#: The stages a model folder holds, each a checkpoint folder of its own (vqgan/ and prior/ required).
-PACK_STAGES = ("vqgan", "prior", "irn", "mask")
-
-
-def pack_model(out: Path, stages: dict[str, str | Path], base: str | None, dtype: torch.dtype
-               ) -> list[tuple[str, Path, Path]]:
+def pack_model(out: Path, stages: dict[str, str | Path], base: str | None, dtype: torch.dtype,
+               log: Callable[[str], None] = print) -> None:
     """Writes the model folder ``out`` (``clrface pack``): each of ``stages`` (name -> checkpoint folder) stored in
     ``dtype``, and ``restore.json`` naming ``base`` (an installed model that supplies the stages not given and the
     restore settings; settings already in ``out/restore.json`` stay). Every check runs before the first write, so
-    a refused pack leaves no half-made folder. -> (stage, source, written folder) per stage."""
+    a refused pack leaves no half-made folder. ``log`` hears of each stage as it is written."""
     if not base and not ("vqgan" in stages and "prior" in stages):
         raise ClrfaceError("pack needs --vqgan and --prior, or --base NAME to take the missing stages from")
     if out.exists() and not out.is_dir():
@@ -135,12 +133,11 @@ def pack_model(out: Path, stages: dict[str, str | Path], base: str | None, dtype
         raise ClrfaceError(f"{out}: holds {', '.join(s + '/' for s in stale)} from an earlier pack, which this "
                            f"one would not replace; remove it or give --{stale[0]}")
     spec = {k: v for k, v in read_spec(out).items() if k != "base"}  # the settings a user wrote stay
-    written = [(stage, Path(src), convert_checkpoint(src, out / stage, dtype, state=states[stage]))
-               for stage, src in stages.items()]
+    for stage, src in stages.items():
+        dst = convert_checkpoint(src, out / stage, dtype, state=states[stage])
+        log(f"{stage}: {src} -> {dst} ({(dst / 'model.safetensors').stat().st_size / 2**20:.1f} MiB)")
     if base or (out / "restore.json").is_file():  # last: a pack that failed midway names no base
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "restore.json").write_text(json.dumps({**spec, "base": base} if base else spec, indent=1) + "\n")
-    return written
+        write_text_atomic(out / "restore.json", json.dumps({**spec, "base": base} if base else spec, indent=1) + "\n")
 
 
 def load_model_folder(path_or_name: str | Path | None = None, device: str | torch.device = "cpu") -> ModelFolder:

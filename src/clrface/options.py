@@ -29,6 +29,8 @@ import numpy as np
 
 from clrface.errors import ClrfaceError
 
+#: The stages a model folder holds, each a checkpoint folder of its own (vqgan/ and prior/ required; clrface pack).
+PACK_STAGES = ("vqgan", "prior", "irn", "mask")
 MODES = ("full", "prior", "irn", "direct")
 """full: IRN + prior + (masked) identity guidance; prior: the prior alone, started from z_d (from pure noise
 when sigma_start >= the schedule's sigma_max), no IRN, no guidance; irn: the IRN output x_id alone;

@@ -239,13 +239,14 @@ def _restore_crops(restorer: Restorer, crops: np.ndarray, o: RestoreOptions, kee
     return out, restored, refs, warnings
 
 
-def _kept_detail(x_in: np.ndarray, samples: Sequence[np.ndarray], block: float, measured: np.ndarray | None = None
+def _kept_detail(x: np.ndarray, samples: Sequence[np.ndarray], block: float, measured: np.ndarray | None = None
                  ) -> tuple[list[np.ndarray], DetailEstimate]:
-    """Each restored sample blended with the input face ``x_in`` (:func:`keep_input_detail`); the estimates depend
-    on the input only, so they are made once and reused per sample."""
+    """Each restored sample blended into the aligned input face ``x`` (:func:`keep_input_detail`; ``measured``: the
+    input's own pixels where ``x`` is an enlarged copy); the estimates depend on the input only, so they are made
+    once and reused per sample."""
     kept, est = [], None
     for c in samples:
-        k, est = keep_input_detail(x_in, c, block=block, measured=measured, estimated=est)
+        k, est = keep_input_detail(x, c, block=block, measured=measured, estimated=est)
         kept.append(k)
     return kept, est
 

@@ -374,7 +374,8 @@ class Restorer:
         ``reference``: clean photos of the person (paths, folders, arrays; aligned crops when ``aligned``) or a
         :class:`clrface.reference.Reference`; the face that matches it is guided toward its identity (every face
         with ``reference_all``; also a face that disagrees with it with ``force_reference``). A reference runs
-        mode full unless ``mode`` is given. ``keep_detail``: as ``clrface restore --keep-detail`` (default on).
+        mode full (another ``mode`` raises ClrfaceError before anything is read). ``keep_detail``: as ``clrface
+        restore --keep-detail`` (default on). The switches take True or False only.
         """
         flags = {"aligned": aligned, "reference_all": reference_all, "force_reference": force_reference,
                  "keep_detail": keep_detail}

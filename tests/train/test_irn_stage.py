@@ -162,7 +162,7 @@ def test_adversarial_option_adds_a_discriminator_objective(faces_dirs, facerec):
         base = irn_loss(out, batch["gt"], facerec, cfg.alpha, identity_weight=cfg.identity_weight,
                         perceptual_weight=cfg.perceptual_weight)[0]
         assert logs["adv"] == pytest.approx(-disc(out).mean().item(), rel=1e-5)
-        assert loss.item() == pytest.approx(base.item() + 0.1 * logs["adv_w"] * logs["adv"], rel=1e-5)
+        assert loss.item() == pytest.approx(base.item() + cfg.adv_weight * logs["adv_w"] * logs["adv"], rel=1e-5)
         assert logs["adv_w"] > 0
         d_want = hinge_d_loss(disc(batch["gt"]), disc(out)).item()
     d_loss, d_logs = d.loss_fn(batch, 0, cache)

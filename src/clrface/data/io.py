@@ -297,8 +297,9 @@ def copy_image(src: str | os.PathLike, dst: str | os.PathLike, *, inputs: Iterab
 
 
 def write_via_temporary(p: Path, write: Callable[[Path], object]) -> Path:
-    """``write(tmp)`` to a hidden temporary name in the same folder, then renamed over ``p``: a kill or a full disk
-    mid-write leaves the earlier file (or none), never a truncated image under the final name."""
+    """``write(tmp)`` to a hidden temporary name in the same folder (made if missing), then renamed over ``p``: a
+    kill or a full disk mid-write leaves the earlier file (or none), never a truncated one under the final name. An
+    OSError is raised as ClrfaceError "P: cannot write (reason)"."""
     tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
     try:
         p.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,6 @@ per face, so it holds for FFHQ crops of any resolution.
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from clrface.data.io import cache_root
+from clrface.data.io import cache_root, write_via_temporary
 from clrface.errors import ClrfaceError
 from clrface.identity.dlib_format import DlibFormatError, parse_dlib_net
 
@@ -421,11 +420,8 @@ def load_facerec(
         state["avg_rgb"] = torch.tensor(avg, dtype=torch.float32)
         if cache and dat_path is None:
             try:
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cached.with_suffix(f".tmp{os.getpid()}")
-                save_file(state, str(tmp), metadata={"source": _DAT_NAME})
-                tmp.replace(cached)
-            except OSError:
+                write_via_temporary(cached, lambda tmp: save_file(state, str(tmp), metadata={"source": _DAT_NAME}))
+            except ClrfaceError:
                 pass  # a read-only cache only costs a re-parse next time
     fr.load_state_dict(state)
     fr.eval().requires_grad_(False)

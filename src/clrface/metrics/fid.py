@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clrface.data.io import cache_root, image_batches, list_images, to_uint8
+from clrface.data.io import cache_root, image_batches, list_images, to_uint8, write_via_temporary
 from clrface.errors import ClrfaceError
 from clrface.metrics.lpips import MetricUnavailable
 
@@ -189,13 +189,14 @@ def folder_stats(folder: str | Path, model: torch.nn.Module | None = None, *, we
     mu, sigma = feature_stats(np.concatenate(feats, 0))
     out = {"mu": mu, "sigma": sigma, "n": len(files), "path": str(p)}
     if cache:
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to the temporary name
+                np.savez(f, mu=mu, sigma=sigma, n=len(files), source=str(p.resolve()))
+
         try:
-            cfile.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cfile.with_suffix(f".tmp{os.getpid()}.npz")
-            np.savez(tmp, mu=mu, sigma=sigma, n=len(files), source=str(p.resolve()))
-            tmp.replace(cfile)
+            write_via_temporary(cfile, write)
             out["cache"] = str(cfile)
-        except OSError:
+        except ClrfaceError:
             pass  # an unwritable cache only costs recomputation
     return out
 
