@@ -19,8 +19,9 @@ Routes::
                             body: the image file's bytes (any format load_image reads), or a multipart/form-data
                                  form with one "photo" field and up to MAX_REFERENCES "reference" fields (clean
                                  photos of the person: mode full, guided toward their identity)
-                            200: JSON {image, input: base64 PNG, faces: [{index, box, id_vs_input, id_vs_irn,
-                                 crop_in, crop_out}], no_face, warnings, sampling, options, seconds}, sent in
+                            200: JSON {image, input: base64 PNG, size, faces: [{index, box, id_vs_input, id_vs_irn,
+                                 crop_in, crop_out[, reference]}], no_face, warnings, sampling, options, aligned,
+                                 seconds}, sent in
                                  chunks as it is encoded (format=png: the restored photo as image/png, scores in
                                  X-Clrface-Faces, X-Clrface-No-Face: 0|1, X-Clrface-Warnings: a JSON list)
                             4xx/5xx: JSON {error: "one line"}; the server keeps serving. 413/422 for too much work
