@@ -25,7 +25,7 @@
 #   python benchmarks/gpu_data.py --budget-mib 18 --init irn-deep=runs/irn-b128-deep-id2a05/model
 #   BUDGET_S=555 bash benchmarks/gpu_session.sh
 set -u
-OUT=${OUT:-/tmp/gpu-out}
+OUT=${OUT:-runs/gpu-out}
 BUDGET_S=${BUDGET_S:-560}  # runs are stopped this many seconds after the script started, less the packing time
 RUNS=${RUNS:-"irn extreme prior-st decoder"}
 EXTRA=${EXTRA:-}  # more --set overrides for every run (a CPU dry run: EXTRA="--set train.batch_size=4 ...")
