@@ -14,7 +14,7 @@ from clrface.data.io import load_image
 from clrface.errors import CheckpointError, ClrfaceError
 from clrface.faces.paste import paste_mask
 from clrface.options import RestoreOptions
-from clrface.photo import is_monochrome, keep_tone
+from clrface.photo import colour_face_only, face_oval, is_monochrome, keep_tone
 from clrface.restorer import Restorer
 
 S = 32  # the resolution of conftest.build_tiny_model
@@ -41,6 +41,27 @@ def test_keep_tone_takes_luminance_only():
     assert np.abs(ycc(out)[..., 0] - ycc(restored)[..., 0]).mean() < 1.5
 
 
+def test_face_oval_covers_the_skin_of_an_aligned_crop():
+    w = face_oval(128)
+    assert w.shape == (128, 128) and w.dtype == np.float32
+    # eyes (y 0.47), cheeks, mouth (0.75) and above the chin (0.93) are inside; hair, ears, corners are not
+    for x, y in [(0.5, 0.47), (0.4, 0.47), (0.6, 0.6), (0.5, 0.75), (0.5, 0.85)]:
+        assert w[int(y * 128), int(x * 128)] == 1.0
+    for x, y in [(0.5, 0.2), (0.15, 0.5), (0.85, 0.5), (0.05, 0.05), (0.5, 0.98)]:
+        assert w[int(y * 128), int(x * 128)] == 0.0
+    assert np.allclose(w, w[:, ::-1])  # mirror-symmetric
+    assert 0.19 < w.mean() < 0.23  # an ellipse of pi * 0.25 * 0.34 = 0.27 of the crop, less its feather
+
+
+def test_colour_face_only_keeps_the_crop_tone_off_the_face():
+    rng = np.random.default_rng(2)
+    restored = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    crop = np.repeat(rng.integers(0, 256, (64, 64, 1), dtype=np.uint8), 3, -1)  # a gray crop
+    out, w = colour_face_only(restored, crop), face_oval(64)
+    assert np.array_equal(out[w == 1], restored[w == 1])  # the face keeps the restored colours
+    assert np.array_equal(out[w == 0], keep_tone(restored, crop)[w == 0])  # the rest: the crop's (gray) tone
+
+
 def test_gray_photo_keeps_its_tone_and_non_face_pixels(restorer, shared_data):
     photo = load_image(shared_data("real_lq", "whole", "codeformer_01.jpg"))
     gray = np.repeat(np.asarray(Image.fromarray(photo).convert("L"))[..., None], 3, -1)
@@ -52,7 +73,8 @@ def test_gray_photo_keeps_its_tone_and_non_face_pixels(restorer, shared_data):
     assert spread(auto.image) <= 2  # auto -> keep on a gray photo: it stays gray (no colour cast)
     full = restorer.restore_image(gray, RestoreOptions(steps=1, color="full"))
     assert np.array_equal(full.image[mask == 0], gray[mask == 0])  # colorizing touches the faces only
-    assert spread(full.image[mask > 0.99]) > 10  # the random tiny model's colours are pasted
+    assert spread(full.image[mask > 0.99]) > 10  # the random tiny model's colours are pasted on the face's skin
+    assert spread(full.image[mask < 0.2]) <= 2  # and not on the rest of the crop's square (hair, background)
 
 
 def test_color_option_is_validated():

@@ -6,7 +6,7 @@ The faces themselves are restored by any object with the :class:`clrface.restore
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -115,6 +115,29 @@ def keep_tone(restored: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(ycc, "YCbCr").convert("RGB"))
 
 
+# Where a face's skin lies in an FFHQ-aligned crop, as fractions of its side: dlib's 68 landmarks on 98 faces of
+# faces128/val put the eyes at 0.47, the brows at 0.39 and the chin at 0.93, and the two eyes 0.19 apart.
+_OVAL_CENTRE, _OVAL_RADII, _OVAL_FEATHER = (0.5, 0.6), (0.25, 0.34), 0.06
+
+
+def face_oval(size: int) -> np.ndarray:
+    """float32 [S,S] weight of the face's skin in an aligned crop: 1 inside an ellipse over brows, cheeks and chin,
+    falling to 0 over a raised-cosine band, 0 on hair, neck and background."""
+    t = (np.arange(size, dtype=np.float64) + 0.5) / size
+    dx = (t[None, :] - _OVAL_CENTRE[0]) / _OVAL_RADII[0]
+    dy = (t[:, None] - _OVAL_CENTRE[1]) / _OVAL_RADII[1]
+    inside = (1.0 - np.hypot(dx, dy)) * min(_OVAL_RADII) / _OVAL_FEATHER  # ~ feather widths inside the edge
+    return (0.5 - 0.5 * np.cos(np.pi * np.clip(inside, 0.0, 1.0))).astype(np.float32)
+
+
+def colour_face_only(restored: np.ndarray, crop: np.ndarray) -> np.ndarray:
+    """A restored crop of a monochrome photo with its colours kept on the face's skin only (``face_oval``); hair,
+    neck and background take the crop's own tone, so a colourised face is not a coloured square."""
+    w = face_oval(restored.shape[0])[..., None]
+    toned = keep_tone(restored, crop).astype(np.float32)
+    return np.clip(np.rint(w * restored + (1.0 - w) * toned), 0, 255).astype(np.uint8)
+
+
 def paste_back(base: np.ndarray, crops: list[np.ndarray], affines: list[np.ndarray], size: int, scale: int
                ) -> np.ndarray:
     """A copy of ``base`` with the restored crops (uint8 [S,S,3], largest face first) pasted through their
@@ -178,10 +201,12 @@ def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions
                            f"{img.shape}")
     h, w = img.shape[:2]
     s, u = restorer.resolution, o.upscale
-    keep = o.color == "keep" or (o.color == "auto" and is_monochrome(img))
+    gray = is_monochrome(img)
+    # the restored colours everywhere on a colour photo; a gray photo keeps its tone, or is coloured on the face
+    recolour = keep_tone if o.color == "keep" or (o.color == "auto" and gray) else colour_face_only if gray else None
     if aligned:
         crop = np.array(resize_lanczos(img, s, s))  # a copy: crop_in is not the caller's array
-        out, restored, refs, ref_warnings = _restore_crops(restorer, crop[None], o, keep, reference,
+        out, restored, refs, ref_warnings = _restore_crops(restorer, crop[None], o, recolour, reference,
                                                            reference_policy)
         crops_out = list(restored[0])
         images = [resize_lanczos(c, w * u, h * u) for c in crops_out]
@@ -207,7 +232,7 @@ def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions
         return RestoreResult([base.copy() for _ in range(o.samples)], [], no_face=True,
                              warnings=[f"no face found; returned unchanged{hint}"])
     crops = np.stack([c for c, _ in found])
-    out, restored, refs, ref_warnings = _restore_crops(restorer, crops, o, keep, reference, reference_policy)
+    out, restored, refs, ref_warnings = _restore_crops(restorer, crops, o, recolour, reference, reference_policy)
     faces = [FaceResult(crops[i], list(restored[i]), info.box, info.affine, out.id_vs_irn[i].tolist(),
                         out.id_vs_input[i].tolist(), reference=with_result(refs[i], out, i))
              for i, (_, info) in enumerate(found)]
@@ -225,17 +250,19 @@ def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions
     return RestoreResult(images, faces, warnings=ref_warnings, sampling=out.sampling.as_dict())
 
 
-def _restore_crops(restorer: Restorer, crops: np.ndarray, o: RestoreOptions, keep: bool,
+def _restore_crops(restorer: Restorer, crops: np.ndarray, o: RestoreOptions,
+                   recolour: Callable[[np.ndarray, np.ndarray], np.ndarray] | None,
                    reference: Reference | None, policy: ReferencePolicy
                    ) -> tuple[RestoredFaces, list[np.ndarray], list[dict | None], list[str]]:
     """Aligned crops uint8 [F,S,S,3] -> (the restorer's result, best sample first; per face its samples uint8
-    [N,S,S,3], in the crop's own tone with ``keep``; per face its reference entry; reference warnings)."""
+    [N,S,S,3], each passed through ``recolour(sample, crop)`` where given; per face its reference entry; reference
+    warnings)."""
     rows, refs, warnings = (None, [None] * len(crops), []) if reference is None else \
         reference_rows(restorer, crops, reference, policy)
     out = best_first(restorer.restore_crops(crops, o, reference=rows))
     restored = [to_uint8(out.restored[i]).numpy() for i in range(len(crops))]
-    if keep:  # the aligned input crop is the photo under the face: its chroma is the photo's tone there
-        restored = [np.stack([keep_tone(c, crops[i]) for c in r]) for i, r in enumerate(restored)]
+    if recolour is not None:  # the aligned input crop is the photo under the face: its chroma is the photo's tone
+        restored = [np.stack([recolour(c, crops[i]) for c in r]) for i, r in enumerate(restored)]
     return out, restored, refs, warnings
 
 
