@@ -39,6 +39,7 @@ from clrface.serve_app import (
     check_cost,
     evaluations_per_face,
     parse_options,
+    unused_query_options,
 )
 
 MAX_BYTES = 1 << 20  # 1 MiB here, so that an oversized upload is cheap to send
@@ -168,7 +169,10 @@ def test_restores_demo_photo(demo_upload, server):
     assert st == 200 and hdr["Content-Type"] == "image/png" and hdr["Content-Length"] == str(len(png))
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), out)
     assert json.loads(hdr["X-Clrface-Faces"])[0]["id_vs_input"] == face["id_vs_input"]
-    assert hdr["X-Clrface-No-Face"] == "0" and json.loads(hdr["X-Clrface-Warnings"]) == []
+    ignored = ("mode irn does not use fidelity, steps, seed; without effect here (they act in modes full and prior, "
+               "as the fast model restores)")  # said, not silently dropped
+    assert res["warnings"] == [ignored]
+    assert hdr["X-Clrface-No-Face"] == "0" and json.loads(hdr["X-Clrface-Warnings"]) == [ignored]
 
 
 def _oversize_claim(srv) -> tuple[int, bytes]:
@@ -294,6 +298,17 @@ def test_parse_options_uses_model_defaults(restorer):
     with pytest.raises(serve_app.RequestError, match="aligned must be one of") as e:
         parse_options("aligned=yep", restorer, lim)  # not silently false
     assert e.value.status == 400
+
+
+def test_options_mode_irn_ignores_are_warned_about(restorer):
+    lim = ServeLimits()
+    query = "fidelity=0.3&seed=2&steps=&aligned=1"
+    o = parse_options(query, restorer, lim)[0]
+    assert unused_query_options(query, o) == [
+        "mode irn does not use fidelity, seed; without effect here (they act in modes full and prior, as the fast "
+        "model restores)"]
+    full = "fidelity=0.3&mode=full"
+    assert unused_query_options(full, parse_options(full, restorer, lim)[0]) == []
 
 
 def _multipart(fields: list[tuple[str, bytes]]) -> tuple[bytes, str]:

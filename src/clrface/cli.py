@@ -236,7 +236,9 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
                         "installed model under clrface/weights/: default, extreme (tiny faces, x8-x16), colorize "
                         "(black-and-white photos), fast (the full pipeline in one step); default: %(default)s")
     p.add_argument("--fidelity", type=finite_float, default=None,
-                   help="0..1, one knob for realism vs faithfulness (default: the model's, else 0.5). High fidelity "
+                   help="0..1, one knob for realism vs faithfulness in the sampling modes (--mode full, --model fast; "
+                        "the default model's mode irn is one pass and ignores it) (default: the model's, else 0.5). "
+                        "High fidelity "
                         "starts the sampler close to the IRN output (small sigma_start) with stronger identity "
                         "guidance; low fidelity lets the prior regenerate more. The installed models: sigma_start = "
                         "2.56^(1-f) * 0.25^f, guidance scale = 6.7 * f (fast: 13.3 * f), default fidelity 0.75; a "
@@ -270,8 +272,10 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
                         "<name>_<k>_s0 .. _s<N-1>, best first: ranked by the identity cosine to the IRN output "
                         "(id_vs_irn in report.json; to the input in mode prior) (default 1)")
     p.add_argument("--mode", default=None, choices=MODES,
-                   help="default: the model's measured-best configuration (its restore.json; see docs/RESULTS.md), "
-                        "else full. full = IRN + prior + masked identity guidance; prior = the prior alone from the "
+                   help="default: the model's measured-best configuration (its restore.json; see docs/RESULTS.md): "
+                        "irn for default, extreme and colorize, full for fast; a folder without restore.json: full. "
+                        "full = IRN + prior + masked identity guidance (fidelity, steps, sampler, seed act "
+                        "here); prior = the prior alone from the "
                         "degraded latent (from pure noise at --sigma-start >= sigma_max); irn = the IRN output alone; "
                         "direct = the VQGAN reconstruction G(Q(E(x)))")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"], help="torch device (default cpu)")
@@ -337,8 +341,10 @@ def _restore_setup(args: argparse.Namespace):
 def _add_restore(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "restore", help="restore the faces of photos, videos (or of aligned face crops) with CLR-Face",
-        description="Detects and aligns every face, restores it (IRN -> conditional latent prior with masked identity "
-                    "guidance -> VQGAN decoder) and pastes it back. Writes OUTPUT/cropped_faces/, restored_faces/, "
+        description="Detects and aligns every face, restores it and pastes it back: by default with the Identity "
+                    "Recovery Network alone (one pass, the measured best), with --model fast or --mode full through "
+                    "the paper's pipeline (IRN -> conditional latent prior with masked identity guidance -> VQGAN "
+                    "decoder). Writes OUTPUT/cropped_faces/, restored_faces/, "
                     "cmp/ (input crop | restored), final/ (whole photos) and report.json (boxes, identity cosines "
                     "restored-vs-IRN and restored-vs-input, timings, failures). Inputs are never overwritten. "
                     "Videos (.mp4 .mov .mkv .avi .webm) go to final/<name>.mp4 with their audio: every face of every "

@@ -220,7 +220,10 @@ def unused_options(mode: str, given: Iterable[str]) -> str | None:
     deterministic pass, mode prior samples without guidance or the IRN); None when it reads them all."""
     unused = {"full": (), "prior": GUIDANCE_OPTIONS}.get(mode, SAMPLING_OPTIONS + GUIDANCE_OPTIONS)
     names = [name for name in given if name in unused]
-    return f"mode {mode} does not use {', '.join(names)}; without effect here" if names else None
+    if not names:
+        return None
+    where = "mode full" if mode == "prior" else "modes full and prior, as the fast model restores"
+    return f"mode {mode} does not use {', '.join(names)}; without effect here (they act in {where})"
 
 
 def finite_float(text: str) -> float:

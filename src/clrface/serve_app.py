@@ -41,7 +41,7 @@ from torch import Tensor
 from clrface.data.io import load_image
 from clrface.diffusion.sampler import nfe
 from clrface.errors import ClrfaceError, ImageError
-from clrface.options import DIFFUSION_MODES, MODES, RestoreOptions, mode_for_reference
+from clrface.options import DIFFUSION_MODES, MODES, RestoreOptions, mode_for_reference, unused_options
 from clrface.photo import RestoreResult, restore_photo
 from clrface.reference import ReferencePolicy, load_reference
 from clrface.restorer import RestoredFaces, Restorer
@@ -168,6 +168,14 @@ def parse_options(query: str, restorer: Restorer, limits: ServeLimits, reference
         return FLAG_VALUES[value]
 
     return opts, flag("aligned"), fmt, ReferencePolicy(all_faces=flag("reference_all"), force=flag("force_reference"))
+
+
+def unused_query_options(query: str, options: RestoreOptions) -> list[str]:
+    """The warning for options the query sets that the mode does not read (the default model's mode irn ignores
+    fidelity, steps and seed), as a one-item list; empty when it reads them all."""
+    given = [k for k, v in parse_qs(query, keep_blank_values=True).items() if v[0] != ""]
+    unused = unused_options(options.mode, given)
+    return [unused] if unused else []
 
 
 def decode_upload(data: bytes, max_pixels: int, what: str = "upload") -> np.ndarray:
@@ -358,6 +366,7 @@ class App:
         if not data:
             raise RequestError(400, "empty upload: send the image file's bytes as the request body")
         check_cost(self.restorer, options, 1, self.limits.max_evaluations)
+        notes = unused_query_options(query, options)
         def ended() -> bool:  # the client gone, or the server stopping: the work stops either way
             return self.stopping or gone()
 
@@ -367,6 +376,7 @@ class App:
             try:
                 photo, res, summary = self.worker.run(restore_upload, self.restorer, data, options, aligned,
                                                       self.limits, ended, references, policy)
+                summary["warnings"] = notes + summary["warnings"]
             except MemoryError:
                 raise RequestError(507, "out of memory restoring this photo; try a smaller one") from None
             if fmt == "png":

@@ -98,8 +98,11 @@ $("restore").addEventListener("click", async () => {
       Math.round(info.limits.max_bytes / 1048576) + " MB)";
     return;
   }
-  const q = new URLSearchParams({fidelity: $("fidelity").value, steps: $("steps").value, seed: $("seed").value,
-    mode: refs.length ? "full" : $("mode").value, aligned: $("aligned").checked ? "1" : "0"});
+  const mode = refs.length ? "full" : $("mode").value;
+  const q = new URLSearchParams({mode: mode, aligned: $("aligned").checked ? "1" : "0"});
+  if (mode === "full" || mode === "prior") {  // the sampling modes read them; irn and direct would warn
+    for (const k of ["fidelity", "steps", "seed"]) q.set(k, $(k).value);
+  }
   let body = f, headers = {"Content-Type": "application/octet-stream"};
   if (refs.length) {  // photo and references as one multipart form (the browser sets its boundary)
     body = new FormData(); headers = {};
