@@ -156,6 +156,31 @@ def test_output_folder_equal_to_the_input_folder_never_reads_its_results(tmp_pat
     assert "refusing to overwrite the input file" in capsys.readouterr().err
 
 
+def test_results_of_an_earlier_run_into_the_input_folder_are_not_inputs(tmp_path, model_dir, capsys):
+    src = tmp_path / "album"
+    (src / "1975").mkdir(parents=True)
+    _crop(src / "a.png", seed=0)
+    _crop(src / "1975" / "b.png", seed=1)
+    common = ["--model", str(model_dir), "--aligned", "--steps", "1"]
+    assert main(["restore", str(src / "1975"), "-o", str(src / "1975"), *common]) == 0  # results beside b.png
+    assert main(["restore", str(src), "-o", str(src), *common]) == 0  # and beside a.png
+    out = tmp_path / "elsewhere"
+    for recursive in ([], ["--recursive"]):
+        assert main(["restore", str(src), "-o", str(out), *common, *recursive]) == 0, capsys.readouterr().err
+        report = json.loads((out / "report.json").read_text())
+        names = [Path(r["input"]).relative_to(src).as_posix() for r in report["images"]]
+        assert names == (["1975/b.png", "a.png"] if recursive else ["a.png"])
+        ignored = {Path(r["input"]).relative_to(src).as_posix(): r["reason"] for r in report["ignored"]}
+        earlier = "results of an earlier restore (report.json beside them)"
+        written = ("cmp", "cropped_faces", "final", "report.json", "restored_faces")
+        want = {d: earlier for d in written}
+        if recursive:
+            want.update({f"1975/{d}": earlier for d in written})
+        else:
+            want["1975"] = "a folder: sub-folders are searched with --recursive"
+        assert ignored == want
+
+
 def test_aligned_non_square_crop_warns(tmp_path, model_dir, capsys):
     _crop(tmp_path / "wide.png", seed=0, size=(48, 32))
     out = tmp_path / "out"

@@ -71,6 +71,13 @@ def check_writable(out: Path) -> None:
         out.rmdir()
 
 
+def earlier_results(folder: Path) -> list[Path]:
+    """What an earlier ``clrface restore`` wrote into ``folder``: its report.json and the result folders beside it
+    (none where the folder holds no such pair)."""
+    found = [folder / d for d in RESULT_DIRS if (folder / d).is_dir()]
+    return [folder / "report.json", *found] if found and (folder / "report.json").is_file() else []
+
+
 def prepare_inputs(source: str | Path, out_dir: str | Path, *,
                    recursive: bool = False) -> tuple[list[Path], list[dict[str, str]]]:
     """The inputs of ``clrface restore`` and the files of the folder that will not be restored (with the reason),
@@ -79,7 +86,9 @@ def prepare_inputs(source: str | Path, out_dir: str | Path, *,
     Files of a folder whose extension is not a known image or video one are restored when PIL reads their header
     (AVIF, PPM, ...); the others are listed as ``{"input", "reason"}``. Hidden files are ignored, and so is the
     output folder where it lies inside the input folder, and the output folder's result folders where the output
-    folder is the input folder (their files are results, not inputs). ``recursive``: the files of sub-folders too.
+    folder is the input folder, and what earlier runs wrote into the input folder or, with ``recursive``, into its
+    sub-folders (their files are results, not inputs; listed as ignored). ``recursive``: the files of
+    sub-folders too.
     """
     src, out = Path(source), Path(out_dir)
     inputs = list_media(src, recursive=recursive)
@@ -93,6 +102,13 @@ def prepare_inputs(source: str | Path, out_dir: str | Path, *,
         # are inputs, and ensure_not_input guards them.)
         results = [own] if not here.is_relative_to(own) else \
             [own / d for d in RESULT_DIRS if not here.is_relative_to(own / d)]
+        folders = [src, *(d for d in src.rglob("*") if d.is_dir())] if recursive else [src]
+        earlier = [r for d in folders for r in earlier_results(d)
+                   if not any(r.resolve().is_relative_to(o) for o in results)
+                   and not any(part.startswith(".") for part in r.relative_to(src).parts)]
+        results += [r.resolve() for r in earlier]
+        ignored += [{"input": str(r), "reason": "results of an earlier restore (report.json beside them)"}
+                    for r in earlier]
 
         def is_output(f: Path) -> bool:
             where = f.resolve()
