@@ -236,6 +236,14 @@ def test_a_rerun_with_nothing_left_to_do_says_so(tmp_path, model_dir, capsys):
     assert main(args) == 0
     assert capsys.readouterr().out.strip() == (f"nothing to do: the 1 input(s) were already restored into "
                                                f"{tmp_path / 'out'} with these options (--overwrite redoes them)")
+    (tmp_path / "in").mkdir()
+    for name in ("a.png", "broken.png"):
+        (tmp_path / "in" / name).write_bytes((tmp_path / "a.png").read_bytes()[:None if name == "a.png" else 60])
+    args[1] = str(tmp_path / "in")
+    assert main(args) == 1 and capsys.readouterr().out.strip().startswith("restored 1 face(s) in 1 image(s)")
+    assert main(args) == 1  # the broken file fails again; nothing else is redone
+    assert capsys.readouterr().out.strip() == (f"nothing new restored into {tmp_path / 'out'}: 1 input(s) were "
+                                               "already restored with these options, 1 failed")
 
 
 def test_an_input_replacing_another_inputs_results_warns(tmp_path, model_dir, capsys):

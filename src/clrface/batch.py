@@ -143,12 +143,15 @@ def prepare_inputs(source: str | Path, out_dir: str | Path, *,
 def summary_line(report: dict[str, Any], out_dir: str | Path, world: int = 1) -> str:
     """The one line ``clrface restore`` prints at the end of a run."""
     n_ok, n_bad = len(report["images"]), len(report["failures"])
+    ignored = f", {len(report['ignored'])} other file(s) not restored" if report.get("ignored") else ""
     if n_ok and report["skipped"] == n_ok and not n_bad:
         return (f"nothing to do: the {n_ok} input(s) were already restored into {out_dir} with these options "
                 "(--overwrite redoes them)")
+    if n_ok and report["skipped"] == n_ok:
+        return (f"nothing new restored into {out_dir}: {n_ok} input(s) were already restored with these options, "
+                f"{n_bad} failed{ignored}")
     no_face = sum(r["no_face"] for r in report["images"])
     skipped = f", {report['skipped']} of them by an earlier run" if report["skipped"] else ""
-    ignored = f", {len(report['ignored'])} other file(s) not restored" if report.get("ignored") else ""
     procs = f" by {world} processes" if world > 1 else ""
     vids = [r for r in report["images"] if r.get("video")]
     what = [f"{report['faces_total']} face(s) in {n_ok - len(vids)} image(s)"] if n_ok > len(vids) or not vids else []

@@ -10,7 +10,9 @@ import argparse
 import dataclasses
 import json
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
 from clrface import __version__
 from clrface.errors import ClrfaceError
@@ -190,7 +192,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                                    "name) with PSNR, SSIM, LPIPS, the face-recognition perceptual distance, identity "
                                    "similarity (IDS) and landmark distance (LMD); against a reference set with FID "
                                    "(--fid-ref); or as LFW 10-fold verification accuracy (--pairs). Prints one row "
-                                   "per metric with its mean and bootstrap 95 %% interval; a metric whose weights "
+                                   "per metric with its mean and bootstrap 95 % interval; a metric whose weights "
                                    "are not installed is shown as unavailable, never as a number.")
     p.add_argument("--pred", required=True,
                    help="folder of restored faces (files matched to --gt by name, any extension)")
@@ -279,7 +281,7 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
                         "degraded latent (from pure noise at --sigma-start >= sigma_max); irn = the IRN output alone; "
                         "direct = the VQGAN reconstruction G(Q(E(x)))")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"], help="torch device (default cpu)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="torch CPU threads (default: the CPUs this process may use less those other work keeps busy "
                         "by the load average; on a busy 2-core machine 1 thread was 9-38x faster than 2)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
@@ -488,7 +490,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="TCP port (default %(default)s; 0: any free port)")
     p.add_argument("--model", default="default", help="model folder or installed model name (default: %(default)s)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"], help="torch device (default cpu)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="torch CPU threads (default: the CPUs this process may use less those other work keeps busy "
                         "by the load average; on a busy 2-core machine 1 thread was 9-38x faster than 2)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
@@ -573,10 +575,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warning_line(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    """Python warnings as the command's other warnings: one line on stderr, without the source line."""
+    print(f"clrface: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_line
+            return int(args.func(args) or 0)
     # OSError: an output the system refuses (read-only, full disk, a file where a folder goes)
     except (ClrfaceError, OSError) as e:
         print(f"clrface: error: {e}", file=sys.stderr)

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import io
 import os
+import re
 import shutil
 import warnings
 from collections import Counter
@@ -111,8 +112,10 @@ def load_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS, min_sid
                 return to_rgb_uint8(ImageOps.exif_transpose(im))
         except ImageError:
             raise
-        except Image.DecompressionBombError as e:
-            raise ImageError(p, f"too large: {e}") from e
+        except Image.DecompressionBombError as e:  # PIL refuses to open one above 179 MP, before the cap's check
+            found = re.search(r"\((\d+) pixels\)", str(e))
+            what = f"{int(found.group(1)) / 1e6:.1f} MP" if found else f"over {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} MP"
+            raise ImageError(p, f"too large: {what} exceeds the {max_pixels / 1e6:g} MP cap") from e
         except UnidentifiedImageError as e:
             raise ImageError(p, "not an image (unrecognised file format)") from e
         except (OSError, SyntaxError, ValueError, EOFError) as e:
