@@ -77,16 +77,39 @@ class FidelityMap:
 
 @dataclass
 class RestoreOptions:
-    """How to restore. ``fidelity`` sets sigma_start and guidance_scale unless those are given explicitly.
+    """How to restore; the defaults here are the fallbacks of a model folder without restore.json, whose
+    ``defaults`` come first (``RestoreOptions.for_model``).
 
-    steps: sampler steps from sigma_start down to 0 (a fresh Karras schedule, rho of the prior's schedule).
-    seed: face i, sample k draws its start noise from its own generator seeded by (seed, k, i), so results do
-    not depend on batch_size or the device. samples: independent results per face. batch_size: faces per
-    forward pass (times ``samples``). upscale: integer factor of the output photo/crop over the input.
-    color: what the pasted face takes from the restored crop. "full": its colours; "keep": its luminance only,
-    with the chroma of the photo under it, so grayscale and sepia photos keep their tone; "auto": "keep" for
-    monochrome photos (see ``clrface.photo.is_monochrome``), else "full". A colorization model sets "full" in
-    its restore.json.
+    - mode: "full" (IRN + prior + masked identity guidance), "prior" (the prior alone from the degraded latent),
+      "irn" (the IRN output alone, one pass), "direct" (the VQGAN reconstruction G(Q(E(x)))).
+    - fidelity: 0..1, realism vs faithfulness; sets sigma_start and guidance_scale through the model's
+      ``FidelityMap`` unless those are given. Modes full and prior only, like steps, sampler and seed.
+    - steps: sampler steps from sigma_start down to 0 (a fresh Karras schedule, rho of the prior's schedule).
+    - sampler: "heun", "euler" or "dpmpp_2m".
+    - sigma_start, guidance_scale: the noise level the sampler starts from and the identity-guidance scale.
+    - seed: face i, sample k draws its start noise from its own generator seeded by (seed, k, i), so results do
+      not depend on batch_size or the device.
+    - samples: independent results per face (ranked best first by identity).
+    - batch_size: faces per forward pass (times ``samples``).
+    - upscale: integer factor of the output photo/crop over the input.
+    - max_faces: restore only the largest N faces of a photo (None: all).
+    - min_face: smallest face searched for, as its box width in px (None: 32 in photos, 64 in video frames); the
+      search costs ~(32 / min_face)^2 of the photo default, most of a large photo's time.
+    - color: what the pasted face takes from the restored crop. "full": its colours (on a monochrome photo, on
+      the face's skin only); "keep": its luminance only, with the chroma of the photo under it, so grayscale and
+      sepia photos keep their tone; "auto": "keep" for monochrome photos (``clrface.photo.is_monochrome``), else
+      "full". A colorization model sets "full" in its restore.json.
+    - reference_guidance: guidance scale of faces whose target is a reference photo's identity (mode full): a
+      clean photo is a target worth pulling harder toward than the IRN's own estimate (docs/reference.md).
+    - irn_detail: mode full, the share of the restored face's upper octave (detail finer than a half-resolution
+      image holds) taken from the IRN output instead of the VQGAN decoder, which keeps ~40 % of a face's
+      Laplacian variance (``clrface.faces.detail.upper_band_from``). 0 is the paper's pipeline. A face guided by a
+      reference photo keeps its decoded detail.
+    - irn_detail_octaves: how many octaves irn_detail takes: 1 is the band above N/2 px, 2 also the one above
+      N/4 px (which a 3x3 Laplacian still sees), 3 also above N/8 px.
+    - irn_tone: mode full, the tone (what an irn_tone-px image of the face holds: colour and shading over large
+      regions) taken from the IRN output (``clrface.faces.detail.lower_band_from``): the quantized latent drifts
+      in colour, the IRN, trained with an L1 term, keeps the photo's. 0 is the paper's pipeline.
     """
 
     fidelity: float = 0.5
@@ -100,24 +123,11 @@ class RestoreOptions:
     batch_size: int = 8
     upscale: int = 1
     max_faces: int | None = None
-    # Smallest face searched for in photos and video frames, as the width of its box in px (None: 32 in photos, 64
-    # in video frames). The search costs ~(32 / min_face)^2 of the photo default: most of a large photo's time.
     min_face: int | None = None
     color: str = "auto"
-    # Guidance scale of faces whose target is a reference photo's identity (mode full; clrface.reference): a
-    # clean photo is a target worth pulling harder toward than the IRN's own estimate (docs/reference.md).
     reference_guidance: float = 30.0
-    # Mode full: the share of the restored face's upper octave (detail finer than a half-resolution image holds)
-    # taken from the IRN output x_id instead of the VQGAN decoder, which keeps ~40 % of a face's Laplacian
-    # variance (clrface.faces.detail.upper_band_from). 0 is the paper's pipeline: the decoded latent alone. A face
-    # guided by a reference photo keeps its decoded detail (docs/reference.md).
     irn_detail: float = 0.0
-    # How many octaves irn_detail takes: 1 is the band above N/2 px; 2 also the one above N/4 px, which the
-    # decoder also keeps only in part (a 3x3 Laplacian still sees it).
     irn_detail_octaves: int = 1
-    # Mode full: the tone (what an irn_tone-px image of the face holds: colour and shading over large regions)
-    # taken from the IRN output (clrface.faces.detail.lower_band_from). The quantized latent drifts in colour
-    # (skin, hair, clothes); the IRN, trained with an L1 term, keeps the photo's. 0 is the paper's pipeline.
     irn_tone: int = 0
 
     def __post_init__(self) -> None:
