@@ -108,10 +108,14 @@ def test_wrong_kind_model_folder_is_one_line(tmp_path, model_dir, capsys):
     rc = main(["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--model", "no-such-model"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "no-such-model" in err[0]
-    rc = main(["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--model", str(model_dir),
-               "--fidelity", "2"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1 and len(err) == 1 and "fidelity" in err[0]
+    for flag, value, message in (("--fidelity", "2", "must be in [0, 1], got 2"),
+                                 ("--bg-upscale", "0", "must be >= 1, got 0"),
+                                 ("--threads", "-1", "must be >= 1, got -1")):
+        with pytest.raises(SystemExit) as e:  # refused by the parser, as every other flag's bad value
+            main(["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--model", str(model_dir), flag,
+                  value])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and err[-1].endswith(message) and flag in err[-1]
 
 
 def test_never_overwrites_inputs(tmp_path, model_dir, capsys):

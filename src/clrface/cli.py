@@ -29,6 +29,7 @@ from clrface.options import (
     int_at_least,
     mode_for_reference,
     positive_int,
+    unit_float,
     unused_options,
 )
 
@@ -237,7 +238,7 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
                    help="model folder (with vqgan/, prior/ and optional irn/, mask/, restore.json) or the name of an "
                         "installed model under clrface/weights/: default, extreme (tiny faces, x8-x16), colorize "
                         "(black-and-white photos), fast (the full pipeline in one step); default: %(default)s")
-    p.add_argument("--fidelity", type=finite_float, default=None,
+    p.add_argument("--fidelity", type=unit_float, default=None,
                    help="0..1, one knob for realism vs faithfulness in the sampling modes (--mode full, --model fast; "
                         "the default model's mode irn is one pass and ignores it) (default: the model's, else 0.5). "
                         "High fidelity "
@@ -249,7 +250,7 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
                    help="override the noise level the sampler starts from (0: no sampling, decode the start latent)")
     p.add_argument("--guidance-scale", type=finite_float, default=None,
                    help="override the identity-guidance scale (0: off)")
-    p.add_argument("--irn-detail", type=finite_float, default=None, metavar="W",
+    p.add_argument("--irn-detail", type=unit_float, default=None, metavar="W",
                    help="mode full: share 0..1 of the finest detail (the octave above half resolution) taken from the "
                         "IRN output instead of the VQGAN decoder, which keeps ~40%% of a face's fine detail "
                         "(default: the model's, else 0 = the paper's pipeline; more octaves: --irn-detail-octaves). "
@@ -293,7 +294,8 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
                    help="faces per forward pass (x samples); default: the fastest measured, 16 on a GPU (H200: 13x "
                         "faster per face than 1 at a time) and on CPU under bfloat16 (2.2x), 4 on CPU under float32 "
                         "(larger batches are slower there)")
-    p.add_argument("--bg-upscale", "--upscale", dest="upscale", type=int, default=1, metavar="N",
+    p.add_argument("--bg-upscale", "--upscale", dest="upscale", type=int_at_least(1, at_most=MAX_UPSCALE), default=1,
+                   metavar="N",
                    help="integer factor: the whole photo is enlarged by N (Lanczos, or Real-ESRGAN with --bg-model) "
                         "before the restored faces are pasted at that resolution (aligned crops: the crop size x N); "
                         f"1 to {MAX_UPSCALE}, default 1")

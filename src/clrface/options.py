@@ -265,6 +265,14 @@ def int_at_least(low: int, at_most: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+def unit_float(text: str) -> float:
+    """argparse ``type=`` for shares such as ``--fidelity``: a number in [0, 1]."""
+    value = finite_float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value:g}")
+    return value
+
+
 positive_int = int_at_least(1)
 """argparse ``type=`` for counts such as ``--batch-size``: an integer >= 1."""
 
