@@ -83,7 +83,7 @@ def test_lanczos_and_bad_weights(tmp_path):
     with pytest.raises(CheckpointError, match="not a Real-ESRGAN"):
         load_rrdbnet(tmp_path / "other.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a Real-ESRGAN weights file that can be read safely"):
+    with pytest.raises(CheckpointError, match=r"can be read safely \(not a PyTorch .pth or .safetensors file; "):
         load_rrdbnet(tmp_path / "junk.pth")
     torch.save({"params": {"w": torch.zeros(1)}, "f": np.float64}, tmp_path / "pickled.pth")  # not plain tensors
     with pytest.raises(CheckpointError) as e:

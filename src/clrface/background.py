@@ -137,8 +137,9 @@ def load_rrdbnet(path: str | Path, device: str | torch.device = "cpu") -> RRDBNe
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (pickle, zip and safetensors errors differ; all mean "not loadable")
         # one line, and never torch's advice to retry with weights_only=False (which runs the file's code)
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        reason = "not a plain PyTorch file of tensors" if "weights_only" in str(e) else reason
+        detail = (str(e).strip().splitlines() or [""])[0][:160]
+        reason = "not a plain PyTorch file of tensors" if "weights_only" in str(e) else \
+            f"not a PyTorch .pth or .safetensors file; {type(e).__name__}" + (f": {detail}" if detail else "")
         raise CheckpointError(f"{path}: not a Real-ESRGAN weights file that can be read safely ({reason})") from None
     if isinstance(state, dict):
         state = state.get("params_ema", state.get("params", state))
