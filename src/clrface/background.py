@@ -137,9 +137,13 @@ def load_rrdbnet(path: str | Path, device: str | torch.device = "cpu") -> RRDBNe
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (pickle, zip and safetensors errors differ; all mean "not loadable")
         # one line, and never torch's advice to retry with weights_only=False (which runs the file's code)
-        detail = (str(e).strip().splitlines() or [""])[0][:160]
-        reason = "not a plain PyTorch file of tensors" if "weights_only" in str(e) else \
-            f"not a PyTorch .pth or .safetensors file; {type(e).__name__}" + (f": {detail}" if detail else "")
+        # torch says "can still be loaded" of a pickle holding more than tensors; its other messages, and its
+        # advice to load such a file unsafely, are not for this user
+        if "can still be loaded" in str(e):
+            reason = "not a plain PyTorch file of tensors"
+        else:
+            detail = "" if "weights_only" in str(e) else (str(e).strip().splitlines() or [""])[0][:160]
+            reason = f"not a PyTorch .pth or .safetensors file; {type(e).__name__}" + (f": {detail}" if detail else "")
         raise CheckpointError(f"{path}: not a Real-ESRGAN weights file that can be read safely ({reason})") from None
     if isinstance(state, dict):
         state = state.get("params_ema", state.get("params", state))
