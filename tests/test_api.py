@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import clrface.device
+import clrface.restorer
 from clrface import Restorer
 from clrface.demo import demo_image
 from clrface.errors import ClrfaceError
@@ -66,11 +67,21 @@ def test_api_accepts_paths_and_pil_and_takes_overrides(tmp_path):
 
 
 def test_from_pretrained_takes_the_cli_dtype_names(monkeypatch):
-    monkeypatch.setattr(clrface.device, "native_bf16", lambda device, flags=None: True)
-    assert Restorer.from_pretrained("default", dtype="auto").dtype == torch.bfloat16
-    monkeypatch.setattr(clrface.device, "native_bf16", lambda device, flags=None: False)
+    def native(answer: bool) -> None:  # the CPU's bf16 support, as auto and the emulation warning see it
+        for module in (clrface.device, clrface.restorer):
+            monkeypatch.setattr(module, "native_bf16", lambda device, flags=None: answer)
+
+    native(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # native bf16: nothing to warn about
+        assert Restorer.from_pretrained("default", dtype="auto").dtype == torch.bfloat16
+        assert Restorer.from_pretrained("default", dtype="bfloat16").dtype == torch.bfloat16
+    native(False)
     assert Restorer.from_pretrained("default", dtype="auto").dtype == torch.float32
-    assert Restorer.from_pretrained("default", dtype="bfloat16").dtype == torch.bfloat16
+    with pytest.warns(UserWarning, match="no native bfloat16 .*: emulated, about 8-10x slower than float32"):
+        assert Restorer.from_pretrained("default", dtype="bfloat16").dtype == torch.bfloat16
+    with pytest.warns(UserWarning, match="float16 on a CPU is emulated"):
+        assert Restorer.from_pretrained("default", dtype="float16").dtype == torch.float16
     with pytest.raises(ClrfaceError, match="dtype must be 'auto', one of float32, bfloat16, float16"):
         Restorer.from_pretrained("default", dtype="half")
 
@@ -100,7 +111,7 @@ def test_bad_options_are_one_error_before_any_work(shipped, monkeypatch):
 
 
 def test_options_the_mode_does_not_read_are_warned_about(shipped):
-    ignored = r"mode irn does not use fidelity, seed; without effect here \(they act in modes full and prior"
+    ignored = r"mode irn does not use fidelity, seed \(read in modes full and prior\): without effect here"
     with pytest.warns(UserWarning, match=ignored):
         shipped.restore(_crop(), aligned=True, fidelity=0.1, seed=3)
     with warnings.catch_warnings(record=True) as caught:

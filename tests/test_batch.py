@@ -171,7 +171,7 @@ def test_results_of_an_earlier_run_into_the_input_folder_are_not_inputs(tmp_path
         names = [Path(r["input"]).relative_to(src).as_posix() for r in report["images"]]
         assert names == (["1975/b.png", "a.png"] if recursive else ["a.png"])
         ignored = {Path(r["input"]).relative_to(src).as_posix(): r["reason"] for r in report["ignored"]}
-        earlier = "results of an earlier restore (report.json beside them)"
+        earlier = "written by an earlier restore into this folder"
         written = ("cmp", "cropped_faces", "final", "report.json", "restored_faces")
         want = {d: earlier for d in written}
         if recursive:
@@ -179,6 +179,18 @@ def test_results_of_an_earlier_run_into_the_input_folder_are_not_inputs(tmp_path
         else:
             want["1975"] = "a folder: sub-folders are searched with --recursive"
         assert ignored == want
+
+
+def test_a_photo_folder_that_only_looks_like_results_is_restored(tmp_path, model_dir, capsys):
+    src = tmp_path / "album"
+    (src / "final").mkdir(parents=True)  # the user's own "final" edits beside a scanner's report.json
+    (src / "report.json").write_text('{"scanner": "epson"}')
+    _crop(src / "final" / "edit1.png", seed=0)
+    out = tmp_path / "out"
+    args = ["restore", str(src), "-o", str(out), "--model", str(model_dir), "--aligned", "--steps", "1", "--recursive"]
+    assert main(args) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert [Path(r["input"]).relative_to(src).as_posix() for r in report["images"]] == ["final/edit1.png"]
 
 
 def test_aligned_non_square_crop_warns(tmp_path, model_dir, capsys):
@@ -320,9 +332,9 @@ def test_a_run_refused_for_its_options_leaves_no_output_folder(tmp_path, model_d
     _crop(tmp_path / "a.png", seed=0)
     out = tmp_path / "new" / "out"
     (tmp_path / "new").mkdir()
-    rc = main(["restore", str(tmp_path / "a.png"), "-o", str(out), "--model", str(model_dir), "--bg-upscale", "9"])
-    err = capsys.readouterr().err.strip()
-    assert rc == 1 and err == "clrface: error: upscale (--bg-upscale) must be an integer in [1, 8], got 9"
+    rc = main(["restore", str(tmp_path / "a.png"), "-o", str(out), "--model", str(model_dir), "--irn-tone", "32"])
+    err = capsys.readouterr().err.strip()  # refused against the model (the tiny one is 32 px), after the inputs
+    assert rc == 1 and err == "clrface: error: irn_tone 32 px must be below the model's resolution 32 px"
     assert not out.exists()
 
 

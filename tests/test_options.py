@@ -1,5 +1,6 @@
 """The torch-free option names stay in step with the torch modules that implement them."""
 
+import argparse
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ import pytest
 from clrface.device import DTYPES
 from clrface.diffusion.sampler import SAMPLERS
 from clrface.errors import ClrfaceError
-from clrface.options import DTYPE_NAMES, SAMPLER_NAMES, FidelityMap, RestoreOptions
+from clrface.options import DTYPE_NAMES, SAMPLER_NAMES, FidelityMap, RestoreOptions, unit_float, unused_options
 
 
 def test_names_match_the_implementations():
@@ -44,3 +45,20 @@ def test_several_samples_need_a_mode_that_samples():
             RestoreOptions(samples=2, mode=mode)
     with pytest.raises(ClrfaceError, match="^batch_size must be >= 1, got 0$"):
         RestoreOptions(batch_size=0)
+
+
+def test_unused_options_name_the_modes_that_read_them():
+    assert unused_options("irn", ["fidelity", "irn_detail", "upscale"]) == (
+        "mode irn does not use fidelity (read in modes full and prior); irn_detail (read in mode full): without "
+        "effect here")
+    assert unused_options("prior", ["seed", "guidance_scale"]) == (
+        "mode prior does not use guidance_scale (read in mode full): without effect here")
+    assert unused_options("prior", ["seed"]) is None and unused_options("full", ["fidelity", "irn_tone"]) is None
+    assert unused_options("direct", ["max_faces"]) is None
+
+
+def test_unit_float_is_a_share():
+    assert unit_float("0") == 0.0 and unit_float("1") == 1.0 and unit_float("0.25") == 0.25
+    for bad in ("1.01", "-0.1", "nan", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            unit_float(bad)

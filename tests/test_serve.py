@@ -169,8 +169,7 @@ def test_restores_demo_photo(demo_upload, server):
     assert st == 200 and hdr["Content-Type"] == "image/png" and hdr["Content-Length"] == str(len(png))
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), out)
     assert json.loads(hdr["X-Clrface-Faces"])[0]["id_vs_input"] == face["id_vs_input"]
-    ignored = ("mode irn does not use fidelity, steps, seed; without effect here (they act in modes full and prior, "
-               "as the fast model restores)")  # said, not silently dropped
+    ignored = "mode irn does not use fidelity, steps, seed (read in modes full and prior): without effect here"
     assert res["warnings"] == [ignored]
     assert hdr["X-Clrface-No-Face"] == "0" and json.loads(hdr["X-Clrface-Warnings"]) == [ignored]
 
@@ -305,8 +304,7 @@ def test_options_mode_irn_ignores_are_warned_about(restorer):
     query = "fidelity=0.3&seed=2&steps=&aligned=1"
     o = parse_options(query, restorer, lim)[0]
     assert unused_query_options(query, o) == [
-        "mode irn does not use fidelity, seed; without effect here (they act in modes full and prior, as the fast "
-        "model restores)"]
+        "mode irn does not use fidelity, seed (read in modes full and prior): without effect here"]
     full = "fidelity=0.3&mode=full"
     assert unused_query_options(full, parse_options(full, restorer, lim)[0]) == []
 

@@ -72,10 +72,12 @@ def check_writable(out: Path) -> None:
 
 
 def earlier_results(folder: Path) -> list[Path]:
-    """What an earlier ``clrface restore`` wrote into ``folder``: its report.json and the result folders beside it
-    (none where the folder holds no such pair)."""
+    """What an earlier ``clrface restore`` wrote into ``folder``: its result folders and report.json, recognised by
+    the completion records every run keeps beside them (``DONE_DIR``); none elsewhere."""
+    if not (folder / DONE_DIR).is_dir():
+        return []
     found = [folder / d for d in RESULT_DIRS if (folder / d).is_dir()]
-    return [folder / "report.json", *found] if found and (folder / "report.json").is_file() else []
+    return found + [folder / "report.json"] if found and (folder / "report.json").is_file() else found
 
 
 def prepare_inputs(source: str | Path, out_dir: str | Path, *,
@@ -87,8 +89,8 @@ def prepare_inputs(source: str | Path, out_dir: str | Path, *,
     (AVIF, PPM, ...); the others are listed as ``{"input", "reason"}``. Hidden files are ignored, and so is the
     output folder where it lies inside the input folder, and the output folder's result folders where the output
     folder is the input folder, and what earlier runs wrote into the input folder or, with ``recursive``, into its
-    sub-folders (their files are results, not inputs; listed as ignored). ``recursive``: the files of
-    sub-folders too.
+    sub-folders (:func:`earlier_results`: their files are results, not inputs; listed as ignored). ``recursive``: the
+    files of sub-folders too.
     """
     src, out = Path(source), Path(out_dir)
     inputs = list_media(src, recursive=recursive)
@@ -102,13 +104,14 @@ def prepare_inputs(source: str | Path, out_dir: str | Path, *,
         # are inputs, and ensure_not_input guards them.)
         results = [own] if not here.is_relative_to(own) else \
             [own / d for d in RESULT_DIRS if not here.is_relative_to(own / d)]
-        folders = [src, *(d for d in src.rglob("*") if d.is_dir())] if recursive else [src]
+        entries = [f for f in sorted(src.rglob("*") if recursive else src.iterdir())
+                   if not any(part.startswith(".") for part in f.relative_to(src).parts)]
+        # the folders the search enters (rglob does not follow links to folders)
+        folders = [src, *(f for f in entries if recursive and f.is_dir() and not f.is_symlink())]
         earlier = [r for d in folders for r in earlier_results(d)
-                   if not any(r.resolve().is_relative_to(o) for o in results)
-                   and not any(part.startswith(".") for part in r.relative_to(src).parts)]
+                   if not any(r.resolve().is_relative_to(o) for o in results)]
         results += [r.resolve() for r in earlier]
-        ignored += [{"input": str(r), "reason": "results of an earlier restore (report.json beside them)"}
-                    for r in earlier]
+        ignored += [{"input": str(r), "reason": "written by an earlier restore into this folder"} for r in earlier]
 
         def is_output(f: Path) -> bool:
             where = f.resolve()
@@ -116,8 +119,8 @@ def prepare_inputs(source: str | Path, out_dir: str | Path, *,
 
         inputs = [f for f in inputs if not is_output(f)]
         listed = set(inputs)
-        for f in sorted(src.rglob("*") if recursive else src.iterdir()):
-            if any(part.startswith(".") for part in f.relative_to(src).parts) or f in listed or is_output(f):
+        for f in entries:
+            if f in listed or is_output(f):
                 continue
             if f.is_dir():
                 if not recursive:

@@ -320,7 +320,7 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
 
 def _restore_setup(args: argparse.Namespace):
     from clrface.background import RealESRGANUpscaler, lanczos_upscale, load_rrdbnet
-    from clrface.device import DTYPES, resolve_device, resolve_dtype, set_threads
+    from clrface.device import DTYPES, native_bf16, resolve_device, resolve_dtype, set_threads
     from clrface.restorer import Restorer
 
     set_threads(args.threads)
@@ -333,7 +333,8 @@ def _restore_setup(args: argparse.Namespace):
     given = {"fidelity": args.fidelity, "steps": args.steps, "sampler": args.sampler, "sigma_start": args.sigma_start,
              "guidance_scale": args.guidance_scale, "irn_detail": args.irn_detail,
              "irn_detail_octaves": args.irn_detail_octaves, "irn_tone": args.irn_tone, "seed": args.seed}
-    batch = args.batch_size or (16 if dtype == "bfloat16" or device.type == "cuda" else 4)
+    native = dtype == "bfloat16" and native_bf16(device)  # emulated bf16, like float32 on a CPU, is slower in batches
+    batch = args.batch_size or (16 if native or device.type == "cuda" else 4)
     options = restorer.options(**given, samples=args.samples, mode=args.mode, batch_size=batch, upscale=args.upscale,
                                max_faces=args.max_faces, min_face=args.min_face, color=args.color)
     unused = unused_options(options.mode, [k for k, v in given.items() if v is not None])

@@ -227,13 +227,20 @@ GUIDANCE_OPTIONS = ("guidance_scale", "reference_guidance", "irn_detail", "irn_d
 
 def unused_options(mode: str, given: Iterable[str]) -> str | None:
     """A warning naming those of the options ``given`` that mode ``mode`` does not read (irn and direct are one
-    deterministic pass, mode prior samples without guidance or the IRN); None when it reads them all."""
-    unused = {"full": (), "prior": GUIDANCE_OPTIONS}.get(mode, SAMPLING_OPTIONS + GUIDANCE_OPTIONS)
-    names = [name for name in given if name in unused]
-    if not names:
+    deterministic pass, mode prior samples without guidance or the IRN) and the modes that read them; None when it
+    reads them all."""
+    if mode == "full":
         return None
-    where = "mode full" if mode == "prior" else "modes full and prior, as the fast model restores"
-    return f"mode {mode} does not use {', '.join(names)}; without effect here (they act in {where})"
+    given = list(given)
+    groups = [(GUIDANCE_OPTIONS, "mode full")]
+    if mode != "prior":
+        groups.insert(0, (SAMPLING_OPTIONS, "modes full and prior"))
+    parts = []
+    for options, where in groups:
+        names = [n for n in given if n in options]
+        if names:
+            parts.append(f"{', '.join(names)} (read in {where})")
+    return f"mode {mode} does not use {'; '.join(parts)}: without effect here" if parts else None
 
 
 def finite_float(text: str) -> float:
