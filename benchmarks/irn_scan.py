@@ -31,6 +31,11 @@ def flip_averaged(irn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]
     return lambda x: 0.5 * (irn(x).float() + irn(x.flip(-1)).float().flip(-1))
 
 
+def applied_twice(irn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """The IRN run again on its own (clamped) output."""
+    return lambda x: irn(irn(x).float().clamp(-1, 1))
+
+
 def scan_irn(irn: Callable[[Tensor], Tensor], fr: torch.nn.Module, lq: Tensor, gt: Tensor, e_gt: Tensor,
              chunk: int = 50) -> dict[str, Tensor]:
     """Per-face IDS (descriptor cosine to the GT), facerec-perceptual distance and PSNR of ``irn(lq)``."""
@@ -50,6 +55,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, help="the first N faces only")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--flip", action="store_true", help="also scan each IRN flip-averaged (see flip_averaged)")
+    ap.add_argument("--twice", action="store_true", help="also scan each IRN applied twice (see applied_twice)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ts = Path(args.testset)
@@ -63,7 +69,9 @@ def main() -> None:
     first = None
     for folder in args.irn:
         irn = load_irn(folder).eval()
-        for name, net in [(folder, irn)] + ([(f"{folder}, flip-averaged", flip_averaged(irn))] if args.flip else []):
+        variants = [(folder, irn)] + ([(f"{folder}, flip-averaged", flip_averaged(irn))] if args.flip else []) + \
+            ([(f"{folder}, applied twice", applied_twice(irn))] if args.twice else [])
+        for name, net in variants:
             m = {k: v.numpy() for k, v in scan_irn(net, fr, lq, gt, e_gt).items()}
             first = m if first is None else first
             deltas = ["{:+.4f} [{:+.4f}, {:+.4f}]".format(*paired_diff_ci(m[k], first[k]))

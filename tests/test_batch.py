@@ -116,7 +116,7 @@ def test_files_not_restored_are_reported(tmp_path, model_dir, capsys):
     assert set(ignored) == {"notes.txt", "phone.heic", "sub", "gone.png"} and "(.heic)" in ignored["phone.heic"]
     assert ignored["sub"] == "a folder: sub-folders are searched with --recursive"
     assert ignored["gone.png"] == "a broken link: its target does not exist"
-    assert "4 other file(s) not restored" in cap.out
+    assert "4 other file(s) or folder(s) not restored" in cap.out
     assert [Path(r["input"]).name for r in report["images"]] == ["good.png", "new.avif"][:1 + readable]
 
 

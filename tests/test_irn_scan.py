@@ -38,11 +38,13 @@ def test_untrained_irn_scans_as_its_input(benchmark_script, shared_data, tmp_pat
             Image.fromarray(arr).save(tmp_path / "ts" / sub / f"{i}.png")
     cfg = IRNConfig(channels=(8, 16, 16), blocks=(1, 1, 1))
     save_checkpoint(tmp_path / "irn", IRN(cfg), cfg, "irn")
-    monkeypatch.setattr(sys, "argv", ["irn_scan", "--testset", str(tmp_path / "ts"), "--flip", str(tmp_path / "irn")])
+    monkeypatch.setattr(sys, "argv", ["irn_scan", "--testset", str(tmp_path / "ts"), "--flip", "--twice",
+                                      str(tmp_path / "irn")])
     scan.main()
     rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if str(tmp_path / "irn") in line]
-    assert len(rows) == 2 and rows[1][1].strip().endswith("flip-averaged")
+    assert len(rows) == 3 and rows[1][1].strip().endswith("flip-averaged") and rows[2][1].strip().endswith("twice")
     assert float(rows[0][2]) == pytest.approx(m["ids"].mean().item(), abs=2e-3)
     # the input mirrored, returned and mirrored back is the input: the flip-averaged row differs by nothing
     assert rows[0][5].strip() == "+0.0000 [+0.0000, +0.0000]"
     assert rows[1][5].strip().startswith(("+0.0000", "-0.0000"))
+    assert rows[2][5].strip().startswith(("+0.0000", "-0.0000"))  # the identity map applied twice: itself again

@@ -139,7 +139,7 @@ def load_rrdbnet(path: str | Path, device: str | torch.device = "cpu") -> RRDBNe
         # one line, and never torch's advice to retry with weights_only=False (which runs the file's code)
         # torch says "can still be loaded" of a pickle holding more than tensors; its other messages, and its
         # advice to load such a file unsafely, are not for this user
-        if "can still be loaded" in str(e):
+        if "can still be loaded" in str(e) or "Unsupported global" in str(e):
             reason = "not a plain PyTorch file of tensors"
         else:
             detail = "" if "weights_only" in str(e) else (str(e).strip().splitlines() or [""])[0][:160]

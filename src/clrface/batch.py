@@ -146,7 +146,7 @@ def prepare_inputs(source: str | Path, out_dir: str | Path, *,
 def summary_line(report: dict[str, Any], out_dir: str | Path, world: int = 1) -> str:
     """The one line ``clrface restore`` prints at the end of a run."""
     n_ok, n_bad = len(report["images"]), len(report["failures"])
-    ignored = f", {len(report['ignored'])} other file(s) not restored" if report.get("ignored") else ""
+    ignored = f", {len(report['ignored'])} other file(s) or folder(s) not restored" if report.get("ignored") else ""
     if n_ok and report["skipped"] == n_ok and not n_bad:
         return (f"nothing to do: the {n_ok} input(s) were already restored into {out_dir} with these options "
                 "(--overwrite redoes them)")

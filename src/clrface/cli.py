@@ -239,8 +239,9 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
                         "installed model under clrface/weights/: default, extreme (tiny faces, x8-x16), colorize "
                         "(black-and-white photos), fast (the full pipeline in one step); default: %(default)s")
     p.add_argument("--fidelity", type=unit_float, default=None,
-                   help="0..1, one knob for realism vs faithfulness in the sampling modes (--mode full, --model fast; "
-                        "the default model's mode irn is one pass and ignores it) (default: the model's, else 0.5). "
+                   help="0..1, one knob for realism vs faithfulness in the sampling modes (full, as --model fast "
+                        "restores, and prior; the default model's mode irn is one pass and ignores it) (default: the "
+                        "model's, else 0.5). "
                         "High fidelity "
                         "starts the sampler close to the IRN output (small sigma_start) with stronger identity "
                         "guidance; low fidelity lets the prior regenerate more. The installed models: sigma_start = "
@@ -277,9 +278,9 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default=None, choices=MODES,
                    help="default: the model's measured-best configuration (its restore.json; see docs/RESULTS.md): "
                         "irn for default, extreme and colorize, full for fast; a folder without restore.json: full. "
-                        "full = IRN + prior + masked identity guidance (fidelity, steps, sampler, seed act "
-                        "here); prior = the prior alone from the "
-                        "degraded latent (from pure noise at --sigma-start >= sigma_max); irn = the IRN output alone; "
+                        "full = IRN + prior + masked identity guidance; prior = the prior alone from the degraded "
+                        "latent (from pure noise at --sigma-start >= sigma_max) (fidelity, steps, sampler and seed "
+                        "act in these two); irn = the IRN output alone; "
                         "direct = the VQGAN reconstruction G(Q(E(x)))")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"], help="torch device (default cpu)")
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",
@@ -312,9 +313,9 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
                         "costs ~(32/PX)^2 of the default: 64 searched 12 MP photos 3.5x faster and found the faces "
                         "from 64 px as often as the default (docs/detection.md)")
     p.add_argument("--color", default=None, choices=COLOR_MODES,
-                   help="full: paste the restored colours; keep: paste only the restored luminance, keeping the "
-                        "photo's tone (grayscale/sepia stay so, no colour cast at the seam); auto (default): keep for "
-                        "monochrome "
+                   help="full: paste the restored colours (on a monochrome photo on the face's skin only, not on "
+                        "hair or background); keep: paste only the restored luminance, keeping the photo's tone "
+                        "(grayscale/sepia stay so, no colour cast at the seam); auto (default): keep for monochrome "
                         "photos, else full. --model colorize defaults to full: it colours the faces of gray photos")
 
 

@@ -115,7 +115,8 @@ def load_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS, min_sid
         except Image.DecompressionBombError as e:  # PIL refuses to open one above 179 MP, before the cap's check
             found = re.search(r"\((\d+) pixels\)", str(e))
             what = f"{int(found.group(1)) / 1e6:.1f} MP" if found else f"over {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} MP"
-            raise ImageError(p, f"too large: {what} exceeds the {max_pixels / 1e6:g} MP cap") from e
+            cap = min(max_pixels, 2 * Image.MAX_IMAGE_PIXELS)  # a larger cap than PIL's still stops at PIL's
+            raise ImageError(p, f"too large: {what} exceeds the {cap / 1e6:g} MP cap") from e
         except UnidentifiedImageError as e:
             raise ImageError(p, "not an image (unrecognised file format)") from e
         except (OSError, SyntaxError, ValueError, EOFError) as e:
