@@ -241,10 +241,9 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fidelity", type=unit_float, default=None,
                    help="0..1, one knob for realism vs faithfulness in the sampling modes (full, as --model fast "
                         "restores, and prior; the default model's mode irn is one pass and ignores it) (default: the "
-                        "model's, else 0.5). "
-                        "High fidelity "
-                        "starts the sampler close to the IRN output (small sigma_start) with stronger identity "
-                        "guidance; low fidelity lets the prior regenerate more. The installed models: sigma_start = "
+                        "model's, else 0.5). High fidelity starts the sampler close to the IRN output (small "
+                        "sigma_start) with stronger identity guidance; low fidelity lets the prior regenerate more. "
+                        "The installed models: sigma_start = "
                         "2.56^(1-f) * 0.25^f, guidance scale = 6.7 * f (fast: 13.3 * f), default fidelity 0.75; a "
                         "folder without restore.json: sigma_start = 4.0^(1-f) * 0.05^f, guidance scale = 10.0 * f")
     p.add_argument("--sigma-start", type=finite_float, default=None,
@@ -280,8 +279,8 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
                         "irn for default, extreme and colorize, full for fast; a folder without restore.json: full. "
                         "full = IRN + prior + masked identity guidance; prior = the prior alone from the degraded "
                         "latent (from pure noise at --sigma-start >= sigma_max) (fidelity, steps, sampler and seed "
-                        "act in these two); irn = the IRN output alone; "
-                        "direct = the VQGAN reconstruction G(Q(E(x)))")
+                        "act in these two); irn = the IRN output alone; direct = the VQGAN reconstruction "
+                        "G(Q(E(x)))")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"], help="torch device (default cpu)")
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="torch CPU threads (default: the CPUs this process may use less those other work keeps busy "
@@ -350,8 +349,8 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
         description="Detects and aligns every face, restores it and pastes it back: by default with the Identity "
                     "Recovery Network alone (one pass, the measured best), with --model fast or --mode full through "
                     "the paper's pipeline (IRN -> conditional latent prior with masked identity guidance -> VQGAN "
-                    "decoder). Writes OUTPUT/cropped_faces/, restored_faces/, "
-                    "cmp/ (input crop | restored), final/ (whole photos) and report.json (boxes, identity cosines "
+                    "decoder). Writes OUTPUT/cropped_faces/, restored_faces/, cmp/ (input crop | restored), final/ "
+                    "(whole photos) and report.json (boxes, identity cosines "
                     "restored-vs-IRN and restored-vs-input, timings, failures). Inputs are never overwritten. "
                     "Videos (.mp4 .mov .mkv .avi .webm) go to final/<name>.mp4 with their audio: every face of every "
                     "frame is restored, tracked across frames and stabilised (see --no-stabilize). report.json "
