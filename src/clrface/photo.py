@@ -205,7 +205,7 @@ def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions
                            f"{img.shape}")
     h, w = img.shape[:2]
     s, u = restorer.resolution, o.upscale
-    gray = is_monochrome(img)
+    gray = o.color != "keep" and is_monochrome(img)  # keep needs no look at the photo's colours
     # the restored colours everywhere on a colour photo; a gray photo keeps its tone, or is coloured on the face
     recolour = keep_tone if o.color == "keep" or (o.color == "auto" and gray) else colour_face_only if gray else None
     if aligned:
