@@ -128,6 +128,14 @@ def test_never_overwrites_inputs(tmp_path, model_dir, capsys):
     assert np.array_equal(np.asarray(Image.open(out / "final" / "a.png")), a)
 
 
+def test_output_defaults_to_results_in_the_current_folder(tmp_path, model_dir, capsys, monkeypatch):
+    _face_like(tmp_path / "a.png")
+    monkeypatch.chdir(tmp_path)
+    rc = main(["restore", "a.png", "--model", str(model_dir), "--aligned", "--steps", "1"])
+    assert rc == 0 and "into results" in capsys.readouterr().out
+    assert Image.open(tmp_path / "results" / "final" / "a.png").size == (48, 48)
+
+
 def test_help_names_every_flag():
     text = build_parser()._subparsers._group_actions[0].choices["restore"].format_help()
     for flag in ("--model", "--aligned", "--upscale", "--bg-upscale", "--bg-model", "--bg-tile", "--fidelity",

@@ -357,7 +357,8 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
                     "describes the inputs of this run. A large folder can be split over processes: `accelerate "
                     "launch --multi_gpu --num_processes N -m clrface restore FOLDER -o OUT` (also on CPUs).")
     p.add_argument("input", help="a photo, a video or a folder of them")
-    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("-o", "--output", default="results",
+                   help="output folder (default: %(default)s in the current folder, as GFPGAN's and CodeFormer's)")
     p.add_argument("--aligned", action="store_true",
                    help="inputs are already FFHQ-aligned face crops (any size): no detection, restored at their size")
     p.add_argument("--recursive", action="store_true",
