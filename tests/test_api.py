@@ -15,6 +15,7 @@ import clrface.restorer
 from clrface import Restorer
 from clrface.demo import demo_image
 from clrface.errors import ClrfaceError
+from clrface.faces.align import align_faces
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -39,7 +40,7 @@ def test_readme_example_runs_and_restores_the_demo_face(capsys):
 
 def test_api_accepts_paths_and_pil_and_takes_overrides(tmp_path):
     r = Restorer.from_pretrained("default")
-    crop = np.asarray(Image.fromarray(demo_image()[40:260, 130:350]).resize((128, 128)))
+    (crop, _), = align_faces(demo_image(), 128, max_faces=1)
     Image.fromarray(crop).save(tmp_path / "crop.png")
     from_path = r.restore(tmp_path / "crop.png", aligned=True, mode="direct")
     from_pil = r.restore(Image.fromarray(crop), aligned=True, mode="direct")

@@ -323,3 +323,15 @@ def test_samples_are_written_best_identity_first(restorer):
     assert scores == sorted(scores, reverse=True)
     single = best_first(restorer.restore_faces(x, RestoreOptions(steps=3, samples=1)))
     assert single.restored.shape[1] == 1
+
+
+def test_a_photo_restored_as_an_aligned_crop_is_warned_about(restorer):
+    from clrface.demo import demo_image
+    from clrface.faces.align import align_faces
+
+    photo = demo_image()
+    o = RestoreOptions(mode="irn")
+    (crop, _), = align_faces(photo, 256, max_faces=1)
+    assert restore_photo(restorer, crop, o, aligned=True).warnings == []
+    (warning,) = restore_photo(restorer, photo, o, aligned=True).warnings
+    assert "not where an FFHQ-aligned crop has it" in warning and "restore it as a photo" in warning

@@ -360,7 +360,9 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", default="results",
                    help="output folder (default: %(default)s in the current folder, as GFPGAN's and CodeFormer's)")
     p.add_argument("--aligned", action="store_true",
-                   help="inputs are already FFHQ-aligned face crops (any size): no detection, restored at their size")
+                   help="inputs are already FFHQ-aligned face crops (any size): no detection, restored at their "
+                        "size; a square input whose face is not where an aligned crop has it (a whole photo, a "
+                        "face-box crop) gets a warning")
     p.add_argument("--recursive", action="store_true",
                    help="also restore the photos and videos of sub-folders (the output folder stays flat: names "
                         "that would clash get the extension or a short hash; report.json names each input)")

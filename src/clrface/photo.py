@@ -17,7 +17,7 @@ from torch import Tensor
 
 from clrface.data.io import MIN_SIDE, to_model_range, to_uint8
 from clrface.errors import ClrfaceError
-from clrface.faces.align import align_faces
+from clrface.faces.align import ALIGN_TOLERANCE, align_faces, alignment_error
 from clrface.faces.detail import DetailEstimate, input_face, keep_input_detail, photo_blockiness
 from clrface.faces.detect import DETECT_MIN_FACE
 from clrface.faces.paste import paste_faces
@@ -225,6 +225,10 @@ def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions
         # the model sees square crops: a non-square one was stretched to a square
         shape = [] if w == h else [f"aligned: the crop is {w}x{h}, not square; it was resized to a square, so the "
                                    "face is distorted (crop it square, or restore it as a photo, not aligned)"]
+        off = alignment_error(img) if w == h else None
+        if off is not None and off > ALIGN_TOLERANCE:  # the model saw the face where it never sees one
+            shape.append(f"aligned: the face is not where an FFHQ-aligned crop has it (its square is {off:.0%} of "
+                         "the side away), so it is restored poorly; restore it as a photo, not aligned")
         return RestoreResult(images, [face], warnings=shape + ref_warnings, sampling=out.sampling.as_dict())
     # bicubic warp + bicubic paste: the round trip keeps > 47 dB on every real_lq photo (docs/RESULTS.md)
     found = align_faces(img, s, max_faces=o.max_faces, resample="bicubic", min_face=o.min_face or DETECT_MIN_FACE)

@@ -11,10 +11,12 @@ from PIL import Image
 
 from clrface.data.io import data_root
 from clrface.faces.align import (
+    ALIGN_TOLERANCE,
     _wide_blur,
     affine_scale,
     align_affine,
     align_faces,
+    alignment_error,
     apply_affine,
     crop_corners,
     ffhq_quad,
@@ -179,3 +181,14 @@ def test_wide_blur_matches_the_full_size_filter():
         assert got.shape == a.shape and got.dtype == np.float32
         assert np.abs(got - ref)[40:-40, 40:-40].max() < 1.0 and np.abs(got - ref).mean() < 0.2, sigma
     assert np.array_equal(_wide_blur(a, 5.0), scipy.ndimage.gaussian_filter(a, [5.0, 5.0, 0]))  # narrow: exact
+
+
+def test_alignment_error_tells_a_photo_from_its_aligned_crop():
+    from clrface.demo import demo_image
+
+    photo = demo_image()  # 512 x 512, the face in the upper left third
+    (crop, _), = align_faces(photo, 256, max_faces=1)
+    assert alignment_error(crop) < 0.05
+    assert alignment_error(photo) > 0.3
+    assert alignment_error(np.asarray(Image.fromarray(crop).rotate(25, Image.BICUBIC))) > ALIGN_TOLERANCE
+    assert alignment_error(np.full((128, 128, 3), 90, np.uint8)) is None  # no face: nothing to say
