@@ -9,10 +9,12 @@ import torch
 
 from clrface.checkpoint import save_checkpoint
 from clrface.data.io import load_image, to_uint8
+from clrface.demo import demo_image
 from clrface.device import auto_dtype, native_bf16
 from clrface.diffusion.prior import LatentPrior, PriorConfig, load_prior
 from clrface.diffusion.unet import UNetConfig
 from clrface.errors import CheckpointError, ClrfaceError
+from clrface.faces.align import align_faces
 from clrface.faces.detail import keep_input_detail, lower_band_from, photo_blockiness, upper_band_from
 from clrface.faces.paste import paste_mask
 from clrface.options import FidelityMap, RestoreOptions
@@ -326,9 +328,6 @@ def test_samples_are_written_best_identity_first(restorer):
 
 
 def test_a_photo_restored_as_an_aligned_crop_is_warned_about(restorer):
-    from clrface.demo import demo_image
-    from clrface.faces.align import align_faces
-
     photo = demo_image()
     o = RestoreOptions(mode="irn")
     (crop, _), = align_faces(photo, 256, max_faces=1)

@@ -10,6 +10,7 @@ import scipy.ndimage
 from PIL import Image
 
 from clrface.data.io import data_root
+from clrface.demo import demo_image
 from clrface.faces.align import (
     ALIGN_TOLERANCE,
     _wide_blur,
@@ -184,8 +185,6 @@ def test_wide_blur_matches_the_full_size_filter():
 
 
 def test_alignment_error_tells_a_photo_from_its_aligned_crop():
-    from clrface.demo import demo_image
-
     photo = demo_image()  # 512 x 512, the face in the upper left third
     (crop, _), = align_faces(photo, 256, max_faces=1)
     assert alignment_error(crop) < 0.05
