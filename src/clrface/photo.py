@@ -222,14 +222,14 @@ def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions
         face = FaceResult(crop, crops_out, np.array([0.0, 0.0, w, h]), affine,
                           out.id_vs_irn[0].tolist(), out.id_vs_input[0].tolist(), detail,
                           with_result(refs[0], out, 0))
-        # the model sees square crops: a non-square one was stretched to a square
-        shape = [] if w == h else [f"aligned: the crop is {w}x{h}, not square; it was resized to a square, so the "
-                                   "face is distorted (crop it square, or restore it as a photo, not aligned)"]
+        # the model sees square crops with the face where FFHQ puts it: say so where the input is neither
+        framing = [] if w == h else [f"aligned: the crop is {w}x{h}, not square; it was resized to a square, so "
+                                     "the face is distorted (crop it square, or restore it as a photo, not aligned)"]
         off = alignment_error(img) if w == h else None
-        if off is not None and off > ALIGN_TOLERANCE:  # the model saw the face where it never sees one
-            shape.append(f"aligned: the face is not where an FFHQ-aligned crop has it (its square is {off:.0%} of "
-                         "the side away), so it is restored poorly; restore it as a photo, not aligned")
-        return RestoreResult(images, [face], warnings=shape + ref_warnings, sampling=out.sampling.as_dict())
+        if off is not None and off > ALIGN_TOLERANCE:
+            framing.append(f"aligned: the face is not where an FFHQ-aligned crop has it (its square is {off:.0%} of "
+                           "the side away), so it is restored poorly; restore it as a photo, not aligned")
+        return RestoreResult(images, [face], warnings=framing + ref_warnings, sampling=out.sampling.as_dict())
     # bicubic warp + bicubic paste: the round trip keeps > 47 dB on every real_lq photo (docs/RESULTS.md)
     found = align_faces(img, s, max_faces=o.max_faces, resample="bicubic", min_face=o.min_face or DETECT_MIN_FACE)
     base = restorer.background(img, u)
