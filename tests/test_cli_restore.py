@@ -166,7 +166,7 @@ def test_version_is_the_packages(capsys):
     assert e.value.code == 0 and f'version = "{capsys.readouterr().out.split()[1]}"' in pyproject
 
 
-def test_demo_writes_the_comparison(tmp_path, model_dir, capsys):
+def test_demo_writes_the_comparison(tmp_path, model_dir, capsys, monkeypatch):
     pytest.importorskip("skimage")
     rc = main(["demo", "-o", f"{tmp_path / 'demo'}/", "--model", str(model_dir), "--steps", "1"])
     assert rc == 0
@@ -177,8 +177,10 @@ def test_demo_writes_the_comparison(tmp_path, model_dir, capsys):
     assert report["degradation"]["seed"] == 1 and report["faces_total"] == 1
     # the degradation is reproducible: the degraded third of the strip is identical across runs
     first = np.asarray(Image.open(tmp_path / "demo" / "degraded.png"))
-    main(["demo", "-o", str(tmp_path / "demo2"), "--model", str(model_dir), "--steps", "1"])
-    assert np.array_equal(first, np.asarray(Image.open(tmp_path / "demo2" / "degraded.png")))
+    # (the second run without -o, into results/demo as `restore` writes into results)
+    monkeypatch.chdir(tmp_path)
+    main(["demo", "--model", str(model_dir), "--steps", "1"])
+    assert np.array_equal(first, np.asarray(Image.open(tmp_path / "results" / "demo" / "degraded.png")))
 
 
 def test_min_face_reaches_the_photo_search(tmp_path, model_dir, monkeypatch):

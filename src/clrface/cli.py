@@ -433,7 +433,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                     "seed), restores it and writes OUTPUT/demo_cmp.png (degraded | restored | original), "
                     "OUTPUT/original.png and OUTPUT/degraded.png (the input it restores), plus the "
                     "outputs of `clrface restore` (cropped_faces/, restored_faces/, cmp/, final/, report.json).")
-    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("-o", "--output", default="results/demo", help="output folder (default: results/demo)")
     _add_restore_model_args(p)
 
     def run(args: argparse.Namespace) -> int:
