@@ -12,7 +12,7 @@ onnx    the demo face through torch and through the torch-free onnxruntime path,
 batch   `clrface restore FOLDER` on 6 real crops: each input above its restored face.
 webui   a headless-Chromium screenshot of `clrface serve` after restoring the demo upload (needs chromium,
         chromium-driver and selenium; skipped with a message otherwise).
-Every panel is labelled; every figure uses the shipped default model and fixed seeds (the default seed 0 where the command line runs).
+Every panel is labelled; every figure uses the shipped default model and fixed seeds.
 """
 
 from __future__ import annotations
