@@ -61,7 +61,7 @@ def panel(title: str, lines: dict[str, list[tuple[float, float]]]) -> Image.Imag
             cx, cy = xy(x, y)
             d.ellipse((cx - 2, cy - 2, cx + 2, cy + 2), fill=colour)
         if label:
-            d.text((box[0] + 6 + 90 * k, box[1] + 4), label, fill=colour)
+            d.text((box[0] + 6, box[1] + 4 + 12 * k), label, fill=colour)  # one line each: labels vary in length
     d.text((2, box[1]), f"{y1:.4g}", fill="black")
     d.text((2, box[3] - 10), f"{y0:.4g}", fill="black")
     d.text((box[0], box[3] + 6), f"{x0:,.0f}", fill="black")
