@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from clrface.bench import undo_camera_motion
+from clrface.bench import hstack, labelled, undo_camera_motion, vstack
 from clrface.data.io import data_root, load_image, to_model_range
 from clrface.demo import demo_image
 from clrface.export import export_restorer
@@ -42,37 +42,7 @@ from clrface.serve import make_server
 from clrface.video_io import read_video
 
 DATA = data_root()
-LABEL_H = 18
 MAX_WIDTH = 1400
-
-
-def labelled(img: np.ndarray, text: str) -> Image.Image:
-    """The image with a white label strip above it."""
-    im = Image.fromarray(img)
-    out = Image.new("RGB", (im.width, im.height + LABEL_H), "white")
-    out.paste(im, (0, LABEL_H))
-    ImageDraw.Draw(out).text((4, 3), text, fill="black")
-    return out
-
-
-def hstack(panels: list[Image.Image], gap: int = 6) -> Image.Image:
-    h = max(p.height for p in panels)
-    out = Image.new("RGB", (sum(p.width for p in panels) + gap * (len(panels) - 1), h), "white")
-    x = 0
-    for p in panels:
-        out.paste(p, (x, 0))
-        x += p.width + gap
-    return out
-
-
-def vstack(rows: list[Image.Image], gap: int = 6) -> Image.Image:
-    w = max(r.width for r in rows)
-    out = Image.new("RGB", (w, sum(r.height for r in rows) + gap * (len(rows) - 1)), "white")
-    y = 0
-    for r in rows:
-        out.paste(r, (0, y))
-        y += r.height + gap
-    return out
 
 
 def demo_upload() -> np.ndarray:

@@ -5,6 +5,7 @@
 #   irn       the default IRN continued (configs/irn-128-gpu.yaml)
 #   irn-m     a 3.65 M IRN from scratch (configs/irn-128-wide.yaml at channels 48/96/192)
 #   irn-l     a 6.5 M IRN from scratch (configs/irn-128-wide.yaml)
+#   irn-bl, irn-m-bl  irn and irn-m with bilinear interpolation on the way up (model.upsample), which draws no 4 px grid
 #   irn-deep  the deeper 2.8 M IRN (blocks 1/2/8) continued from the CPU runs at identity weight 2, PatchGAN 0.5
 #             (configs/irn-128-gpu.yaml; its start weights carried as .gpu/init/irn-deep: gpu_data.py --init)
 #   extreme   the x8 model continued with facerec-perceptual + PatchGAN beside Eq. 11 (configs/irn-128-extreme-gpu.yaml)
@@ -47,6 +48,9 @@ declare -A ARGS=(
   [irn]="irn --config configs/irn-128-gpu.yaml"
   [irn-m]="irn --config configs/irn-128-wide.yaml --set model.channels=[48,96,192] --set train.out_dir=runs/irn-128-wide-m"
   [irn-l]="irn --config configs/irn-128-wide.yaml"
+  [irn-bl]="irn --config configs/irn-128-gpu.yaml --set model.upsample=bilinear --set train.out_dir=runs/irn-128-gpu-bl"
+  [irn-m-bl]="irn --config configs/irn-128-wide.yaml --set model.channels=[48,96,192] --set model.upsample=bilinear
+              --set train.out_dir=runs/irn-128-wide-m-bl"
   [irn-deep]="irn --config configs/irn-128-gpu.yaml --set model.blocks=[1,2,8] --set stage.init_from=.gpu/init/irn-deep
               --set stage.identity_weight=2 --set stage.disc_warmup=200 --set train.out_dir=runs/irn-128-gpu-deep"
   [extreme]="irn --config configs/irn-128-extreme-gpu.yaml"

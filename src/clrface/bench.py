@@ -1,6 +1,6 @@
 """What the scripts under ``benchmarks/`` share: one timer, one machine header, one markdown table, one way to
-load faces, the named rows of restore settings that the comparison scripts put side by side, and the known camera
-motion of the synthetic video clips."""
+load faces, the named rows of restore settings that the comparison scripts put side by side, the known camera
+motion of the synthetic video clips, and labelled panels for figures."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import scipy.ndimage
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from clrface.data.datasets import load_face_folder
 from clrface.data.io import to_model_range, to_uint8
@@ -261,3 +261,35 @@ def shift_image(img: np.ndarray, dx: float, dy: float) -> np.ndarray:
 def undo_camera_motion(frames: Sequence[np.ndarray], subpixel: bool = False) -> list[np.ndarray]:
     """Frame t shifted back by its :func:`camera_offset`: every frame of a static scene then lines up."""
     return [shift_image(f, -dx, -dy) for t, f in enumerate(frames) for dx, dy in [camera_offset(t, subpixel)]]
+
+
+LABEL_H = 18
+
+
+def labelled(img: np.ndarray, text: str) -> Image.Image:
+    """The image with a white label strip above it."""
+    im = Image.fromarray(img)
+    out = Image.new("RGB", (im.width, im.height + LABEL_H), "white")
+    out.paste(im, (0, LABEL_H))
+    ImageDraw.Draw(out).text((4, 3), text, fill="black")
+    return out
+
+
+def hstack(panels: list[Image.Image], gap: int = 6) -> Image.Image:
+    h = max(p.height for p in panels)
+    out = Image.new("RGB", (sum(p.width for p in panels) + gap * (len(panels) - 1), h), "white")
+    x = 0
+    for p in panels:
+        out.paste(p, (x, 0))
+        x += p.width + gap
+    return out
+
+
+def vstack(rows: list[Image.Image], gap: int = 6) -> Image.Image:
+    w = max(r.width for r in rows)
+    out = Image.new("RGB", (w, sum(r.height for r in rows) + gap * (len(rows) - 1)), "white")
+    y = 0
+    for r in rows:
+        out.paste(r, (0, y))
+        y += r.height + gap
+    return out

@@ -172,6 +172,19 @@ def test_config_from_json_lists_and_validation():
         IRNConfig(embed_dim=10, num_heads=(3,), depths=(2,))
 
 
+def test_upsample_mode_keeps_the_weights_and_changes_only_the_way_up():
+    torch.manual_seed(0)
+    near = IRN(TINY_CONV)
+    torch.nn.init.normal_(near.tail.weight, std=0.05)
+    lin = IRN(dataclasses.replace(TINY_CONV, upsample="bilinear"))
+    lin.load_state_dict(near.state_dict())  # same tensors: a trained IRN is fine-tuned with the other mode
+    x = _faces(2, 16)
+    a, b = near(x), lin(x)
+    assert 1e-4 < (a - b).abs().mean() < (a - x).abs().mean()
+    with pytest.raises(ValueError, match="upsample"):
+        IRNConfig(upsample="bicubic")
+
+
 @BODIES
 def test_load_irn_round_trip_and_wrong_kind(cfg, tmp_path):
     torch.manual_seed(0)

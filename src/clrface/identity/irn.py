@@ -38,6 +38,10 @@ class IRNConfig:
     # way down (the bottom level's count is its whole depth); one block per level on the way up
     channels: tuple[int, ...] = (32, 64, 128)
     blocks: tuple[int, ...] = (1, 1, 4)
+    # conv body: how a level's features are doubled in size on the way up. "nearest" copies each value into a
+    # 2x2 block, which two levels turn into a 4 px grid where the input holds little detail; "bilinear" draws no
+    # grid. The weights are the same tensors, so a trained IRN can be fine-tuned with the other mode.
+    upsample: str = "nearest"
     # swin body (SwinIR "lightweight"-like defaults)
     embed_dim: int = 60
     depths: tuple[int, ...] = (6, 6, 6, 6)  # Swin blocks per RSTB
@@ -48,6 +52,8 @@ class IRNConfig:
     def __post_init__(self) -> None:
         for f in ("channels", "blocks", "depths", "num_heads"):  # JSON/YAML hand lists
             object.__setattr__(self, f, tuple(getattr(self, f)))
+        if self.upsample not in ("nearest", "bilinear"):
+            raise ValueError(f"upsample must be 'nearest' or 'bilinear', got {self.upsample!r}")
         if self.body not in BODIES:
             raise ValueError(f"body must be one of {BODIES}, got {self.body!r}")
         if len(self.channels) != len(self.blocks) or not self.channels:
@@ -85,6 +91,7 @@ class ConvBody(nn.Module):
         self.down = nn.ModuleList(nn.Conv2d(ch[i], ch[i + 1], 3, stride=2, padding=1) for i in range(len(ch) - 1))
         self.up = nn.ModuleList(nn.Conv2d(ch[i + 1], ch[i], 3, padding=1) for i in range(len(ch) - 1))
         self.dec = nn.ModuleList(_ResBlock(ch[i]) for i in range(len(ch) - 1))
+        self.upsample = cfg.upsample
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.head(x)
@@ -95,7 +102,7 @@ class ConvBody(nn.Module):
                 skips.append(h)
                 h = self.down[i](h)
         for i in reversed(range(len(self.up))):
-            h = self.up[i](F.interpolate(h, scale_factor=2.0, mode="nearest")) + skips[i]
+            h = self.up[i](F.interpolate(h, scale_factor=2.0, mode=self.upsample)) + skips[i]
             h = self.dec[i](h)
         return F.silu(h)
 
