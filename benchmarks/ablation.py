@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from clrface.bench import ablation_row_dir
 from clrface.data.datasets import load_face_folder
 from clrface.data.io import load_image, save_image, to_model_range, to_uint8
 from clrface.device import DTYPES
@@ -171,7 +172,7 @@ TABLES: dict[str, dict[str, Row]] = {
         "colorize model (IRN^ID fine-tuned)": Row({"mode": "irn"}, model="src/clrface/weights/colorize"),
     },
 }
-METRICS = ("psnr", "ssim", "facerec_perceptual", "ids", "same_person", "lmd")
+METRICS = ("psnr", "ssim", "facerec_perceptual", "ids", "ids_blur", "same_person", "lmd")
 DERIVED = ("colorfulness", "same_person")  # not asked of evaluate_folders: computed here or derived by it
 
 
@@ -252,14 +253,14 @@ def main() -> None:
         if args.only and row not in args.only:
             continue
         if spec is None or spec == "gt":  # the test set's own faces, limited to the same names as the other rows
-            src, pred, dt = testset / ("gt" if spec else "lq"), out / ("GT" if spec else "LQ_input"), 0.0
+            src, pred, dt = testset / ("gt" if spec else "lq"), ablation_row_dir(out, row), 0.0
             pred.mkdir(parents=True, exist_ok=True)
             for n in names:
                 link = pred / f"{n}.png"
                 if not link.exists():
                     link.symlink_to((src / f"{n}.png").resolve())
         else:
-            pred = out / row.replace(" ", "_").replace("/", "-").replace("^", "")
+            pred = ablation_row_dir(out, row)
             model = args.fast if spec.model == FAST else spec.model or args.model
             dt = run_row(restorer_for(model), lq, names, pred,
                          RestoreOptions(batch_size=args.batch_size, **spec.options), spec.mask, spec.rest_encoder)

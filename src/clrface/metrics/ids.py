@@ -10,6 +10,7 @@ of 0.01 is meaningful and our numbers are not comparable with ArcFace-based valu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -36,6 +37,30 @@ def embed_pair(pred: Tensor, gt: Tensor, embed: Embed) -> tuple[Tensor, Tensor]:
         raise ValueError(f"pred and gt differ in shape: {tuple(pred.shape)} vs {tuple(gt.shape)}")
     e = embed(torch.cat([pred, gt], 0))
     return e[: len(pred)], e[len(pred):]
+
+
+#: Std (px of a 128-px crop, scaled with the crop) of the Gaussian both faces pass through for ``ids_blur``.
+IDS_BLUR_SIGMA = 1.0
+
+
+def low_pass(x: Tensor, sigma: float) -> Tensor:
+    """[B,C,H,W] through a separable Gaussian of std ``sigma * H / 128`` px (reflect padding); sigma 0: ``x``.
+
+    The identity terms of the IRN are trained against the same recogniser that IDS asks, so the IRN can raise
+    IDS with patterns in the finest octave that the recogniser reads as identity (a 4-px grid, colour fringes
+    along eyelids) but a person does not. Seen through this blur by both faces, the recogniser judges what the
+    coarser bands hold: ``ids_blur`` in evaluation, ``id_blur`` in training.
+    """
+    s = sigma * x.shape[-2] / 128
+    if s <= 0:
+        return x
+    r = max(1, math.ceil(3 * s))
+    t = torch.arange(-r, r + 1, device=x.device, dtype=torch.float32)
+    g = torch.exp(-0.5 * (t / s) ** 2)
+    g = (g / g.sum()).to(x.dtype)
+    c = x.shape[1]
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), g.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), g.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
 def ids(pred: Tensor, gt: Tensor, embed: Embed) -> Tensor:

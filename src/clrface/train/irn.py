@@ -29,6 +29,7 @@ from clrface.identity.facerec import (
     perceptual_distance,
 )
 from clrface.identity.irn import IRN, IRNConfig
+from clrface.metrics.ids import IDS_BLUR_SIGMA, low_pass
 from clrface.metrics.psnr_ssim import psnr
 from clrface.train.engine import ChunkedBatches, Objective, step_indices, train_device
 from clrface.train.vqgan import save_grid
@@ -79,6 +80,11 @@ class IRNTrainConfig:
     # scaled chip, per sample (facerec.jittered_affines; a share of the image), so that a pattern tied to one
     # sampling grid of the recogniser does not pay. At x8 it measured no better than without (docs/RESULTS.md).
     id_jitter: float = 0.0
+    # > 0: the identity and perceptual terms see the output and the GT through the same Gaussian of this std (px
+    # per 128 px; metrics.ids.low_pass), so identity must come from the coarser bands: trained and measured
+    # against one recogniser, an IRN otherwise also gains IDS from finest-octave patterns (a grid, colour
+    # fringes) that the recogniser reads as identity and a person does not (docs/RESULTS.md, "ids_blur").
+    id_blur: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.realistic, dict):
@@ -92,22 +98,24 @@ def descriptor(fr: DlibFaceRecognizer, x: Tensor) -> Tensor:
 
 def irn_loss(x_id: Tensor, gt: Tensor, fr: DlibFaceRecognizer, alpha: float,
              e_gt: Tensor | None = None, identity_weight: float = 1.0,
-             perceptual_weight: float = 0.0, jitter: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+             perceptual_weight: float = 0.0, jitter: float = 0.0, blur: float = 0.0
+             ) -> tuple[Tensor, dict[str, float]]:
     """Eq. 11, averaged over the batch, plus ``perceptual_weight`` x the facerec-perceptual distance.
     x_id, gt: [B,3,H,W] in [-1,1]; e_gt: optional target descriptors [B,D] (computed here without grad when
-    absent; ignored with ``jitter``, whose chips the target must share). Gradients reach x_id through the frozen
-    ``fr``. With both weights 0 the recognition network is skipped entirely (L1 only)."""
+    absent; ignored with ``jitter`` or ``blur``, whose view of the GT the target must share). ``blur``: both faces
+    go to the recogniser through ``low_pass(., blur)``. Gradients reach x_id through the frozen ``fr``. With both
+    weights 0 the recognition network is skipped entirely (L1 only)."""
     l1 = (x_id.float() - gt.float()).abs().mean()
     if identity_weight == 0 and perceptual_weight == 0:
         return alpha * l1, {"l1": l1.item()}
     aff = jittered_affines(fr.ffhq_affine, len(x_id), jitter) if jitter > 0 else None
-    e_gt = None if aff is not None else e_gt
-    f_out = fr.features(x_id, aff)
+    e_gt = None if aff is not None or blur > 0 else e_gt
+    f_out = fr.features(low_pass(x_id, blur), aff)
     loss, logs = alpha * l1, {"l1": l1.item()}
     f_gt = None
     if perceptual_weight > 0 or e_gt is None:
         with torch.no_grad():
-            f_gt = fr.features(gt, aff)
+            f_gt = fr.features(low_pass(gt, blur), aff)
     if identity_weight > 0:
         e_gt = fr.net.head(f_gt[-1]).float() if e_gt is None else e_gt
         idl = identity_loss(fr.net.head(f_out[-1]).float(), e_gt.detach()).mean()
@@ -139,11 +147,18 @@ class IRNStage:
         self.train_faces = load_face_folder(cfg.train_dir, size=cfg.size).to(train_device())
         self.val_gt = to_model_range(load_face_folder(cfg.val_dir, size=cfg.size, limit=cfg.val_count))
         self.val_lq, _ = degrade_batch(self.val_gt, self.degradation, torch.Generator().manual_seed(cfg.val_seed))
-        with torch.no_grad():
-            self.val_e_gt = torch.cat([descriptor(self.facerec, x) for x in self.val_gt.split(16)])
-            e_lq = torch.cat([descriptor(self.facerec, x) for x in self.val_lq.split(16)])
-        self.val_cos_in = (1 - identity_loss(e_lq, self.val_e_gt)).mean().item()
+        self.val_e_gt = self._descriptors(self.val_gt)
+        self.val_cos_in = (1 - identity_loss(self._descriptors(self.val_lq), self.val_e_gt)).mean().item()
+        self.val_e_gt_blur = self._descriptors(self.val_gt, IDS_BLUR_SIGMA)
+        self.val_cos_blur_in = (1 - identity_loss(self._descriptors(self.val_lq, IDS_BLUR_SIGMA),
+                                                  self.val_e_gt_blur)).mean().item()
         self.val_psnr_in = psnr(self.val_lq, self.val_gt).mean().item()
+
+    @torch.no_grad()
+    def _descriptors(self, x: Tensor, blur: float = 0.0) -> Tensor:
+        """Descriptors [N,D] on the CPU of faces [N,3,S,S] (through ``low_pass(., blur)``), 16 at a time."""
+        dev = next(self.facerec.buffers()).device
+        return torch.cat([descriptor(self.facerec, low_pass(b.to(dev), blur)).cpu() for b in x.split(16)])
 
     def batch(self, micro_step: int, rank: int, world: int) -> dict[str, Tensor]:
         return self.batches(micro_step, rank, world)
@@ -175,7 +190,8 @@ class IRNStage:
             gt, lq = batch["gt"], batch["lq"]  # the engine puts batches on the training device
             out = irn(lq)
             loss, logs = irn_loss(out, gt, self.facerec, cfg.alpha, identity_weight=cfg.identity_weight,
-                                  perceptual_weight=cfg.perceptual_weight, jitter=cfg.id_jitter)
+                                  perceptual_weight=cfg.perceptual_weight, jitter=cfg.id_jitter,
+                                  blur=cfg.id_blur)
             if cfg.adv_weight > 0:
                 cache["out"] = out
                 adv = generator_adv_loss(m["disc"](out))
@@ -208,7 +224,7 @@ class IRNStage:
         self.facerec.to(dev)
         outs = [ema(x.to(dev)).float() for x in self.val_lq.split(16)]
         out = torch.cat(outs).cpu()
-        e_out = torch.cat([descriptor(self.facerec, x.to(dev)).cpu() for x in out.split(16)])
+        e_out, e_blur = self._descriptors(out), self._descriptors(out, IDS_BLUR_SIGMA)
         perc = torch.cat([perceptual_distance(self.facerec, o.to(dev), t.to(dev)).float().cpu()
                           for o, t in zip(out.split(16), self.val_gt.split(16))])
         save_grid(out_dir / "val" / f"{step:07d}.png", [self.val_lq[:8], out[:8], self.val_gt[:8]])
@@ -218,6 +234,8 @@ class IRNStage:
             "psnr_in": self.val_psnr_in,
             "id_cos": (1 - identity_loss(e_out, self.val_e_gt)).mean().item(),
             "id_cos_in": self.val_cos_in,
+            "id_cos_blur": (1 - identity_loss(e_blur, self.val_e_gt_blur)).mean().item(),
+            "id_cos_blur_in": self.val_cos_blur_in,
         }
 
     def export(self, ema: nn.Module, folder: Path) -> None:
