@@ -83,7 +83,8 @@ class IRNTrainConfig:
     # > 0: the identity and perceptual terms see the output and the GT through the same Gaussian of this std (px
     # per 128 px; metrics.ids.low_pass), so identity must come from the coarser bands: trained and measured
     # against one recogniser, an IRN otherwise also gains IDS from finest-octave patterns (a grid, colour
-    # fringes) that the recogniser reads as identity and a person does not (docs/RESULTS.md, "ids_blur").
+    # fringes) that the recogniser reads as identity and a person does not (docs/RESULTS.md, "Identity through a
+    # blur").
     id_blur: float = 0.0
 
     def __post_init__(self) -> None:
