@@ -6,6 +6,8 @@
 #   irn-m     a 3.65 M IRN from scratch (configs/irn-128-wide.yaml at channels 48/96/192)
 #   irn-l     a 6.5 M IRN from scratch (configs/irn-128-wide.yaml)
 #   irn-bl, irn-m-bl  irn and irn-m with bilinear interpolation on the way up (model.upsample), which draws no 4 px grid
+#   irn-blur, irn-bl-blur  irn and irn-bl with the identity and perceptual terms seeing both faces through a 1 px blur
+#             (stage.id_blur), so identity comes from the coarser bands, not from texture the recogniser reads as it
 #   irn-deep  the deeper 2.8 M IRN (blocks 1/2/8) continued from the CPU runs at identity weight 2, PatchGAN 0.5
 #             (configs/irn-128-gpu.yaml; its start weights carried as .gpu/init/irn-deep: gpu_data.py --init)
 #   extreme   the x8 model continued with facerec-perceptual + PatchGAN beside Eq. 11 (configs/irn-128-extreme-gpu.yaml)
@@ -51,6 +53,9 @@ declare -A ARGS=(
   [irn-bl]="irn --config configs/irn-128-gpu.yaml --set model.upsample=bilinear --set train.out_dir=runs/irn-128-gpu-bl"
   [irn-m-bl]="irn --config configs/irn-128-wide.yaml --set model.channels=[48,96,192] --set model.upsample=bilinear
               --set train.out_dir=runs/irn-128-wide-m-bl"
+  [irn-blur]="irn --config configs/irn-128-gpu.yaml --set stage.id_blur=1.0 --set train.out_dir=runs/irn-128-gpu-blur"
+  [irn-bl-blur]="irn --config configs/irn-128-gpu.yaml --set model.upsample=bilinear --set stage.id_blur=1.0
+                 --set train.out_dir=runs/irn-128-gpu-bl-blur"
   [irn-deep]="irn --config configs/irn-128-gpu.yaml --set model.blocks=[1,2,8] --set stage.init_from=.gpu/init/irn-deep
               --set stage.identity_weight=2 --set stage.disc_warmup=200 --set train.out_dir=runs/irn-128-gpu-deep"
   [extreme]="irn --config configs/irn-128-extreme-gpu.yaml"
