@@ -1,6 +1,6 @@
 """Identity, facerec-perceptual distance and PSNR of IRN checkpoints on an aligned test set, in about a minute per
 IRN on one core: the IRN alone, bf16 where the CPU runs it natively (as `clrface restore`), no detection, landmarks
-or FID. The same figures as the "IRN^ID" row of `benchmarks/ablation.py` (IDS, facerec_perceptual, PSNR), for
+or FID. The same figures as the "IRN^ID" row of `benchmarks/ablation.py` (IDS, ids_blur, facerec_perceptual, PSNR), for
 scanning many candidates (e.g. weight averages from `benchmarks/soup_irn.py`) before the full evaluation of the best:
 
     python benchmarks/irn_scan.py --testset runs/testset-val-bfr src/clrface/weights/default/irn runs/irn-soup/model
@@ -21,6 +21,7 @@ from clrface.device import DTYPES, auto_dtype, autocast
 from clrface.identity.facerec import identity_loss, load_facerec, perceptual_distance
 from clrface.identity.irn import load_irn
 from clrface.metrics.bootstrap import paired_diff_ci
+from clrface.metrics.ids import IDS_BLUR_SIGMA, low_pass
 from clrface.metrics.psnr_ssim import psnr
 from clrface.train.irn import descriptor
 
@@ -37,15 +38,18 @@ def applied_twice(irn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]
 
 
 def scan_irn(irn: Callable[[Tensor], Tensor], fr: torch.nn.Module, lq: Tensor, gt: Tensor, e_gt: Tensor,
-             chunk: int = 50) -> dict[str, Tensor]:
-    """Per-face IDS (descriptor cosine to the GT), facerec-perceptual distance and PSNR of ``irn(lq)``."""
+             e_gt_blur: Tensor, chunk: int = 50) -> dict[str, Tensor]:
+    """Per-face IDS (descriptor cosine to the GT), IDS through the blur (``e_gt_blur``: the blurred GT's),
+    facerec-perceptual distance and PSNR of ``irn(lq)``."""
     cpu = torch.device("cpu")
     with torch.no_grad(), autocast(cpu, DTYPES[auto_dtype(cpu)]):
         out = torch.cat([irn(x).float() for x in lq.split(chunk)]).clamp(-1, 1)
     with torch.no_grad():
         e = torch.cat([descriptor(fr, x) for x in out.split(chunk)])
+        e_blur = torch.cat([descriptor(fr, low_pass(x, IDS_BLUR_SIGMA)) for x in out.split(chunk)])
         perc = torch.cat([perceptual_distance(fr, o, t).float() for o, t in zip(out.split(chunk), gt.split(chunk))])
-    return {"ids": 1 - identity_loss(e, e_gt), "facerec_perceptual": perc, "psnr": psnr(out, gt)}
+    return {"ids": 1 - identity_loss(e, e_gt), "ids_blur": 1 - identity_loss(e_blur, e_gt_blur),
+            "facerec_perceptual": perc, "psnr": psnr(out, gt)}
 
 
 def main() -> None:
@@ -64,20 +68,23 @@ def main() -> None:
     fr = load_facerec().eval().requires_grad_(False)
     with torch.no_grad():
         e_gt = torch.cat([descriptor(fr, x) for x in gt.split(50)])
+        e_gt_blur = torch.cat([descriptor(fr, low_pass(x, IDS_BLUR_SIGMA)) for x in gt.split(50)])
     print(f"{len(gt)} faces of {ts}; Δ: paired difference to the first row [bootstrap 95 % interval]\n")
-    print("| IRN | IDS | facerec-perc. | PSNR | Δ IDS | Δ facerec-perc. |\n|---|---|---|---|---|---|")
+    print("| IRN | IDS | IDS blurred | facerec-perc. | PSNR | Δ IDS | Δ IDS blurred | Δ facerec-perc. |\n"
+          "|---|---|---|---|---|---|---|---|")
     first = None
     for folder in args.irn:
         irn = load_irn(folder).eval()
         variants = [(folder, irn)] + ([(f"{folder}, flip-averaged", flip_averaged(irn))] if args.flip else []) + \
             ([(f"{folder}, applied twice", applied_twice(irn))] if args.twice else [])
         for name, net in variants:
-            m = {k: v.numpy() for k, v in scan_irn(net, fr, lq, gt, e_gt).items()}
+            m = {k: v.numpy() for k, v in scan_irn(net, fr, lq, gt, e_gt, e_gt_blur).items()}
             first = m if first is None else first
             deltas = ["{:+.4f} [{:+.4f}, {:+.4f}]".format(*paired_diff_ci(m[k], first[k]))
-                      for k in ("ids", "facerec_perceptual")]
-            print(f"| {name} | {m['ids'].mean():.4f} | {m['facerec_perceptual'].mean():.4f} | {m['psnr'].mean():.3f} | "
-                  f"{deltas[0]} | {deltas[1]} |", flush=True)
+                      for k in ("ids", "ids_blur", "facerec_perceptual")]
+            means = [f"{m[k].mean():.4f}" for k in ("ids", "ids_blur", "facerec_perceptual")]
+            print(f"| {name} | " + " | ".join(means) + f" | {m['psnr'].mean():.3f} | " + " | ".join(deltas) + " |",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from clrface.data.degradation import degrade_batch, get_preset
 from clrface.data.io import to_model_range
 from clrface.identity.facerec import identity_loss, load_facerec
 from clrface.identity.irn import IRN, IRNConfig
+from clrface.metrics.ids import low_pass
 from clrface.metrics.psnr_ssim import psnr
 from clrface.train.irn import descriptor
 
@@ -23,10 +24,12 @@ def test_untrained_irn_scans_as_its_input(benchmark_script, shared_data, tmp_pat
     fr = load_facerec().eval()
     with torch.no_grad():
         e_gt, e_lq = descriptor(fr, gt), descriptor(fr, lq)
-    m = scan.scan_irn(IRN(IRNConfig(channels=(8, 16, 16), blocks=(1, 1, 1))).eval(), fr, lq, gt, e_gt)
+        e_gt_blur, e_lq_blur = descriptor(fr, low_pass(gt, 1.0)), descriptor(fr, low_pass(lq.clamp(-1, 1), 1.0))
+    m = scan.scan_irn(IRN(IRNConfig(channels=(8, 16, 16), blocks=(1, 1, 1))).eval(), fr, lq, gt, e_gt, e_gt_blur)
     # a zero residual is exact (bf16 autocast or not): the output is the input to the last bit
     assert torch.allclose(m["psnr"], psnr(lq.clamp(-1, 1), gt))
     assert torch.allclose(m["ids"], 1 - identity_loss(e_lq, e_gt), atol=1e-5)
+    assert torch.allclose(m["ids_blur"], 1 - identity_loss(e_lq_blur, e_gt_blur), atol=1e-5)
     assert m["ids"].mean().item() < 0.99 and (m["facerec_perceptual"] > 0).all()
 
     # the command line: a table row per IRN folder
@@ -45,6 +48,7 @@ def test_untrained_irn_scans_as_its_input(benchmark_script, shared_data, tmp_pat
     assert len(rows) == 3 and rows[1][1].strip().endswith("flip-averaged") and rows[2][1].strip().endswith("twice")
     assert float(rows[0][2]) == pytest.approx(m["ids"].mean().item(), abs=2e-3)
     # the input mirrored, returned and mirrored back is the input: the flip-averaged row differs by nothing
-    assert rows[0][5].strip() == "+0.0000 [+0.0000, +0.0000]"
-    assert rows[1][5].strip().startswith(("+0.0000", "-0.0000"))
-    assert rows[2][5].strip().startswith(("+0.0000", "-0.0000"))  # the identity map applied twice: itself again
+    assert float(rows[0][3]) == pytest.approx(m["ids_blur"].mean().item(), abs=2e-3)
+    assert rows[0][6].strip() == "+0.0000 [+0.0000, +0.0000]"
+    assert rows[1][6].strip().startswith(("+0.0000", "-0.0000"))
+    assert rows[2][6].strip().startswith(("+0.0000", "-0.0000"))  # the identity map applied twice: itself again
