@@ -21,9 +21,9 @@ from clrface.device import DTYPES, auto_dtype, autocast
 from clrface.identity.facerec import identity_loss, load_facerec, perceptual_distance
 from clrface.identity.irn import load_irn
 from clrface.metrics.bootstrap import paired_diff_ci
-from clrface.metrics.ids import IDS_BLUR_SIGMA, low_pass
+from clrface.metrics.ids import IDS_BLUR_SIGMA
 from clrface.metrics.psnr_ssim import psnr
-from clrface.train.irn import descriptor
+from clrface.train.irn import descriptors
 
 
 def flip_averaged(irn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
@@ -45,8 +45,7 @@ def scan_irn(irn: Callable[[Tensor], Tensor], fr: torch.nn.Module, lq: Tensor, g
     with torch.no_grad(), autocast(cpu, DTYPES[auto_dtype(cpu)]):
         out = torch.cat([irn(x).float() for x in lq.split(chunk)]).clamp(-1, 1)
     with torch.no_grad():
-        e = torch.cat([descriptor(fr, x) for x in out.split(chunk)])
-        e_blur = torch.cat([descriptor(fr, low_pass(x, IDS_BLUR_SIGMA)) for x in out.split(chunk)])
+        e, e_blur = descriptors(fr, out, chunk=chunk), descriptors(fr, out, IDS_BLUR_SIGMA, chunk)
         perc = torch.cat([perceptual_distance(fr, o, t).float() for o, t in zip(out.split(chunk), gt.split(chunk))])
     return {"ids": 1 - identity_loss(e, e_gt), "ids_blur": 1 - identity_loss(e_blur, e_gt_blur),
             "facerec_perceptual": perc, "psnr": psnr(out, gt)}
@@ -66,9 +65,7 @@ def main() -> None:
     lq = to_model_range(load_face_folder(ts / "lq", size=128, limit=args.limit))
     gt = to_model_range(load_face_folder(ts / "gt", size=128, limit=args.limit))
     fr = load_facerec().eval().requires_grad_(False)
-    with torch.no_grad():
-        e_gt = torch.cat([descriptor(fr, x) for x in gt.split(50)])
-        e_gt_blur = torch.cat([descriptor(fr, low_pass(x, IDS_BLUR_SIGMA)) for x in gt.split(50)])
+    e_gt, e_gt_blur = descriptors(fr, gt, chunk=50), descriptors(fr, gt, IDS_BLUR_SIGMA, 50)
     print(f"{len(gt)} faces of {ts}; Δ: paired difference to the first row [bootstrap 95 % interval]\n")
     print("| IRN | IDS | IDS blurred | facerec-perc. | PSNR | Δ IDS | Δ IDS blurred | Δ facerec-perc. |\n"
           "|---|---|---|---|---|---|---|---|")

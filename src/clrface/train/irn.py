@@ -97,6 +97,14 @@ def descriptor(fr: DlibFaceRecognizer, x: Tensor) -> Tensor:
     return fr.descriptor_from_chip(fr.chip(x)).float()
 
 
+@torch.no_grad()
+def descriptors(fr: DlibFaceRecognizer, x: Tensor, blur: float = 0.0, chunk: int = 16) -> Tensor:
+    """Descriptors [N,D] on the CPU of faces [N,3,S,S] seen through ``low_pass(., blur)``, ``chunk`` at a time on
+    the recogniser's device."""
+    dev = next(fr.buffers()).device
+    return torch.cat([descriptor(fr, low_pass(b.to(dev), blur)).cpu() for b in x.split(chunk)])
+
+
 def irn_loss(x_id: Tensor, gt: Tensor, fr: DlibFaceRecognizer, alpha: float,
              e_gt: Tensor | None = None, identity_weight: float = 1.0,
              perceptual_weight: float = 0.0, jitter: float = 0.0, blur: float = 0.0
@@ -148,18 +156,12 @@ class IRNStage:
         self.train_faces = load_face_folder(cfg.train_dir, size=cfg.size).to(train_device())
         self.val_gt = to_model_range(load_face_folder(cfg.val_dir, size=cfg.size, limit=cfg.val_count))
         self.val_lq, _ = degrade_batch(self.val_gt, self.degradation, torch.Generator().manual_seed(cfg.val_seed))
-        self.val_e_gt = self._descriptors(self.val_gt)
-        self.val_cos_in = (1 - identity_loss(self._descriptors(self.val_lq), self.val_e_gt)).mean().item()
-        self.val_e_gt_blur = self._descriptors(self.val_gt, IDS_BLUR_SIGMA)
-        self.val_cos_blur_in = (1 - identity_loss(self._descriptors(self.val_lq, IDS_BLUR_SIGMA),
+        self.val_e_gt = descriptors(self.facerec, self.val_gt)
+        self.val_cos_in = (1 - identity_loss(descriptors(self.facerec, self.val_lq), self.val_e_gt)).mean().item()
+        self.val_e_gt_blur = descriptors(self.facerec, self.val_gt, IDS_BLUR_SIGMA)
+        self.val_cos_blur_in = (1 - identity_loss(descriptors(self.facerec, self.val_lq, IDS_BLUR_SIGMA),
                                                   self.val_e_gt_blur)).mean().item()
         self.val_psnr_in = psnr(self.val_lq, self.val_gt).mean().item()
-
-    @torch.no_grad()
-    def _descriptors(self, x: Tensor, blur: float = 0.0) -> Tensor:
-        """Descriptors [N,D] on the CPU of faces [N,3,S,S] (through ``low_pass(., blur)``), 16 at a time."""
-        dev = next(self.facerec.buffers()).device
-        return torch.cat([descriptor(self.facerec, low_pass(b.to(dev), blur)).cpu() for b in x.split(16)])
 
     def batch(self, micro_step: int, rank: int, world: int) -> dict[str, Tensor]:
         return self.batches(micro_step, rank, world)
@@ -225,7 +227,7 @@ class IRNStage:
         self.facerec.to(dev)
         outs = [ema(x.to(dev)).float() for x in self.val_lq.split(16)]
         out = torch.cat(outs).cpu()
-        e_out, e_blur = self._descriptors(out), self._descriptors(out, IDS_BLUR_SIGMA)
+        e_out, e_blur = descriptors(self.facerec, out), descriptors(self.facerec, out, IDS_BLUR_SIGMA)
         perc = torch.cat([perceptual_distance(self.facerec, o.to(dev), t.to(dev)).float().cpu()
                           for o, t in zip(out.split(16), self.val_gt.split(16))])
         save_grid(out_dir / "val" / f"{step:07d}.png", [self.val_lq[:8], out[:8], self.val_gt[:8]])
