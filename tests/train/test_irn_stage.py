@@ -15,7 +15,7 @@ from clrface.metrics.ids import IDS_BLUR_SIGMA, low_pass
 from clrface.metrics.psnr_ssim import psnr
 from clrface.train.irn import IRNStage, IRNTrainConfig, descriptor, irn_loss
 from clrface.train.run import run_stage
-from clrface.vqgan.losses import hinge_d_loss
+from clrface.vqgan.losses import detail_energy_l1, hinge_d_loss
 
 DATA = data_root() / "faces128" / "val"
 TINY = IRNConfig(body="conv", channels=(8, 16), blocks=(1, 1))
@@ -173,6 +173,23 @@ def test_adversarial_option_adds_a_discriminator_objective(faces_dirs, facerec):
     assert d_logs["d_loss"] == pytest.approx(d_want, rel=1e-5)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in disc.parameters())
     assert g.name == "irn" and d.name == "disc"
+
+
+def test_detail_energy_term_adds_its_weighted_loss(faces_dirs, facerec):
+    stage = _stage(faces_dirs, facerec, detail_energy_weight=3.0, detail_window=4)
+    (g,) = stage.objectives(stage.modules)
+    batch = stage.batch(0, 0, 1)
+    loss, logs = g.loss_fn(batch, 0, {})
+    loss.backward()
+    cfg = stage.cfg
+    with torch.no_grad():
+        out = stage.modules["irn"](batch["lq"])
+        base = irn_loss(out, batch["gt"], facerec, cfg.alpha, identity_weight=cfg.identity_weight,
+                        perceptual_weight=cfg.perceptual_weight)[0]
+        want = detail_energy_l1(out, batch["gt"], 4).item()
+    assert logs["detail"] == pytest.approx(want, rel=1e-5) and want > 0
+    assert loss.item() == pytest.approx(base.item() + 3.0 * want, rel=1e-5)
+    assert all(p.grad is not None for p in stage.modules["irn"].parameters())
 
 
 def test_disc_warmup_trains_only_the_discriminator_first(faces_dirs, tmp_path):

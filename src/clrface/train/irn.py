@@ -33,7 +33,7 @@ from clrface.metrics.ids import IDS_BLUR_SIGMA, low_pass
 from clrface.metrics.psnr_ssim import psnr
 from clrface.train.engine import ChunkedBatches, Objective, step_indices, train_device
 from clrface.train.vqgan import save_grid
-from clrface.vqgan.losses import adaptive_weight, generator_adv_loss, hinge_d_loss
+from clrface.vqgan.losses import adaptive_weight, detail_energy_l1, generator_adv_loss, hinge_d_loss
 from clrface.vqgan.model import PatchDiscriminator
 
 
@@ -86,6 +86,11 @@ class IRNTrainConfig:
     # fringes) that the recogniser reads as identity and a person does not (docs/RESULTS.md, "Identity through a
     # blur").
     id_blur: float = 0.0
+    # > 0: plus this weight x vqgan/losses.py detail_energy_l1 (the strength of the Laplacian in detail_window-px
+    # blocks, not its position): without a PatchGAN term the L1 and identity terms alone pay the IRN for a
+    # smoother face (docs/RESULTS.md, "CPU runs: the IRN without its PatchGAN term").
+    detail_energy_weight: float = 0.0
+    detail_window: int = 4
 
     def __post_init__(self) -> None:
         if isinstance(self.realistic, dict):
@@ -195,6 +200,9 @@ class IRNStage:
             loss, logs = irn_loss(out, gt, self.facerec, cfg.alpha, identity_weight=cfg.identity_weight,
                                   perceptual_weight=cfg.perceptual_weight, jitter=cfg.id_jitter,
                                   blur=cfg.id_blur)
+            if cfg.detail_energy_weight > 0:
+                e = detail_energy_l1(out.float(), gt.float(), cfg.detail_window)
+                loss, logs["detail"] = loss + cfg.detail_energy_weight * e, e.item()
             if cfg.adv_weight > 0:
                 cache["out"] = out
                 adv = generator_adv_loss(m["disc"](out))
