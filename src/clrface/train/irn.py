@@ -201,7 +201,7 @@ class IRNStage:
                                   perceptual_weight=cfg.perceptual_weight, jitter=cfg.id_jitter,
                                   blur=cfg.id_blur)
             if cfg.detail_energy_weight > 0:
-                e = detail_energy_l1(out.float(), gt.float(), cfg.detail_window)
+                e = detail_energy_l1(out, gt, cfg.detail_window)
                 loss, logs["detail"] = loss + cfg.detail_energy_weight * e, e.item()
             if cfg.adv_weight > 0:
                 cache["out"] = out
