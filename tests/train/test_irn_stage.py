@@ -5,15 +5,16 @@ import pytest
 import torch
 import yaml
 
-from clrface.checkpoint import load_weights
+from clrface.checkpoint import load_weights, save_checkpoint
 from clrface.data.datasets import load_face_folder
 from clrface.data.io import data_root, to_model_range
 from clrface.errors import ClrfaceError
+from clrface.faces.detail import band_split
 from clrface.identity.facerec import load_facerec
 from clrface.identity.irn import IRN, IRNConfig, load_irn
 from clrface.metrics.ids import IDS_BLUR_SIGMA, low_pass
 from clrface.metrics.psnr_ssim import psnr
-from clrface.train.irn import IRNStage, IRNTrainConfig, descriptor, irn_loss
+from clrface.train.irn import IRNStage, IRNTrainConfig, anchor_l1, descriptor, irn_loss
 from clrface.train.run import run_stage
 from clrface.vqgan.losses import detail_energy_l1, hinge_d_loss
 
@@ -224,3 +225,32 @@ def test_blurred_identity_loss_sees_both_faces_through_the_low_pass(facerec, fac
     # the cached full-view target is ignored: both sides are blurred
     assert blurred["id"] == pytest.approx((1 - (e1 * e2).sum(-1)).mean().item(), abs=1e-5)
     assert blurred["id"] < plain["id"]  # the grid the blur removes no longer costs identity
+
+
+def test_anchor_term_pins_the_upper_octave_to_the_start_irn(faces_dirs, facerec, tmp_path):
+    start = IRN(TINY)
+    torch.nn.init.normal_(start.tail.weight, std=0.05)
+    save_checkpoint(tmp_path / "start", start, TINY, "irn")
+    stage = _stage(faces_dirs, facerec, init_from=str(tmp_path / "start"), anchor_weight=4.0)
+    assert set(stage.modules) == {"irn"}  # the anchor is frozen, not trained or checkpointed
+    (g,) = stage.objectives(stage.modules)
+    batch = stage.batch(0, 0, 1)
+    loss, logs = g.loss_fn(batch, 0, {})
+    assert logs["anchor"] == pytest.approx(0.0, abs=1e-6)  # the model starts as its anchor
+    loss.backward()
+    with torch.no_grad():
+        irn = stage.modules["irn"]
+        irn.tail.weight.mul_(0.5)
+        out, ref = irn(batch["lq"]), start(batch["lq"])
+        base = irn_loss(out, batch["gt"], facerec, stage.cfg.alpha, identity_weight=stage.cfg.identity_weight,
+                        perceptual_weight=stage.cfg.perceptual_weight)[0]
+        want = (band_split(out, 64)[1] - band_split(ref, 64)[1]).abs().mean().item()
+    loss, logs = g.loss_fn(batch, 1, {})
+    assert logs["anchor"] == pytest.approx(want, rel=1e-4) and want > 1e-4
+    assert loss.item() == pytest.approx(base.item() + 4.0 * want, rel=1e-4)
+    assert anchor_l1(out, out + 0.3, 1).item() == pytest.approx(0.0, abs=1e-5)  # a constant shift is no texture
+
+
+def test_anchor_needs_a_start_irn(faces_dirs, facerec):
+    with pytest.raises(ClrfaceError, match="init_from"):
+        _stage(faces_dirs, facerec, anchor_weight=1.0)

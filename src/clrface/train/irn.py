@@ -21,6 +21,8 @@ from clrface.data.datasets import load_face_folder
 from clrface.data.degradation import degrade_batch, get_preset
 from clrface.data.io import to_model_range
 from clrface.data.realistic import RealisticConfig, degrade_realistic
+from clrface.errors import ClrfaceError
+from clrface.faces.detail import band_split
 from clrface.identity.facerec import (
     DlibFaceRecognizer,
     feature_distance,
@@ -28,7 +30,7 @@ from clrface.identity.facerec import (
     jittered_affines,
     perceptual_distance,
 )
-from clrface.identity.irn import IRN, IRNConfig
+from clrface.identity.irn import IRN, IRNConfig, load_irn
 from clrface.metrics.ids import IDS_BLUR_SIGMA, low_pass
 from clrface.metrics.psnr_ssim import psnr
 from clrface.train.engine import ChunkedBatches, Objective, step_indices, train_device
@@ -91,10 +93,24 @@ class IRNTrainConfig:
     # smoother face (docs/RESULTS.md, "CPU runs: the IRN without its PatchGAN term").
     detail_energy_weight: float = 0.0
     detail_window: int = 4
+    # > 0: plus this weight x the L1 distance between the upper ``anchor_octaves`` octaves (faces.detail.band_split)
+    # of the output and of the frozen ``init_from`` IRN's output for the same input. An L1 term weighted above the
+    # reconstruction's pins that band to the start's texture, which its PatchGAN term drew and which the
+    # ground truth's L1 would smooth, while the identity terms move the coarser bands.
+    anchor_weight: float = 0.0
+    anchor_octaves: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.realistic, dict):
             object.__setattr__(self, "realistic", RealisticConfig(**self.realistic))
+        if self.anchor_weight > 0 and not self.init_from:
+            raise ClrfaceError("stage.anchor_weight needs stage.init_from: the IRN whose texture is kept")
+
+
+def anchor_l1(out: Tensor, anchor: Tensor, octaves: int) -> Tensor:
+    """Mean L1 distance between the upper ``octaves`` octaves of ``out`` and of ``anchor``, both [B,3,S,S]."""
+    size = out.shape[-1] >> octaves
+    return (band_split(out, size)[1] - band_split(anchor, size)[1]).abs().mean()
 
 
 def descriptor(fr: DlibFaceRecognizer, x: Tensor) -> Tensor:
@@ -152,6 +168,8 @@ class IRNStage:
         if cfg.init_from:
             load_weights(cfg.init_from, irn)
         self.modules: dict[str, nn.Module] = {"irn": irn}
+        # frozen and out of `modules`, like the recogniser; a resumed run reloads it from init_from
+        self.anchor = load_irn(cfg.init_from) if cfg.anchor_weight > 0 else None
         if cfg.adv_weight > 0:
             self.modules["disc"] = PatchDiscriminator(cfg.disc_channels, cfg.disc_layers)
         self.facerec = facerec.eval().requires_grad_(False)  # frozen; kept out of `modules` (not trained)
@@ -203,6 +221,11 @@ class IRNStage:
             if cfg.detail_energy_weight > 0:
                 e = detail_energy_l1(out, gt, cfg.detail_window)
                 loss, logs["detail"] = loss + cfg.detail_energy_weight * e, e.item()
+            if self.anchor is not None:
+                with torch.no_grad():
+                    start = self.anchor.to(dev)(lq)
+                a = anchor_l1(out, start, cfg.anchor_octaves)
+                loss, logs["anchor"] = loss + cfg.anchor_weight * a, a.item()
             if cfg.adv_weight > 0:
                 cache["out"] = out
                 adv = generator_adv_loss(m["disc"](out))
