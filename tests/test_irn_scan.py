@@ -2,14 +2,16 @@
 
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from clrface.bench import slug
 from clrface.checkpoint import save_checkpoint
 from clrface.data.datasets import load_face_folder
 from clrface.data.degradation import degrade_batch, get_preset
-from clrface.data.io import to_model_range
+from clrface.data.io import to_model_range, to_uint8
 from clrface.identity.facerec import identity_loss, load_facerec
 from clrface.identity.irn import IRN, IRNConfig
 from clrface.metrics.ids import low_pass
@@ -42,10 +44,18 @@ def test_untrained_irn_scans_as_its_input(benchmark_script, shared_data, tmp_pat
     cfg = IRNConfig(channels=(8, 16, 16), blocks=(1, 1, 1))
     save_checkpoint(tmp_path / "irn", IRN(cfg), cfg, "irn")
     monkeypatch.setattr(sys, "argv", ["irn_scan", "--testset", str(tmp_path / "ts"), "--flip", "--twice",
+                                      "--upper-octave-from", str(tmp_path / "irn"), "--save", str(tmp_path / "out"),
                                       str(tmp_path / "irn")])
     scan.main()
     rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if str(tmp_path / "irn") in line]
-    assert len(rows) == 3 and rows[1][1].strip().endswith("flip-averaged") and rows[2][1].strip().endswith("twice")
+    assert len(rows) == 4 and rows[1][1].strip().endswith("flip-averaged") and rows[2][1].strip().endswith("twice")
+    # its own finest octave under its own coarser bands: the same faces, so the same figures
+    assert "finest octave of" in rows[3][1] and rows[3][2] == rows[0][2] and rows[3][5] == rows[0][5]
+    saved = sorted((tmp_path / "out").iterdir())
+    assert len(saved) == 4 and all(sorted(f.name for f in d.iterdir()) == [f"{i}.png" for i in range(4)]
+                                   for d in saved)
+    first = np.asarray(Image.open(tmp_path / "out" / slug(str(tmp_path / "irn")) / "0.png"))
+    np.testing.assert_array_equal(first, to_uint8(lq[:1].clamp(-1, 1))[0].numpy())  # the zero-residual IRN: its input
     assert float(rows[0][2]) == pytest.approx(m["ids"].mean().item(), abs=2e-3)
     # the input mirrored, returned and mirrored back is the input: the flip-averaged row differs by nothing
     assert float(rows[0][3]) == pytest.approx(m["ids_blur"].mean().item(), abs=2e-3)
