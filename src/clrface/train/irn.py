@@ -95,8 +95,9 @@ class IRNTrainConfig:
     detail_window: int = 4
     # > 0: plus this weight x the L1 distance between the upper ``anchor_octaves`` octaves (faces.detail.band_split)
     # of the output and of the frozen ``init_from`` IRN's output for the same input. An L1 term weighted above the
-    # reconstruction's pins that band to the start's texture, which its PatchGAN term drew and which the
-    # ground truth's L1 would smooth, while the identity terms move the coarser bands.
+    # reconstruction's pins that band to the start's texture (the shipped IRN's was drawn by its PatchGAN term),
+    # which the ground truth's L1 would smooth, while the identity terms move the coarser bands. It kept the
+    # perceptual distance but not FID (docs/RESULTS.md, "CPU runs: keeping the IRN's texture while it gains identity").
     anchor_weight: float = 0.0
     anchor_octaves: int = 1
 
