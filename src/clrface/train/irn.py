@@ -9,6 +9,7 @@ so every batch (faces, flips and degradations) is a pure function of the step an
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from clrface.identity.facerec import (
     jittered_affines,
     perceptual_distance,
 )
-from clrface.identity.irn import IRN, IRNConfig, load_irn
+from clrface.identity.irn import IRN, IRNConfig
 from clrface.metrics.ids import IDS_BLUR_SIGMA, low_pass
 from clrface.metrics.psnr_ssim import psnr
 from clrface.train.engine import ChunkedBatches, Objective, step_indices, train_device
@@ -169,8 +170,8 @@ class IRNStage:
         if cfg.init_from:
             load_weights(cfg.init_from, irn)
         self.modules: dict[str, nn.Module] = {"irn": irn}
-        # frozen and out of `modules`, like the recogniser; a resumed run reloads it from init_from
-        self.anchor = load_irn(cfg.init_from) if cfg.anchor_weight > 0 else None
+        # the start as loaded above, frozen and out of `modules` like the recogniser (a resume restores only `irn`)
+        self.anchor = copy.deepcopy(irn).eval().requires_grad_(False) if cfg.anchor_weight > 0 else None
         if cfg.adv_weight > 0:
             self.modules["disc"] = PatchDiscriminator(cfg.disc_channels, cfg.disc_layers)
         self.facerec = facerec.eval().requires_grad_(False)  # frozen; kept out of `modules` (not trained)
