@@ -12,6 +12,7 @@ from clrface.identity.irn import (
     IRNConfig,
     SwinBlock,
     deepened,
+    widened,
     load_irn,
     relative_position_index,
     shift_attention_mask,
@@ -89,6 +90,25 @@ def test_deepened_irn_computes_the_same_and_trains_its_new_blocks():
     assert torch.count_nonzero(new_conv2) == 0 and new_conv2.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="at least its blocks"):
         deepened(small, (1, 0))
+
+
+def test_widened_irn_computes_the_same_and_trains_its_new_channels():
+    torch.manual_seed(0)
+    small = IRN(TINY_CONV)
+    for p in small.parameters():  # a "trained" net: nothing zero, so equality is not trivial
+        p.data.normal_(0, 0.05)
+    wide = widened(small, (12, 20))
+    x = _faces()
+    torch.testing.assert_close(wide(x), small(x), atol=1e-6, rtol=0)
+    assert wide.cfg.channels == (12, 20) and wide.cfg.blocks == small.cfg.blocks
+    head, mid = wide.body.head.weight, wide.body.enc[1][0].conv1.weight  # [12,3,3,3], [20,20,3,3]
+    assert torch.equal(head[:8], small.body.head.weight) and head[8:].abs().sum() > 0
+    assert torch.count_nonzero(mid[:16, 16:]) == 0
+    wide(x).square().mean().backward()
+    assert mid.grad[:16, 16:].abs().sum() > 0  # the zero weights from the new channels are what training grows
+    assert torch.count_nonzero(wide.tail.weight[:, 8:]) == 0 and wide.tail.weight.grad[:, 8:].abs().sum() > 0
+    with pytest.raises(ValueError, match="at least its channels"):
+        widened(small, (8, 12))
 
 
 def test_default_conv_irn_size_and_receptive_field():

@@ -289,6 +289,25 @@ def deepened(model: IRN, blocks: tuple[int, ...]) -> IRN:
     return grown
 
 
+def widened(model: IRN, channels: tuple[int, ...]) -> IRN:
+    """A conv IRN with more channels per level that computes exactly what ``model`` does: every old weight in the
+    corner of its wider tensor, the new output channels freshly initialised, and the weights from new channels into
+    old ones zero. Nothing is normalised, so the new channels cannot reach the output until training grows those
+    zero weights; the wider counterpart of ``deepened``."""
+    cfg = model.cfg
+    if cfg.body != "conv" or len(channels) != len(cfg.channels) or any(n < o for n, o in zip(channels, cfg.channels)):
+        raise ValueError(f"need a conv IRN and at least its channels per level {cfg.channels}, got {tuple(channels)}")
+    grown = IRN(replace(cfg, channels=tuple(channels)))
+    old = model.state_dict()
+    with torch.no_grad():
+        for name, p in grown.named_parameters():
+            w = old[name]
+            p[tuple(slice(0, n) for n in w.shape)] = w
+            if p.dim() == 4:
+                p[: w.shape[0], w.shape[1] :] = 0
+    return grown
+
+
 def load_irn(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> IRN:
     """A frozen IRN from a checkpoint folder (kind "irn"), in eval mode; another kind raises CheckpointError."""
     cfg, _ = read_config(folder, "irn", IRNConfig)
