@@ -12,10 +12,10 @@ from clrface.identity.irn import (
     IRNConfig,
     SwinBlock,
     deepened,
-    widened,
     load_irn,
     relative_position_index,
     shift_attention_mask,
+    widened,
     window_partition,
     window_reverse,
 )
