@@ -74,11 +74,17 @@ def test_a_few_steps_reduce_l1_on_a_tiny_batch(cfg):
     assert end < 0.75 * start
 
 
-def test_deepened_irn_computes_the_same_and_trains_its_new_blocks():
+def _trained_conv() -> IRN:
+    """A tiny conv IRN with every weight non-zero, as a trained one has: a grown copy equal to it is not trivial."""
     torch.manual_seed(0)
-    small = IRN(TINY_CONV)
-    for p in small.parameters():  # a "trained" net: nothing zero, so equality is not trivial
+    net = IRN(TINY_CONV)
+    for p in net.parameters():
         p.data.normal_(0, 0.05)
+    return net
+
+
+def test_deepened_irn_computes_the_same_and_trains_its_new_blocks():
+    small = _trained_conv()
     big = deepened(small, (2, 3))
     x = _faces()
     assert torch.equal(big(x), small(x))
@@ -93,10 +99,7 @@ def test_deepened_irn_computes_the_same_and_trains_its_new_blocks():
 
 
 def test_widened_irn_computes_the_same_and_trains_its_new_channels():
-    torch.manual_seed(0)
-    small = IRN(TINY_CONV)
-    for p in small.parameters():  # a "trained" net: nothing zero, so equality is not trivial
-        p.data.normal_(0, 0.05)
+    small = _trained_conv()
     wide = widened(small, (12, 20))
     x = _faces()
     torch.testing.assert_close(wide(x), small(x), atol=1e-6, rtol=0)
