@@ -1,7 +1,9 @@
-"""Identity, facerec-perceptual distance and PSNR of IRN checkpoints on an aligned test set, in about a minute per
-IRN on one core: the IRN alone, bf16 where the CPU runs it natively (as `clrface restore`), no detection, landmarks
-or FID. The same figures as the "IRN^ID" row of `benchmarks/ablation.py` (IDS, ids_blur, facerec_perceptual, PSNR), for
-scanning many candidates (e.g. weight averages from `benchmarks/soup_irn.py`) before the full evaluation of the best:
+"""Identity, facerec-perceptual distance, PSNR and sharpness of IRN checkpoints on an aligned test set, in about a
+minute per IRN on one core: the IRN alone, bf16 where the CPU runs it natively (as `clrface restore`), no detection,
+landmarks or FID. The same figures as the "IRN^ID" row of `benchmarks/ablation.py` (IDS, ids_blur,
+facerec_perceptual, PSNR) and the Laplacian variance of `benchmarks/real_world.py` (the face region; a smoother IRN
+has less), for scanning many candidates (e.g. weight averages from `benchmarks/soup_irn.py`) before the full
+evaluation of the best:
 
     python benchmarks/irn_scan.py --testset runs/testset-val-bfr src/clrface/weights/default/irn runs/irn-soup/model
 """
@@ -24,6 +26,7 @@ from clrface.identity.facerec import identity_loss, load_facerec, perceptual_dis
 from clrface.identity.irn import load_irn
 from clrface.metrics.bootstrap import paired_diff_ci
 from clrface.metrics.ids import IDS_BLUR_SIGMA
+from clrface.metrics.noref import laplacian_variance
 from clrface.metrics.psnr_ssim import psnr
 from clrface.train.irn import descriptors
 
@@ -56,12 +59,12 @@ def restore_all(irn: Callable[[Tensor], Tensor], lq: Tensor, chunk: int = 50) ->
 def score(out: Tensor, fr: torch.nn.Module, gt: Tensor, e_gt: Tensor, e_gt_blur: Tensor, chunk: int = 50
           ) -> dict[str, Tensor]:
     """Per-face IDS (descriptor cosine to the GT), IDS through the blur (``e_gt_blur``: the blurred GT's),
-    facerec-perceptual distance and PSNR of the restored faces ``out``."""
+    facerec-perceptual distance, PSNR and Laplacian variance (sharpness) of the restored faces ``out``."""
     with torch.no_grad():
         e, e_blur = descriptors(fr, out, chunk=chunk), descriptors(fr, out, IDS_BLUR_SIGMA, chunk)
         perc = torch.cat([perceptual_distance(fr, o, t).float() for o, t in zip(out.split(chunk), gt.split(chunk))])
     return {"ids": 1 - identity_loss(e, e_gt), "ids_blur": 1 - identity_loss(e_blur, e_gt_blur),
-            "facerec_perceptual": perc, "psnr": psnr(out, gt)}
+            "facerec_perceptual": perc, "psnr": psnr(out, gt), "lapvar": laplacian_variance(out).float()}
 
 
 def scan_irn(irn: Callable[[Tensor], Tensor], fr: torch.nn.Module, lq: Tensor, gt: Tensor, e_gt: Tensor,
@@ -92,8 +95,8 @@ def main() -> None:
     donor = load_irn(args.upper_octave_from).eval() if args.upper_octave_from else None
     e_gt, e_gt_blur = descriptors(fr, gt, chunk=50), descriptors(fr, gt, IDS_BLUR_SIGMA, 50)
     print(f"{len(gt)} faces of {ts}; Δ: paired difference to the first row [bootstrap 95 % interval]\n")
-    print("| IRN | IDS | IDS blurred | facerec-perc. | PSNR | Δ IDS | Δ IDS blurred | Δ facerec-perc. |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print("| IRN | IDS | IDS blurred | facerec-perc. | PSNR | Laplacian var | Δ IDS | Δ IDS blurred | Δ facerec-perc. "
+          "| Δ Laplacian var |\n|---|---|---|---|---|---|---|---|---|---|")
     first = None
     for folder in args.irn:
         irn = load_irn(folder).eval()
@@ -111,8 +114,10 @@ def main() -> None:
             first = m if first is None else first
             deltas = ["{:+.4f} [{:+.4f}, {:+.4f}]".format(*paired_diff_ci(m[k], first[k]))
                       for k in ("ids", "ids_blur", "facerec_perceptual")]
+            deltas.append("{:+.1f} [{:+.1f}, {:+.1f}]".format(*paired_diff_ci(m["lapvar"], first["lapvar"])))
             means = [f"{m[k].mean():.4f}" for k in ("ids", "ids_blur", "facerec_perceptual")]
-            print(f"| {name} | " + " | ".join(means) + f" | {m['psnr'].mean():.3f} | " + " | ".join(deltas) + " |",
+            print(f"| {name} | " + " | ".join(means) + f" | {m['psnr'].mean():.3f} | {m['lapvar'].mean():.1f} | "
+                  + " | ".join(deltas) + " |",
                   flush=True)
 
 

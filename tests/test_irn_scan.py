@@ -15,6 +15,7 @@ from clrface.data.io import to_model_range, to_uint8
 from clrface.identity.facerec import identity_loss, load_facerec
 from clrface.identity.irn import IRN, IRNConfig
 from clrface.metrics.ids import low_pass
+from clrface.metrics.noref import laplacian_variance
 from clrface.metrics.psnr_ssim import psnr
 from clrface.train.irn import descriptor
 
@@ -30,6 +31,7 @@ def test_untrained_irn_scans_as_its_input(benchmark_script, shared_data, tmp_pat
     m = scan.scan_irn(IRN(IRNConfig(channels=(8, 16, 16), blocks=(1, 1, 1))).eval(), fr, lq, gt, e_gt, e_gt_blur)
     # a zero residual is exact (bf16 autocast or not): the output is the input to the last bit
     assert torch.allclose(m["psnr"], psnr(lq.clamp(-1, 1), gt))
+    assert torch.allclose(m["lapvar"], laplacian_variance(lq.clamp(-1, 1)).float()) and (m["lapvar"] > 0).all()
     assert torch.allclose(m["ids"], 1 - identity_loss(e_lq, e_gt), atol=1e-5)
     assert torch.allclose(m["ids_blur"], 1 - identity_loss(e_lq_blur, e_gt_blur), atol=1e-5)
     assert m["ids"].mean().item() < 0.99 and (m["facerec_perceptual"] > 0).all()
@@ -59,6 +61,7 @@ def test_untrained_irn_scans_as_its_input(benchmark_script, shared_data, tmp_pat
     assert float(rows[0][2]) == pytest.approx(m["ids"].mean().item(), abs=2e-3)
     # the input mirrored, returned and mirrored back is the input: the flip-averaged row differs by nothing
     assert float(rows[0][3]) == pytest.approx(m["ids_blur"].mean().item(), abs=2e-3)
-    assert rows[0][6].strip() == "+0.0000 [+0.0000, +0.0000]"
-    assert rows[1][6].strip().startswith(("+0.0000", "-0.0000"))
-    assert rows[2][6].strip().startswith(("+0.0000", "-0.0000"))  # the identity map applied twice: itself again
+    assert float(rows[0][6]) == pytest.approx(m["lapvar"].mean().item(), rel=0.01)
+    assert rows[0][7].strip() == "+0.0000 [+0.0000, +0.0000]" and rows[0][10].strip() == "+0.0 [+0.0, +0.0]"
+    assert rows[1][7].strip().startswith(("+0.0000", "-0.0000"))
+    assert rows[2][7].strip().startswith(("+0.0000", "-0.0000"))  # the identity map applied twice: itself again
