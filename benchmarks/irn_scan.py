@@ -116,9 +116,8 @@ def main() -> None:
                       for k in ("ids", "ids_blur", "facerec_perceptual")]
             deltas.append("{:+.1f} [{:+.1f}, {:+.1f}]".format(*paired_diff_ci(m["lapvar"], first["lapvar"])))
             means = [f"{m[k].mean():.4f}" for k in ("ids", "ids_blur", "facerec_perceptual")]
-            print(f"| {name} | " + " | ".join(means) + f" | {m['psnr'].mean():.3f} | {m['lapvar'].mean():.1f} | "
-                  + " | ".join(deltas) + " |",
-                  flush=True)
+            means += [f"{m['psnr'].mean():.3f}", f"{m['lapvar'].mean():.1f}"]
+            print("| " + " | ".join([name, *means, *deltas]) + " |", flush=True)
 
 
 if __name__ == "__main__":
