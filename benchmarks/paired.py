@@ -2,8 +2,10 @@
 
     python benchmarks/paired.py runs/bfr-new/ablation.json "IRN^ID" runs/bfr-irn-default/ablation.json "IRN^ID"
     python benchmarks/paired.py runs/real72-new/real_world.json IRN runs/real-default/real_world.json IRN
+    python benchmarks/paired.py runs/eval-fast.json - runs/eval-default.json -
 
-Reads the JSON of ``benchmarks/ablation.py`` or ``benchmarks/real_world.py`` (each row keeps its per-face values);
+Reads the JSON of ``benchmarks/ablation.py`` or ``benchmarks/real_world.py`` (each row keeps its per-face values)
+or of ``clrface evaluate --json`` (one row for the whole file: its row name is ``-``);
 prints, per metric, the mean of each row and of ``a - b`` with its interval. A difference means something when its
 interval excludes 0. FID is a statistic of the whole set: its interval comes from ``benchmarks/fid_paired.py``.
 """
@@ -23,6 +25,12 @@ from clrface.metrics.bootstrap import paired_diff_ci
 def load_row(path: Path, name: str) -> tuple[list[str], dict[str, list[float]], float | None]:
     """Row ``name`` of a result file: (face names, per-face values by metric, FID of the row or None)."""
     result = json.loads(Path(path).read_text())
+    if "per_face" in result:  # clrface evaluate --json: the file is the row
+        if name != "-":
+            raise SystemExit(f"{path}: a `clrface evaluate` result has one row, named '-' (not {name!r})")
+        result = {"meta": {}, "rows": [{"row": "-", "per_face": result["per_face"],
+                                        "fid": next((r["value"] for r in result["rows"] if r["metric"] == "fid"
+                                                     and r["status"] == "ok"), None)}]}
     rows = {r["row"]: r for r in result["rows"]}
     if name not in rows:
         raise SystemExit(f"{path}: no row {name!r} (rows: {', '.join(rows)})")
@@ -49,7 +57,8 @@ def paired_rows(a: dict[str, list[float]], b: dict[str, list[float]]) -> list[di
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("a", type=Path, help="result JSON of row a")
-    ap.add_argument("row_a", help="row name in a (as in its table, e.g. 'IRN^ID' or 'IRN')")
+    ap.add_argument("row_a", help="row name in a (as in its table, e.g. 'IRN^ID' or 'IRN'; "
+                    "'-' for a `clrface evaluate --json` file)")
     ap.add_argument("b", type=Path, help="result JSON of row b")
     ap.add_argument("row_b", help="row name in b")
     args = ap.parse_args()

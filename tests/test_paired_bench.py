@@ -53,3 +53,18 @@ def test_real_world_layout_and_errors(paired, tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "| laplacian_var | 550.0000 | 550.0000 | +0.0000 [+0.0000, +0.0000] |" in out
     assert "| fid | 120.30 | 120.30 |" in out
+
+
+def test_evaluate_layout(paired, tmp_path):
+    result = {"per_face": {"names": ["a", "b"], "ids": [0.9, 0.94], "lmd": [8.0, 6.0]},
+              "rows": [{"metric": "ids", "status": "ok", "value": 0.92},
+                       {"metric": "fid", "status": "ok", "value": 77.5}]}
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(result))
+    names, values, fid = paired.load_row(path, "-")
+    assert names == ["a", "b"] and fid == 77.5 and values == {"ids": [0.9, 0.94], "lmd": [8.0, 6.0]}
+    with pytest.raises(SystemExit, match="named '-'"):
+        paired.load_row(path, "IRN")
+    result["rows"][1]["status"] = "unavailable"  # an FID that could not be computed is no number
+    path.write_text(json.dumps(result))
+    assert paired.load_row(path, "-")[2] is None
