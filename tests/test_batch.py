@@ -179,6 +179,10 @@ def test_results_of_an_earlier_run_into_the_input_folder_are_not_inputs(tmp_path
         else:
             want["1975"] = "a folder: sub-folders are searched with --recursive"
         assert ignored == want
+        # the summary line counts what a user might miss, not the earlier results
+        printed = capsys.readouterr().out
+        missed = "not restored" not in printed if recursive else "1 other file(s) or folder(s) not restored" in printed
+        assert missed, printed
 
 
 def test_a_photo_folder_that_only_looks_like_results_is_restored(tmp_path, model_dir, capsys):

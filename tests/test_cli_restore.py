@@ -210,3 +210,23 @@ def test_the_parser_is_built_without_torch():
     code = "import sys\nfrom clrface.cli import build_parser\nbuild_parser()\nprint('torch' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "False"  # `clrface --help` and argument errors answer without loading torch
+
+
+@pytest.mark.parametrize("flags,needs", [(["--bg-tile", "128"], "--bg-tile needs --bg-model"),
+                                         (["--reference-guidance", "10"], "need --reference")])
+def test_flags_without_their_partner_are_refused(tmp_path, model_dir, capsys, flags, needs):
+    _face_like(tmp_path / "a.png")
+    rc = main(["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--model", str(model_dir),
+               "--aligned", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and needs in err[0]
+    assert not (tmp_path / "out" / "final").exists()
+
+
+def test_a_huge_guidance_scale_warns(tmp_path, model_dir, capsys):
+    _face_like(tmp_path / "a.png")
+    args = ["restore", str(tmp_path / "a.png"), "--model", str(model_dir), "--aligned", "--steps", "1"]
+    assert main([*args, "-o", str(tmp_path / "o1"), "--guidance-scale", "1e7"]) == 0
+    assert "--guidance-scale 1e+07 is far above the measured range (up to 40" in capsys.readouterr().err
+    assert main([*args, "-o", str(tmp_path / "o2"), "--guidance-scale", "40"]) == 0
+    assert "far above" not in capsys.readouterr().err

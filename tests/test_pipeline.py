@@ -257,6 +257,9 @@ def test_no_face_returns_photo_unchanged(restorer):
     flat = np.full((64, 80, 3), 128, np.uint8)
     res = restorer.restore_image(flat)
     assert res.no_face and res.warnings and np.array_equal(res.image, flat) and res.faces == []
+    assert res.warnings == ["no face found; returned unchanged"]
+    up = restorer.restore_image(flat, RestoreOptions(upscale=2))
+    assert up.image.shape == (128, 160, 3) and up.warnings == ["no face found; returned enlarged x2 only"]
 
 
 def test_reduced_precision_runs_under_autocast(model_dir, restorer):

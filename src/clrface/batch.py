@@ -48,6 +48,7 @@ DONE_DIR = ".clrface-done"
 whose record exists (resumable after a kill); records are written only after all of an input's files."""
 #: The folders a run writes its results into, under the output folder.
 RESULT_DIRS = ("final", "cropped_faces", "restored_faces", "cmp")
+EARLIER_RESULT = "written by an earlier restore into this folder"  # the reason given in report.json
 #: From this size a photo's face search takes ~15 s or more on one core (docs/detection.md): say so before it starts.
 LARGE_PHOTO_MP = 10.0
 
@@ -111,7 +112,7 @@ def prepare_inputs(source: str | Path, out_dir: str | Path, *,
         earlier = [r for d in folders for r in earlier_results(d)
                    if not any(r.resolve().is_relative_to(o) for o in results)]
         results += [r.resolve() for r in earlier]
-        ignored += [{"input": str(r), "reason": "written by an earlier restore into this folder"} for r in earlier]
+        ignored += [{"input": str(r), "reason": EARLIER_RESULT} for r in earlier]
 
         def is_output(f: Path) -> bool:
             where = f.resolve()
@@ -146,7 +147,9 @@ def prepare_inputs(source: str | Path, out_dir: str | Path, *,
 def summary_line(report: dict[str, Any], out_dir: str | Path, world: int = 1) -> str:
     """The one line ``clrface restore`` prints at the end of a run."""
     n_ok, n_bad = len(report["images"]), len(report["failures"])
-    ignored = f", {len(report['ignored'])} other file(s) or folder(s) not restored" if report.get("ignored") else ""
+    # an earlier restore's own results in the input folder are not inputs a user would miss
+    missed = [i for i in report.get("ignored", []) if i["reason"] != EARLIER_RESULT]
+    ignored = f", {len(missed)} other file(s) or folder(s) not restored" if missed else ""
     if n_ok and report["skipped"] == n_ok and not n_bad:
         return (f"nothing to do: the {n_ok} input(s) were already restored into {out_dir} with these options "
                 "(--overwrite redoes them)")

@@ -68,6 +68,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 PRESETS = ["bfr", "x32", "x64", "extreme", "gray"]
+# identity-guidance scales were measured up to 40 (docs/RESULTS.md); far beyond, the gradient step swamps the face
+GUIDANCE_WARN = 100.0
 
 
 def _add_degradation_args(p: argparse.ArgumentParser, item: str, size_help: str) -> None:
@@ -303,7 +305,7 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bg-model", default=None, metavar="WEIGHTS",
                    help="Real-ESRGAN RRDBNet weights for the background (e.g. RealESRGAN_x4plus.pth or x2plus, "
                         "placed by you; nothing is downloaded); run on tiles, then resampled to --bg-upscale")
-    p.add_argument("--bg-tile", type=int_at_least(64), default=192,
+    p.add_argument("--bg-tile", type=int_at_least(64), default=None,
                    help="tile size in input pixels for --bg-model, at least 64 (smaller: less memory; default 192)")
     p.add_argument("--max-faces", type=positive_int, default=None, metavar="N",
                    help="restore only the N largest faces of each photo")
@@ -327,9 +329,11 @@ def _restore_setup(args: argparse.Namespace):
     set_threads(args.threads)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    if args.bg_tile is not None and not args.bg_model:
+        raise ClrfaceError("--bg-tile needs --bg-model (it sets the Real-ESRGAN tile size)")
     background = lanczos_upscale
     if args.bg_model:
-        background = RealESRGANUpscaler(load_rrdbnet(args.bg_model, device), tile=args.bg_tile)
+        background = RealESRGANUpscaler(load_rrdbnet(args.bg_model, device), tile=args.bg_tile or 192)
     restorer = Restorer.from_pretrained(args.model, device, DTYPES[dtype], background=background)
     given = {"fidelity": args.fidelity, "steps": args.steps, "sampler": args.sampler, "sigma_start": args.sigma_start,
              "guidance_scale": args.guidance_scale, "irn_detail": args.irn_detail,
@@ -341,6 +345,9 @@ def _restore_setup(args: argparse.Namespace):
     unused = unused_options(options.mode, [k for k, v in given.items() if v is not None])
     if unused:  # the default model's mode irn: --fidelity, --steps and --seed would change nothing, silently
         print(f"clrface: warning: {unused}", file=sys.stderr)
+    if (args.guidance_scale or 0) > GUIDANCE_WARN:
+        print(f"clrface: warning: --guidance-scale {args.guidance_scale:g} is far above the measured range (up to "
+              "40, docs/RESULTS.md); guidance this strong can turn the face into noise", file=sys.stderr)
     return restorer, options
 
 
@@ -404,8 +411,8 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
         from clrface.batch import prepare_inputs, process_group, restore_files, summary_line
         from clrface.reference import ReferencePolicy, load_reference
 
-        if (args.reference_all or args.force_reference) and not args.reference:
-            raise ClrfaceError("--reference-all and --force-reference need --reference")
+        if (args.reference_all or args.force_reference or args.reference_guidance is not None) and not args.reference:
+            raise ClrfaceError("--reference-all, --force-reference and --reference-guidance need --reference")
         if args.reference:
             args.mode = mode_for_reference(args.mode)
         inputs, ignored = prepare_inputs(args.input, args.output, recursive=args.recursive)  # before any model
