@@ -239,7 +239,8 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
     """Model and sampling flags shared by ``restore`` and ``demo``."""
     p.add_argument("--model", default="default",
                    help="model folder (with vqgan/, prior/ and optional irn/, mask/, restore.json) or the name of an "
-                        "installed model under clrface/weights/: default, extreme (tiny faces, x8-x16), colorize "
+                        "installed model under clrface/weights/: default, extreme (faces that were 8-16 px across, "
+                        "enlarged x8-x16; on faces with more detail it draws ghosted features), colorize "
                         "(black-and-white photos), fast (the full pipeline in one step); default: %(default)s")
     p.add_argument("--fidelity", type=unit_float, default=None,
                    help="0..1, one knob for realism vs faithfulness in the sampling modes (full, as --model fast "
