@@ -25,6 +25,8 @@ from torch import Tensor, nn
 
 from clrface.errors import CheckpointError, ClrfaceError
 
+BG_TILE = 192  # default Real-ESRGAN tile in input px (--bg-tile): bounds the memory on large photos
+
 Upscaler = Callable[[np.ndarray, int], np.ndarray]
 
 
@@ -199,7 +201,7 @@ def _ramp(n: int, width: int, rise: bool, fall: bool, scale: int) -> Tensor:
 class RealESRGANUpscaler:
     """``(photo, factor) -> photo``: RRDBNet at its native scale on tiles, then Lanczos to the asked factor."""
 
-    def __init__(self, net: RRDBNet, tile: int = 192, overlap: int = 16):
+    def __init__(self, net: RRDBNet, tile: int = BG_TILE, overlap: int = 16):
         if tile < 4 * overlap:  # smaller tiles would be mostly blended overlap
             raise ClrfaceError(f"background tile {tile} px must be at least {4 * overlap} px")
         self.net, self.tile, self.overlap = net, tile, overlap

@@ -323,7 +323,7 @@ def _add_restore_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _restore_setup(args: argparse.Namespace):
-    from clrface.background import RealESRGANUpscaler, lanczos_upscale, load_rrdbnet
+    from clrface.background import BG_TILE, RealESRGANUpscaler, lanczos_upscale, load_rrdbnet
     from clrface.device import DTYPES, native_bf16, resolve_device, resolve_dtype, set_threads
     from clrface.restorer import Restorer
 
@@ -334,7 +334,7 @@ def _restore_setup(args: argparse.Namespace):
         raise ClrfaceError("--bg-tile needs --bg-model (it sets the Real-ESRGAN tile size)")
     background = lanczos_upscale
     if args.bg_model:
-        background = RealESRGANUpscaler(load_rrdbnet(args.bg_model, device), tile=args.bg_tile or 192)
+        background = RealESRGANUpscaler(load_rrdbnet(args.bg_model, device), tile=args.bg_tile or BG_TILE)
     restorer = Restorer.from_pretrained(args.model, device, DTYPES[dtype], background=background)
     given = {"fidelity": args.fidelity, "steps": args.steps, "sampler": args.sampler, "sigma_start": args.sigma_start,
              "guidance_scale": args.guidance_scale, "irn_detail": args.irn_detail,

@@ -237,9 +237,9 @@ def restore_photo(restorer: Restorer, photo: np.ndarray, options: RestoreOptions
         # the detector needs some context around a face: one that fills a small square picture is an aligned crop
         crop_like = max(h, w) <= 2 * s and 0.8 <= w / h <= 1.25
         hint = " (if it is an aligned face crop, restore it as one: --aligned, aligned=True)" if crop_like else ""
+        returned = "unchanged" if u == 1 else f"enlarged x{u} only"
         return RestoreResult([base.copy() for _ in range(o.samples)], [], no_face=True,
-                             warnings=[f"no face found; returned {'unchanged' if u == 1 else f'enlarged x{u} only'}"
-                                       f"{hint}"])
+                             warnings=[f"no face found; returned {returned}{hint}"])
     crops = np.stack([c for c, _ in found])
     out, restored, refs, ref_warnings = _restore_crops(restorer, crops, o, recolour, reference, reference_policy)
     faces = [FaceResult(crops[i], list(restored[i]), info.box, info.affine, out.id_vs_irn[i].tolist(),
