@@ -16,6 +16,7 @@ from clrface.metrics.noref import colorfulness
 from clrface.metrics.psnr_ssim import psnr
 from clrface.model_folder import merged_spec, package_weights, read_spec
 from clrface.options import FidelityMap, RestoreOptions
+from clrface.photo import restore_photo
 from clrface.restorer import Restorer
 
 VAL = data_root() / "faces128" / "val"
@@ -57,6 +58,19 @@ def test_fine_tuned_models_load_by_name_on_the_default_base(restorer, name, colo
         assert torch.equal(a, b)
     diff = max((a - b).abs().max().item() for a, b in zip(ft.irn.parameters(), restorer.irn.parameters()))
     assert diff > 1e-3
+
+
+def test_extreme_model_warns_on_a_face_with_more_detail_than_it_was_trained_for(restorer):
+    ext = Restorer.from_pretrained("extreme", facerec=restorer.facerec)
+    assert ext.input_detail_limit == (32, 4.0) and restorer.input_detail_limit is None
+    face = np.array(Image.fromarray(demo_image()[40:260, 130:350]).resize((128, 128), Image.LANCZOS))
+    tiny = np.array(Image.fromarray(face).resize((16, 16), Image.BICUBIC).resize((128, 128), Image.BICUBIC))
+
+    def detail_warnings(r: Restorer, x: np.ndarray) -> list[str]:  # (the crop is not FFHQ-aligned: warned too)
+        return [w for w in restore_photo(r, x, r.options(), aligned=True).warnings if "more fine detail" in w]
+
+    assert len(detail_warnings(ext, face)) == 1
+    assert detail_warnings(ext, tiny) == [] and detail_warnings(restorer, face) == []  # x8: what it is for
 
 
 def test_colorize_model_colours_a_gray_face(restorer):

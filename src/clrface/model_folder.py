@@ -1,7 +1,8 @@
 """Model folders: the trained stages that one restore needs, found by path or by installed name.
 
 A model folder holds ``vqgan/`` and ``prior/`` checkpoints (required), ``irn/`` and ``mask/`` (optional) and
-``restore.json`` (optional: ``fidelity_map``, measured-best ``defaults``, and ``base``, an installed model that
+``restore.json`` (optional: ``fidelity_map``, measured-best ``defaults``, ``input_detail_limit`` (see
+:class:`ModelFolder`), and ``base``, an installed model that
 supplies the stages the folder lacks and the settings it leaves out, so a fine-tuned model ships only what it
 changed: an IRN packed onto ``default`` restores with the default's measured-best settings; a base may have a base
 of its own). The nets are loaded here and nowhere else; the :class:`clrface.restorer.Restorer` and the
@@ -74,6 +75,10 @@ class ModelFolder:
     mask: LatentMask | None = None
     fidelity_map: FidelityMap = FidelityMap()
     defaults: dict[str, Any] = field(default_factory=dict)
+    # An IRN trained on faces enlarged from few pixels draws ghosted features on faces with more detail:
+    # (size, rms) says that faces whose content above ``size`` px exceeds ``rms`` (faces.detail.fine_detail)
+    # are outside what it was trained for. Set by the restore.json of the folder whose irn/ is used.
+    input_detail_limit: tuple[int, float] | None = None
 
 
 def read_spec(folder: Path) -> dict[str, Any]:
@@ -168,12 +173,15 @@ def load_model_folder(path_or_name: str | Path | None = None, device: str | torc
         RestoreOptions(**defaults)  # validate now, not at the first restore
     except (ValueError, TypeError, ClrfaceError) as e:
         raise CheckpointError(f"{folder / 'restore.json'}: invalid ({e})") from None
+    limit = next((own for f, own in chain if (f / "irn").is_dir()), {}).get("input_detail_limit")
+    if limit is not None:
+        limit = (int(limit["size"]), float(limit["rms"]))
     check_compatible(vqgan, prior, mask, str(folder))
     trained_on = read_meta(stage("prior")).get("vqgan_encoder")  # priors trained before it was recorded: unchecked
     if trained_on is not None and trained_on != encoder_fingerprint(vqgan):
         raise CheckpointError(f"{folder}: its prior ({stage('prior')}) was trained on the latents of another VQGAN "
                               f"encoder than {stage('vqgan')}'s; pack it with the VQGAN it was trained with")
-    return ModelFolder(folder, vqgan, prior, irn, mask, fmap, defaults)
+    return ModelFolder(folder, vqgan, prior, irn, mask, fmap, defaults, limit)
 
 
 def check_compatible(vqgan: VQGAN, prior: LatentPrior, mask: LatentMask | None, where: str) -> None:

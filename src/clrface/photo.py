@@ -18,7 +18,7 @@ from torch import Tensor
 from clrface.data.io import MIN_SIDE, to_model_range, to_uint8
 from clrface.errors import ClrfaceError
 from clrface.faces.align import ALIGN_TOLERANCE, align_faces, alignment_error
-from clrface.faces.detail import DetailEstimate, input_face, keep_input_detail, photo_blockiness
+from clrface.faces.detail import DetailEstimate, fine_detail, input_face, keep_input_detail, photo_blockiness
 from clrface.faces.detect import DETECT_MIN_FACE
 from clrface.faces.paste import paste_faces
 from clrface.options import RestoreOptions
@@ -268,6 +268,11 @@ def _restore_crops(restorer: Restorer, crops: np.ndarray, o: RestoreOptions,
     warnings)."""
     rows, refs, warnings = (None, [None] * len(crops), []) if reference is None else \
         reference_rows(restorer, crops, reference, policy)
+    if restorer.input_detail_limit is not None and o.mode in ("full", "irn"):  # the modes that run the IRN
+        size, rms = restorer.input_detail_limit
+        warnings += [f"face {i}: has more fine detail than the faces this model was trained on (rms {v:.1f} above "
+                     f"{size} px, its limit {rms:g}); it may draw ghosted features: try --model default"
+                     for i, v in enumerate(fine_detail(c, size) for c in crops) if v > rms]
     out = best_first(restorer.restore_crops(crops, o, reference=rows))
     restored = [to_uint8(out.restored[i]).numpy() for i in range(len(crops))]
     if recolour is not None:  # the aligned input crop is the photo under the face: its chroma is the photo's tone

@@ -146,8 +146,9 @@ class Restorer:
     def __init__(self, vqgan: VQGAN, prior: LatentPrior, irn: nn.Module | None = None, mask: LatentMask | None = None,
                  facerec: nn.Module | None = None, *, fidelity_map: FidelityMap = FidelityMap(),
                  source: str | None = None, dtype: torch.dtype | None = None, defaults: dict[str, Any] | None = None,
-                 background: Upscaler = lanczos_upscale):
+                 background: Upscaler = lanczos_upscale, input_detail_limit: tuple[int, float] | None = None):
         self.vqgan, self.prior, self.irn, self.mask = vqgan, prior, irn, mask
+        self.input_detail_limit = input_detail_limit  # see ModelFolder
         self.background = background  # enlarges the whole photo by options.upscale before faces are pasted
         self.fidelity_map = fidelity_map
         # The model's measured-best RestoreOptions (restore.json "defaults"); explicit options override them.
@@ -188,7 +189,7 @@ class Restorer:
                           UserWarning, stacklevel=2)
         m = load_model_folder(path_or_name, device)
         return cls(m.vqgan, m.prior, m.irn, m.mask, facerec, fidelity_map=m.fidelity_map, source=str(m.folder),
-                   dtype=dtype, defaults=m.defaults, background=background)
+                   dtype=dtype, defaults=m.defaults, background=background, input_detail_limit=m.input_detail_limit)
 
     def options(self, **overrides: Any) -> RestoreOptions:
         """RestoreOptions: the model's defaults (restore.json), then ``overrides`` that are not None, checked

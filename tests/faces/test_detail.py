@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from clrface.faces.detail import (
     blockiness,
     choose,
     estimate,
+    fine_detail,
     input_face,
     keep_input_detail,
     lower_band_from,
@@ -32,6 +34,7 @@ from clrface.faces.detail import (
 )
 from clrface.options import RestoreOptions
 from clrface.photo import restore_photo
+from clrface.restorer import Restorer
 
 
 def dead_leaves(n: int, seed: int = 0, discs: int = 1500) -> np.ndarray:
@@ -220,3 +223,31 @@ def test_lower_band_from_takes_the_tone_and_keeps_the_shapes():
     # tone and detail at the same split give the source back (up to band_split being no projection)
     both = upper_band_from(lower_band_from(drifted, faithful, 8), faithful, octaves=4)
     assert (both - faithful).abs().max() < 0.005 < (drifted - faithful).abs().min()
+
+
+def enlarged_from(x: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [N, N, 3] shrunk to ``size`` px and enlarged back (bicubic, as the degradations and the aligner)."""
+    t = torch.from_numpy(x).permute(2, 0, 1)[None].double()
+    return resize(resize(t, size), x.shape[0])[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def test_fine_detail_tells_an_enlarged_face_from_a_detailed_one():
+    clean = dead_leaves(128, seed=3)
+    full, small = fine_detail(clean, 32), fine_detail(enlarged_from(clean, 32), 32)
+    assert full > 15 and small < 0.2 * full  # bicubic is no projection: the enlarged image keeps ~15 % (3.3 of 21)
+    assert fine_detail(np.full((128, 128, 3), 90, np.uint8), 32) == 0.0
+
+
+def test_a_model_with_an_input_detail_limit_warns_on_detailed_faces(tmp_path, tiny_model_builder):
+    folder = tiny_model_builder(tmp_path / "model")  # 32 px faces
+    (folder / "restore.json").write_text(json.dumps({"input_detail_limit": {"size": 8, "rms": 5.0}}))
+    restorer = Restorer.from_pretrained(folder)
+    assert restorer.input_detail_limit == (8, 5.0)
+    clean = dead_leaves(32, seed=4)
+    enlarged = enlarged_from(clean, 8)
+    o = RestoreOptions(mode="irn")
+    (warning,) = restore_photo(restorer, clean, o, aligned=True).warnings
+    assert warning.startswith("face 0: has more fine detail than the faces this model was trained on") and \
+        f"rms {fine_detail(clean, 8):.1f} above 8 px, its limit 5)" in warning
+    assert restore_photo(restorer, enlarged, o, aligned=True).warnings == []
+    assert restore_photo(restorer, clean, RestoreOptions(mode="direct"), aligned=True).warnings == []  # no IRN
