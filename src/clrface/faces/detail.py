@@ -232,7 +232,7 @@ def estimate(x: np.ndarray, model_size: int, block: float = 1.0) -> DetailEstima
 def fine_detail(x: np.ndarray, size: int) -> float:
     """RMS (luma, 0-255) of what a ``size``-px image cannot hold in the face region of an aligned crop
     ``x: uint8 [S, S, 3]``. A face enlarged from ``size`` px keeps only the ~15 % of its content's rms that bicubic
-    resampling leaks (see :func:`band_split`): the x8 test faces at 128 px through 32 px measure 0.6-1.6, the
+    resampling leaks (see :func:`band_split`): the x8 test faces at 128 px through 32 px measure 0.5-1.6, the
     real_lq faces 1.3-25 (median 9)."""
     t = _tensor(x).double()
     return float(_region(luma(t - resize(resize(t, size), x.shape[0])), FACE_REGION).pow(2).mean().sqrt())
