@@ -171,11 +171,12 @@ def load_model_folder(path_or_name: str | Path | None = None, device: str | torc
         fmap = FidelityMap(**spec.get("fidelity_map", {}))
         defaults = spec.get("defaults", {})
         RestoreOptions(**defaults)  # validate now, not at the first restore
-    except (ValueError, TypeError, ClrfaceError) as e:
+        # the limit describes an IRN: it is read from the folder whose irn/ is used
+        limit = dict(chain)[stage("irn").parent].get("input_detail_limit") if irn is not None else None
+        if limit is not None:
+            limit = (int(limit["size"]), float(limit["rms"]))
+    except (ValueError, TypeError, KeyError, ClrfaceError) as e:
         raise CheckpointError(f"{folder / 'restore.json'}: invalid ({e})") from None
-    limit = next((own for f, own in chain if (f / "irn").is_dir()), {}).get("input_detail_limit")
-    if limit is not None:
-        limit = (int(limit["size"]), float(limit["rms"]))
     check_compatible(vqgan, prior, mask, str(folder))
     trained_on = read_meta(stage("prior")).get("vqgan_encoder")  # priors trained before it was recorded: unchecked
     if trained_on is not None and trained_on != encoder_fingerprint(vqgan):
